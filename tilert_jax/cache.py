@@ -1,0 +1,33 @@
+"""The key/value cache of the dense models: one preallocated buffer per layer, updated in place (donated)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, num_kv_heads, max_len, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [B, num_kv_heads, max_len, head_dim]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @classmethod
+    def zeros(cls, config, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+
+    def nbytes_per_token(self) -> int:
+        return sum(a.dtype.itemsize * a.shape[0] * a.shape[1] * a.shape[3] for a in self.k + self.v)
+
+
+def write(buffer: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
+    """buffer: [B, H, max_len, D]; new: [B, T, H, D] written at positions pos..pos+T-1."""
+    return jax.lax.dynamic_update_slice(buffer, new.transpose(0, 2, 1, 3).astype(buffer.dtype), (0, 0, pos, 0))

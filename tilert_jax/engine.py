@@ -1,0 +1,292 @@
+"""The user-facing model: load a checkpoint, compute logits, generate with an on-device decode loop.
+
+Decoding runs `chunk` tokens per dispatch (a scan of decode step + sampling, the cache donated and updated in place);
+the host enqueues the next chunk before it reads the current one, so the device never waits for the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tilert_jax.checkpoint import load_params
+from tilert_jax.config import load_config
+from tilert_jax.models import family
+from tilert_jax.sampling import SamplingParams, sample
+from tilert_jax.tokenizer import Tokenizer
+
+PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this, so similar lengths share one compiled prefill
+CACHE_BUCKET = 256
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    compile_s: float  # compiling prefill and the decode loop (zero when reused)
+    ttft_s: float  # prefill plus the first sampled token, compile excluded
+    decode_s: float  # every later token
+    decode_steps: int  # decode steps the device ran (a chunk may run past the end of sequence)
+    weight_bytes: int
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1e3 / self.ms_per_token if self.decode_steps else float("nan")
+
+    @property
+    def achieved_gbps(self) -> float:
+        """Weight bytes read per decode step over its time (the quantity bounded by HBM bandwidth)."""
+        return self.weight_bytes / (self.ms_per_token * 1e6) if self.decode_steps else float("nan")
+
+    def summary(self) -> str:
+        return (f"prompt {self.prompt_tokens} tokens | TTFT {1e3 * self.ttft_s:.1f} ms | "
+                f"{self.ms_per_token:.2f} ms/token | {self.tokens_per_s:.1f} tokens/s | "
+                f"{self.achieved_gbps:.1f} GB/s | compile {self.compile_s:.1f} s")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[int]  # the new token ids (up to and including an end-of-sequence token)
+    text: str | None  # their decoded text, when the model has a tokenizer
+    stats: GenerationStats
+
+
+class Decoder:
+    """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination."""
+
+    def __init__(self, config, impl: str = "xla"):
+        self.config = config
+        self.impl = impl
+        self._compiled: dict = {}
+
+    def _prefill_fn(self, sampling: SamplingParams, max_len: int):
+        fam, config, impl = family(self.config), self.config, self.impl
+
+        def prefill(params, tokens, last_index, key):  # tokens: [B, P] -> first sampled token [B], cache
+            cache = fam.init_cache(config, tokens.shape[0], max_len, params.embed.dtype)
+            logits, cache = fam.prefill(config, params, tokens, cache, 0, last_index, impl=impl)
+            return sample(logits, jax.random.fold_in(key, last_index), sampling), cache
+
+        return jax.jit(prefill)
+
+    def _decode_fn(self, sampling: SamplingParams, chunk: int):
+        fam, config, impl = family(self.config), self.config, self.impl
+
+        def decode(params, cache, token, pos, key):  # token: [B] at pos -> the next `chunk` tokens [B, chunk]
+            def step(carry, _):
+                cache, token, pos = carry
+                logits, cache = fam.decode_step(config, params, token, cache, pos, impl=impl)
+                nxt = sample(logits, jax.random.fold_in(key, pos), sampling)
+                return (cache, nxt, pos + 1), nxt
+
+            (cache, token, pos), tokens = jax.lax.scan(step, (cache, token, pos), None, length=chunk)
+            return tokens.T, cache, token, pos
+
+        return jax.jit(decode, donate_argnums=(1,))
+
+    def compiled(self, kind: str, sampling: SamplingParams, size: int, *args):
+        """AOT-compiles on first use; returns (callable, seconds spent compiling)."""
+        key = (kind, sampling, size, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        start = time.perf_counter()
+        fn = self._prefill_fn(sampling, size) if kind == "prefill" else self._decode_fn(sampling, size)
+        self._compiled[key] = fn.lower(*args).compile()
+        return self._compiled[key], time.perf_counter() - start
+
+    def run(self, params, prompt: np.ndarray, max_new_tokens: int, sampling: SamplingParams, seed: int = 0,
+            chunk: int = 16, stop_ids: tuple[int, ...] = (), on_tokens: Callable[[np.ndarray], None] | None = None):
+        """prompt: int32[B, T]. Returns new tokens int32[B, <= max_new_tokens] and the stats."""
+        batch, prompt_len = prompt.shape
+        padded = _round_up(prompt_len, PROMPT_BUCKET)
+        chunks = math.ceil((max_new_tokens - 1) / chunk)
+        max_len = _round_up(max(padded, prompt_len + chunks * chunk), CACHE_BUCKET)
+        tokens = jnp.asarray(np.pad(prompt, ((0, 0), (0, padded - prompt_len))), jnp.int32)
+        key = jax.random.key(seed)
+        last_index = jnp.int32(prompt_len - 1)
+        prefill, compile_s = self.compiled("prefill", sampling, max_len, params, tokens, last_index, key)
+
+        start = time.perf_counter()
+        token, cache = prefill(params, tokens, last_index, key)
+        first = np.asarray(token)[:, None]
+        ttft = time.perf_counter() - start
+        if on_tokens:
+            on_tokens(first)
+        out, steps = [first], 0
+        done = np.isin(first[:, 0], stop_ids)
+        decode_start = time.perf_counter()
+        if chunks and not done.all():
+            pos = jnp.int32(prompt_len)
+            decode, seconds = self.compiled("decode", sampling, chunk, params, cache, token, pos, key)
+            compile_s += seconds
+            decode_start = time.perf_counter()
+            pending = decode(params, cache, token, pos, key)
+            for i in range(chunks):
+                new, cache, token, pos = pending
+                if i + 1 < chunks:
+                    pending = decode(params, cache, token, pos, key)  # enqueued before we wait on `new`
+                new = np.asarray(new)
+                steps += chunk
+                out.append(new)
+                if on_tokens:
+                    on_tokens(new)
+                done |= np.isin(new, stop_ids).any(axis=1)
+                if done.all():
+                    break
+        decode_s = time.perf_counter() - decode_start
+        new_tokens = np.concatenate(out, axis=1)[:, :max_new_tokens]
+        stats = GenerationStats(prompt_tokens=prompt_len, new_tokens=new_tokens.shape[1], compile_s=compile_s,
+                                ttft_s=ttft, decode_s=decode_s, decode_steps=steps, weight_bytes=0)
+        return new_tokens, stats
+
+
+class Model:
+    """A loaded model: `logits(tokens)` and `generate(prompt, ...)`."""
+
+    def __init__(self, config, params, tokenizer: Tokenizer | None = None, mesh=None, impl: str = "xla"):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.decoder = Decoder(config, impl)
+        self._forward = jax.jit(lambda params, tokens: family(config).forward(config, params, tokens, impl=impl))
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self.params))
+
+    def _check_tokens(self, tokens: np.ndarray) -> None:
+        if tokens.size == 0:
+            raise ValueError("the prompt is empty")
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        if tokens.shape[-1] > self.config.max_position_embeddings:
+            raise ValueError(f"the prompt has {tokens.shape[-1]} tokens, longer than the context "
+                             f"({self.config.max_position_embeddings})")
+
+    def logits(self, tokens) -> jax.Array:
+        """tokens: int[B, T] or int[T] -> float32 logits [B, T, vocab] (positions 0..T-1, no cache)."""
+        tokens = np.asarray(tokens)
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integers of shape [B, T] or [T], got {tokens.dtype}{list(tokens.shape)}")
+        self._check_tokens(tokens)
+        return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            return self.tokenizer.encode_chat(prompt) if chat else self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.token_id(self.tokenizer.eos_token) is not None:
+            ids.add(self.tokenizer.token_id(self.tokenizer.eos_token))
+        return tuple(sorted(ids))
+
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0, chat: bool = False,
+                 stop_at_eos: bool = True, on_text: Callable[[str], None] | None = None,
+                 chunk: int = 16) -> GenerationResult:
+        """Generates up to `max_new_tokens` after `prompt` (text or token ids); `on_text` receives text as it is
+        produced. Stops after an end-of-sequence token unless `stop_at_eos` is False."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = np.asarray(self.encode(prompt, chat), dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError("the prompt must be a string or a flat list of token ids")
+        self._check_tokens(ids)
+        if len(ids) + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context ({self.config.max_position_embeddings})")
+        stop_ids = self.stop_ids if stop_at_eos else ()
+        streamer = _TextStreamer(self.tokenizer, on_text, stop_ids) if on_text and self.tokenizer else None
+        tokens, stats = self.decoder.run(self.params, ids[None].astype(np.int32), max_new_tokens, sampling, seed,
+                                         chunk, stop_ids, streamer.push if streamer else None)
+        new = [int(t) for t in tokens[0]]
+        for i, t in enumerate(new):
+            if t in stop_ids:
+                new = new[: i + 1]
+                break
+        stats.weight_bytes = self.weight_bytes
+        stats.new_tokens = len(new)
+        text = self.tokenizer.decode(new) if self.tokenizer else None
+        return GenerationResult(tokens=new, text=text, stats=stats)
+
+
+class _TextStreamer:
+    """Turns token chunks into text deltas, holding back incomplete UTF-8 sequences and stopping at EOS."""
+
+    def __init__(self, tokenizer: Tokenizer, on_text: Callable[[str], None], stop_ids: tuple[int, ...]):
+        self.tokenizer, self.on_text, self.stop_ids = tokenizer, on_text, stop_ids
+        self.ids: list[int] = []
+        self.printed = 0
+        self.stopped = False
+
+    def push(self, tokens: np.ndarray) -> None:  # tokens: [1, n]
+        for t in tokens[0]:
+            if self.stopped:
+                return
+            self.stopped = int(t) in self.stop_ids
+            self.ids.append(int(t))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and not self.stopped:
+            return
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
+
+
+def _resolve(path: str | Path) -> Path:
+    """A local directory, or a hub id found in the local Hugging Face cache (nothing is downloaded)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if isinstance(path, str) and path.count("/") == 1 and not p.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:
+            raise ValueError(f"{path} is neither a directory nor a model in the local Hugging Face cache") from None
+    raise ValueError(f"no such model directory: {path}")
+
+
+def load(path: str | Path, *, dtype=None, mesh=None, impl: str = "xla", progress: bool = False) -> Model:
+    """Loads a converted directory or a raw Hugging Face directory (converted on the fly, in memory).
+
+    dtype: parameter dtype (default: the checkpoint's own). mesh: from tilert_jax.sharding.make_mesh; None is one
+    device.
+    """
+    directory = _resolve(path)
+    config = load_config(directory)
+    dtype = jnp.dtype(dtype or config.dtype)
+    shardings = None
+    if mesh is not None:
+        from tilert_jax.sharding import param_shardings
+
+        shardings = param_shardings(family(config).param_specs(config), mesh)
+    params = load_params(directory, config, dtype, shardings, progress=progress)
+    return Model(config, params, Tokenizer.from_dir(directory), mesh=mesh, impl=impl)

@@ -1,0 +1,14 @@
+"""Model families. Each module provides `param_specs`, `forward`, `init_cache`, `prefill` and `decode_step`."""
+
+from tilert_jax.models import dense
+
+_FAMILIES = {"dense": dense}
+
+
+def register(name: str, module) -> None:
+    _FAMILIES[name] = module
+
+
+def family(config):
+    """The module that runs `config` (config.family names it)."""
+    return _FAMILIES[config.family]

@@ -1,0 +1,179 @@
+"""Dense decoder-only transformers (Llama 3.x, Qwen2.5, Qwen3, Mistral) as pure functions.
+
+Layers are unrolled in Python rather than scanned: a scan pays one XLA while-loop iteration per layer in every
+decode step, and per-layer parameters let each matmul read its weight in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from tilert_jax import cache as kv
+from tilert_jax.config import DenseConfig
+from tilert_jax.kernels import ops
+from tilert_jax.params import ParamSpec
+from tilert_jax.rope import apply_rope, rope_tables
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Attention:
+    wq: jax.Array  # [hidden, num_heads, head_dim]
+    wk: jax.Array  # [hidden, num_kv_heads, head_dim]
+    wv: jax.Array  # [hidden, num_kv_heads, head_dim]
+    wo: jax.Array  # [num_heads, head_dim, hidden]
+    bq: jax.Array | None = None  # [num_heads, head_dim]
+    bk: jax.Array | None = None  # [num_kv_heads, head_dim]
+    bv: jax.Array | None = None  # [num_kv_heads, head_dim]
+    bo: jax.Array | None = None  # [hidden]
+    q_norm: jax.Array | None = None  # [head_dim]
+    k_norm: jax.Array | None = None  # [head_dim]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MLP:
+    w_gate: jax.Array  # [hidden, intermediate]
+    w_up: jax.Array  # [hidden, intermediate]
+    w_down: jax.Array  # [intermediate, hidden]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Layer:
+    attn_norm: jax.Array  # [hidden]
+    attn: Attention
+    mlp_norm: jax.Array  # [hidden]
+    mlp: MLP
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DenseParams:
+    embed: jax.Array  # [vocab, hidden]
+    layers: tuple[Layer, ...]
+    final_norm: jax.Array  # [hidden]
+    lm_head: jax.Array | None  # [hidden, vocab]; None when tied to embed
+
+
+def param_specs(config: DenseConfig) -> DenseParams:
+    h, n, kvh, d, f = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                       config.intermediate_size)
+
+    def bias(*shape_axes):
+        return ParamSpec(tuple(s for s, _ in shape_axes), tuple(a for _, a in shape_axes), init="zeros")
+
+    def layer() -> Layer:
+        attn = Attention(
+            wq=ParamSpec((h, n, d), ("embed", "heads", "head_dim")),
+            wk=ParamSpec((h, kvh, d), ("embed", "kv_heads", "head_dim")),
+            wv=ParamSpec((h, kvh, d), ("embed", "kv_heads", "head_dim")),
+            wo=ParamSpec((n, d, h), ("heads", "head_dim", "embed")),
+            bq=bias((n, "heads"), (d, "head_dim")) if config.qkv_bias else None,
+            bk=bias((kvh, "kv_heads"), (d, "head_dim")) if config.qkv_bias else None,
+            bv=bias((kvh, "kv_heads"), (d, "head_dim")) if config.qkv_bias else None,
+            bo=bias((h, "embed")) if config.o_bias else None,
+            q_norm=ParamSpec((d,), ("head_dim",), init="ones") if config.qk_norm else None,
+            k_norm=ParamSpec((d,), ("head_dim",), init="ones") if config.qk_norm else None,
+        )
+        mlp = MLP(w_gate=ParamSpec((h, f), ("embed", "mlp")), w_up=ParamSpec((h, f), ("embed", "mlp")),
+                  w_down=ParamSpec((f, h), ("mlp", "embed")))
+        norm = ParamSpec((h,), ("embed",), init="ones")
+        return Layer(attn_norm=norm, attn=attn, mlp_norm=norm, mlp=mlp)
+
+    return DenseParams(
+        embed=ParamSpec((config.vocab_size, h), ("vocab", "embed")),
+        layers=tuple(layer() for _ in range(config.num_layers)),
+        final_norm=ParamSpec((h,), ("embed",), init="ones"),
+        lm_head=None if config.tie_word_embeddings else ParamSpec((h, config.vocab_size), ("embed", "vocab")),
+    )
+
+
+def init_cache(config: DenseConfig, batch: int, max_len: int, dtype) -> kv.KVCache:
+    return kv.KVCache.zeros(config, batch, max_len, dtype)
+
+
+def _project(x, w, b):
+    """x: [B, T, hidden]; w: [hidden, heads, head_dim] -> [B, T, heads, head_dim]."""
+    y = jnp.einsum("bth,hnd->btnd", x, w)
+    return y if b is None else y + b
+
+
+def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl):
+    """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole."""
+    eps = config.rms_norm_eps
+    q = _project(x, p.wq, p.bq)  # [B, T, num_heads, head_dim]
+    k = _project(x, p.wk, p.bk)  # [B, T, num_kv_heads, head_dim]
+    v = _project(x, p.wv, p.bv)  # [B, T, num_kv_heads, head_dim]
+    if config.qk_norm:
+        q = ops.rms_norm(q, p.q_norm, eps, implementation=impl)
+        k = ops.rms_norm(k, p.k_norm, eps, implementation=impl)
+    cos, sin = rope_tables(config.rope, positions[None, :], x.dtype)  # [1, T, head_dim]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache_kv is None:
+        keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
+    else:
+        keys, values = kv.write(cache_kv[0], k, pos), kv.write(cache_kv[1], v, pos)
+        k_pos = jnp.arange(keys.shape[2], dtype=jnp.int32)
+    out = ops.attention(q, keys, values, positions, k_pos, scale=config.head_dim ** -0.5,
+                        sliding_window=config.sliding_window, implementation=impl)
+    y = jnp.einsum("btnd,ndh->bth", out, p.wo)
+    if p.bo is not None:
+        y = y + p.bo
+    return y, (keys, values)
+
+
+def _mlp(p: MLP, x):
+    return (jax.nn.silu(x @ p.w_gate) * (x @ p.w_up)) @ p.w_down
+
+
+def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache, pos, impl):
+    """tokens: [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one)."""
+    x = params.embed[tokens]  # [B, T, hidden]
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+        h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
+        attn_out, (k, v) = _attention(config, layer.attn, h, positions, layer_cache, pos, impl)
+        x = x + attn_out
+        x = x + _mlp(layer.mlp, ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl))
+        new_k.append(k)
+        new_v.append(v)
+    x = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
+    new_cache = None if cache is None else kv.KVCache(k=tuple(new_k), v=tuple(new_v))
+    return x, new_cache
+
+
+def lm_head(params: DenseParams, x) -> jax.Array:
+    """x: [..., hidden] -> float32 logits [..., vocab]."""
+    w = params.embed.T if params.lm_head is None else params.lm_head
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def forward(config: DenseConfig, params: DenseParams, tokens, impl: str = "xla") -> jax.Array:
+    """tokens: int[B, T] at positions 0..T-1, no cache -> float32 logits [B, T, vocab]."""
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x, _ = _decoder(config, params, tokens, positions, None, None, impl)
+    return lm_head(params, x)
+
+
+def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, last_index,
+            impl: str = "xla"):
+    """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it).
+
+    Returns the float32 logits [B, vocab] of the token at index `last_index` and the updated cache.
+    """
+    positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl)
+    last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, hidden]
+    return lm_head(params, last), cache
+
+
+def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl: str = "xla"):
+    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
+    positions = pos + jnp.zeros((1,), jnp.int32)
+    x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl)
+    return lm_head(params, x[:, 0]), cache
