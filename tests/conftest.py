@@ -18,3 +18,21 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """(family name, sharded, old_dialect) -> (torch model, directory); each made once per session."""
+    import hf_models
+
+    made = {}
+
+    def get(name: str, sharded: bool = False, old_dialect: bool = False):
+        key = (name, sharded, old_dialect)
+        if key not in made:
+            model = hf_models.make_model(name)
+            directory = tmp_path_factory.mktemp(f"hf_{name}")
+            made[key] = model, hf_models.write_checkpoint(model, directory, sharded, old_dialect)
+        return made[key]
+
+    return get

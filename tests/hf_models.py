@@ -11,7 +11,7 @@ import transformers
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=64)
 COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=256, rms_norm_eps=1e-5)
+              max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.15)
 
 # name -> (config class, model class, config kwargs)
 FAMILIES = {

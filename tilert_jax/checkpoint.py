@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint.experimental.v1 as ocp
 from tqdm import tqdm
 
 from tilert_jax.convert.hf import iter_hf_params, plan, target_dtypes
@@ -17,6 +18,13 @@ from tilert_jax.params import abstract_params, from_nested_dict, leaf_paths, to_
 
 def is_converted(directory: Path) -> bool:
     return (directory / FORMAT_FILE).is_file()
+
+
+def default_dtype(directory: Path, config) -> jnp.dtype:
+    """The dtype a converted checkpoint was written in, else the one its config.json declares."""
+    if is_converted(directory):
+        return jnp.dtype(json.loads((directory / FORMAT_FILE).read_text())["dtype"])
+    return jnp.dtype(config.dtype)
 
 
 def _default_shardings(specs):
@@ -34,11 +42,9 @@ def load_params(directory: Path, config, dtype, shardings=None, progress: bool =
     shardings = shardings if shardings is not None else _default_shardings(specs)
     abstract = abstract_params(specs, dtype, shardings)
     if is_converted(directory):
-        ocp = _orbax()
-        stored = json.loads((directory / FORMAT_FILE).read_text())
-        restored = ocp.load_pytree(directory / PARAMS_DIR, to_nested_dict(abstract))
+        restored = ocp.load(directory / PARAMS_DIR, to_nested_dict(abstract))
         params = from_nested_dict(abstract, restored)
-        if jnp.dtype(stored["dtype"]) != jnp.dtype(dtype):  # orbax restores the stored dtype; cast on device
+        if default_dtype(directory, config) != jnp.dtype(dtype):  # orbax restores the stored dtype; cast on device
             params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract)
         return params
     _, pairs = plan(directory, config)
@@ -48,9 +54,3 @@ def load_params(directory: Path, config, dtype, shardings=None, progress: bool =
     for path, array in tqdm(stream, total=len(pairs), desc="loading", unit="tensor", disable=not progress):
         placed[path] = jax.device_put(array, flat_abstract[path].sharding)
     return jax.tree.unflatten(jax.tree.structure(abstract), [placed[p] for p in leaf_paths(abstract)])
-
-
-def _orbax():
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    return ocp

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tilert_jax.checkpoint import load_params
+from tilert_jax.checkpoint import default_dtype, load_params
 from tilert_jax.config import load_config
 from tilert_jax.models import family
 from tilert_jax.sampling import SamplingParams, sample
@@ -282,7 +282,7 @@ def load(path: str | Path, *, dtype=None, mesh=None, impl: str = "xla", progress
     """
     directory = _resolve(path)
     config = load_config(directory)
-    dtype = jnp.dtype(dtype or config.dtype)
+    dtype = jnp.dtype(dtype) if dtype else default_dtype(directory, config)
     shardings = None
     if mesh is not None:
         from tilert_jax.sharding import param_shardings
