@@ -29,7 +29,7 @@ FAMILIES = {
 
 def make_model(name: str, seed: int = 0, dtype=torch.float32):
     config_cls, model_cls, kwargs = FAMILIES[name]
-    config = getattr(transformers, config_cls)(**COMMON, **kwargs)
+    config = getattr(transformers, config_cls)(**(COMMON | kwargs))
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(dtype).eval()
     with torch.no_grad():  # a random model whose norms and biases are not all ones and zeros
@@ -54,3 +54,7 @@ def write_checkpoint(model, directory: Path, sharded: bool = False, old_dialect:
     if old_dialect:
         to_old_dialect(directory / "config.json")
     return directory
+
+# For meshes up to 8 devices: 8 query heads sharing 2 KV heads (tp=8 replicates each KV head over 4 devices).
+FAMILIES["llama_8heads"] = ("LlamaConfig", "LlamaForCausalLM",
+                            dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_theta=10000.0))

@@ -19,10 +19,10 @@ class KVCache:
         return self.k[0].shape[2]
 
     @classmethod
-    def zeros(cls, config, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+    def zeros(cls, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype) -> "KVCache":
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
 
     def nbytes_per_token(self) -> int:
         return sum(a.dtype.itemsize * a.shape[0] * a.shape[1] * a.shape[3] for a in self.k + self.v)

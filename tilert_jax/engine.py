@@ -66,26 +66,36 @@ class GenerationResult:
     stats: GenerationStats
 
 
+def model_functions(config, mesh=None):
+    """The family's forward / init_cache / prefill / decode_step, run under shard_map when a mesh is given."""
+    if mesh is None:
+        return family(config)
+    from tilert_jax.sharding.sharded import ShardedFamily
+
+    return ShardedFamily(config, mesh)
+
+
 class Decoder:
     """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination."""
 
-    def __init__(self, config, impl: str = "xla"):
+    def __init__(self, config, impl: str = "xla", mesh=None):
         self.config = config
         self.impl = impl
+        self.family = model_functions(config, mesh)
         self._compiled: dict = {}
 
     def _prefill_fn(self, sampling: SamplingParams, max_len: int):
-        fam, config, impl = family(self.config), self.config, self.impl
+        fam, config, impl = self.family, self.config, self.impl
 
         def prefill(params, tokens, last_index, key):  # tokens: [B, P] -> first sampled token [B], cache
             cache = fam.init_cache(config, tokens.shape[0], max_len, params.embed.dtype)
-            logits, cache = fam.prefill(config, params, tokens, cache, 0, last_index, impl=impl)
+            logits, cache = fam.prefill(config, params, tokens, cache, jnp.int32(0), last_index, impl=impl)
             return sample(logits, jax.random.fold_in(key, last_index), sampling), cache
 
         return jax.jit(prefill)
 
     def _decode_fn(self, sampling: SamplingParams, chunk: int):
-        fam, config, impl = family(self.config), self.config, self.impl
+        fam, config, impl = self.family, self.config, self.impl
 
         def decode(params, cache, token, pos, key):  # token: [B] at pos -> the next `chunk` tokens [B, chunk]
             def step(carry, _):
@@ -163,8 +173,9 @@ class Model:
         self.params = params
         self.tokenizer = tokenizer
         self.mesh = mesh
-        self.decoder = Decoder(config, impl)
-        self._forward = jax.jit(lambda params, tokens: family(config).forward(config, params, tokens, impl=impl))
+        self.decoder = Decoder(config, impl, mesh)
+        functions = self.decoder.family
+        self._forward = jax.jit(lambda params, tokens: functions.forward(config, params, tokens, impl=impl))
 
     @property
     def weight_bytes(self) -> int:
@@ -283,10 +294,6 @@ def load(path: str | Path, *, dtype=None, mesh=None, impl: str = "xla", progress
     directory = _resolve(path)
     config = load_config(directory)
     dtype = jnp.dtype(dtype) if dtype else default_dtype(directory, config)
-    shardings = None
-    if mesh is not None:
-        from tilert_jax.sharding import param_shardings
-
-        shardings = param_shardings(family(config).param_specs(config), mesh)
+    shardings = None if mesh is None else model_functions(config, mesh).param_shardings  # validates the mesh too
     params = load_params(directory, config, dtype, shardings, progress=progress)
     return Model(config, params, Tokenizer.from_dir(directory), mesh=mesh, impl=impl)

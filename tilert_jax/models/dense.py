@@ -10,12 +10,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
 from tilert_jax.kernels import ops
 from tilert_jax.params import ParamSpec
 from tilert_jax.rope import apply_rope, rope_tables
+from tilert_jax.sharding import collectives
 
 
 @jax.tree_util.register_dataclass
@@ -92,8 +94,17 @@ def param_specs(config: DenseConfig) -> DenseParams:
     )
 
 
-def init_cache(config: DenseConfig, batch: int, max_len: int, dtype) -> kv.KVCache:
-    return kv.KVCache.zeros(config, batch, max_len, dtype)
+def init_cache(config: DenseConfig, batch: int, max_len: int, dtype, num_kv_heads: int | None = None) -> kv.KVCache:
+    """num_kv_heads: the global head count of a cache sharded over a mesh wider than config.num_kv_heads (each
+    device then holds the one KV head its query heads use)."""
+    heads = num_kv_heads or config.num_kv_heads
+    return kv.KVCache.zeros(config.num_layers, batch, heads, max_len, config.head_dim, dtype)
+
+
+def cache_partition_specs(config: DenseConfig, tp_axis: str) -> kv.KVCache:
+    """PartitionSpecs of the cache under shard_map: KV heads split over tp_axis."""
+    spec = PartitionSpec(None, tp_axis, None, None)
+    return kv.KVCache(k=(spec,) * config.num_layers, v=(spec,) * config.num_layers)
 
 
 def _project(x, w, b):
@@ -102,12 +113,15 @@ def _project(x, w, b):
     return y if b is None else y + b
 
 
-def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl):
-    """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole."""
+def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl, tp_axis):
+    """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole.
+
+    Under shard_map over `tp_axis` the weights hold this device's heads; the output is a partial sum to reduce."""
     eps = config.rms_norm_eps
     q = _project(x, p.wq, p.bq)  # [B, T, num_heads, head_dim]
     k = _project(x, p.wk, p.bk)  # [B, T, num_kv_heads, head_dim]
     v = _project(x, p.wv, p.bv)  # [B, T, num_kv_heads, head_dim]
+    k, v = (collectives.local_kv_heads(t, config.num_heads, config.num_kv_heads, tp_axis) for t in (k, v))
     if config.qk_norm:
         q = ops.rms_norm(q, p.q_norm, eps, implementation=impl)
         k = ops.rms_norm(k, p.k_norm, eps, implementation=impl)
@@ -130,16 +144,17 @@ def _mlp(p: MLP, x):
     return (jax.nn.silu(x @ p.w_gate) * (x @ p.w_up)) @ p.w_down
 
 
-def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache, pos, impl):
+def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache, pos, impl, tp_axis):
     """tokens: [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one)."""
-    x = params.embed[tokens]  # [B, T, hidden]
+    x = collectives.embed_lookup(params.embed, tokens, tp_axis)  # [B, T, hidden]
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         layer_cache = None if cache is None else (cache.k[i], cache.v[i])
         h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
-        attn_out, (k, v) = _attention(config, layer.attn, h, positions, layer_cache, pos, impl)
-        x = x + attn_out
-        x = x + _mlp(layer.mlp, ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl))
+        attn_out, (k, v) = _attention(config, layer.attn, h, positions, layer_cache, pos, impl, tp_axis)
+        x = x + collectives.psum(attn_out, tp_axis)
+        h = ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl)
+        x = x + collectives.psum(_mlp(layer.mlp, h), tp_axis)
         new_k.append(k)
         new_v.append(v)
     x = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
@@ -147,33 +162,35 @@ def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache,
     return x, new_cache
 
 
-def lm_head(params: DenseParams, x) -> jax.Array:
-    """x: [..., hidden] -> float32 logits [..., vocab]."""
+def lm_head(config: DenseConfig, params: DenseParams, x, tp_axis=None) -> jax.Array:
+    """x: [..., hidden] -> float32 logits [..., vocab] (gathered from the vocabulary shards under shard_map)."""
     w = params.embed.T if params.lm_head is None else params.lm_head
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
 
 
-def forward(config: DenseConfig, params: DenseParams, tokens, impl: str = "xla") -> jax.Array:
+def forward(config: DenseConfig, params: DenseParams, tokens, impl: str = "xla", tp_axis=None) -> jax.Array:
     """tokens: int[B, T] at positions 0..T-1, no cache -> float32 logits [B, T, vocab]."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    x, _ = _decoder(config, params, tokens, positions, None, None, impl)
-    return lm_head(params, x)
+    x, _ = _decoder(config, params, tokens, positions, None, None, impl, tp_axis)
+    return lm_head(config, params, x, tp_axis)
 
 
 def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, last_index,
-            impl: str = "xla"):
+            impl: str = "xla", tp_axis=None):
     """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it).
 
     Returns the float32 logits [B, vocab] of the token at index `last_index` and the updated cache.
     """
     positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl)
+    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl, tp_axis)
     last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, hidden]
-    return lm_head(params, last), cache
+    return lm_head(config, params, last, tp_axis), cache
 
 
-def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl: str = "xla"):
+def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl: str = "xla",
+                tp_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
     positions = pos + jnp.zeros((1,), jnp.int32)
-    x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl)
-    return lm_head(params, x[:, 0]), cache
+    x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis)
+    return lm_head(config, params, x[:, 0], tp_axis), cache

@@ -1,0 +1,57 @@
+"""A model family's functions run under shard_map over a mesh, with the signatures of the family module itself.
+
+Parameters arrive placed by the RULES table; inside, each device computes its heads, MLP columns and vocabulary
+slice, and the model code's collectives (sharding/collectives.py) reduce over the `tp` axis.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tilert_jax.models import family
+from tilert_jax.sharding.rules import param_partition_specs, param_shardings
+
+REPLICATED = PartitionSpec()
+
+
+class ShardedFamily:
+    def __init__(self, config, mesh: Mesh):
+        self.config, self.mesh, self.family = config, mesh, family(config)
+        self.tp = mesh.shape["tp"]
+        if mesh.shape["ep"] != 1:
+            raise ValueError(f"{config.model_type} has no experts: use a mesh with ep=1")
+        heads, kv_heads = config.num_heads, config.num_kv_heads
+        if heads % self.tp or (kv_heads % self.tp and self.tp % kv_heads):
+            raise ValueError(f"tp={self.tp} must divide num_heads={heads}, and num_kv_heads={kv_heads} must divide "
+                             f"or be divisible by tp")
+        specs = self.family.param_specs(config)
+        self.param_specs = param_partition_specs(specs, mesh)
+        self.param_shardings = param_shardings(specs, mesh)
+        self.cache_specs = self.family.cache_partition_specs(config, "tp")
+
+    def _shard(self, fn, in_specs, out_specs):
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    def init_cache(self, config, batch: int, max_len: int, dtype):
+        cache = self.family.init_cache(config, batch, max_len, dtype, num_kv_heads=max(config.num_kv_heads, self.tp))
+        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.cache_specs)
+        return jax.lax.with_sharding_constraint(cache, shardings)
+
+    def forward(self, config, params, tokens, impl: str = "xla"):
+        fn = lambda p, t: self.family.forward(config, p, t, impl=impl, tp_axis="tp")  # noqa: E731
+        return self._shard(fn, (self.param_specs, REPLICATED), REPLICATED)(params, tokens)
+
+    def prefill(self, config, params, tokens, cache, pos, last_index, impl: str = "xla"):
+        def fn(p, t, c, pos, last):
+            return self.family.prefill(config, p, t, c, pos, last, impl=impl, tp_axis="tp")
+
+        in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED, REPLICATED)
+        return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, pos, last_index)
+
+    def decode_step(self, config, params, tokens, cache, pos, impl: str = "xla"):
+        def fn(p, t, c, pos):
+            return self.family.decode_step(config, p, t, c, pos, impl=impl, tp_axis="tp")
+
+        in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED)
+        return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, pos)
