@@ -16,8 +16,12 @@ REPLICATED = PartitionSpec()
 
 
 class ShardedFamily:
-    def __init__(self, config, mesh: Mesh):
+    """communicate=False drops every collective (wrong numbers, same compute and memory traffic): the bench times
+    it beside the real thing to report per-token communication time."""
+
+    def __init__(self, config, mesh: Mesh, communicate: bool = True):
         self.config, self.mesh, self.family = config, mesh, family(config)
+        self.axis = "tp" if communicate else None
         self.tp = mesh.shape["tp"]
         if mesh.shape["ep"] != 1:
             raise ValueError(f"{config.model_type} has no experts: use a mesh with ep=1")
@@ -25,6 +29,8 @@ class ShardedFamily:
         if heads % self.tp or (kv_heads % self.tp and self.tp % kv_heads):
             raise ValueError(f"tp={self.tp} must divide num_heads={heads}, and num_kv_heads={kv_heads} must divide "
                              f"or be divisible by tp")
+        if not communicate and kv_heads % self.tp:
+            raise ValueError("communicate=False needs num_kv_heads divisible by tp")
         specs = self.family.param_specs(config)
         self.param_specs = param_partition_specs(specs, mesh)
         self.param_shardings = param_shardings(specs, mesh)
@@ -39,19 +45,19 @@ class ShardedFamily:
         return jax.lax.with_sharding_constraint(cache, shardings)
 
     def forward(self, config, params, tokens, impl: str = "xla"):
-        fn = lambda p, t: self.family.forward(config, p, t, impl=impl, tp_axis="tp")  # noqa: E731
+        fn = lambda p, t: self.family.forward(config, p, t, impl=impl, tp_axis=self.axis)  # noqa: E731
         return self._shard(fn, (self.param_specs, REPLICATED), REPLICATED)(params, tokens)
 
     def prefill(self, config, params, tokens, cache, pos, last_index, impl: str = "xla"):
         def fn(p, t, c, pos, last):
-            return self.family.prefill(config, p, t, c, pos, last, impl=impl, tp_axis="tp")
+            return self.family.prefill(config, p, t, c, pos, last, impl=impl, tp_axis=self.axis)
 
         in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED, REPLICATED)
         return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, pos, last_index)
 
     def decode_step(self, config, params, tokens, cache, pos, impl: str = "xla"):
         def fn(p, t, c, pos):
-            return self.family.decode_step(config, p, t, c, pos, impl=impl, tp_axis="tp")
+            return self.family.decode_step(config, p, t, c, pos, impl=impl, tp_axis=self.axis)
 
         in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED)
         return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, pos)
