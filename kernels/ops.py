@@ -1,5 +1,18 @@
-"""The ops the models call, each behind an `implementation="xla" | "pallas"` switch. The XLA path always exists."""
+"""The ops the models call, each behind an `implementation="xla" | "pallas"` switch. The XLA path always exists: it is
+the op's plain-jnp reference, which XLA compiles as it likes.
 
+Split-K results: when a matrix-vector op's config has split > 1, the result is float32 partial sums [S, B, N] whose
+sum over axis 0 is the product (the XLA path returns S = 1); a consumer adds them (`x_parts=`)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from tilert_jax.kernels import decode_attention as _da
+from tilert_jax.kernels import matvec as _mv
+from tilert_jax.kernels import matvec_residual as _mr
+from tilert_jax.kernels import norm_matvec as _nm
+from tilert_jax.kernels import swiglu_matvec as _sw
 from tilert_jax.kernels.attention import attention_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 
@@ -11,6 +24,11 @@ def _check(implementation: str) -> None:
         raise ValueError(f"unknown implementation {implementation!r} (one of {IMPLEMENTATIONS})")
 
 
+def _as_parts(y, config):
+    """The XLA path's result in the shape the Pallas path gives for this config."""
+    return y.astype(jnp.float32)[None] if config is not None and config.split > 1 else y
+
+
 def rms_norm(x, weight, eps, *, implementation="xla"):
     _check(implementation)
     return rms_norm_reference(x, weight, eps)
@@ -19,3 +37,52 @@ def rms_norm(x, weight, eps, *, implementation="xla"):
 def attention(q, k, v, q_pos, k_pos, *, scale, sliding_window=None, implementation="xla"):
     _check(implementation)
     return attention_reference(q, k, v, q_pos, k_pos, scale=scale, sliding_window=sliding_window)
+
+
+def matvec(x, w, *, transposed=False, out_dtype=None, config=None, implementation="xla"):
+    """x [B, K] @ w [K, N] ([N, K] transposed) -> [B, N] (or partial sums, see above)."""
+    _check(implementation)
+    if implementation == "pallas":
+        return _mv.matvec(x, w, transposed=transposed, out_dtype=out_dtype, config=config)
+    return _as_parts(_mv.matvec_reference(x, w, transposed=transposed, out_dtype=out_dtype), config)
+
+
+def norm_matvec(x, norm_weight, eps, weights, *, x_parts=None, transposed=False, out_dtype=None, config=None,
+                implementation="xla"):
+    """rms_norm(x [+ x_parts]) @ [W_1 | W_2 ...] -> y (or partial sums), plus x_new when x_parts is given."""
+    _check(implementation)
+    if implementation == "pallas":
+        return _nm.norm_matvec(x, norm_weight, eps, weights, x_parts=x_parts, transposed=transposed,
+                               out_dtype=out_dtype, config=config)
+    out = _nm.norm_matvec_reference(x, norm_weight, eps, weights, x_parts=x_parts, transposed=transposed,
+                                    out_dtype=out_dtype)
+    if x_parts is not None:
+        return _as_parts(out[0], config), out[1]
+    return _as_parts(out, config)
+
+
+def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=None, implementation="xla"):
+    """silu(rms_norm(x) @ w_gate) * (rms_norm(x) @ w_up) -> [B, F], plus x_new when x_parts is given."""
+    _check(implementation)
+    if implementation == "pallas":
+        return _sw.swiglu_matvec(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts, config=config)
+    return _sw.swiglu_matvec_reference(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts)
+
+
+def matvec_residual(x, w, residual, *, config=None, implementation="xla"):
+    """residual + x @ w -> [B, N]."""
+    _check(implementation)
+    if implementation == "pallas":
+        return _mr.matvec_residual(x, w, residual, config=config)
+    return _mr.matvec_residual_reference(x, w, residual)
+
+
+def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, *, num_heads, num_kv_heads, scale, eps=1e-6, bias=None,
+                     qk_norm=None, sliding_window=None, config=None, implementation="xla"):
+    """One decode step of attention with rope, q/k norm and the cache write -> out [B, n, d], k_cache, v_cache."""
+    _check(implementation)
+    kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, eps=eps, bias=bias, qk_norm=qk_norm,
+                  sliding_window=sliding_window)
+    if implementation == "pallas":
+        return _da.decode_attention(qkv, k_cache, v_cache, pos, cos, sin, **kwargs, **(config or {}))
+    return _da.decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, **kwargs)

@@ -2,6 +2,11 @@
 
 Layers are unrolled in Python rather than scanned: a scan pays one XLA while-loop iteration per layer in every
 decode step, and per-layer parameters let each matmul read its weight in place.
+
+With impl="pallas", a decode step on one device (one token per row, batch <= 16) runs five fused kernels per layer
+(`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
+projection + residual; RMSNorm + gate/up + SiLU; down projection + residual. Prefill and the whole-sequence forward
+stay on the XLA path (they are compute-bound matrix products). impl="xla" is the plain path throughout.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from jax.sharding import PartitionSpec
 
 from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
-from tilert_jax.kernels import ops
+from tilert_jax.kernels import ops, tuning
 from tilert_jax.params import ParamSpec
 from tilert_jax.rope import apply_rope, rope_tables
 from tilert_jax.sharding import collectives
@@ -188,9 +193,85 @@ def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache,
     return lm_head(config, params, last, tp_axis), cache
 
 
+def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, cache) -> bool:
+    d = config.head_dim
+    return (tokens.shape[0] <= 16 and d >= 32 and d & (d - 1) == 0 and config.num_heads % config.num_kv_heads == 0
+            and cache.k[0].shape[1] == config.num_kv_heads and params.embed.dtype == cache.k[0].dtype)
+
+
+def _stream(result, parts):
+    """A fused op's result when its input came as x + partial sums: (y, x_new); else (y, None)."""
+    return result if parts is not None else (result, None)
+
+
+def _project_residual(op: str, inp, w, x, bias, impl):
+    """x + inp @ w -> the residual stream as (x, None), or (x, partial sums) when the config splits K."""
+    batch, k = inp.shape
+    cfg = tuning.matvec_config(op, batch, k, (w.shape[1],))
+    if bias is not None:
+        cfg = dataclasses.replace(cfg, split=1)
+        return x + (ops.matvec(inp, w, config=cfg, implementation=impl) + bias), None
+    if cfg.split > 1:
+        return x, ops.matvec(inp, w, config=cfg, implementation=impl)
+    return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
+
+
+def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl):
+    """tokens: int[B] at position pos -> the residual stream before the final norm (x [B, hidden] and float32
+    partial sums or None) and the updated cache. Every op here takes `implementation=impl`."""
+    h, n, kvh, d, f = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                       config.intermediate_size)
+    eps = config.rms_norm_eps
+    batch = tokens.shape[0]
+    x = params.embed[tokens]  # [B, hidden]
+    parts = None
+    cos, sin = rope_tables(config.rope, jnp.reshape(pos, (1,)), x.dtype)  # [1, head_dim]
+    cos, sin = cos[0], sin[0]
+    attn_cfg = tuning.attention_config(batch, kvh, cache.max_len, d)
+    qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
+    mlp_cfg = tuning.matvec_config("gate_up", batch, h, (f, f))
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        a = layer.attn
+        weights = (a.wq.reshape(h, n * d), a.wk.reshape(h, kvh * d), a.wv.reshape(h, kvh * d))
+        qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=qkv_cfg,
+                                             implementation=impl), parts)
+        x = x if x_new is None else x_new
+        qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
+        bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
+        qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
+        attn, k, v = ops.decode_attention(qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh,
+                                          scale=d ** -0.5, eps=eps, bias=bias, qk_norm=qk_norm,
+                                          sliding_window=config.sliding_window, config=attn_cfg, implementation=impl)
+        new_k.append(k)
+        new_v.append(v)
+        x, parts = _project_residual("o", attn.reshape(batch, n * d), a.wo.reshape(n * d, h), x, a.bo, impl)
+        mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
+                                               x_parts=parts, config=mlp_cfg, implementation=impl), parts)
+        x = x if x_new is None else x_new
+        x, parts = _project_residual("down", mid, layer.mlp.w_down, x, None, impl)
+    return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
+
+
+def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl) -> jax.Array:
+    """Final RMSNorm + LM head in one launch -> float32 logits [B, vocab]."""
+    tied = params.lm_head is None
+    w = params.embed if tied else params.lm_head  # [vocab, hidden] when tied, else [hidden, vocab]
+    op = "lm_head_t" if tied else "lm_head"
+    cfg = tuning.matvec_config(op, x.shape[0], config.hidden_size, (config.vocab_size,))
+    cfg = dataclasses.replace(cfg, split=1)
+    logits, _ = _stream(ops.norm_matvec(x, params.final_norm, config.rms_norm_eps, (w,), x_parts=parts,
+                                        transposed=tied, out_dtype=jnp.float32, config=cfg, implementation=impl),
+                        parts)
+    return logits
+
+
 def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl: str = "xla",
                 tp_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
+    if impl == "pallas" and tp_axis is None and _fused_decode_supported(config, params, tokens, cache):
+        x, parts, cache = _decode_fused(config, params, tokens, cache, pos, impl)
+        return _fused_lm_head(config, params, x, parts, impl), cache
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis)
     return lm_head(config, params, x[:, 0], tp_axis), cache

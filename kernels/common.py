@@ -1,0 +1,70 @@
+"""What the Pallas kernels share: where they run (compiled on a GPU, interpreted elsewhere) and the Triton-lowering
+compiler parameters.
+
+Every kernel here is written for Pallas' Triton lowering (selected by passing `triton.CompilerParams`); the reason is
+recorded beside each kernel. On a machine without a GPU the same kernel body runs in Pallas interpret mode, which is
+how the CPU tests check it against its jnp reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl  # noqa: F401  (re-exported for the kernel files)
+from jax.experimental.pallas import triton as plt
+
+ROWS = 16  # tensor-core dots need at least 16 rows: a batch of B <= 16 rows is padded to 16 by masked loads
+
+
+def interpret_default() -> bool:
+    """Pallas interpret mode unless the default backend is a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def triton_params(num_warps: int, num_stages: int):
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def row_mask(rows: int, cols: int, valid: int):
+    """bool[rows, cols]: True on the first `valid` rows."""
+    return jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0) < valid
+
+
+def load_rows(ref, valid: int, **kwargs):
+    """Loads a [rows, cols] window whose rows past `valid` lie outside the array (masked to 0).
+
+    `ref` is a ref view (ref.at[...]) of static shape [rows, cols]."""
+    rows, cols = ref.shape[-2:]
+    if rows <= valid:
+        return plt.load(ref, **kwargs)
+    return plt.load(ref, mask=row_mask(rows, cols, valid), other=0, **kwargs)
+
+
+def store_rows(ref, value, valid: int):
+    rows, cols = value.shape[-2:]
+    if rows <= valid:
+        plt.store(ref, value)
+    else:
+        plt.store(ref, value, mask=row_mask(rows, cols, valid))
+
+
+def dot(a, b, dims, interpret: bool):
+    """lax.dot_general with a float32 result. Interpreted on the CPU, bf16 operands are widened first (exactly:
+    a bf16 product is exact in float32), since the CPU runtime has no bf16 x bf16 -> f32 dot in every path."""
+    if interpret or a.dtype == jnp.float32 or b.dtype == jnp.float32:  # float32 models: IEEE, not tf32
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
+NT = (((1,), (1,)), ((), ()))  # [M, K] x [N, K]

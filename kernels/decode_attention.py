@@ -1,0 +1,267 @@
+"""One decode step of grouped-query attention over the KV cache, with everything around it in the same launch:
+the Q/K/V partial sums of a split-K projection are added, the biases (Qwen2.5) and q/k RMSNorm (Qwen3) applied,
+rope applied to q and k, the new k and v written into the cache in place, and attention taken over positions
+<= pos only.
+
+Split-sequence (flash-decoding): the grid is (batch, kv head, split); split p covers its share of [0, pos) (blocks
+past pos are never read), and the last split also takes the new token from registers and writes it to the cache.
+With one split the kernel normalises and writes the output itself; with more, each split writes its unnormalised
+accumulator and its running max and sum, and `combine_splits` merges them (a small XLA fusion).
+
+Rope without slicing registers: the rotate-half layout pairs channel c with c + d/2, so q and k are loaded as a
+low and a high half and the score is q_lo . k_lo + q_hi . k_hi (two 16-row tensor-core dots).
+
+Lowering: Triton. The work per program is a few KB of cache per block with a 16-row (padded query group) dot; the
+Triton lowering expresses masked, dynamically bounded loops over the cache directly, which Mosaic GPU's
+warpgroup-level (64-row wgmma) model does not suit at one query row per head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from tilert_jax import cache as kv
+from tilert_jax.kernels.attention import attention_reference
+from tilert_jax.kernels.common import (NN, NT, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, store_rows,
+                                       triton_params)
+from tilert_jax.kernels.rms_norm import rms_norm_reference
+from tilert_jax.rope import apply_rope
+
+f32 = jnp.float32
+NEG = -1e30  # finite "minus infinity": a masked score never makes exp(NEG - NEG) = 1 since each block has a valid key
+
+
+def _split_qkv(qkv, num_heads, num_kv_heads, dtype):
+    if qkv.ndim == 4:  # [S, B, Nh, d] float32 partial sums
+        qkv = jnp.sum(qkv, axis=0).astype(dtype)
+    q = qkv[:, :num_heads]
+    k = qkv[:, num_heads:num_heads + num_kv_heads]
+    v = qkv[:, num_heads + num_kv_heads:]
+    return q, k, v
+
+
+def decode_attention_reference(
+    qkv: jax.Array,  # [B, n + 2 kvh, d], or float32 partial sums [S, B, n + 2 kvh, d]
+    k_cache: jax.Array,  # [B, kvh, max_len, d]
+    v_cache: jax.Array,  # [B, kvh, max_len, d]
+    pos: jax.Array,  # int32 scalar: the new token's position
+    cos: jax.Array,  # [d] rope table at pos (in the model dtype)
+    sin: jax.Array,  # [d]
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    eps: float = 1e-6,
+    bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,  # bq [n, d], bk [kvh, d], bv [kvh, d]
+    qk_norm: tuple[jax.Array, jax.Array] | None = None,  # q_norm [d], k_norm [d]
+    sliding_window: int | None = None,
+):
+    """-> out [B, n, d], k_cache, v_cache (with the new token written at pos)."""
+    q, k, v = _split_qkv(qkv, num_heads, num_kv_heads, k_cache.dtype)
+    if bias is not None:
+        q, k, v = q + bias[0], k + bias[1], v + bias[2]
+    if qk_norm is not None:
+        q = rms_norm_reference(q, qk_norm[0], eps)
+        k = rms_norm_reference(k, qk_norm[1], eps)
+    c, s = cos[None, None, :], sin[None, None, :]
+    q, k = apply_rope(q[:, None], c, s), apply_rope(k[:, None], c, s)  # [B, 1, heads, d]
+    k_cache = kv.write(k_cache, k, pos)
+    v_cache = kv.write(v_cache, v[:, None], pos)
+    k_pos = jnp.arange(k_cache.shape[2], dtype=jnp.int32)
+    out = attention_reference(q, k_cache, v_cache, jnp.reshape(pos, (1,)).astype(jnp.int32), k_pos, scale=scale,
+                              sliding_window=sliding_window)
+    return out[:, 0], k_cache, v_cache
+
+
+def combine_splits(
+    o: jax.Array,  # [P, B, n, d] float32 unnormalised accumulators
+    m: jax.Array,  # [P, B, n, 1] float32 running maxima
+    l: jax.Array,  # [P, B, n, 1] float32 running sums
+    dtype,
+) -> jax.Array:  # [B, n, d]
+    mx = jnp.max(m, axis=0)
+    w = jnp.exp(m - mx)
+    return (jnp.sum(w * o, axis=0) / jnp.sum(w * l, axis=0)).astype(dtype)
+
+
+def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, num_kv_heads, head_dim, rows,
+            scale, eps, window, dtype, interpret):
+    groups = num_heads // num_kv_heads
+    half = head_dim // 2
+    it = iter(refs)
+    qkv_ref = next(it)  # [B, n + 2 kvh, d], or [S, B, n + 2 kvh, d] float32
+    bq_ref, bk_ref, bv_ref = (next(it), next(it), next(it)) if has_bias else (None,) * 3  # [n, d], [kvh, d] x2
+    qn_ref, kn_ref = (next(it), next(it)) if qk_norm else (None, None)  # [d], [d]
+    cos_ref, sin_ref = next(it), next(it)  # [d], [d]
+    pos_ref = next(it)  # [1] int32
+    kc_ref, vc_ref = next(it), next(it)  # [B, kvh, max_len, d] (aliased to the two cache outputs)
+    o_ref = next(it)  # [B, n, d] (one split) or [P, B, n, d] float32
+    m_ref, l_ref = (next(it), next(it)) if splits > 1 else (None, None)  # [P, B, n, 1] float32
+    kc_out, vc_out = next(it), next(it)  # [B, kvh, max_len, d]
+
+    b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pos = pos_ref[0]
+
+    def load_qkv(row0, nrows, valid, c0, width):  # float32 [nrows, width] (rows >= valid read as 0)
+        if n_parts:
+            t = sum(load_rows(qkv_ref.at[jnp.int32(i), b, pl.ds(row0, nrows), pl.ds(c0, width)], valid) for i in range(n_parts))
+            return t.astype(dtype).astype(f32)
+        return load_rows(qkv_ref.at[b, pl.ds(row0, nrows), pl.ds(c0, width)], valid).astype(f32)
+
+    def rnd(t):
+        return t.astype(dtype).astype(f32)
+
+    def prepare(row0, nrows, valid, b_ref, brow0, n_ref):  # -> (lo, hi) [nrows, half], normed and roped
+        lo = load_qkv(row0, nrows, valid, 0, half)
+        hi = load_qkv(row0, nrows, valid, half, half)
+        if has_bias:
+            lo = rnd(lo + load_rows(b_ref.at[pl.ds(brow0, nrows), pl.ds(0, half)], valid).astype(f32))
+            hi = rnd(hi + load_rows(b_ref.at[pl.ds(brow0, nrows), pl.ds(half, half)], valid).astype(f32))
+        if qk_norm:
+            ss = jnp.sum(lo * lo, axis=1, keepdims=True) + jnp.sum(hi * hi, axis=1, keepdims=True)
+            rinv = 1.0 / jnp.sqrt(ss / head_dim + eps)
+            lo = rnd(rnd(lo * rinv) * n_ref[pl.ds(0, half)].astype(f32)[None, :])
+            hi = rnd(rnd(hi * rinv) * n_ref[pl.ds(half, half)].astype(f32)[None, :])
+        c_lo, c_hi = cos_ref[pl.ds(0, half)].astype(f32)[None, :], cos_ref[pl.ds(half, half)].astype(f32)[None, :]
+        s_lo, s_hi = sin_ref[pl.ds(0, half)].astype(f32)[None, :], sin_ref[pl.ds(half, half)].astype(f32)[None, :]
+        return rnd(lo * c_lo - hi * s_lo), rnd(hi * c_hi + lo * s_hi)
+
+    q_lo, q_hi = prepare(h * groups, rows, groups, bq_ref, h * groups, qn_ref)  # [rows, half]
+    k_lo, k_hi = prepare(num_heads + h, 1, 1, bk_ref, h, kn_ref)  # [1, half]
+    v_new = load_qkv(num_heads + num_kv_heads + h, 1, 1, 0, head_dim)  # [1, d]
+    if has_bias:
+        v_new = rnd(v_new + bv_ref[pl.ds(h, 1), :].astype(f32))
+    q_lo_b, q_hi_b = q_lo.astype(dtype), q_hi.astype(dtype)
+
+    lo_pos = 0 if window is None else jnp.maximum(pos - window + 1, 0)
+    span = pos - lo_pos
+    if splits > 1:
+        per = ((span + splits - 1) // splits + block - 1) // block * block
+        start = lo_pos + p * per
+        end = jnp.minimum(start + per, pos)
+    else:
+        start, end = lo_pos, pos
+    nblocks = (jnp.maximum(end - start, 0) + block - 1) // block
+
+    def body(t, carry):
+        m, l, acc = carry  # [rows, 1], [rows, 1], [rows, d]
+        t0 = start + t * block
+        kpos = t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)  # [block, 1]
+        valid = kpos < end
+        kb_lo = plt.load(kc_ref.at[b, h, pl.ds(t0, block), pl.ds(0, half)],
+                         mask=jnp.broadcast_to(valid, (block, half)), other=0)  # [block, half]
+        kb_hi = plt.load(kc_ref.at[b, h, pl.ds(t0, block), pl.ds(half, half)],
+                         mask=jnp.broadcast_to(valid, (block, half)), other=0)
+        vb = plt.load(vc_ref.at[b, h, pl.ds(t0, block), pl.ds(0, head_dim)],
+                      mask=jnp.broadcast_to(valid, (block, head_dim)), other=0)  # [block, d]
+        s = (dot(q_lo_b, kb_lo, NT, interpret) + dot(q_hi_b, kb_hi, NT, interpret)) * scale  # [rows, block]
+        s = jnp.where(jnp.transpose(valid), s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        alpha = jnp.exp(m - m_new)
+        pr = jnp.exp(s - m_new)
+        l = l * alpha + jnp.sum(pr, axis=1, keepdims=True)
+        acc = acc * alpha + dot(pr.astype(dtype), vb, NN, interpret)
+        return m_new, l, acc
+
+    init = (jnp.full((rows, 1), NEG, f32), jnp.zeros((rows, 1), f32), jnp.zeros((rows, head_dim), f32))
+    m, l, acc = lax.fori_loop(0, nblocks, body, init)
+
+    # The new token (its key and value are still in registers), taken by the last split.
+    last = p == splits - 1
+    s_new = (jnp.sum(q_lo * k_lo, axis=1, keepdims=True) + jnp.sum(q_hi * k_hi, axis=1, keepdims=True)) * scale
+    m2 = jnp.maximum(m, s_new)
+    a2 = jnp.exp(m - m2)
+    p2 = jnp.exp(s_new - m2)
+    m = jnp.where(last, m2, m)
+    l = jnp.where(last, l * a2 + p2, l)
+    acc = jnp.where(last, acc * a2 + rnd(p2) * v_new, acc)
+
+    @pl.when(last)
+    def _():
+        plt.store(kc_out.at[b, h, pl.ds(pos, 1), pl.ds(0, half)], k_lo.astype(kc_out.dtype))
+        plt.store(kc_out.at[b, h, pl.ds(pos, 1), pl.ds(half, half)], k_hi.astype(kc_out.dtype))
+        plt.store(vc_out.at[b, h, pl.ds(pos, 1), pl.ds(0, head_dim)], v_new.astype(vc_out.dtype))
+
+    if splits == 1:
+        store_rows(o_ref.at[b, pl.ds(h * groups, rows), pl.ds(0, head_dim)], (acc / l).astype(dtype), groups)
+    else:
+        store_rows(o_ref.at[p, b, pl.ds(h * groups, rows), pl.ds(0, head_dim)], acc, groups)
+        store_rows(m_ref.at[p, b, pl.ds(h * groups, rows), pl.ds(0, 1)], m, groups)
+        store_rows(l_ref.at[p, b, pl.ds(h * groups, rows), pl.ds(0, 1)], l, groups)
+
+
+def decode_attention(
+    qkv: jax.Array,  # [B, n + 2 kvh, d], or float32 partial sums [S, B, n + 2 kvh, d]
+    k_cache: jax.Array,  # [B, kvh, max_len, d] (donate it: it is updated in place)
+    v_cache: jax.Array,  # [B, kvh, max_len, d]
+    pos: jax.Array,  # int32 scalar
+    cos: jax.Array,  # [d]
+    sin: jax.Array,  # [d]
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    eps: float = 1e-6,
+    bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    qk_norm: tuple[jax.Array, jax.Array] | None = None,
+    sliding_window: int | None = None,
+    splits: int = 1,
+    block: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool | None = None,
+):
+    """-> out [B, n, d], k_cache, v_cache. See decode_attention_reference for the meaning."""
+    batch, kvh, max_len, head_dim = k_cache.shape
+    n_parts = qkv.shape[0] if qkv.ndim == 4 else 0
+    nh = num_heads + 2 * num_kv_heads
+    if qkv.shape[-3:] != (batch, nh, head_dim):
+        raise ValueError(f"qkv must end in {(batch, nh, head_dim)}, got {qkv.shape}")
+    if v_cache.shape != k_cache.shape or kvh != num_kv_heads or num_heads % num_kv_heads:
+        raise ValueError(f"bad cache {k_cache.shape}/{v_cache.shape} for {num_heads}/{num_kv_heads} heads")
+    if not (is_pow2(head_dim) and head_dim >= 32 and is_pow2(block) and block >= 16):
+        raise ValueError(f"head_dim ({head_dim}) and block ({block}) must be powers of 2 (>= 32, >= 16)")
+    if cos.shape != (head_dim,) or sin.shape != (head_dim,):
+        raise ValueError(f"cos/sin must be [{head_dim}], got {cos.shape}")
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    dtype = k_cache.dtype
+    rows = max(ROWS, next_pow2(num_heads // num_kv_heads))
+    interpret = interpret_default() if interpret is None else interpret
+    inputs = [qkv.astype(f32) if n_parts else qkv]
+    if bias is not None:
+        inputs += [bias[0], bias[1], bias[2]]
+    if qk_norm is not None:
+        inputs += [qk_norm[0], qk_norm[1]]
+    inputs += [cos, sin, jnp.reshape(pos, (1,)).astype(jnp.int32), k_cache, v_cache]
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits, batch, num_heads, head_dim), f32),
+                     jax.ShapeDtypeStruct((splits, batch, num_heads, 1), f32),
+                     jax.ShapeDtypeStruct((splits, batch, num_heads, 1), f32)]
+    out_shape += [jax.ShapeDtypeStruct(k_cache.shape, dtype), jax.ShapeDtypeStruct(v_cache.shape, dtype)]
+    n_in, n_out = len(inputs), len(out_shape)
+    kernel = lambda *refs: _kernel(  # noqa: E731
+        *refs, batch=batch, n_parts=n_parts, has_bias=bias is not None, qk_norm=qk_norm is not None,
+        splits=splits, block=block, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rows=rows,
+        scale=float(scale), eps=float(eps), window=sliding_window, dtype=dtype, interpret=interpret)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch, kvh, splits),
+        input_output_aliases={n_in - 2: n_out - 2, n_in - 1: n_out - 1},
+        compiler_params=triton_params(num_warps, num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(*inputs)
+    if splits == 1:
+        out, k_cache, v_cache = outs
+    else:
+        o, m, l, k_cache, v_cache = outs
+        out = combine_splits(o, m, l, dtype)
+    return out, k_cache, v_cache

@@ -1,0 +1,82 @@
+"""Kernel configurations per shape: measured entries first (kernels/tuning.json, written from the GPU tuning run
+scripts/gpu/tune_kernels.py; a file named by $TILERT_TUNING overrides it), a heuristic otherwise.
+
+Keys: "<op>:B<batch>:K<k>:N<n>" for the matrix-vector ops (op: qkv, o, gate_up, down, lm_head, lm_head_t) and
+"attention:B<batch>:H<kv heads>:L<max_len>:D<head_dim>" for decode attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from tilert_jax.kernels.matvec import MatvecConfig
+
+SMS = 132  # H200 multiprocessors: the heuristic aims for two programs per multiprocessor or more
+_DEFAULT_FILE = Path(__file__).with_name("tuning.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+    table: dict = {}
+    for path in (_DEFAULT_FILE, os.environ.get("TILERT_TUNING")):
+        if path and Path(path).is_file():
+            table.update(json.loads(Path(path).read_text()))
+    return table
+
+
+def reload() -> None:
+    _table.cache_clear()
+
+
+def matvec_key(op: str, batch: int, k: int, n: int) -> str:
+    return f"{op}:B{batch}:K{k}:N{n}"
+
+
+def attention_key(batch: int, kv_heads: int, max_len: int, head_dim: int) -> str:
+    return f"attention:B{batch}:H{kv_heads}:L{max_len}:D{head_dim}"
+
+
+def _divides(n: int, bn: int) -> bool:
+    return n % bn == 0
+
+
+def heuristic_matvec(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecConfig:
+    """Enough programs to fill the GPU twice over, 128-byte (or wider) weight rows, K split only where the output is
+    too narrow and the op allows partial sums."""
+    n_total = ns[0] if op == "gate_up" else sum(ns)
+    bn = 32
+    for cand in (256, 128, 64):
+        if all(_divides(n, cand) for n in ns) and n_total // cand >= 2 * SMS:
+            bn = cand
+            break
+    while bn > 16 and not all(_divides(n, bn) for n in ns):
+        bn //= 2
+    bk = 128 if k % 128 == 0 else 64
+    split = 1
+    if op not in ("gate_up",):
+        while (n_total // bn) * split < 2 * SMS and k % (2 * split * bk) == 0 and k // (2 * split) >= 4 * bk:
+            split *= 2
+    return MatvecConfig(bn=bn, bk=bk, split=split, num_warps=4, num_stages=4, mode="dot")
+
+
+def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecConfig:
+    n_total = ns[0] if op == "gate_up" else sum(ns)
+    entry = _table().get(matvec_key(op, batch, k, n_total))
+    if entry is not None:
+        cfg = MatvecConfig(**entry)
+        if all(_divides(n, cfg.bn) for n in ns) and k % (cfg.split * cfg.bk) == 0:
+            return cfg
+    return heuristic_matvec(op, batch, k, ns)
+
+
+def attention_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> dict:
+    entry = _table().get(attention_key(batch, kv_heads, max_len, head_dim))
+    if entry is not None:
+        return dict(entry)
+    splits = 1
+    while batch * kv_heads * splits < SMS // 2 and max_len // (splits * 2) >= 256:
+        splits *= 2
+    return dict(splits=splits, block=64, num_warps=4, num_stages=2)

@@ -1,0 +1,264 @@
+"""python -m tilert_jax.bench: decode latency on real model shapes with random weights, one JSON object per line.
+
+    python -m tilert_jax.bench --preset llama-3.1-8b --random-weights --prompt-len 1024 --new-tokens 128 \
+        --batch 1,2,4,8 --impl xla,pallas
+
+`--batch` and `--impl` take one value or a comma-separated list; each combination prints one line. The parameters
+come from tilert_jax.params.init_params over the family's param_specs; prefill and decode are the engine's Decoder.
+
+What the numbers mean:
+- weight_bytes: the bytes of parameters one decode step reads: every parameter except the embedding table when it
+  is untied (a step reads one row of it); a tied table is the LM head and counts.
+- copy_gbps: a device-to-device copy of a large buffer measured in the same process, counting bytes read plus bytes
+  written over the time (the quantity GPU.md gives as 4.28 TB/s on the H200).
+- floor_ms = weight_bytes / copy_gbps. HBM moves bytes at one aggregate rate whether they are read or written, so a
+  read-only weight stream's best rate is the copy's read+write rate, not half of it. The KV cache a step reads is
+  reported (kv_bytes) but not added to the floor.
+- tpot_ms_*: decode runs `chunk` steps per dispatch, dispatches are enqueued back to back as the engine does (the
+  next before the host waits on the current); the time between successive chunk completions divided by `chunk` is one
+  sample. The first chunk of each generation (which holds the dispatch latency) is left out. p50/p90/p99 are over the
+  samples of `repeats` generations after one warm-up generation; tpot_ms_mean is over every step.
+- frac_of_floor = floor_ms / tpot_ms_p50; achieved_gbps = weight_bytes / tpot_ms_p50.
+- ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
+- ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention) over the
+  bf16 matmul rate measured in the same process (mm_tflops, an 8192^3 product) and weight_bytes / copy_gbps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tilert_jax.config import PRESETS, preset
+from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
+from tilert_jax.models import family
+from tilert_jax.params import init_params, is_spec
+from tilert_jax.sampling import SamplingParams
+
+
+def _median_time(fn, reps: int, inner: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(inner)
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def copy_gbps(nbytes: int, reps: int = 5, inner: int = 10) -> float:
+    """Device-to-device streaming rate: bytes read + bytes written per second / 1e9 (an in-place XOR, donated)."""
+    n = nbytes // 4
+    x = jax.lax.iota(jnp.uint32, n)
+    f = jax.jit(lambda a: a ^ jnp.uint32(0x5BD1E995), donate_argnums=0)
+    x = f(x).block_until_ready()
+
+    def run(k):
+        nonlocal x
+        for _ in range(k):
+            x = f(x)
+        x.block_until_ready()
+
+    return 2 * n * 4 / _median_time(run, reps, inner) / 1e9
+
+
+def matmul_tflops(n: int, dtype, reps: int = 3, inner: int = 10) -> float:
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+
+    def run(k):
+        out = [f(a, b) for _ in range(k)]
+        out[-1].block_until_ready()
+
+    return 2 * n ** 3 / _median_time(run, reps, inner) / 1e12
+
+
+def weight_bytes(params) -> int:
+    """Bytes of parameters read per decode step (the embedding table only when it doubles as the LM head)."""
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    if getattr(params, "lm_head", None) is not None:
+        total -= params.embed.nbytes
+    return int(total)
+
+
+def matmul_params(params) -> int:
+    """Parameters that take part in a matrix product for every prompt token: every leaf of rank >= 2 but the
+    embedding table and the LM head (prefill applies the LM head to the last token only)."""
+    total = sum(int(x.size) for x in jax.tree.leaves(params) if x.ndim >= 2)
+    total -= int(params.embed.size)
+    if getattr(params, "lm_head", None) is not None:
+        total -= int(params.lm_head.size)
+    return total
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _percentile(values, q) -> float:
+    return float(np.percentile(np.asarray(values, np.float64), q))
+
+
+def bench_one(config, params, impl: str, batch: int, args, env: dict) -> dict:
+    sampling = SamplingParams()
+    dec = Decoder(config, impl)
+    prompt_len, new_tokens, chunk = args.prompt_len, args.new_tokens, args.chunk
+    rng = np.random.RandomState(args.seed)
+    prompt = rng.randint(0, config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    padded = _round_up(prompt_len, PROMPT_BUCKET)
+    chunks = max(1, math.ceil((new_tokens - 1) / chunk))
+    max_len = _round_up(max(padded, prompt_len + chunks * chunk), CACHE_BUCKET)
+    tokens = jnp.asarray(np.pad(prompt, ((0, 0), (0, padded - prompt_len))), jnp.int32)
+    key = jax.random.key(args.seed)
+    last_index = jnp.int32(prompt_len - 1)
+
+    prefill, prefill_compile_s = dec.compiled("prefill", sampling, max_len, params, tokens, last_index, key)
+    token, cache = prefill(params, tokens, last_index, key)
+    pos = jnp.int32(prompt_len)
+    decode, decode_compile_s = dec.compiled("decode", sampling, chunk, params, cache, token, pos, key)
+    del cache
+
+    ttfts = []
+    for i in range(args.ttft_repeats + 1):
+        start = time.perf_counter()
+        token, cache = prefill(params, tokens, last_index, key)
+        np.asarray(token)
+        if i:  # the first is a warm-up
+            ttfts.append(time.perf_counter() - start)
+        del cache
+
+    samples, mean_steps, first_tokens = [], [], None
+    repeats = args.repeats or max(2, math.ceil(64 / max(1, chunks - 1)))
+    for rep in range(repeats + 1):
+        token, cache = prefill(params, tokens, last_index, key)
+        out = [np.asarray(token)[:, None]]
+        pos = jnp.int32(prompt_len)
+        start = prev = time.perf_counter()
+        pending = decode(params, cache, token, pos, key)
+        intervals = []
+        for i in range(chunks):
+            new, cache, token, pos = pending
+            if i + 1 < chunks:
+                pending = decode(params, cache, token, pos, key)
+            out.append(np.asarray(new))
+            now = time.perf_counter()
+            intervals.append(now - prev)
+            prev = now
+        total = prev - start
+        del cache, pending
+        if rep == 0:
+            first_tokens = np.concatenate(out, axis=1)[:, :new_tokens]
+            continue
+        samples += [t / chunk for t in (intervals[1:] if len(intervals) > 1 else intervals)]
+        mean_steps.append(total / (chunks * chunk))
+
+    wbytes = env["weight_bytes"]
+    p50 = statistics.median(samples)
+    floor_s = wbytes / (env["copy_gbps"] * 1e9)
+    flops = 2 * env["matmul_params"] * batch * prompt_len
+    flops += 4 * batch * config.num_layers * config.num_heads * config.head_dim * prompt_len * (prompt_len + 1) / 2
+    ttft_floor_s = max(flops / (env["mm_tflops"] * 1e12), floor_s)
+    ttft = statistics.median(ttfts)
+    cache_row = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * params.embed.dtype.itemsize
+    return {
+        "preset": args.preset, "impl": impl, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "chunk": chunk, "dtype": str(params.embed.dtype),
+        "ttft_ms": 1e3 * ttft, "ttft_floor_ms": 1e3 * ttft_floor_s, "ttft_frac": ttft_floor_s / ttft,
+        "tpot_ms_p50": 1e3 * p50, "tpot_ms_p90": 1e3 * _percentile(samples, 90),
+        "tpot_ms_p99": 1e3 * _percentile(samples, 99), "tpot_ms_mean": 1e3 * statistics.mean(mean_steps),
+        "samples": len(samples),
+        "weight_bytes": wbytes, "kv_bytes": int(cache_row * (prompt_len + new_tokens / 2)),
+        "achieved_gbps": wbytes / p50 / 1e9, "copy_gbps": env["copy_gbps"], "floor_ms": 1e3 * floor_s,
+        "frac_of_floor": floor_s / p50, "mm_tflops": env["mm_tflops"],
+        "compile_prefill_s": prefill_compile_s, "compile_decode_s": decode_compile_s,
+        "tokens": first_tokens[0, :8].tolist(), "_all_tokens": first_tokens,
+        "device": env["device"], "platform": env["platform"], "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": env["commit"],
+    }
+
+
+def _csv(kind):
+    def parse(text: str):
+        return [kind(v) for v in text.split(",") if v]
+    return parse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tilert_jax.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--random-weights", action="store_true", help="random weights (the only source for now)")
+    parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=_csv(int), default=[1], help="batch size(s), e.g. 1 or 1,2,4,8")
+    parser.add_argument("--impl", type=_csv(str), default=["xla"], help="xla, pallas or both (xla,pallas)")
+    parser.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")
+    parser.add_argument("--repeats", type=int, default=0, help="timed generations (0: enough for 64 samples)")
+    parser.add_argument("--ttft-repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="parameter dtype (auto: bfloat16 on a GPU, float32 elsewhere: the CPU runtime lacks some "
+                             "bf16 products)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copy-mib", type=int, default=0, help="copy-bandwidth buffer (0: 2048 on GPU, 16 else)")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    if not args.random_weights:
+        parser.error("only --random-weights is supported: pass it")
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.chunk < 1:
+        parser.error("--new-tokens must be >= 2, --prompt-len and --chunk >= 1")
+    for impl in args.impl:
+        if impl not in ("xla", "pallas"):
+            parser.error(f"unknown --impl {impl!r}")
+
+    config = preset(args.preset)
+    if args.prompt_len + args.new_tokens > config.max_position_embeddings:
+        parser.error(f"prompt + new tokens exceed the context ({config.max_position_embeddings})")
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu"
+    dtype = jnp.dtype(("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype)
+    fam = family(config)
+    params = init_params(fam.param_specs(config), jax.random.key(args.seed), dtype)
+    jax.block_until_ready(params)
+    env = {
+        "weight_bytes": weight_bytes(params), "matmul_params": matmul_params(params),
+        "copy_gbps": copy_gbps((args.copy_mib or (2048 if on_gpu else 16)) << 20),
+        "mm_tflops": matmul_tflops(8192 if on_gpu else 256, dtype),
+        "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "commit": _git_commit(),
+    }
+    reference: dict[int, np.ndarray] = {}
+    sink = open(args.out, "a") if args.out else None
+    for batch in args.batch:
+        for impl in args.impl:
+            row = bench_one(config, params, impl, batch, args, env)
+            toks = row.pop("_all_tokens")
+            if impl == "xla":
+                reference[batch] = toks
+            elif batch in reference:
+                row["tokens_match_xla"] = float(np.mean(reference[batch] == toks))
+            line = json.dumps(row)
+            print(line, flush=True)
+            if sink:
+                sink.write(line + "\n")
+                sink.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
