@@ -74,5 +74,14 @@ def dense_map(config) -> tuple[list[TensorMap], set[str]]:
 FAMILY_MAPS = {"dense": dense_map}
 
 
+def _register_families() -> None:
+    from tilert_jax.convert.deepseek_map import deepseek_map
+
+    FAMILY_MAPS["deepseek"] = deepseek_map
+
+
+_register_families()
+
+
 def tensor_map(config) -> tuple[list[TensorMap], set[str]]:
     return FAMILY_MAPS[config.family](config)

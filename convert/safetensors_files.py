@@ -43,6 +43,35 @@ class TensorEntry:
         return np.fromfile(self.file, dtype=DTYPES[self.dtype], count=count, offset=self.offset).reshape(self.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedEntry:
+    """Several same-shape tensors read as one, stacked along a new leading axis (a model's routed experts)."""
+
+    entries: tuple[TensorEntry, ...]
+
+    @property
+    def name(self) -> str:
+        return self.entries[0].name
+
+    @property
+    def dtype(self) -> str:
+        return self.entries[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.entries), *self.entries[0].shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def read(self) -> np.ndarray:
+        out = np.empty(self.shape, DTYPES[self.dtype])
+        for i, entry in enumerate(self.entries):
+            out[i] = entry.read()
+        return out
+
+
 def shard_files(directory: Path) -> list[Path]:
     index = directory / INDEX_FILE
     if index.is_file():

@@ -147,6 +147,38 @@ PRESETS: dict[str, dict] = {
                        rms_norm_eps=1e-5, max_position_embeddings=32768, rope_theta=1000000.0, sliding_window=None),
 }
 
+# DeepSeek (models/deepseek.py): the hub config.json of each checkpoint. deepseek-v3 / -v3.2-exp are the published
+# FP8 checkpoints (e4m3 weights, 128x128 scales); shrink the layer count with dataclasses.replace(config,
+# num_layers=n, first_k_dense_replace=k) (layers below first_k_dense_replace are dense MLP layers, the rest MoE).
+_DEEPSEEK_YARN = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1)
+_DEEPSEEK_V3 = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                    moe_intermediate_size=2048, num_hidden_layers=61, num_nextn_predict_layers=1,
+                    num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+                    routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                    v_head_dim=128, qk_nope_head_dim=128, topk_method="noaux_tc", n_group=8, topk_group=4,
+                    num_experts_per_tok=8, moe_layer_freq=1, first_k_dense_replace=3, norm_topk_prob=True,
+                    scoring_func="sigmoid", hidden_act="silu", max_position_embeddings=163840, rms_norm_eps=1e-6,
+                    rope_theta=10000, rope_scaling=dict(_DEEPSEEK_YARN, mscale=1.0, mscale_all_dim=1.0),
+                    tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
+                    quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                                             weight_block_size=[128, 128]))
+PRESETS.update({
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+                             routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                             v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+                             moe_layer_freq=1, first_k_dense_replace=1, norm_topk_prob=False,
+                             scoring_func="softmax", hidden_act="silu", max_position_embeddings=163840,
+                             rms_norm_eps=1e-6, rope_theta=10000,
+                             rope_scaling=dict(_DEEPSEEK_YARN, mscale=0.707, mscale_all_dim=0.707),
+                             tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001,
+                             torch_dtype="bfloat16"),
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v3.2-exp": dict(_DEEPSEEK_V3, model_type="deepseek_v32", num_nextn_predict_layers=1, index_topk=2048,
+                              index_head_dim=128, index_n_heads=64),
+})
+
 
 def preset(name: str):
     if name not in PRESETS:

@@ -12,3 +12,6 @@ def register(name: str, module) -> None:
 def family(config):
     """The module that runs `config` (config.family names it)."""
     return _FAMILIES[config.family]
+
+
+from tilert_jax.models import deepseek  # noqa: E402,F401  (registers the "deepseek" family and its model types)

@@ -1,0 +1,239 @@
+"""DeepSeek V2 / V3 / V3.2 against Hugging Face transformers on small random checkpoints (bf16, float32 and FP8
+block-scaled files, one file or shards, raw and converted): float32 logits, greedy tokens, the cached decode, the
+latent cache's size, the MTP layer."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_deepseek
+import tilert_jax
+from tilert_jax.convert import convert
+from tilert_jax.convert.hf import plan
+from tilert_jax.convert.safetensors_files import CheckpointError
+from tilert_jax.models import deepseek
+
+PROMPT = np.random.default_rng(1).integers(0, 160, (2, 24))
+KL_BOUND = 1e-5
+
+
+def max_kl(ref_logits, logits) -> float:
+    """max over positions of KL(reference || ours), in float64."""
+    ref = torch.log_softmax(torch.tensor(np.asarray(ref_logits), dtype=torch.float64), -1)
+    ours = torch.log_softmax(torch.tensor(np.asarray(logits), dtype=torch.float64), -1)
+    return float((ref.exp() * (ref - ours)).sum(-1).max())
+
+
+def reference_logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def ds_checkpoint(tmp_path_factory):
+    """(name, fmt, sharded, mtp, old_dialect) -> (torch model, mtp or None, directory), each made once."""
+    made = {}
+
+    def get(name, fmt="float32", sharded=False, mtp=False, old_dialect=False):
+        key = (name, fmt, sharded, mtp, old_dialect)
+        if key not in made:
+            model = hf_deepseek.make_model(name)
+            mtp_model = hf_deepseek.make_mtp(model) if mtp else None
+            directory = tmp_path_factory.mktemp(f"ds_{name}_{fmt}")
+            hf_deepseek.write_checkpoint(model, directory, fmt=fmt, sharded=sharded, mtp=mtp_model,
+                                         old_dialect=old_dialect)
+            made[key] = model, mtp_model, directory
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ds_loaded(ds_checkpoint, tmp_path_factory):
+    """(case, 'raw' | 'converted') -> (torch model, tilert_jax Model loaded in float32)."""
+    made = {}
+
+    def get(case, source="raw"):
+        if (case, source) not in made:
+            model, _, directory = ds_checkpoint(*case)
+            if source == "converted":
+                directory = convert(directory, tmp_path_factory.mktemp("ds_converted") / "ckpt", progress=False)
+            made[case, source] = model, tilert_jax.load(directory, dtype="float32")
+        return made[case, source]
+
+    return get
+
+
+# (name, file format, sharded, mtp, old config.json dialect), source
+LOGIT_CASES = [
+    (("v2_lite", "bfloat16", True, False, True), "raw"),  # no query LoRA, softmax greedy, yarn
+    (("v2_lite", "bfloat16", True, False, True), "converted"),
+    (("v2_group", "float32", False, False, False), "raw"),  # group-limited greedy, routed scaling
+    (("v3", "bfloat16", False, True, False), "raw"),  # query LoRA, noaux_tc, yarn mscale != mscale_all_dim, MTP
+    (("v3", "bfloat16", False, True, False), "converted"),
+    (("v3_plain", "float32", True, False, True), "raw"),  # no rope interleave, no top-k renormalisation
+    (("v32", "bfloat16", True, False, False), "raw"),  # DSA, index_topk 6 < 24
+    (("v3", "fp8", True, False, False), "raw"),  # FP8 e4m3 + 16x16 weight_scale_inv, shards
+    (("v32", "fp8", False, False, True), "raw"),
+    (("v32", "fp8", False, False, True), "converted"),
+]
+
+
+@pytest.mark.parametrize("case,source", LOGIT_CASES, ids=[f"{c[0]}-{c[1]}-{'sharded' if c[2] else 'single'}-{s}"
+                                                          for c, s in LOGIT_CASES])
+def test_float32_logits_match(ds_loaded, case, source):
+    model, ours = ds_loaded(case, source)
+    logits = np.asarray(ours.logits(PROMPT))
+    ref = reference_logits(model, PROMPT)
+    assert ref.std() > 0.8  # a random model that is not near-uniform, so a wrong model shows
+    assert max_kl(ref, logits) <= KL_BOUND
+    np.testing.assert_array_equal(ref.argmax(-1), logits.argmax(-1))
+
+
+def test_fp8_weights_stay_fp8(ds_loaded):
+    _, ours = ds_loaded(("v3", "fp8", True, False, False))
+    layer = ours.params.layers[1]
+    assert ours.params.embed.dtype == jnp.float32  # dtype="float32" applies to the unquantized tensors
+    assert layer.attn.q_b.w.dtype == jnp.float8_e4m3fn and layer.attn.q_b.scale.dtype == jnp.float32
+    assert layer.mlp.experts.gate.w.dtype == jnp.float8_e4m3fn
+    assert layer.mlp.experts.gate.w.shape == (8, 64, 32) and layer.mlp.experts.gate.scale.shape == (8, 4, 2)
+    assert layer.attn.kv_a.scale.shape == (4, 3)  # 40 output channels: a partial last block
+    assert layer.mlp.router.dtype == jnp.float32  # the router stays unquantized
+
+
+GREEDY_CASES = [("v2_lite", "bfloat16", True, False, True), ("v3", "bfloat16", False, True, False),
+                ("v32", "bfloat16", True, False, False), ("v32", "fp8", False, False, True)]
+
+
+@pytest.mark.parametrize("case", GREEDY_CASES, ids=[f"{c[0]}-{c[1]}" for c in GREEDY_CASES])
+def test_greedy_generation_matches(ds_loaded, case):
+    model, ours = ds_loaded(case)
+    prompt = PROMPT[0]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(prompt[None]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    result = ours.generate(prompt.tolist(), max_new_tokens=8, stop_at_eos=False)
+    assert result.tokens == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("case", [("v32", "bfloat16", True, False, False), ("v2_lite", "bfloat16", True, False, True)],
+                         ids=["v32", "v2_lite"])
+def test_cached_decode_matches_transformers(ds_loaded, case):
+    """Prefill + one-token decode steps (absorbed MLA over the latent cache; for V3.2 the indexer over its key cache,
+    then only the selected tokens gathered) give transformers' logits at every position."""
+    model, ours = ds_loaded(case)
+    config, params = ours.config, ours.params
+    tokens = jnp.asarray(PROMPT[:1, :20], jnp.int32)
+    ref = reference_logits(model, tokens)[0]
+    cache = deepseek.init_cache(config, 1, 32, params.embed.dtype)
+    prefill = jax.jit(deepseek.prefill, static_argnums=0)
+    step = jax.jit(deepseek.decode_step, static_argnums=0)
+    logits, cache = prefill(config, params, tokens[:, :8], cache, 0, 7)
+    steps = [np.asarray(logits)[0]]
+    for pos in range(8, 20):
+        logits, cache = step(config, params, tokens[:, pos], cache, jnp.int32(pos))
+        steps.append(np.asarray(logits)[0])
+    assert max_kl(ref[7:], np.stack(steps)) <= KL_BOUND
+    np.testing.assert_array_equal(ref[7:].argmax(-1), np.stack(steps).argmax(-1))
+
+
+def test_cache_stores_only_the_latent_and_rope_key():
+    for name, width in (("deepseek-v2-lite", 512 + 64), ("deepseek-v3", 512 + 64),
+                        ("deepseek-v3.2-exp", 512 + 64 + 128)):
+        config = tilert_jax.preset(name)
+        cache = jax.eval_shape(lambda: deepseek.init_cache(config, 1, 1024, jnp.bfloat16))
+        per_token = sum(a.shape[2] * a.dtype.itemsize for a in jax.tree.leaves(cache))
+        assert per_token == config.num_layers * width * 2 == deepseek.cache_bytes_per_token(config, jnp.bfloat16)
+    config = hf_deepseek_config("v32")
+    cache = deepseek.init_cache(config, 1, 64, jnp.float32)
+    assert cache.nbytes_per_token() == 3 * (32 + 8 + 16) * 4  # 3 layers x (kv_lora + rope + index key) x f32
+
+
+def hf_deepseek_config(name):
+    _, _, kwargs = hf_deepseek.FAMILIES[name]
+    hf = dict(hf_deepseek.COMMON | kwargs, model_type={"v32": "deepseek_v32"}.get(name, "deepseek_v3"))
+    hf["num_hidden_layers"] = hf_deepseek.COMMON["num_hidden_layers"]
+    return tilert_jax.config_from_hf(hf)
+
+
+def test_mtp_layer_matches_transformers(ds_checkpoint, ds_loaded):
+    """The MTP layer loads from the checkpoint's model.layers.{num_layers}.* and drafts transformers' logits."""
+    case = ("v3", "bfloat16", False, True, False)
+    model, mtp, directory = ds_checkpoint(*case)
+    _, ours = ds_loaded(case)
+    assert ours.config.mtp_layers == 1
+    mtp_params = deepseek.load_mtp(directory, ours.config, dtype="float32")
+    tokens = torch.tensor(PROMPT[:, :17])
+    with torch.no_grad():
+        hidden = model.model(tokens[:, :-1]).last_hidden_state
+        positions = torch.arange(1, 17)[None].expand(2, -1)
+        draft = mtp.forward_layer(0, hidden, positions, None, input_ids=tokens[:, 1:])
+        ref = mtp._project_to_logits(draft).float().numpy()
+    our_hidden = deepseek.hidden_states(ours.config, ours.params, jnp.asarray(PROMPT[:, :16]))
+    np.testing.assert_allclose(np.asarray(our_hidden), hidden.numpy(), atol=1e-4)
+    logits = deepseek.mtp_forward(ours.config, ours.params, mtp_params, jnp.asarray(PROMPT[:, 1:17]), our_hidden)
+    assert max_kl(ref, logits) <= KL_BOUND
+    np.testing.assert_array_equal(ref.argmax(-1), np.asarray(logits).argmax(-1))
+
+
+def test_bfloat16_logits_close(ds_checkpoint):
+    """bf16 end to end against transformers in bf16: rounding differs op by op, so the bound is loose."""
+    model, _, directory = ds_checkpoint("v3", "bfloat16", False, True, False)
+    ours = tilert_jax.load(directory)
+    assert ours.params.embed.dtype == jnp.bfloat16
+    ref = reference_logits(model.to(torch.bfloat16), PROMPT)
+    model.float()
+    logits = np.asarray(ours.logits(PROMPT))
+    ref_log = torch.log_softmax(torch.tensor(ref, dtype=torch.float64), -1)
+    our_log = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), -1)
+    assert float((ref_log.exp() * (ref_log - our_log)).sum(-1).mean()) < 2e-2
+    assert (ref.argmax(-1) == logits.argmax(-1)).mean() >= 0.85
+
+
+def test_fp8_checkpoint_without_quantization_config_is_refused(ds_checkpoint, tmp_path):
+    import shutil
+
+    _, _, directory = ds_checkpoint("v3", "fp8", True, False, False)
+    copy = tmp_path / "ckpt"
+    shutil.copytree(directory, copy)
+    hf = json.loads((copy / "config.json").read_text())
+    del hf["quantization_config"]
+    (copy / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="dtype F8_E4M3"):
+        plan(copy)
+
+
+def test_presets_and_random_weights():
+    """The real-shape presets build their parameter trees (abstractly: no real-size allocation on the CPU), count
+    only the activated experts as decode bytes, and a shrunken FP8 V3 (random e4m3 weights, unit scales: what the
+    bench builds) runs a decode step."""
+    from tilert_jax.params import abstract_params, init_params, param_bytes
+
+    v2 = tilert_jax.preset("deepseek-v2-lite")
+    v3 = tilert_jax.preset("deepseek-v3")
+    assert v2.q_lora_rank is None and v2.router == "softmax" and v2.fp8_block is None
+    assert v3.fp8_block == (128, 128) and v3.router == "sigmoid" and v3.mtp_layers == 1
+    for config, total_gb, active_gb in ((v2, (31, 32.5), (4.5, 5.5)), (v3, (650, 700), (35, 40))):
+        specs = deepseek.param_specs(config)
+        shapes = jax.eval_shape(lambda: init_params(specs, jax.random.key(0), jnp.bfloat16))
+        assert jax.tree.structure(shapes) == jax.tree.structure(abstract_params(specs, jnp.bfloat16))
+        assert total_gb[0] < param_bytes(specs, jnp.bfloat16) / 1e9 < total_gb[1]
+        assert active_gb[0] < deepseek.decode_weight_bytes(config, jnp.bfloat16) / 1e9 < active_gb[1]
+    small = dataclasses.replace(v3, vocab_size=256, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                                num_layers=2, first_k_dense_replace=1, num_heads=2, n_routed_experts=16,
+                                n_group=4, topk_group=2, num_experts_per_tok=4, q_lora_rank=128, kv_lora_rank=128)
+    small_specs = deepseek.param_specs(small)
+    params = jax.jit(lambda key: init_params(small_specs, key, jnp.bfloat16))(jax.random.key(0))
+    assert params.layers[1].mlp.experts.up.w.dtype == jnp.float8_e4m3fn
+
+    @jax.jit
+    def run(params):
+        cache = deepseek.init_cache(small, 1, 16, jnp.bfloat16)
+        return deepseek.decode_step(small, params, jnp.zeros((1,), jnp.int32), cache, jnp.int32(4))[0]
+
+    logits = run(params)
+    assert logits.shape == (1, 256) and bool(jnp.isfinite(logits).all())

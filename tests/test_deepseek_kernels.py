@@ -1,0 +1,95 @@
+"""The DeepSeek building blocks against their references on fresh random inputs: FP8 block dequantization and the
+blocked / grouped FP8 matmuls, the two routed-expert paths, the routers' selection rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tilert_jax.kernels import fp8_matmul
+from tilert_jax.models import moe
+from tilert_jax.models.deepseek_linear import Linear
+
+
+def test_quantize_roundtrip_and_partial_blocks():
+    w = jax.random.normal(jax.random.key(0), (70, 45)) * 0.3  # [in, out]; blocks (out 16, in 32) leave partials
+    q, scale = fp8_matmul.quantize(w, (16, 32))
+    assert q.dtype == jnp.float8_e4m3fn and scale.shape == (3, 3)
+    deq = fp8_matmul.dequantize(q, scale, (16, 32), jnp.float32)
+    assert float(jnp.abs(deq - w).max()) <= float(jnp.abs(w).max()) * 2 ** -3  # e4m3: 3 mantissa bits
+    expected = q.astype(jnp.float32) * np.repeat(np.repeat(np.asarray(scale), 32, 0)[:70], 16, 1)[:, :45]
+    np.testing.assert_array_equal(np.asarray(deq), expected)
+
+
+def test_blocked_matmul_matches_dequantize_first():
+    w = jax.random.normal(jax.random.key(1), (100, 48))
+    q, scale = fp8_matmul.quantize(w, (16, 32))
+    x = jax.random.normal(jax.random.key(2), (5, 100))
+    ref = fp8_matmul.fp8_matmul_reference(x, q, scale, (16, 32))
+    np.testing.assert_allclose(fp8_matmul.matmul_blocked(x, q, scale, (16, 32)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_ragged_matmul_matches_per_row(fp8):
+    groups, n_in, n_out = 4, 40, 24
+    w = jax.random.normal(jax.random.key(3), (groups, n_in, n_out))
+    scale, block = None, None
+    if fp8:
+        block = (16, 16)
+        w, scale = fp8_matmul.quantize(w, block)
+    sizes = jnp.array([3, 0, 5, 2], jnp.int32)
+    row_group = jnp.repeat(jnp.arange(groups), sizes, total_repeat_length=10)
+    x = jax.random.normal(jax.random.key(4), (10, n_in))
+    out = fp8_matmul.ragged_matmul(x, w, sizes, scale, block, row_group)
+    dense = w.astype(jnp.float32) if scale is None else fp8_matmul.dequantize(w, scale, block, jnp.float32)
+    ref = jnp.einsum("mi,mio->mo", x, dense[row_group])
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gathered_and_sorted_experts_agree(fp8):
+    e, h, f, n, k = 8, 32, 16, 12, 3
+    keys = jax.random.split(jax.random.key(5), 6)
+    block = (16, 16) if fp8 else None
+    quantize = jax.jit(fp8_matmul.quantize, static_argnums=1)
+
+    def stack(key, shape):
+        w = jax.random.normal(key, shape) * 0.2
+        if not fp8:
+            return Linear(w=w)
+        q, s = quantize(w, block)
+        return Linear(w=q, scale=s)
+
+    gate, up, down = stack(keys[0], (e, h, f)), stack(keys[1], (e, h, f)), stack(keys[2], (e, f, h))
+    x = jax.random.normal(keys[3], (n, h))
+    weights, index = jax.lax.top_k(jax.nn.softmax(jax.random.normal(keys[4], (n, e))), k)
+    a = jax.jit(moe.experts_gathered, static_argnums=6)(x, index, weights, gate, up, down, block)
+    b = jax.jit(moe.experts_sorted, static_argnums=6)(x, index, weights, gate, up, down, block)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # the reference: every token through its k experts one by one
+    deq = lambda lin: lin.w if lin.scale is None else fp8_matmul.dequantize(lin.w, lin.scale, block, jnp.float32)  # noqa: E731
+    g, u, d = (np.asarray(deq(lin), np.float64) for lin in (gate, up, down))
+    xs, idx = np.asarray(x, np.float64), np.asarray(index)
+    gx, ux = np.einsum("th,tkhf->tkf", xs, g[idx]), np.einsum("th,tkhf->tkf", xs, u[idx])
+    y = np.einsum("tkf,tkfh->tkh", gx / (1 + np.exp(-gx)) * ux, d[idx])
+    ref = np.einsum("tkh,tk->th", y, np.asarray(weights, np.float64))
+    np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_noaux_tc_bias_chooses_but_does_not_weigh():
+    logits = jnp.array([[2.0, 1.0, 0.0, -1.0, 0.5, 0.4, 0.3, 0.2]])
+    bias = jnp.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0])  # pushes expert 7 (and its group) in
+    weights, index = moe.route_sigmoid(logits, bias, top_k=2, n_group=4, topk_group=2, norm_topk_prob=False,
+                                       routed_scaling_factor=1.0)
+    assert sorted(index[0].tolist()) == [0, 7]  # groups {0, 1} and {6, 7} win; 7 by its bias, 0 by its score
+    chosen = dict(zip(index[0].tolist(), weights[0].tolist()))
+    np.testing.assert_allclose(chosen[7], jax.nn.sigmoid(0.2), rtol=1e-6)  # weighed without the bias
+
+
+def test_group_limited_greedy_masks_other_groups():
+    logits = jnp.array([[3.0, 2.9, 0.0, 0.0, 2.8, 0.0, 0.0, 0.0]])
+    weights, index = moe.route_softmax(logits, 2, "group_limited_greedy", 4, 1, 1.0)
+    assert sorted(index[0].tolist()) == [0, 1]
+    weights, index = moe.route_softmax(logits, 3, "greedy", None, None, 2.0)
+    assert sorted(index[0].tolist()) == [0, 1, 4]
+    np.testing.assert_allclose(weights[0], 2.0 * jax.lax.top_k(jax.nn.softmax(logits[0]), 3)[0], rtol=1e-6)

@@ -1,0 +1,108 @@
+"""DeepSeek mixture of experts: the routers (V2 softmax greedy / group-limited greedy, V3 sigmoid "noaux_tc") and
+the routed experts as a grouped matmul over the selected experts only.
+
+Two ways to run the selected experts, both reading only what they use:
+- gather (decode, few token-expert pairs): the k selected experts' weights are gathered per token and multiplied;
+- sorted (prefill): the token-expert pairs are sorted by expert and run as one ragged (grouped) matmul over the expert
+  stack, FP8 stacks one input block at a time.
+Neither loops over experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tilert_jax.kernels import fp8_matmul
+from tilert_jax.models.deepseek_linear import Linear, weight
+
+
+def route_softmax(logits: jnp.ndarray,  # [N, E] float32 router logits
+                  top_k: int, method: str, n_group: int | None, topk_group: int | None,
+                  routed_scaling_factor: float) -> tuple[jnp.ndarray, jnp.ndarray]:  # weights [N, k], index [N, k]
+    """DeepSeek V2: softmax scores; "greedy" top-k, or "group_limited_greedy" (top-k inside the topk_group groups with
+    the highest max score). The weights are the softmax scores times routed_scaling_factor (no renormalisation, as
+    transformers' DeepseekV2TopkRouter)."""
+    scores = jax.nn.softmax(logits, axis=-1)
+    if method == "group_limited_greedy":
+        n, e = scores.shape
+        group_scores = scores.reshape(n, n_group, e // n_group).max(axis=-1)  # [N, G]
+        keep = _top_groups(group_scores, topk_group)  # [N, G]
+        scores = jnp.where(jnp.repeat(keep, e // n_group, axis=-1), scores, 0.0)
+    weights, index = jax.lax.top_k(scores, top_k)
+    return weights * routed_scaling_factor, index.astype(jnp.int32)
+
+
+def route_sigmoid(logits: jnp.ndarray,  # [N, E] float32
+                  bias: jnp.ndarray | None,  # [E] float32 e_score_correction_bias: used to choose, not to weigh
+                  top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
+                  routed_scaling_factor: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """DeepSeek V3 "noaux_tc": sigmoid scores; groups ranked by the sum of their two best biased scores; top-k of the
+    biased scores inside the topk_group best groups; weights are the unbiased scores, optionally renormalised."""
+    scores = jax.nn.sigmoid(logits)
+    choice = scores if bias is None else scores + bias.astype(jnp.float32)
+    n, e = choice.shape
+    per_group = choice.reshape(n, n_group, e // n_group)
+    group_scores = jax.lax.top_k(per_group, 2)[0].sum(axis=-1)  # [N, G]
+    keep = _top_groups(group_scores, topk_group)
+    choice = jnp.where(jnp.repeat(keep, e // n_group, axis=-1), choice, -jnp.inf)
+    index = jax.lax.top_k(choice, top_k)[1]
+    weights = jnp.take_along_axis(scores, index, axis=-1)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return weights * routed_scaling_factor, index.astype(jnp.int32)
+
+
+def _top_groups(group_scores: jnp.ndarray, topk_group: int) -> jnp.ndarray:  # [N, G] bool
+    idx = jax.lax.top_k(group_scores, topk_group)[1]
+    return jnp.any(jax.nn.one_hot(idx, group_scores.shape[-1], dtype=jnp.int32) > 0, axis=-2)
+
+
+def experts_gathered(x: jnp.ndarray,  # [N, hidden]
+                     index: jnp.ndarray,  # [N, k] int32
+                     weights: jnp.ndarray,  # [N, k] float32
+                     gate: Linear, up: Linear, down: Linear,  # stacks: w [E, in, out]
+                     block) -> jnp.ndarray:  # [N, hidden] float32
+    """Each token multiplies by its k experts' weights, gathered (and dequantized) for it: decode's path."""
+
+    def take(lin: Linear) -> jnp.ndarray:  # [N, k, in, out]
+        picked = Linear(w=lin.w[index], scale=None if lin.scale is None else lin.scale[index])
+        return weight(picked, block, x.dtype)
+
+    g = jnp.einsum("nh,nkhf->nkf", x, take(gate))
+    u = jnp.einsum("nh,nkhf->nkf", x, take(up))
+    y = jnp.einsum("nkf,nkfh->nkh", jax.nn.silu(g) * u, take(down))
+    return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), weights)
+
+
+def experts_sorted(x: jnp.ndarray,  # [N, hidden]
+                   index: jnp.ndarray,  # [N, k] int32
+                   weights: jnp.ndarray,  # [N, k] float32
+                   gate: Linear, up: Linear, down: Linear,
+                   block) -> jnp.ndarray:  # [N, hidden] float32
+    """Token-expert pairs sorted by expert, then one grouped (ragged) matmul per projection: prefill's path."""
+    n, k = index.shape
+    num_experts = gate.w.shape[0]
+    flat = index.reshape(-1)  # [N * k]
+    order = jnp.argsort(flat, stable=True)
+    expert_of_row = flat[order]
+    token_of_row = order // k
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    rows = x[token_of_row]  # [N * k, hidden]
+
+    def grouped(inputs, lin: Linear):
+        out = fp8_matmul.ragged_matmul(inputs, lin.w, group_sizes, lin.scale, block, expert_of_row)
+        return out.astype(x.dtype)
+
+    h = jax.nn.silu(grouped(rows, gate)) * grouped(rows, up)
+    y = grouped(h, down).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token_of_row].add(y)
+
+
+def routed_experts(x, index, weights, gate: Linear, up: Linear, down: Linear, block) -> jnp.ndarray:
+    """Picks the path by the (static) number of token-expert pairs: gathering reads N * k expert matrices, the
+    sorted grouped matmul reads each of the E experts once."""
+    n, k = index.shape
+    if n * k <= gate.w.shape[0]:
+        return experts_gathered(x, index, weights, gate, up, down, block)
+    return experts_sorted(x, index, weights, gate, up, down, block)
