@@ -8,6 +8,8 @@ how the CPU tests check it against its jnp reference.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl  # noqa: F401  (re-exported for the kernel files)
@@ -17,7 +19,11 @@ ROWS = 16  # tensor-core dots need at least 16 rows: a batch of B <= 16 rows is 
 
 
 def interpret_default() -> bool:
-    """Pallas interpret mode unless the default backend is a GPU."""
+    """Pallas interpret mode unless the default backend is a GPU ($TILERT_PALLAS_INTERPRET=0/1 overrides: 0 lets a
+    CPU machine lower the kernels for a GPU, e.g. to check them with jit(...).trace(...).lower(lowering_platforms))."""
+    forced = os.environ.get("TILERT_PALLAS_INTERPRET")
+    if forced:
+        return forced not in ("0", "false", "False")
     return jax.default_backend() != "gpu"
 
 

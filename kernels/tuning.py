@@ -44,19 +44,21 @@ def _divides(n: int, bn: int) -> bool:
 
 
 def heuristic_matvec(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecConfig:
-    """Enough programs to fill the GPU twice over, 128-byte (or wider) weight rows, K split only where the output is
-    too narrow and the op allows partial sums."""
+    """Enough programs to fill the GPU twice over, 16 KB weight tiles (4 stages: 64 KB of shared memory), K split
+    only where the output is too narrow and the op allows partial sums."""
     n_total = ns[0] if op == "gate_up" else sum(ns)
-    bn = 32
-    for cand in (256, 128, 64):
+    bn = 64  # 128-byte weight rows at least; a narrow output is split over K instead
+    for cand in (256, 128):
         if all(_divides(n, cand) for n in ns) and n_total // cand >= 2 * SMS:
             bn = cand
             break
     while bn > 16 and not all(_divides(n, bn) for n in ns):
         bn //= 2
-    bk = 128 if k % 128 == 0 else 64
+    bk = max(16, 8192 // (bn * (2 if op == "gate_up" else 1)))
+    while bk > 16 and k % bk:
+        bk //= 2
     split = 1
-    if op not in ("gate_up",):
+    if op in ("qkv", "o", "down"):
         while (n_total // bn) * split < 2 * SMS and k % (2 * split * bk) == 0 and k // (2 * split) >= 4 * bk:
             split *= 2
     return MatvecConfig(bn=bn, bk=bk, split=split, num_warps=4, num_stages=4, mode="dot")
@@ -65,6 +67,9 @@ def heuristic_matvec(op: str, batch: int, k: int, ns: tuple[int, ...]) -> Matvec
 def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecConfig:
     n_total = ns[0] if op == "gate_up" else sum(ns)
     entry = _table().get(matvec_key(op, batch, k, n_total))
+    if entry is None and batch > 1:  # a batch-1 entry in "dot" mode pads to 16 rows: it serves batches <= 16 too
+        entry = _table().get(matvec_key(op, 1, k, n_total))
+        entry = None if entry is None else {**entry, "mode": "dot"}
     if entry is not None:
         cfg = MatvecConfig(**entry)
         if all(_divides(n, cfg.bn) for n in ns) and k % (cfg.split * cfg.bk) == 0:

@@ -1,0 +1,59 @@
+"""The fused Pallas decode step (models/dense.py, impl="pallas", interpreted here) against the XLA decode step.
+
+float32 models: logits agree to 1e-4 relative (both compute in float32; the kernels add in another order and the
+fused residual stream keeps split-K partial sums in float32 before rounding, as the XLA path rounds each product).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tilert_jax.config import preset
+from tilert_jax.kernels import tuning
+from tilert_jax.kernels.matvec import MatvecConfig
+from tilert_jax.models import dense
+from tilert_jax.params import init_params
+
+
+def rel(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _configs():
+    base = preset("tiny")  # llama: hidden 128, 4 heads of 32, 2 KV heads
+    qwen3 = dataclasses.replace(base, model_type="qwen3", qk_norm=True, tie_word_embeddings=True)
+    qwen2 = dataclasses.replace(base, model_type="qwen2", qkv_bias=True, num_heads=8, num_kv_heads=2, head_dim=32,
+                                hidden_size=256)
+    return {"qwen3-tied": (qwen3, 2), "qwen2-bias": (qwen2, 1)}  # the plain llama path runs in test_bench.py
+
+
+@pytest.mark.parametrize("name", sorted(_configs()))
+def test_fused_decode_matches_xla(name, monkeypatch):
+    config, batch = _configs()[name]
+    config = dataclasses.replace(config, num_layers=2)
+    if name == "qwen3-tied":  # split-K everywhere it is allowed: partial sums flow between the kernels
+        table = {tuning.matvec_key(op, batch, k, n): dataclasses.asdict(MatvecConfig(bn=32, bk=32, split=2))
+                 for op, k, n in (("qkv", 128, 256), ("o", 128, 128), ("down", 384, 128))}
+        table[tuning.attention_key(batch, 2, 64, 32)] = dict(splits=3, block=16)
+        monkeypatch.setattr(tuning, "_table", lambda: table)
+    params = init_params(dense.param_specs(config), jax.random.key(1), jnp.float32, std=0.1)
+    cache = dense.init_cache(config, batch, 64, jnp.float32)
+    prompt = jax.random.randint(jax.random.key(2), (batch, 12), 0, config.vocab_size)
+    _, cache = dense.prefill(config, params, prompt, cache, jnp.int32(0), jnp.int32(11))
+    step_x = jax.jit(lambda p, t, c, pos: dense.decode_step(config, p, t, c, pos, impl="xla"))
+    step_p = jax.jit(lambda p, t, c, pos: dense.decode_step(config, p, t, c, pos, impl="pallas"))
+    token = prompt[:, -1]
+    assert "pallas_call" in str(jax.make_jaxpr(step_p)(params, token, cache, jnp.int32(12)))
+    cache_x = cache_p = cache
+    for pos in (12, 13):
+        logits_x, cache_x = step_x(params, token, cache_x, jnp.int32(pos))
+        logits_p, cache_p = step_p(params, token, cache_p, jnp.int32(pos))
+        assert logits_p.shape == (batch, config.vocab_size) and logits_p.dtype == jnp.float32
+        assert rel(logits_p, logits_x) < 1e-4
+        for a, b in zip(cache_p.k + cache_p.v, cache_x.k + cache_x.v):
+            assert rel(a, b) < 1e-4
+        token = jnp.argmax(logits_x, axis=-1).astype(jnp.int32)
