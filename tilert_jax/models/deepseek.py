@@ -24,6 +24,7 @@ from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, weight
 from tilert_jax.params import ParamSpec
 from tilert_jax.rope import RopeConfig, apply_rope, rope_tables
+from tilert_jax.sharding import collectives
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm are built without the config's eps in transformers
@@ -84,6 +85,11 @@ class DeepseekConfig:
     @property
     def has_indexer(self) -> bool:
         return self.index_topk > 0
+
+    @property
+    def num_kv_heads(self) -> int:
+        """MLA expands every latent into num_heads keys and values: for mesh checks it is multi-head attention."""
+        return self.num_heads
 
     def is_moe(self, layer: int) -> bool:
         if self.n_routed_experts == 0:
@@ -390,8 +396,16 @@ class MLACache:
         return sum(a.dtype.itemsize * a.shape[2] for a in self.kv + self.index_k)
 
 
-def init_cache(config: DeepseekConfig, batch: int, max_len: int, dtype) -> MLACache:
+def init_cache(config: DeepseekConfig, batch: int, max_len: int, dtype, num_kv_heads: int | None = None
+               ) -> MLACache:
+    """num_kv_heads: accepted for the dense family's signature; the latent cache has no heads."""
     return MLACache.zeros(config, batch, max_len, dtype)
+
+
+def cache_partition_specs(config: DeepseekConfig, tp_axis: str) -> MLACache:
+    """Under shard_map every device holds the whole latent cache (it is shared by all heads), replicated."""
+    spec = jax.sharding.PartitionSpec()
+    return MLACache(kv=(spec,) * config.num_layers, index_k=(spec,) * config.num_layers if config.has_indexer else ())
 
 
 def cache_bytes_per_token(config: DeepseekConfig, dtype) -> int:
@@ -408,13 +422,13 @@ def _rope(config: DeepseekConfig, x, cos, sin):
     return mla.rope_interleaved(x, cos, sin) if config.rope_interleave else apply_rope(x, cos, sin)
 
 
-def _indexer_qk(config: DeepseekConfig, p: Indexer, x, q_resid, cos, sin):
+def _indexer_qk(config: DeepseekConfig, p: Indexer, x, q_resid, cos, sin, impl: str = "xla"):
     """The indexer's queries [B, T, Hi, Di], keys [B, T, Di] (rope on the first rope_dim channels, half-split) and
     per-head weights [B, T, Hi] float32."""
     b, t, _ = x.shape
     blk, dr = config.fp8_block, config.qk_rope_head_dim
-    q = linear(q_resid, p.wq_b, blk).reshape(b, t, config.index_n_heads, config.index_head_dim)
-    k = mla.layer_norm(linear(x, p.wk, blk), p.k_norm, p.k_norm_bias, INDEX_NORM_EPS)[:, :, None, :]
+    q = linear(q_resid, p.wq_b, blk, impl).reshape(b, t, config.index_n_heads, config.index_head_dim)
+    k = mla.layer_norm(linear(x, p.wk, blk, impl), p.k_norm, p.k_norm_bias, INDEX_NORM_EPS)[:, :, None, :]
     q = jnp.concatenate([apply_rope(q[..., :dr], cos, sin), q[..., dr:]], axis=-1)
     k = jnp.concatenate([apply_rope(k[..., :dr], cos, sin), k[..., dr:]], axis=-1)[:, :, 0]
     head_weights = jnp.matmul(x.astype(jnp.float32), p.weights_proj.astype(jnp.float32))
@@ -422,20 +436,22 @@ def _indexer_qk(config: DeepseekConfig, p: Indexer, x, q_resid, cos, sin):
 
 
 def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cache, pos, impl):
-    """x: [B, T, hidden] (normed); positions [T]. Returns the output [B, T, hidden] and the layer's caches."""
+    """x: [B, T, hidden] (normed); positions [T]. Returns the output [B, T, hidden] before o_proj's bias (under
+    shard_map a partial sum over the heads this device holds) and the layer's caches."""
     b, t, _ = x.shape
-    n, r = config.num_heads, config.kv_lora_rank
+    r = config.kv_lora_rank
     dn, dr, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    n = p.kv_b.w.shape[-1] // (dn + dv)  # the heads this device holds (all of them without a mesh)
     blk = config.fp8_block
     q_resid = None
     if p.q_proj is not None:
-        q = linear(x, p.q_proj, blk)
+        q = linear(x, p.q_proj, blk, impl)
     else:
-        q_resid = ops.rms_norm(linear(x, p.q_a, blk), p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
-        q = linear(q_resid, p.q_b, blk)
+        q_resid = ops.rms_norm(linear(x, p.q_a, blk, impl), p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
+        q = linear(q_resid, p.q_b, blk, impl)
     q = q.reshape(b, t, n, dn + dr)
     q_nope, q_pe = q[..., :dn], q[..., dn:]
-    compressed = linear(x, p.kv_a, blk)  # [B, T, r + dr]
+    compressed = linear(x, p.kv_a, blk, impl)  # [B, T, r + dr]
     latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
     # V2 rotates in float32 (complex arithmetic); V3 in the activation dtype. Identical in float32.
     rope_dtype = jnp.float32 if config.model_type == "deepseek_v2" else x.dtype
@@ -448,7 +464,7 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
     if kv_cache is None:  # whole sequence, expanded per-head keys and values
         visible = positions[None, :, None] >= positions[None, None, :]  # [1, T, T]
         if p.indexer is not None and t > config.index_topk:
-            iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin)
+            iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
             top = mla.select_top(mla.index_scores(iq, ik, hw, visible), config.index_topk)
             visible = visible & mla.selection_mask(top, t)
         kv = linear(latent, p.kv_b, blk).reshape(b, t, n, dn + dv)
@@ -466,7 +482,7 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
         q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
         new_index = index_cache
         if p.indexer is not None and length > config.index_topk:
-            iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin)
+            iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
             new_index = jax.lax.dynamic_update_slice(index_cache, ik.astype(index_cache.dtype), (0, pos, 0))
             top = mla.select_top(mla.index_scores(iq, new_index, hw, visible), config.index_topk)  # [B, T, K]
             if t == 1:  # decode: read only the selected tokens
@@ -478,16 +494,17 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
         else:
             o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
         out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(x.dtype), w_kv[..., dn:])
-    y = linear(out.reshape(b, t, n * dv), p.o, blk)
+    y = linear(out.reshape(b, t, n * dv), Linear(w=p.o.w, scale=p.o.scale), blk, impl)
     return y, new_kv, new_index
 
 
-def _mlp(config: DeepseekConfig, p: MLP, x):
+def _mlp(config: DeepseekConfig, p: MLP, x, impl: str = "xla"):
+    """Under shard_map: a partial sum over this device's slice of the intermediate dimension."""
     blk = config.fp8_block
-    return linear(jax.nn.silu(linear(x, p.gate, blk)) * linear(x, p.up, blk), p.down, blk)
+    return linear(jax.nn.silu(linear(x, p.gate, blk, impl)) * linear(x, p.up, blk, impl), p.down, blk, impl)
 
 
-def _moe(config: DeepseekConfig, p: MoE, x):
+def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla"):
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
     logits = jnp.matmul(flat.astype(jnp.float32), p.router.astype(jnp.float32))  # [N, E]
@@ -498,30 +515,58 @@ def _moe(config: DeepseekConfig, p: MoE, x):
         weights, index = moe.route_sigmoid(logits, p.e_bias, config.num_experts_per_tok, config.n_group,
                                            config.topk_group, config.norm_topk_prob, config.routed_scaling_factor)
     e = p.experts
-    out = moe.routed_experts(flat, index, weights, e.gate, e.up, e.down, config.fp8_block)
+    out = moe.routed_experts(flat, index, weights, e.gate, e.up, e.down, config.fp8_block, impl)
     out = out.astype(x.dtype).reshape(b, t, h)
     if p.shared is not None:
-        out = out + _mlp(config, p.shared, x)
+        out = out + _mlp(config, p.shared, x, impl)
     return out
 
 
-def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_cache, pos, impl):
+def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_cache, pos, impl, tp_axis=None):
     h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
     attn, kv_cache, index_cache = _attention(config, layer.attn, h, positions, kv_cache, index_cache, pos, impl)
-    x = x + attn
+    attn = collectives.psum(attn, tp_axis)
+    x = x + (attn if layer.attn.o.b is None else attn + layer.attn.o.b.astype(attn.dtype))
     h = ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl)
-    x = x + (_moe(config, layer.mlp, h) if isinstance(layer.mlp, MoE) else _mlp(config, layer.mlp, h))
+    mlp = _moe(config, layer.mlp, h, impl) if isinstance(layer.mlp, MoE) else _mlp(config, layer.mlp, h, impl)
+    x = x + collectives.psum(mlp, tp_axis)
     return x, kv_cache, index_cache
 
 
-def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, cache: MLACache | None, pos, impl):
-    """tokens [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one)."""
-    x = params.embed[tokens]
+def _check_tp(config: DeepseekConfig, tp: int) -> None:
+    """Every FP8 weight that the mesh splits (sharding/rules.py splits a dimension the tp size divides) must split
+    at whole scale blocks."""
+    if config.num_heads % tp:
+        raise ValueError(f"tp={tp} must divide num_heads={config.num_heads}")
+    if config.fp8_block is None:
+        return
+    block_out, block_in = config.fp8_block
+    n, dn, dr, dv = config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    split = {"q_b / q_proj output": (n * (dn + dr), block_out), "kv_b output": (n * (dn + dv), block_out),
+             "o_proj input": (n * dv, block_in), "mlp intermediate": (config.intermediate_size, min(block_in,
+                                                                                                   block_out)),
+             "expert intermediate": (config.moe_intermediate_size, min(block_in, block_out)),
+             "shared expert intermediate": (config.moe_intermediate_size * max(config.n_shared_experts, 1),
+                                            min(block_in, block_out))}
+    for name, (size, block) in split.items():
+        if size % tp == 0 and (size // tp) % block:
+            raise ValueError(f"tp={tp} splits the FP8 {name} ({size}) inside its {block}-wide scale blocks")
+
+
+def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, cache: MLACache | None, pos, impl,
+             tp_axis=None):
+    """tokens [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one).
+
+    Under shard_map over `tp_axis` each device holds its heads, its slice of every intermediate dimension and of the
+    vocabulary; the hidden stream and the latent cache are replicated."""
+    if tp_axis is not None:
+        _check_tp(config, jax.lax.axis_size(tp_axis))
+    x = collectives.embed_lookup(params.embed, tokens, tp_axis)
     new_kv, new_index = [], []
     for i, layer in enumerate(params.layers):
         kv_i = None if cache is None else cache.kv[i]
         index_i = cache.index_k[i] if cache is not None and cache.index_k else None
-        x, kv_i, index_i = _layer(config, layer, x, positions, kv_i, index_i, pos, impl)
+        x, kv_i, index_i = _layer(config, layer, x, positions, kv_i, index_i, pos, impl, tp_axis)
         new_kv.append(kv_i)
         new_index.append(index_i)
     x = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
@@ -530,39 +575,42 @@ def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, 
     return x, MLACache(kv=tuple(new_kv), index_k=tuple(new_index) if cache.index_k else ())
 
 
-def lm_head(params: DeepseekParams, x) -> jax.Array:
-    """x: [..., hidden] -> float32 logits [..., vocab]."""
+def lm_head(params: DeepseekParams, x, tp_axis=None, vocab_size: int | None = None) -> jax.Array:
+    """x: [..., hidden] -> float32 logits [..., vocab] (gathered over `tp_axis` when the vocabulary is split)."""
     w = params.embed.T if params.lm_head is None else params.lm_head
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    return collectives.gather_vocab(logits, tp_axis, vocab_size or logits.shape[-1])
 
 
-def hidden_states(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla") -> jax.Array:
+def hidden_states(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla",
+                  tp_axis=None) -> jax.Array:
     """tokens [B, T] -> the final-normed hidden states [B, T, hidden] (what the MTP layer reads)."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    return _decoder(config, params, tokens, positions, None, None, impl)[0]
+    return _decoder(config, params, tokens, positions, None, None, impl, tp_axis)[0]
 
 
-def forward(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla") -> jax.Array:
+def forward(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla", tp_axis=None) -> jax.Array:
     """tokens: int[B, T] at positions 0..T-1, no cache -> float32 logits [B, T, vocab]."""
-    return lm_head(params, hidden_states(config, params, tokens, impl))
+    return lm_head(params, hidden_states(config, params, tokens, impl, tp_axis), tp_axis, config.vocab_size)
 
 
 def prefill(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, last_index,
-            impl: str = "xla"):
+            impl: str = "xla", tp_axis=None):
     """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it).
 
     Returns the float32 logits [B, vocab] of the token at index `last_index` and the updated cache."""
     positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl)
+    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl, tp_axis)
     last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
-    return lm_head(params, last), cache
+    return lm_head(params, last, tp_axis, config.vocab_size), cache
 
 
-def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, impl: str = "xla"):
+def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, impl: str = "xla",
+                tp_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
     positions = pos + jnp.zeros((1,), jnp.int32)
-    x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl)
-    return lm_head(params, x[:, 0]), cache
+    x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis)
+    return lm_head(params, x[:, 0], tp_axis, config.vocab_size), cache
 
 
 # ------------------------------------------------------------------------------------------------------- MTP
@@ -579,7 +627,7 @@ def mtp_layer(config: DeepseekConfig, params: DeepseekParams, layer: MTPLayer, t
     eps = config.rms_norm_eps
     emb = ops.rms_norm(params.embed[tokens], layer.enorm, eps, implementation=impl)
     prev = ops.rms_norm(hidden.astype(emb.dtype), layer.hnorm, eps, implementation=impl)
-    x = linear(jnp.concatenate([emb, prev], axis=-1), layer.eh_proj, config.fp8_block)
+    x = linear(jnp.concatenate([emb, prev], axis=-1), layer.eh_proj, config.fp8_block, impl)
     x, kv_cache, index_cache = _layer(config, layer.block, x, positions, kv_cache, index_cache, pos, impl)
     x = ops.rms_norm(x, layer.norm, eps, implementation=impl)
     return x, lm_head(params, x), kv_cache, index_cache

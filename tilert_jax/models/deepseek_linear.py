@@ -41,7 +41,9 @@ def linear_spec(in_dim: int, out_dim: int, in_axis: str | None, out_axis: str | 
     else:
         block_out, block_in = fp8_block
         w = ParamSpec((*lead, in_dim, out_dim), (*lead_axes, in_axis, out_axis), dtype=FP8)
-        scale = ParamSpec((*lead, cdiv(in_dim, block_in), cdiv(out_dim, block_out)), (*lead_axes, None, None),
+        # The scale blocks carry the weight's logical axes, so a tensor-parallel shard of a weight that holds whole
+        # blocks gets exactly its blocks (models/deepseek.py checks the alignment under a mesh).
+        scale = ParamSpec((*lead, cdiv(in_dim, block_in), cdiv(out_dim, block_out)), (*lead_axes, in_axis, out_axis),
                           init="ones", dtype="float32")
     b = ParamSpec((out_dim,), (out_axis,), init="zeros") if bias else None
     return Linear(w=w, scale=scale, b=b)
@@ -51,13 +53,47 @@ def weight(lin: Linear, block: tuple[int, int] | None, dtype) -> jax.Array:
     """The weight in `dtype` ([..., in, out]), dequantized when it is FP8."""
     if lin.scale is None:
         return lin.w.astype(dtype)
+    expected = (cdiv(lin.w.shape[-2], block[1]), cdiv(lin.w.shape[-1], block[0]))
+    if tuple(lin.scale.shape[-2:]) != expected:
+        raise ValueError(f"FP8 scale blocks {tuple(lin.scale.shape[-2:])} do not match a weight of shape "
+                         f"{tuple(lin.w.shape[-2:])} with blocks {block} (a shard must hold whole blocks)")
     return fp8_matmul.dequantize(lin.w, lin.scale, block, dtype)
 
 
-def linear(x: jax.Array, lin: Linear, block: tuple[int, int] | None) -> jax.Array:
-    """x: [..., in] -> [..., out] in x's dtype."""
-    y = jnp.matmul(x, weight(lin, block, x.dtype))
+def linear(x: jax.Array, lin: Linear, block: tuple[int, int] | None, impl: str = "xla") -> jax.Array:
+    """x: [..., in] -> [..., out] in x's dtype.
+
+    impl="pallas" with at most 16 rows (decode) streams the weight through a Pallas kernel: FP8 weights are
+    dequantized tile by tile in the kernel (kernels/moe_grouped_matvec.py, one group), bf16 ones go through
+    kernels/matvec.py. Shapes the kernels do not tile stay on the XLA path."""
+    y = _pallas_linear(x, lin, block) if impl == "pallas" else None
+    if y is None:
+        y = jnp.matmul(x, weight(lin, block, x.dtype))
     return y if lin.b is None else y + lin.b.astype(y.dtype)
+
+
+def _pallas_linear(x: jax.Array, lin: Linear, block) -> jax.Array | None:
+    from tilert_jax.kernels import matvec, moe_grouped_matvec
+
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    k_dim, n_dim = lin.w.shape[-2:]
+    if lin.w.ndim != 2 or rows > 16:
+        return None
+    x2 = x.reshape(rows, k_dim)
+    if lin.scale is not None:
+        if moe_grouped_matvec.tiles(k_dim, n_dim, block) is None or lin.scale.shape != (
+                cdiv(k_dim, block[1]), cdiv(n_dim, block[0])):
+            return None
+        y = moe_grouped_matvec.grouped_matvec(x2[None], lin.w[None], jnp.zeros((1,), jnp.int32),
+                                              scale=lin.scale[None], block=block)[0]
+    else:
+        cfg = matvec.MatvecConfig()
+        if n_dim % cfg.bn or k_dim % cfg.bk:
+            return None
+        y = matvec.matvec(x2, lin.w.astype(x.dtype), config=cfg)
+    return y.reshape(*x.shape[:-1], n_dim)
 
 
 def nbytes(lin: Linear, dtype) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tilert_jax.kernels import fp8_matmul
+from tilert_jax.kernels import fp8_matmul, moe_grouped_matvec
 from tilert_jax.models.deepseek_linear import Linear, weight
 
 
@@ -99,10 +99,35 @@ def experts_sorted(x: jnp.ndarray,  # [N, hidden]
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token_of_row].add(y)
 
 
-def routed_experts(x, index, weights, gate: Linear, up: Linear, down: Linear, block) -> jnp.ndarray:
+def experts_pallas(x: jnp.ndarray,  # [N, hidden]
+                   index: jnp.ndarray,  # [N, k] int32
+                   weights: jnp.ndarray,  # [N, k] float32
+                   gate: Linear, up: Linear, down: Linear,
+                   block) -> jnp.ndarray | None:  # [N, hidden] float32, or None when the shapes do not tile
+    """Decode's path with impl="pallas": each token-expert pair is one group of the grouped matvec kernel, which
+    reads its expert's weights in place (gate and up in one launch with the SwiGLU epilogue, then down)."""
+    n, k = index.shape
+    e, h, f = gate.w.shape
+    blk = block if gate.scale is not None else None
+    if moe_grouped_matvec.tiles(h, f, blk) is None or moe_grouped_matvec.tiles(f, h, blk) is None:
+        return None
+    ids = index.reshape(n * k)
+    rows = jnp.repeat(x, k, axis=0)[:, None, :]  # [N * k, 1, hidden]: pair i is token i // k
+    mid = moe_grouped_matvec.grouped_matvec(rows, gate.w, ids, scale=gate.scale, block=blk, w2=up.w,
+                                            scale2=up.scale)  # [N * k, 1, f]
+    y = moe_grouped_matvec.grouped_matvec(mid, down.w, ids, scale=down.scale, block=blk)  # [N * k, 1, hidden]
+    return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights)
+
+
+def routed_experts(x, index, weights, gate: Linear, up: Linear, down: Linear, block, impl: str = "xla"
+                   ) -> jnp.ndarray:
     """Picks the path by the (static) number of token-expert pairs: gathering reads N * k expert matrices, the
     sorted grouped matmul reads each of the E experts once."""
     n, k = index.shape
     if n * k <= gate.w.shape[0]:
+        if impl == "pallas" and n * k <= 64:
+            out = experts_pallas(x, index, weights, gate, up, down, block)
+            if out is not None:
+                return out
         return experts_gathered(x, index, weights, gate, up, down, block)
     return experts_sorted(x, index, weights, gate, up, down, block)

@@ -1,0 +1,167 @@
+"""Grouped matrix-vector products over selected experts for decode, with in-kernel FP8 dequantization:
+y[g] = x[g] @ W[ids[g]] for a handful of groups g (a token's k routed experts), W a stack [E, K, N] read in place.
+
+XLA's path gathers the selected experts' weights into a fresh [G, K, N] array before multiplying (a copy of every
+byte the step needs); here each program streams its expert's [bk, bn] tiles straight from the stack, converts FP8
+tiles to the activation dtype in registers and applies each (128 x 128) block's scale to the tile's partial product.
+With `w2` (gate and up) the epilogue is silu(x @ W) * (x @ W2), one launch for both.
+
+A plain FP8 Linear at decode is the one-group case (ids = [0], the weight viewed as a stack of one).
+
+Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a memory-bound stream of tiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from tilert_jax.kernels import fp8_matmul
+from tilert_jax.kernels.common import NN, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, store_rows, \
+    triton_params
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedConfig:
+    bn: int = 64  # output columns per program (a power of 2; clipped to divide N and the scale block)
+    bk: int = 128  # weight rows per loop step (a power of 2; clipped to divide K and the scale block)
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def grouped_matvec_reference(
+    x: jax.Array,  # [G, B, K]
+    w: jax.Array,  # [E, K, N] (float8_e4m3fn with scale)
+    ids: jax.Array,  # [G] int32: the expert of each group
+    *,
+    scale: jax.Array | None = None,  # [E, ceil(K / block_in), ceil(N / block_out)] float32
+    block: tuple[int, int] | None = None,  # (block_out, block_in)
+    w2: jax.Array | None = None,  # [E, K, N]: with w2 the result is silu(x @ w) * (x @ w2)
+    scale2: jax.Array | None = None,
+    out_dtype=None,
+) -> jax.Array:  # [G, B, N]
+    def product(weight, s):
+        sel = weight[ids]
+        sel = sel.astype(x.dtype) if s is None else fp8_matmul.dequantize(sel, s[ids], block, x.dtype)
+        return jnp.einsum("gbk,gkn->gbn", x, sel, preferred_element_type=f32).astype(x.dtype)
+
+    y = product(w, scale)
+    if w2 is not None:
+        y = jax.nn.silu(y) * product(w2, scale2)
+    return y.astype(out_dtype or x.dtype)
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def tiles(k_dim: int, n_dim: int, block: tuple[int, int] | None, config: GroupedConfig | None = None
+          ) -> tuple[int, int] | None:
+    """(bk, bn) for a [K, N] weight, or None when the shapes do not tile (the caller keeps the XLA path)."""
+    cfg = config or GroupedConfig()
+    cap_k, cap_n = cfg.bk, cfg.bn
+    if block is not None:
+        block_out, block_in = block
+        cap_k, cap_n = min(cap_k, _largest_pow2_divisor(block_in, block_in)), min(cap_n, _largest_pow2_divisor(
+            block_out, block_out))
+    bk, bn = _largest_pow2_divisor(k_dim, cap_k), _largest_pow2_divisor(n_dim, cap_n)
+    if bk < 16 or bn < 16:
+        return None
+    return bk, bn
+
+
+def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, block, fp8, swiglu, in_dtype, out_dtype,
+            interpret):
+    it = iter(refs)
+    s_ref = next(it) if fp8 else None  # [E, K / bi, N / bo]
+    w2_ref = next(it) if swiglu else None  # [E, K, N]
+    s2_ref = next(it) if swiglu and fp8 else None
+    o_ref = next(it)  # [G, B, N]
+
+    g = pl.program_id(0)
+    n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
+    e = ids_ref[g]
+    block_out, block_in = block if fp8 else (1, 1)
+
+    def partial(wr, sr, k0, xt):
+        wt = plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0, bn)], eviction_policy="evict_first")  # [bk, bn]
+        p = dot(xt, wt.astype(in_dtype), NN, interpret)  # [rows, bn] float32
+        if sr is not None:
+            p = p * sr[e, k0 // block_in, n0 // block_out]
+        return p
+
+    def body(i, accs):
+        k0 = pl.multiple_of(i * bk, bk)
+        xt = load_rows(x_ref.at[g, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(in_dtype)  # [rows, bk]
+        out = [accs[0] + partial(w_ref, s_ref, k0, xt)]
+        if swiglu:
+            out.append(accs[1] + partial(w2_ref, s2_ref, k0, xt))
+        return tuple(out)
+
+    zeros = jnp.zeros((rows, bn), f32)
+    accs = lax.fori_loop(0, k_dim // bk, body, (zeros, zeros) if swiglu else (zeros,))
+    y = accs[0]
+    if swiglu:
+        gate = accs[0].astype(in_dtype).astype(f32)
+        up = accs[1].astype(in_dtype).astype(f32)
+        y = (gate / (1.0 + jnp.exp(-gate))).astype(in_dtype).astype(f32) * up
+    store_rows(o_ref.at[g, pl.ds(0, rows), pl.ds(n0, bn)], y.astype(out_dtype), batch)
+
+
+def grouped_matvec(
+    x: jax.Array,  # [G, B, K], B <= 16
+    w: jax.Array,  # [E, K, N]
+    ids: jax.Array,  # [G] int32
+    *,
+    scale: jax.Array | None = None,  # [E, ceil(K / block_in), ceil(N / block_out)] float32 (w is FP8)
+    block: tuple[int, int] | None = None,
+    w2: jax.Array | None = None,
+    scale2: jax.Array | None = None,
+    out_dtype=None,
+    config: GroupedConfig | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:  # [G, B, N]
+    cfg = config or GroupedConfig()
+    if x.ndim != 3 or w.ndim != 3 or ids.ndim != 1 or ids.shape[0] != x.shape[0] or w.shape[1] != x.shape[2]:
+        raise ValueError(f"shapes x {x.shape}, w {w.shape}, ids {ids.shape} do not form a grouped product")
+    groups, batch, k_dim = x.shape
+    n_dim = w.shape[2]
+    if batch > ROWS:
+        raise ValueError(f"{batch} rows per group > {ROWS}: use the XLA path")
+    fp8 = scale is not None
+    if fp8 and block is None:
+        raise ValueError("FP8 weights need their block size")
+    if w2 is not None and (w2.shape != w.shape or (scale2 is None) != (scale is None)):
+        raise ValueError("w2 must match w (and carry a scale exactly when w does)")
+    picked = tiles(k_dim, n_dim, block if fp8 else None, cfg)
+    if picked is None:
+        raise ValueError(f"K={k_dim}, N={n_dim} do not tile by powers of 2 >= 16")
+    bk, bn = picked
+    assert is_pow2(bk) and is_pow2(bn)
+    rows = max(ROWS, next_pow2(batch))
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    interpret = interpret_default() if interpret is None else interpret
+    kernel = lambda *refs: _kernel(  # noqa: E731
+        *refs, batch=batch, rows=rows, k_dim=k_dim, bk=bk, bn=bn, block=block, fp8=fp8, swiglu=w2 is not None,
+        in_dtype=x.dtype, out_dtype=out_dtype, interpret=interpret)
+    inputs = [ids.astype(jnp.int32), x, w] + ([scale.astype(f32)] if fp8 else [])
+    if w2 is not None:
+        inputs += [w2] + ([scale2.astype(f32)] if fp8 else [])
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((groups, batch, n_dim), out_dtype),
+        grid=(groups, n_dim // bn),
+        compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
+        interpret=interpret,
+        name="moe_grouped_matvec",
+    )(*inputs)
