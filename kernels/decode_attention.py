@@ -108,7 +108,8 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
 
     def load_qkv(row0, nrows, valid, c0, width):  # float32 [nrows, width] (rows >= valid read as 0)
         if n_parts:
-            t = sum(load_rows(qkv_ref.at[jnp.int32(i), b, pl.ds(row0, nrows), pl.ds(c0, width)], valid) for i in range(n_parts))
+            t = sum(load_rows(qkv_ref.at[jnp.int32(i), b, pl.ds(row0, nrows), pl.ds(c0, width)], valid)
+                    for i in range(n_parts))
             return t.astype(dtype).astype(f32)
         return load_rows(qkv_ref.at[b, pl.ds(row0, nrows), pl.ds(c0, width)], valid).astype(f32)
 

@@ -67,8 +67,8 @@ def combine_reference(x: jax.Array, x_parts: jax.Array | None) -> jax.Array:
     return (x.astype(f32) + jnp.sum(x_parts, axis=0)).astype(x.dtype)
 
 
-def _norm_chunk(k: int) -> int:
-    chunk = 1024
+def _norm_chunk(k: int, rows: int) -> int:
+    chunk = 1024 if rows == 1 else 256
     while chunk > 1 and k % chunk:
         chunk //= 2
     return chunk
@@ -89,31 +89,34 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
     j = pl.program_id(0)
     s = pl.program_id(1)
     evict = "evict_first" if cfg.evict_first else None
-    chunk = _norm_chunk(k_dim)
+    prow = 1 if batch == 1 else rows  # rows the input is read with: batch 1 reads one row and broadcasts it
+    chunk = _norm_chunk(k_dim, prow)
 
-    def load_x(k0, size):  # float32 [rows, size]: the (combined) input, rows >= B read as 0
-        xm = load_rows(x_ref.at[pl.ds(0, rows), pl.ds(k0, size)], batch).astype(f32)
+    def load_x(k0, size):  # float32 [prow, size]: the (combined) input, rows >= B read as 0
+        xm = load_rows(x_ref.at[pl.ds(0, prow), pl.ds(k0, size)], batch).astype(f32)
         for p in range(n_parts):
-            xm = xm + load_rows(xp_ref.at[jnp.int32(p), pl.ds(0, rows), pl.ds(k0, size)], batch)
+            xm = xm + load_rows(xp_ref.at[jnp.int32(p), pl.ds(0, prow), pl.ds(k0, size)], batch)
         if n_parts:
             xm = xm.astype(in_dtype).astype(f32)
         return xm
 
     rinv = None
-    if norm:
-        def sumsq(i, ss):
-            xm = load_x(pl.multiple_of(i * chunk, chunk), chunk)
-            return ss + jnp.sum(xm * xm, axis=1, keepdims=True)
-
-        ss = lax.fori_loop(0, k_dim // chunk, sumsq, jnp.zeros((rows, 1), f32))
-        rinv = 1.0 / jnp.sqrt(ss / k_dim + eps)  # [rows, 1]
+    if norm:  # the RMS statistic over the whole row; unrolled (a loop here would be software-pipelined too,
+        ss = jnp.zeros((prow, 1), f32)  # multiplying its shared-memory buffers by num_stages)
+        for i in range(k_dim // chunk):
+            xm = load_x(i * chunk, chunk)
+            ss = ss + jnp.sum(xm * xm, axis=1, keepdims=True)
+        rinv = 1.0 / jnp.sqrt(ss / k_dim + eps)  # [prow, 1]
 
     def x_tile(k0):  # [rows, bk] in the input dtype
         xm = load_x(k0, bk)
         if norm:
             nw = nw_ref[pl.ds(k0, bk)].astype(f32)  # [bk]
             xm = (xm * rinv).astype(in_dtype).astype(f32) * nw[None, :]
-        return xm.astype(in_dtype)
+        xm = xm.astype(in_dtype)
+        if cfg.mode == "dot" and prow < rows:
+            xm = jnp.broadcast_to(xm, (rows, bk))  # every row the same: the dot's extra rows are never stored
+        return xm
 
     def w_tile(w_ref, k0, n0):
         if transposed:
@@ -182,12 +185,9 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
     if n_parts:
         @pl.when((j == 0) & (s == 0))
         def _():
-            def write(i, carry):
-                k0 = pl.multiple_of(i * chunk, chunk)
-                store_rows(xo_ref.at[pl.ds(0, rows), pl.ds(k0, chunk)], load_x(k0, chunk).astype(in_dtype), batch)
-                return carry
-
-            lax.fori_loop(0, k_dim // chunk, write, 0)
+            for i in range(k_dim // chunk):
+                xm = load_x(i * chunk, chunk).astype(in_dtype)
+                store_rows(xo_ref.at[pl.ds(0, prow), pl.ds(i * chunk, chunk)], xm, batch)
 
 
 def fused_matvec(

@@ -122,18 +122,25 @@ def test_ops_xla_path_is_the_reference():
 
 # --- compiled on the GPU, real model shapes -------------------------------------------------------------------
 
-GPU_CASES = [  # (op, batch, K, ns, transposed)
-    ("qkv", 1, 4096, (4096, 1024, 1024), False),
-    ("gate_up", 1, 4096, (14336, 14336), False),
-    ("down", 1, 14336, (4096,), False),
-    ("lm_head_t", 1, 2048, (128256,), True),
-    ("qkv", 8, 4096, (4096, 1024, 1024), False),
+FMA = MatvecConfig(bn=128, bk=32, mode="fma")
+GPU_CASES = [  # (op, batch, K, ns, transposed, config: None = the tuned one)
+    ("qkv", 1, 4096, (4096, 1024, 1024), False, None),
+    ("gate_up", 1, 4096, (14336, 14336), False, None),
+    ("down", 1, 14336, (4096,), False, None),
+    ("lm_head_t", 1, 2048, (128256,), True, None),
+    ("qkv", 8, 4096, (4096, 1024, 1024), False, None),
+    ("qkv", 1, 4096, (4096, 1024, 1024), False, MatvecConfig(bn=128, bk=64, split=8, mode="fma")),
+    ("gate_up", 1, 4096, (14336, 14336), False, FMA),
+    ("lm_head", 1, 4096, (128256,), False, MatvecConfig(bn=256, bk=32, mode="fma")),
+    ("lm_head_t", 1, 2048, (128256,), True, FMA),
+    ("down", 1, 14336, (4096,), False, MatvecConfig(bn=64, bk=64, split=8, mode="fma")),
+    ("down", 1, 14336, (4096,), False, MatvecConfig(bn=32, bk=128, split=1)),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op,batch,k_dim,ns,transposed", GPU_CASES)
-def test_gpu_matvec_family(op, batch, k_dim, ns, transposed):
+@pytest.mark.parametrize("op,batch,k_dim,ns,transposed,config", GPU_CASES)
+def test_gpu_matvec_family(op, batch, k_dim, ns, transposed, config):
     from tilert_jax.kernels import tuning
 
     keys = fresh(4 + len(ns))
@@ -141,7 +148,7 @@ def test_gpu_matvec_family(op, batch, k_dim, ns, transposed):
     parts = rand(keys[1], (2, batch, k_dim), F32, 0.5)
     nw = 1 + rand(keys[2], (k_dim,), scale=0.1)
     ws = tuple(rand(kk, (n, k_dim) if transposed else (k_dim, n), scale=0.02) for kk, n in zip(keys[4:], ns))
-    cfg = tuning.matvec_config(op, batch, k_dim, ns)
+    cfg = config or tuning.matvec_config(op, batch, k_dim, ns)
     xs = combine_reference(x, parts)
     if op == "gate_up":
         out, _ = fused_matvec(x, ws, x_parts=parts, norm_weight=nw, eps=1e-5, swiglu=True, config=cfg,

@@ -19,6 +19,9 @@ What the numbers mean:
   sample. The first chunk of each generation (which holds the dispatch latency) is left out. p50/p90/p99 are over the
   samples of `repeats` generations after one warm-up generation; tpot_ms_mean is over every step.
 - frac_of_floor = floor_ms / tpot_ms_p50; achieved_gbps = weight_bytes / tpot_ms_p50.
+- logits_rel_err_vs_xla (pallas rows): one decode step from the same cache through both paths, relative L2 error
+  of the logits; with random weights the logits are nearly tied, so tokens_match_xla (greedy tokens equal to the
+  XLA run's) drops after the first bf16 rounding difference flips a token and says little in bf16.
 - ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
 - ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention) over the
   bf16 matmul rate measured in the same process (mm_tflops, an 8192^3 product) and weight_bytes / copy_gbps.
@@ -117,7 +120,42 @@ def _percentile(values, q) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q))
 
 
-def bench_one(config, params, impl: str, batch: int, args, env: dict) -> dict:
+def _parse_impl(text: str) -> tuple[str, str | None]:
+    """"pallas[qkv+attention]" -> ("pallas", "qkv,attention"): the fused decode with only those ops in Pallas."""
+    if "[" in text:
+        name, rest = text.split("[", 1)
+        return name, rest.rstrip("]").replace("+", ",")
+    return text, None
+
+
+def logits_check(config, params, cache, token, pos, impl: str, env: dict) -> dict:
+    """One decode step from the same cache through impl and through XLA: relative L2 error of the logits."""
+    fam = family(config)
+    if "xla_step" not in env:
+        env["xla_step"] = jax.jit(lambda p, t, c, q: fam.decode_step(config, p, t, c, q, impl="xla")[0])
+    step = jax.jit(lambda p, t, c, q: fam.decode_step(config, p, t, c, q, impl=impl)[0])
+    ref = env["xla_step"](params, token, cache, pos)
+    out = step(params, token, cache, pos)
+    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    agree = float(jnp.mean(jnp.argmax(out, -1) == jnp.argmax(ref, -1)))
+    return {"logits_rel_err_vs_xla": err, "argmax_agrees_with_xla": agree}
+
+
+def bench_one(config, params, impl_text: str, batch: int, args, env: dict) -> dict:
+    impl, only = _parse_impl(impl_text)
+    saved = os.environ.get("TILERT_PALLAS_OPS")
+    if only:
+        os.environ["TILERT_PALLAS_OPS"] = only
+    try:
+        return _bench_one(config, params, impl, impl_text, batch, args, env, check=impl != "xla" and not only)
+    finally:
+        if saved is None:
+            os.environ.pop("TILERT_PALLAS_OPS", None)
+        else:
+            os.environ["TILERT_PALLAS_OPS"] = saved
+
+
+def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env: dict, check: bool) -> dict:
     sampling = SamplingParams()
     dec = Decoder(config, impl)
     prompt_len, new_tokens, chunk = args.prompt_len, args.new_tokens, args.chunk
@@ -134,6 +172,7 @@ def bench_one(config, params, impl: str, batch: int, args, env: dict) -> dict:
     token, cache = prefill(params, tokens, last_index, key)
     pos = jnp.int32(prompt_len)
     decode, decode_compile_s = dec.compiled("decode", sampling, chunk, params, cache, token, pos, key)
+    checked = logits_check(config, params, cache, token, pos, impl, env) if check and args.check_logits else {}
     del cache
 
     ttfts = []
@@ -179,7 +218,7 @@ def bench_one(config, params, impl: str, batch: int, args, env: dict) -> dict:
     ttft = statistics.median(ttfts)
     cache_row = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * params.embed.dtype.itemsize
     return {
-        "preset": args.preset, "impl": impl, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "preset": args.preset, "impl": impl_text, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "chunk": chunk, "dtype": str(params.embed.dtype),
         "ttft_ms": 1e3 * ttft, "ttft_floor_ms": 1e3 * ttft_floor_s, "ttft_frac": ttft_floor_s / ttft,
         "tpot_ms_p50": 1e3 * p50, "tpot_ms_p90": 1e3 * _percentile(samples, 90),
@@ -189,7 +228,7 @@ def bench_one(config, params, impl: str, batch: int, args, env: dict) -> dict:
         "achieved_gbps": wbytes / p50 / 1e9, "copy_gbps": env["copy_gbps"], "floor_ms": 1e3 * floor_s,
         "frac_of_floor": floor_s / p50, "mm_tflops": env["mm_tflops"],
         "compile_prefill_s": prefill_compile_s, "compile_decode_s": decode_compile_s,
-        "tokens": first_tokens[0, :8].tolist(), "_all_tokens": first_tokens,
+        **checked, "tokens": first_tokens[0, :8].tolist(), "_all_tokens": first_tokens,
         "device": env["device"], "platform": env["platform"], "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": env["commit"],
     }
@@ -208,7 +247,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=_csv(int), default=[1], help="batch size(s), e.g. 1 or 1,2,4,8")
-    parser.add_argument("--impl", type=_csv(str), default=["xla"], help="xla, pallas or both (xla,pallas)")
+    parser.add_argument("--impl", type=_csv(str), default=["xla"],
+                        help="xla, pallas or both (xla,pallas); pallas[qkv+o] keeps the other fused-decode ops on XLA")
+    parser.add_argument("--no-check-logits", dest="check_logits", action="store_false",
+                        help="skip comparing one pallas decode step's logits with XLA's")
     parser.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")
     parser.add_argument("--repeats", type=int, default=0, help="timed generations (0: enough for 64 samples)")
     parser.add_argument("--ttft-repeats", type=int, default=5)
@@ -224,7 +266,7 @@ def main(argv=None) -> int:
     if args.new_tokens < 2 or args.prompt_len < 1 or args.chunk < 1:
         parser.error("--new-tokens must be >= 2, --prompt-len and --chunk >= 1")
     for impl in args.impl:
-        if impl not in ("xla", "pallas"):
+        if _parse_impl(impl)[0] not in ("xla", "pallas"):
             parser.error(f"unknown --impl {impl!r}")
 
     config = preset(args.preset)

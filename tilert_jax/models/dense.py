@@ -12,6 +12,7 @@ stay on the XLA path (they are compute-bound matrix products). impl="xla" is the
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,18 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
             and cache.k[0].shape[1] == config.num_kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
+FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head")
+
+
+def _op_impl(op: str, impl: str) -> str:
+    """The implementation of one fused-decode op. $TILERT_PALLAS_OPS (a comma-separated subset of FUSED_OPS, read
+    at trace time) keeps the others on their XLA reference: the bench uses it to show each kernel's share."""
+    only = os.environ.get("TILERT_PALLAS_OPS")
+    if impl != "pallas" or not only:
+        return impl
+    return impl if op in only.split(",") else "xla"
+
+
 def _stream(result, parts):
     """A fused op's result when its input came as x + partial sums: (y, x_new); else (y, None)."""
     return result if parts is not None else (result, None)
@@ -210,10 +223,10 @@ def _project_residual(op: str, inp, w, x, bias, impl):
     cfg = tuning.matvec_config(op, batch, k, (w.shape[1],))
     if bias is not None:
         cfg = dataclasses.replace(cfg, split=1)
-        return x + (ops.matvec(inp, w, config=cfg, implementation=impl) + bias), None
+        return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl)) + bias), None
     if cfg.split > 1:
-        return x, ops.matvec(inp, w, config=cfg, implementation=impl)
-    return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
+        return x, ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl))
+    return ops.matvec_residual(inp, w, x, config=cfg, implementation=_op_impl(op, impl)), None
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl):
@@ -235,19 +248,21 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         a = layer.attn
         weights = (a.wq.reshape(h, n * d), a.wk.reshape(h, kvh * d), a.wv.reshape(h, kvh * d))
         qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=qkv_cfg,
-                                             implementation=impl), parts)
+                                             implementation=_op_impl("qkv", impl)), parts)
         x = x if x_new is None else x_new
         qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
         bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
         qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
         attn, k, v = ops.decode_attention(qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh,
                                           scale=d ** -0.5, eps=eps, bias=bias, qk_norm=qk_norm,
-                                          sliding_window=config.sliding_window, config=attn_cfg, implementation=impl)
+                                          sliding_window=config.sliding_window, config=attn_cfg,
+                                          implementation=_op_impl("attention", impl))
         new_k.append(k)
         new_v.append(v)
         x, parts = _project_residual("o", attn.reshape(batch, n * d), a.wo.reshape(n * d, h), x, a.bo, impl)
         mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
-                                               x_parts=parts, config=mlp_cfg, implementation=impl), parts)
+                                               x_parts=parts, config=mlp_cfg,
+                                               implementation=_op_impl("gate_up", impl)), parts)
         x = x if x_new is None else x_new
         x, parts = _project_residual("down", mid, layer.mlp.w_down, x, None, impl)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
@@ -261,7 +276,8 @@ def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl) -> 
     cfg = tuning.matvec_config(op, x.shape[0], config.hidden_size, (config.vocab_size,))
     cfg = dataclasses.replace(cfg, split=1)
     logits, _ = _stream(ops.norm_matvec(x, params.final_norm, config.rms_norm_eps, (w,), x_parts=parts,
-                                        transposed=tied, out_dtype=jnp.float32, config=cfg, implementation=impl),
+                                        transposed=tied, out_dtype=jnp.float32, config=cfg,
+                                        implementation=_op_impl("lm_head", impl)),
                         parts)
     return logits
 
