@@ -118,3 +118,27 @@ def test_grouped_matvec_kernel_matches_reference(kind):
     out = gm.grouped_matvec(x, ids=ids, interpret=True, **args)
     ref = gm.grouped_matvec_reference(x, ids=ids, **args)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_tiled_experts_match_ragged(fp8):
+    """Prefill's tiled grouped matmul against the ragged_dot formulation, with unused experts and a tile size that
+    leaves padding."""
+    e, h, f, n, k = 8, 32, 16, 20, 2
+    keys = jax.random.split(jax.random.key(9), 5)
+    block = (16, 16) if fp8 else None
+
+    def stack(key, shape):
+        w = jax.random.normal(key, shape) * 0.2
+        if not fp8:
+            return Linear(w=w)
+        q, s = fp8_matmul.quantize(w, block)
+        return Linear(w=q, scale=s)
+
+    gate, up, down = stack(keys[0], (e, h, f)), stack(keys[1], (e, h, f)), stack(keys[2], (e, f, h))
+    x = jax.random.normal(keys[3], (n, h))
+    logits = jax.random.normal(keys[4], (n, e)).at[:, 5].add(-100.0)  # expert 5 never chosen
+    weights, index = jax.lax.top_k(jax.nn.softmax(logits), k)
+    tiled = jax.jit(moe.experts_tiled, static_argnums=(6, 7, 8))(x, index, weights, gate, up, down, block, 4, 2)
+    ref = jax.jit(moe.experts_sorted, static_argnums=6)(x, index, weights, gate, up, down, block)
+    np.testing.assert_allclose(tiled, ref, rtol=1e-5, atol=1e-5)

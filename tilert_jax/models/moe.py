@@ -1,11 +1,13 @@
 """DeepSeek mixture of experts: the routers (V2 softmax greedy / group-limited greedy, V3 sigmoid "noaux_tc") and
 the routed experts as a grouped matmul over the selected experts only.
 
-Two ways to run the selected experts, both reading only what they use:
+Ways to run the selected experts, each reading only the experts some token chose:
 - gather (decode, few token-expert pairs): the k selected experts' weights are gathered per token and multiplied;
-- sorted (prefill): the token-expert pairs are sorted by expert and run as one ragged (grouped) matmul over the expert
-  stack, FP8 stacks one input block at a time.
-Neither loops over experts.
+  with impl="pallas" a grouped matvec kernel reads them in place instead (kernels/moe_grouped_matvec.py);
+- tiled (prefill): the token-expert pairs are sorted by expert, padded to tiles of one expert each, and the tiles
+  multiplied a chunk at a time against their experts' weights;
+- sorted (reference): the same sort, then one jax.lax.ragged_dot per projection.
+None loops over experts.
 """
 
 from __future__ import annotations
@@ -99,6 +101,52 @@ def experts_sorted(x: jnp.ndarray,  # [N, hidden]
     return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token_of_row].add(y)
 
 
+def experts_tiled(x: jnp.ndarray,  # [N, hidden]
+                  index: jnp.ndarray,  # [N, k] int32
+                  weights: jnp.ndarray,  # [N, k] float32
+                  gate: Linear, up: Linear, down: Linear,
+                  block, tile: int | None = None, chunk: int = 8) -> jnp.ndarray:  # [N, hidden] float32
+    """Prefill's path: token-expert pairs sorted by expert and padded to whole tiles of `tile` rows, each tile owned
+    by one expert; tiles are multiplied `chunk` at a time against their experts' (gathered, dequantized) weights.
+
+    Every used expert's weights are read about once per tile it owns (one tile per expert at typical loads), the
+    dequantized copies live `chunk` tiles at a time, and no expert is visited that no token chose. (XLA's GPU
+    lowering of jax.lax.ragged_dot materializes the product against every expert, hence not `experts_sorted`.)"""
+    n, k = index.shape
+    num_experts, hidden, _ = gate.w.shape
+    pairs = n * k
+    if tile is None:
+        tile = int(min(64, max(8, 1 << max(0, (pairs // num_experts - 1).bit_length()))))
+    n_tiles = -(-pairs // tile) + min(num_experts, pairs)  # static bound on sum_e ceil(count_e / tile)
+    n_tiles = -(-n_tiles // chunk) * chunk
+    flat = index.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    expert_sorted = flat[order]
+    counts = jnp.bincount(flat, length=num_experts)
+    padded = -(-counts // tile) * tile
+    padded_end = jnp.cumsum(padded)
+    dest = (padded_end - padded)[expert_sorted] + jnp.arange(pairs) - (jnp.cumsum(counts) - counts)[expert_sorted]
+    slots = n_tiles * tile
+    row_token = jnp.full((slots,), n, jnp.int32).at[dest].set((order // k).astype(jnp.int32))  # n: an empty row
+    row_weight = jnp.zeros((slots,), jnp.float32).at[dest].set(weights.reshape(-1)[order])
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"),
+                              num_experts - 1).astype(jnp.int32)
+    rows = jnp.concatenate([x, jnp.zeros((1, hidden), x.dtype)])[row_token].reshape(n_tiles, tile, hidden)
+
+    def take(lin: Linear, ids):  # [chunk, in, out] in x's dtype
+        return weight(Linear(w=lin.w[ids], scale=None if lin.scale is None else lin.scale[ids]), block, x.dtype)
+
+    def run(args):
+        xs, ids = args  # [chunk, tile, hidden], [chunk]
+        h = jax.nn.silu(jnp.einsum("cth,chf->ctf", xs, take(gate, ids))) * jnp.einsum("cth,chf->ctf", xs,
+                                                                                        take(up, ids))
+        return jnp.einsum("ctf,cfh->cth", h, take(down, ids))
+
+    ys = jax.lax.map(run, (rows.reshape(-1, chunk, tile, hidden), tile_expert.reshape(-1, chunk)))
+    ys = ys.reshape(slots, hidden).astype(jnp.float32) * row_weight[:, None]
+    return jnp.zeros((n + 1, hidden), jnp.float32).at[row_token].add(ys)[:n]
+
+
 def experts_pallas(x: jnp.ndarray,  # [N, hidden]
                    index: jnp.ndarray,  # [N, k] int32
                    weights: jnp.ndarray,  # [N, k] float32
@@ -130,4 +178,4 @@ def routed_experts(x, index, weights, gate: Linear, up: Linear, down: Linear, bl
             if out is not None:
                 return out
         return experts_gathered(x, index, weights, gate, up, down, block)
-    return experts_sorted(x, index, weights, gate, up, down, block)
+    return experts_tiled(x, index, weights, gate, up, down, block)
