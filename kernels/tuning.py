@@ -59,7 +59,7 @@ def heuristic_matvec(op: str, batch: int, k: int, ns: tuple[int, ...]) -> Matvec
         bk //= 2
     split = 1
     if op in ("qkv", "o", "down"):
-        while (n_total // bn) * split < 2 * SMS and k % (2 * split * bk) == 0 and k // (2 * split) >= 4 * bk:
+        while (n_total // bn) * split < 2 * SMS and (batch == 1 or split < 2) and k % (2 * split * bk) == 0 and k // (2 * split) >= 4 * bk:
             split *= 2
     return MatvecConfig(bn=bn, bk=bk, split=split, num_warps=4, num_stages=4, mode="dot")
 
@@ -69,7 +69,8 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
     entry = _table().get(matvec_key(op, batch, k, n_total))
     if entry is None and batch > 1:  # a batch-1 entry in "dot" mode pads to 16 rows: it serves batches <= 16 too
         entry = _table().get(matvec_key(op, 1, k, n_total))
-        entry = None if entry is None else {**entry, "mode": "dot"}
+        # 16 rows of float32 partial sums per pipeline stage would overflow shared memory in the consumer: split <= 2
+        entry = None if entry is None else {**entry, "mode": "dot", "split": min(2, entry.get("split", 1))}
     if entry is not None:
         cfg = MatvecConfig(**entry)
         if all(_divides(n, cfg.bn) for n in ns) and k % (cfg.split * cfg.bk) == 0:

@@ -33,6 +33,7 @@ def _configs():
 
 @pytest.mark.parametrize("name", sorted(_configs()))
 def test_fused_decode_matches_xla(name, monkeypatch):
+    monkeypatch.setenv("TILERT_PALLAS_OPS", "all")
     config, batch = _configs()[name]
     config = dataclasses.replace(config, num_layers=2)
     if name == "qwen3-tied":  # split-K everywhere it is allowed: partial sums flow between the kernels
@@ -61,12 +62,13 @@ def test_fused_decode_matches_xla(name, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen3-8b"])
-def test_gpu_fused_decode_step(name):
+def test_gpu_fused_decode_step(name, monkeypatch):
     """bf16, real shapes (qwen3-8b cut to 4 layers): one decode step's logits through the fused kernels and through
     XLA, each against a float32 XLA reference on the same (bf16-valued) parameters. The fused path may be no
     further from it than twice the XLA path's own bf16 error plus 1e-2."""
     from tilert_jax.config import preset as named
 
+    monkeypatch.setenv("TILERT_PALLAS_OPS", "all")
     config = named(name)
     if config.num_layers > 16:
         config = dataclasses.replace(config, num_layers=4)

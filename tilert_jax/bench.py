@@ -46,6 +46,7 @@ import numpy as np
 from tilert_jax.config import PRESETS, preset
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
+from tilert_jax.models.dense import pallas_ops
 from tilert_jax.params import init_params, is_spec
 from tilert_jax.sampling import SamplingParams
 
@@ -228,7 +229,8 @@ def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env:
         "achieved_gbps": wbytes / p50 / 1e9, "copy_gbps": env["copy_gbps"], "floor_ms": 1e3 * floor_s,
         "frac_of_floor": floor_s / p50, "mm_tflops": env["mm_tflops"],
         "compile_prefill_s": prefill_compile_s, "compile_decode_s": decode_compile_s,
-        **checked, "tokens": first_tokens[0, :8].tolist(), "_all_tokens": first_tokens,
+        **checked, "pallas_ops": list(pallas_ops()) if impl == "pallas" else [],
+        "tokens": first_tokens[0, :8].tolist(), "_all_tokens": first_tokens,
         "device": env["device"], "platform": env["platform"], "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": env["commit"],
     }
@@ -248,7 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=_csv(int), default=[1], help="batch size(s), e.g. 1 or 1,2,4,8")
     parser.add_argument("--impl", type=_csv(str), default=["xla"],
-                        help="xla, pallas or both (xla,pallas); pallas[qkv+o] keeps the other fused-decode ops on XLA")
+                        help="xla, pallas or both (xla,pallas); pallas[qkv+o] runs only those fused-decode ops in Pallas, "
+                             "pallas[all] every one (plain pallas: models/dense.py DEFAULT_PALLAS_OPS)")
     parser.add_argument("--no-check-logits", dest="check_logits", action="store_false",
                         help="skip comparing one pallas decode step's logits with XLA's")
     parser.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")

@@ -5,7 +5,7 @@
 #   bash scripts/gpu/run_all.sh                       # install, GPU tests, every bench line (committed tuning)
 #   STAGES="install tune bench" BENCH="8b 1b" bash scripts/gpu/run_all.sh
 #
-# STAGES: any of install, tests, tune, bench (default: install tests bench).
+# STAGES: any of install, tests, tune, bench (default: install tests bench). TUNE_ARGS: extra tune_kernels.py flags.
 # BENCH: any of 8b, 1b (llama-3.1-8b, llama-3.2-1b at batch 1: xla, pallas and pallas with only some ops),
 #        batch (llama-3.1-8b at batch 2, 4, 8), qwen3 (qwen3-8b at batch 1), cb (XLA command-buffer flag variants
 #        on llama-3.2-1b); default all, in that order. About 9 minutes with tuning, 7 without.
@@ -43,9 +43,10 @@ fi
 
 if has "$STAGES" tune; then
   say "tune (budget ${TUNE_BUDGET_S}s)"
+  # shellcheck disable=SC2086
   timeout $((TUNE_BUDGET_S + 150)) python3 scripts/gpu/tune_kernels.py --budget-s "$TUNE_BUDGET_S" \
-    --out "$OUT/tuning.json" --log "$OUT/tune.jsonl" 2>&1 | grep -v "^WARNING" | tee -a "$LOG"
-  [ -s "$OUT/tuning.json" ] && export TILERT_TUNING="$OUT/tuning.json"
+    --out "$OUT/tuning.json" --log "$OUT/tune.jsonl" ${TUNE_ARGS:-} 2>&1 | grep -v "^WARNING" | tee -a "$LOG"
+  [ -s "$OUT/tuning.json" ] && export TILERT_TUNING="$OUT/tuning.json"  # entries here override kernels/tuning.json
 fi
 
 bench() {  # bench TIMEOUT_S ARGS...
@@ -57,9 +58,10 @@ bench() {  # bench TIMEOUT_S ARGS...
 
 if has "$STAGES" bench; then
   # Each kernel's share: the fused decode with only some ops in Pallas (the rest on their XLA references).
-  SUBSETS="pallas[attention],pallas[o+down],pallas[qkv+gate_up+lm_head]"
-  has "$BENCH" 8b && bench 170 --preset llama-3.1-8b --impl "xla,pallas,$SUBSETS" --batch 1
-  has "$BENCH" 1b && bench 120 --preset llama-3.2-1b --impl "xla,pallas,$SUBSETS" --batch 1
+  # plain pallas = models/dense.py DEFAULT_PALLAS_OPS; pallas[all] = every fused kernel.
+  has "$BENCH" 8b && bench 170 --preset llama-3.1-8b --batch 1 \
+    --impl "xla,pallas,pallas[all],pallas[attention+o+down],pallas[qkv+attention]"
+  has "$BENCH" 1b && bench 120 --preset llama-3.2-1b --batch 1 --impl "xla,pallas,pallas[all],pallas[attention+o+down]"
   has "$BENCH" batch && bench 150 --preset llama-3.1-8b --impl xla,pallas --batch 2,4,8 --ttft-repeats 2 \
     --no-check-logits
   has "$BENCH" qwen3 && bench 100 --preset qwen3-8b --impl xla,pallas --batch 1

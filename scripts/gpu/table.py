@@ -8,8 +8,8 @@ def flags_tag(flags: str) -> str:
     if not flags:
         return "default"
     if "xla_gpu_enable_command_buffer=" in flags:
-        value = flags.split("xla_gpu_enable_command_buffer=")[1].split()[0]
-        return "cb=" + (value or "off")
+        value = (flags.split("xla_gpu_enable_command_buffer=")[1].split() or [""])[0]
+        return "cb=" + ("off" if not value else "+while" if "WHILE" in value else value)
     return flags[:24]
 
 

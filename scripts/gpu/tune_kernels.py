@@ -334,6 +334,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default="llama-3.1-8b,llama-3.2-1b,qwen3-8b")
     parser.add_argument("--batches", default="1")
+    parser.add_argument("--ops", default="qkv,o,gate_up,down,lm_head,attention",
+                        help="ops to tune (lm_head covers lm_head_t)")
     parser.add_argument("--budget-s", type=float, default=200)
     parser.add_argument("--max-len", type=int, default=1280)
     parser.add_argument("--pos", type=int, default=1100)
@@ -357,7 +359,7 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             for item in preset_shapes(name, batch, chosen):
                 shape = item if isinstance(item, Shape) else item[1]()
-                if shape.key() in chosen:
+                if shape.key() in chosen or shape.op.replace("_t", "") not in args.ops.split(","):
                     continue
                 if time.time() > deadline:
                     print(f"budget spent: {shape.key()} keeps the heuristic", flush=True)
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
                         json.dump(chosen, fh, indent=1, sort_keys=True)
             c = preset(name)
             akey = (batch, c.num_kv_heads, c.head_dim)
-            if akey not in done_attention and time.time() < deadline:
+            if akey not in done_attention and time.time() < deadline and "attention" in args.ops.split(","):
                 done_attention.add(akey)
                 best = tune_attention(c, batch, args.max_len, args.pos, deadline, log)
                 if best is not None:

@@ -201,15 +201,24 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 
 
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head")
+# The ops the fused decode runs in Pallas by default: the ones measured faster end to end than their XLA versions
+# on the H200 (docs/PERF.md); gate_up and lm_head stay on XLA's own product until their kernels catch up.
+DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "down")
+
+
+def pallas_ops() -> tuple[str, ...]:
+    """The fused-decode ops in Pallas: $TILERT_PALLAS_OPS (comma-separated FUSED_OPS names, or "all"; read at
+    trace time) or DEFAULT_PALLAS_OPS. The others run their XLA reference. The bench uses it to show each kernel's
+    share."""
+    only = os.environ.get("TILERT_PALLAS_OPS")
+    if not only:
+        return DEFAULT_PALLAS_OPS
+    return FUSED_OPS if only == "all" else tuple(op for op in FUSED_OPS if op in only.split(","))
 
 
 def _op_impl(op: str, impl: str) -> str:
-    """The implementation of one fused-decode op. $TILERT_PALLAS_OPS (a comma-separated subset of FUSED_OPS, read
-    at trace time) keeps the others on their XLA reference: the bench uses it to show each kernel's share."""
-    only = os.environ.get("TILERT_PALLAS_OPS")
-    if impl != "pallas" or not only:
-        return impl
-    return impl if op in only.split(",") else "xla"
+    """The implementation of one fused-decode op under impl="pallas" (see pallas_ops)."""
+    return impl if impl != "pallas" or op in pallas_ops() else "xla"
 
 
 def _stream(result, parts):
@@ -221,6 +230,8 @@ def _project_residual(op: str, inp, w, x, bias, impl):
     """x + inp @ w -> the residual stream as (x, None), or (x, partial sums) when the config splits K."""
     batch, k = inp.shape
     cfg = tuning.matvec_config(op, batch, k, (w.shape[1],))
+    if _op_impl(op, impl) == "xla":
+        cfg = dataclasses.replace(cfg, split=1)  # XLA's product: the plain residual form, no partial sums
     if bias is not None:
         cfg = dataclasses.replace(cfg, split=1)
         return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl)) + bias), None
