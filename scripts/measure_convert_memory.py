@@ -8,7 +8,6 @@ peak, so the difference can be read as the cost of streaming the tensors.
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -52,9 +51,9 @@ def write_checkpoint(directory: Path) -> tuple[int, int]:
 
 
 def convert_peak_rss_mb(src: Path, dst: Path) -> tuple[float, float, float]:
-    """(resident MB once the converter's imports are done, peak resident MB, seconds) of one conversion."""
+    """(resident MB once the converter's imports are done, peak resident MB of the whole run, seconds)."""
     code = ("import resource, sys\n"
-            "import tilert_jax.convert.__main__ as cli\n"
+            "import tilert_jax.convert.__main__ as cli, tilert_jax.convert.writer\n"
             "rss = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20\n"
             "code = cli.main(sys.argv[1:])\n"
             "print('RSS_MB', rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
