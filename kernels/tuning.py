@@ -59,7 +59,8 @@ def heuristic_matvec(op: str, batch: int, k: int, ns: tuple[int, ...]) -> Matvec
         bk //= 2
     split = 1
     if op in ("qkv", "o", "down"):
-        while (n_total // bn) * split < 2 * SMS and (batch == 1 or split < 2) and k % (2 * split * bk) == 0 and k // (2 * split) >= 4 * bk:
+        while ((n_total // bn) * split < 2 * SMS and (batch == 1 or split < 2) and k % (2 * split * bk) == 0
+               and k // (2 * split) >= 4 * bk):
             split *= 2
     return MatvecConfig(bn=bn, bk=bk, split=split, num_warps=4, num_stages=4, mode="dot")
 

@@ -229,7 +229,7 @@ def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env:
         "achieved_gbps": wbytes / p50 / 1e9, "copy_gbps": env["copy_gbps"], "floor_ms": 1e3 * floor_s,
         "frac_of_floor": floor_s / p50, "mm_tflops": env["mm_tflops"],
         "compile_prefill_s": prefill_compile_s, "compile_decode_s": decode_compile_s,
-        **checked, "pallas_ops": list(pallas_ops()) if impl == "pallas" else [],
+        **checked, "pallas_ops": list(pallas_ops(config)) if impl == "pallas" else [],
         "tokens": first_tokens[0, :8].tolist(), "_all_tokens": first_tokens,
         "device": env["device"], "platform": env["platform"], "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": env["commit"],
@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=_csv(int), default=[1], help="batch size(s), e.g. 1 or 1,2,4,8")
     parser.add_argument("--impl", type=_csv(str), default=["xla"],
-                        help="xla, pallas or both (xla,pallas); pallas[qkv+o] runs only those fused-decode ops in Pallas, "
+                        help="xla, pallas or both (xla,pallas); pallas[qkv+o] runs only those fused-decode ops in "
+                             "Pallas, "
                              "pallas[all] every one (plain pallas: models/dense.py DEFAULT_PALLAS_OPS)")
     parser.add_argument("--no-check-logits", dest="check_logits", action="store_false",
                         help="skip comparing one pallas decode step's logits with XLA's")

@@ -3,10 +3,11 @@
 Layers are unrolled in Python rather than scanned: a scan pays one XLA while-loop iteration per layer in every
 decode step, and per-layer parameters let each matmul read its weight in place.
 
-With impl="pallas", a decode step on one device (one token per row, batch <= 16) runs five fused kernels per layer
-(`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
-projection + residual; RMSNorm + gate/up + SiLU; down projection + residual. Prefill and the whole-sequence forward
-stay on the XLA path (they are compute-bound matrix products). impl="xla" is the plain path throughout.
+With impl="pallas", a decode step on one device (one token per row, batch <= 16) is written as five fused ops per
+layer (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write;
+output projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is
+a Pallas kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200). Prefill and
+the whole-sequence forward stay on the XLA path (compute-bound matrix products). impl="xla" is the plain path.
 """
 
 from __future__ import annotations
@@ -201,24 +202,29 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 
 
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head")
-# The ops the fused decode runs in Pallas by default: the ones measured faster end to end than their XLA versions
-# on the H200 (docs/PERF.md); gate_up and lm_head stay on XLA's own product until their kernels catch up.
-DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "down")
+# The ops the fused decode runs in Pallas by default: those measured faster end to end than their XLA versions on
+# the H200 (docs/PERF.md). The fused Q/K/V projection and the attention kernel win at every size measured; the
+# output and down projections (split-K) win where the hidden size is small (2048: XLA's own product of that width
+# is slow) and lose at 4096; gate/up and the LM head stay on XLA's product.
+DEFAULT_PALLAS_OPS = ("qkv", "attention")
+NARROW_PALLAS_OPS = ("o", "down")  # added when hidden_size <= NARROW_HIDDEN
+NARROW_HIDDEN = 2048
 
 
-def pallas_ops() -> tuple[str, ...]:
+def pallas_ops(config: DenseConfig | None = None) -> tuple[str, ...]:
     """The fused-decode ops in Pallas: $TILERT_PALLAS_OPS (comma-separated FUSED_OPS names, or "all"; read at
-    trace time) or DEFAULT_PALLAS_OPS. The others run their XLA reference. The bench uses it to show each kernel's
-    share."""
+    trace time), else the measured default for this config. The others run their XLA reference; the bench uses
+    the variable to show each kernel's share."""
     only = os.environ.get("TILERT_PALLAS_OPS")
-    if not only:
-        return DEFAULT_PALLAS_OPS
-    return FUSED_OPS if only == "all" else tuple(op for op in FUSED_OPS if op in only.split(","))
+    if only:
+        return FUSED_OPS if only == "all" else tuple(op for op in FUSED_OPS if op in only.split(","))
+    narrow = config is not None and config.hidden_size <= NARROW_HIDDEN
+    return DEFAULT_PALLAS_OPS + (NARROW_PALLAS_OPS if narrow else ())
 
 
-def _op_impl(op: str, impl: str) -> str:
+def _op_impl(op: str, impl: str, config: DenseConfig) -> str:
     """The implementation of one fused-decode op under impl="pallas" (see pallas_ops)."""
-    return impl if impl != "pallas" or op in pallas_ops() else "xla"
+    return impl if impl != "pallas" or op in pallas_ops(config) else "xla"
 
 
 def _stream(result, parts):
@@ -226,18 +232,18 @@ def _stream(result, parts):
     return result if parts is not None else (result, None)
 
 
-def _project_residual(op: str, inp, w, x, bias, impl):
+def _project_residual(config: DenseConfig, op: str, inp, w, x, bias, impl):
     """x + inp @ w -> the residual stream as (x, None), or (x, partial sums) when the config splits K."""
     batch, k = inp.shape
     cfg = tuning.matvec_config(op, batch, k, (w.shape[1],))
-    if _op_impl(op, impl) == "xla":
+    if _op_impl(op, impl, config) == "xla":
         cfg = dataclasses.replace(cfg, split=1)  # XLA's product: the plain residual form, no partial sums
     if bias is not None:
         cfg = dataclasses.replace(cfg, split=1)
-        return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl)) + bias), None
+        return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl, config)) + bias), None
     if cfg.split > 1:
-        return x, ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl))
-    return ops.matvec_residual(inp, w, x, config=cfg, implementation=_op_impl(op, impl)), None
+        return x, ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl, config))
+    return ops.matvec_residual(inp, w, x, config=cfg, implementation=_op_impl(op, impl, config)), None
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl):
@@ -259,7 +265,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         a = layer.attn
         weights = (a.wq.reshape(h, n * d), a.wk.reshape(h, kvh * d), a.wv.reshape(h, kvh * d))
         qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=qkv_cfg,
-                                             implementation=_op_impl("qkv", impl)), parts)
+                                             implementation=_op_impl("qkv", impl, config)), parts)
         x = x if x_new is None else x_new
         qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
         bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
@@ -267,15 +273,16 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         attn, k, v = ops.decode_attention(qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh,
                                           scale=d ** -0.5, eps=eps, bias=bias, qk_norm=qk_norm,
                                           sliding_window=config.sliding_window, config=attn_cfg,
-                                          implementation=_op_impl("attention", impl))
+                                          implementation=_op_impl("attention", impl, config))
         new_k.append(k)
         new_v.append(v)
-        x, parts = _project_residual("o", attn.reshape(batch, n * d), a.wo.reshape(n * d, h), x, a.bo, impl)
+        attn = attn.reshape(batch, n * d)
+        x, parts = _project_residual(config, "o", attn, a.wo.reshape(n * d, h), x, a.bo, impl)
         mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
                                                x_parts=parts, config=mlp_cfg,
-                                               implementation=_op_impl("gate_up", impl)), parts)
+                                               implementation=_op_impl("gate_up", impl, config)), parts)
         x = x if x_new is None else x_new
-        x, parts = _project_residual("down", mid, layer.mlp.w_down, x, None, impl)
+        x, parts = _project_residual(config, "down", mid, layer.mlp.w_down, x, None, impl)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
@@ -288,7 +295,7 @@ def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl) -> 
     cfg = dataclasses.replace(cfg, split=1)
     logits, _ = _stream(ops.norm_matvec(x, params.final_norm, config.rms_norm_eps, (w,), x_parts=parts,
                                         transposed=tied, out_dtype=jnp.float32, config=cfg,
-                                        implementation=_op_impl("lm_head", impl)),
+                                        implementation=_op_impl("lm_head", impl, config)),
                         parts)
     return logits
 
