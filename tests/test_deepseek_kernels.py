@@ -142,3 +142,16 @@ def test_tiled_experts_match_ragged(fp8):
     tiled = jax.jit(moe.experts_tiled, static_argnums=(6, 7, 8))(x, index, weights, gate, up, down, block, 4, 2)
     ref = jax.jit(moe.experts_sorted, static_argnums=6)(x, index, weights, gate, up, down, block)
     np.testing.assert_allclose(tiled, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_linear_paths():
+    """deepseek_linear.linear with impl="pallas" at decode size: bf16 weights through kernels/matvec.py, FP8 ones
+    through the one-group grouped kernel; shapes that do not tile fall back to XLA."""
+    from tilert_jax.models.deepseek_linear import linear
+
+    x = jax.random.normal(jax.random.key(10), (1, 1, 256))
+    w = jax.random.normal(jax.random.key(11), (256, 128)) * 0.1
+    q, s = fp8_matmul.quantize(w, (128, 128))
+    for lin, block in ((Linear(w=w), None), (Linear(w=q, scale=s), (128, 128)), (Linear(w=w[:, :40]), None)):
+        np.testing.assert_allclose(linear(x, lin, block, "pallas"), linear(x, lin, block, "xla"), rtol=1e-5,
+                                   atol=1e-5)
