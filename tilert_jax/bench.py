@@ -25,11 +25,16 @@ What the numbers mean:
 - ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
 - ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention) over the
   bf16 matmul rate measured in the same process (mm_tflops, an 8192^3 product) and weight_bytes / copy_gbps.
+- On a mesh (--tp / --ep): weight_bytes is per device (the shards device 0 holds; for a mixture of experts, the
+  active experts' bytes divided over the mesh), so floor_ms is the per-device floor. comm_ms_per_token is the p50
+  step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
+- tpot_ms_per_layer = tpot_ms_p50 / num_layers (with --layers, the bench runs fewer full-width layers).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tilert_jax.config import PRESETS, preset
+from tilert_jax.sharding import make_mesh, param_shardings
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.models.dense import pallas_ops
@@ -90,12 +96,28 @@ def matmul_tflops(n: int, dtype, reps: int = 3, inner: int = 10) -> float:
     return 2 * n ** 3 / _median_time(run, reps, inner) / 1e12
 
 
-def weight_bytes(params) -> int:
-    """Bytes of parameters read per decode step (the embedding table only when it doubles as the LM head)."""
-    total = sum(x.nbytes for x in jax.tree.leaves(params))
+def weight_bytes(config, params, dtype, devices: int) -> int:
+    """Bytes of parameters one device reads per decode step (the embedding table only when it doubles as the LM
+    head; a mixture of experts' own count of the experts a token activates, spread over the devices)."""
+    fam = family(config)
+    if hasattr(fam, "decode_weight_bytes"):
+        return int(fam.decode_weight_bytes(config, dtype) // devices)
+
+    def local(x):
+        return x.addressable_shards[0].data.nbytes
+
+    total = sum(local(x) for x in jax.tree.leaves(params))
     if getattr(params, "lm_head", None) is not None:
-        total -= params.embed.nbytes
+        total -= local(params.embed)
     return int(total)
+
+
+def kv_bytes(config, batch: int, context: int, dtype) -> int:
+    """Cache bytes one decode step reads at `context` tokens."""
+    fam = family(config)
+    if hasattr(fam, "decode_cache_bytes"):
+        return int(batch * fam.decode_cache_bytes(config, dtype, context))
+    return 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize * context
 
 
 def matmul_params(params) -> int:
@@ -157,8 +179,19 @@ def bench_one(config, params, impl_text: str, batch: int, args, env: dict) -> di
 
 
 def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env: dict, check: bool) -> dict:
+    row = _time_decoder(Decoder(config, impl, env["mesh"]), config, params, impl, impl_text, batch, args, env,
+                        check and env["mesh"] is None)
+    if env["mesh"] is not None:
+        quiet = _time_decoder(Decoder(config, impl, env["mesh"], communicate=False), config, params, impl, impl_text,
+                              batch, args, env, False)
+        row["tpot_ms_p50_without_collectives"] = quiet["tpot_ms_p50"]
+        row["comm_ms_per_token"] = row["tpot_ms_p50"] - quiet["tpot_ms_p50"]
+    return row
+
+
+def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch: int, args, env: dict,
+                  check: bool) -> dict:
     sampling = SamplingParams()
-    dec = Decoder(config, impl)
     prompt_len, new_tokens, chunk = args.prompt_len, args.new_tokens, args.chunk
     rng = np.random.RandomState(args.seed)
     prompt = rng.randint(0, config.vocab_size, (batch, prompt_len)).astype(np.int32)
@@ -214,18 +247,19 @@ def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env:
     p50 = statistics.median(samples)
     floor_s = wbytes / (env["copy_gbps"] * 1e9)
     flops = 2 * env["matmul_params"] * batch * prompt_len
-    flops += 4 * batch * config.num_layers * config.num_heads * config.head_dim * prompt_len * (prompt_len + 1) / 2
+    head_dim = getattr(config, "head_dim", 0)  # MLA's attention FLOPs are left out of its floor (a lower bound)
+    flops += 4 * batch * config.num_layers * config.num_heads * head_dim * prompt_len * (prompt_len + 1) / 2
     ttft_floor_s = max(flops / (env["mm_tflops"] * 1e12), floor_s)
     ttft = statistics.median(ttfts)
-    cache_row = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * params.embed.dtype.itemsize
     return {
-        "preset": args.preset, "impl": impl_text, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "preset": args.preset, "impl": impl_text, "batch": batch, "tp": args.tp, "ep": args.ep,
+        "num_layers": config.num_layers, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "chunk": chunk, "dtype": str(params.embed.dtype),
         "ttft_ms": 1e3 * ttft, "ttft_floor_ms": 1e3 * ttft_floor_s, "ttft_frac": ttft_floor_s / ttft,
         "tpot_ms_p50": 1e3 * p50, "tpot_ms_p90": 1e3 * _percentile(samples, 90),
         "tpot_ms_p99": 1e3 * _percentile(samples, 99), "tpot_ms_mean": 1e3 * statistics.mean(mean_steps),
-        "samples": len(samples),
-        "weight_bytes": wbytes, "kv_bytes": int(cache_row * (prompt_len + new_tokens / 2)),
+        "tpot_ms_per_layer": 1e3 * p50 / config.num_layers, "samples": len(samples),
+        "weight_bytes": wbytes, "kv_bytes": kv_bytes(config, batch, prompt_len + new_tokens // 2, params.embed.dtype),
         "achieved_gbps": wbytes / p50 / 1e9, "copy_gbps": env["copy_gbps"], "floor_ms": 1e3 * floor_s,
         "frac_of_floor": floor_s / p50, "mm_tflops": env["mm_tflops"],
         "compile_prefill_s": prefill_compile_s, "compile_decode_s": decode_compile_s,
@@ -262,6 +296,9 @@ def main(argv=None) -> int:
                         help="parameter dtype (auto: bfloat16 on a GPU, float32 elsewhere: the CPU runtime lacks some "
                              "bf16 products)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel devices (mixtures of experts)")
+    parser.add_argument("--layers", type=int, default=0, help="run this many full-width layers (0: the preset's)")
     parser.add_argument("--copy-mib", type=int, default=0, help="copy-bandwidth buffer (0: 2048 on GPU, 16 else)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
@@ -274,16 +311,21 @@ def main(argv=None) -> int:
             parser.error(f"unknown --impl {impl!r}")
 
     config = preset(args.preset)
+    if args.layers:
+        config = dataclasses.replace(config, num_layers=args.layers)
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         parser.error(f"prompt + new tokens exceed the context ({config.max_position_embeddings})")
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
     dtype = jnp.dtype(("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype)
-    fam = family(config)
-    params = init_params(fam.param_specs(config), jax.random.key(args.seed), dtype)
+    specs = family(config).param_specs(config)
+    mesh = make_mesh(tp=args.tp, ep=args.ep) if args.tp * args.ep > 1 else None
+    shardings = param_shardings(specs, mesh) if mesh is not None else None
+    params = jax.jit(lambda key: init_params(specs, key, dtype), out_shardings=shardings)(jax.random.key(args.seed))
     jax.block_until_ready(params)
     env = {
-        "weight_bytes": weight_bytes(params), "matmul_params": matmul_params(params),
+        "mesh": mesh, "weight_bytes": weight_bytes(config, params, dtype, args.tp * args.ep),
+        "matmul_params": matmul_params(params),
         "copy_gbps": copy_gbps((args.copy_mib or (2048 if on_gpu else 16)) << 20),
         "mm_tflops": matmul_tflops(8192 if on_gpu else 256, dtype),
         "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "commit": _git_commit(),

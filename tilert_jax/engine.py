@@ -66,22 +66,23 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def model_functions(config, mesh=None):
-    """The family's forward / init_cache / prefill / decode_step, run under shard_map when a mesh is given."""
+def model_functions(config, mesh=None, communicate: bool = True):
+    """The family's forward / init_cache / prefill / decode_step, run under shard_map when a mesh is given
+    (communicate=False: without collectives, for timing only)."""
     if mesh is None:
         return family(config)
     from tilert_jax.sharding.sharded import ShardedFamily
 
-    return ShardedFamily(config, mesh)
+    return ShardedFamily(config, mesh, communicate)
 
 
 class Decoder:
     """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination."""
 
-    def __init__(self, config, impl: str = "xla", mesh=None):
+    def __init__(self, config, impl: str = "xla", mesh=None, communicate: bool = True):
         self.config = config
         self.impl = impl
-        self.family = model_functions(config, mesh)
+        self.family = model_functions(config, mesh, communicate)
         self._compiled: dict = {}
 
     def _prefill_fn(self, sampling: SamplingParams, max_len: int):
