@@ -21,10 +21,16 @@ class ShardedFamily:
 
     def __init__(self, config, mesh: Mesh, communicate: bool = True):
         self.config, self.mesh, self.family = config, mesh, family(config)
-        self.axis = "tp" if communicate else None
-        self.tp = mesh.shape["tp"]
-        if mesh.shape["ep"] != 1:
+        self.tp, ep = mesh.shape["tp"], mesh.shape["ep"]
+        experts = getattr(config, "n_routed_experts", 0)
+        if ep != 1 and not experts:
             raise ValueError(f"{config.model_type} has no experts: use a mesh with ep=1")
+        if experts and experts % ep:
+            raise ValueError(f"ep={ep} must divide the {experts} routed experts")
+        # The mesh axes the model code reduces over (keyword arguments of the family's functions).
+        self.axes = {"tp_axis": "tp" if communicate else None}
+        if experts:
+            self.axes["ep_axis"] = "ep" if communicate and ep > 1 else None
         heads, kv_heads = config.num_heads, config.num_kv_heads
         if heads % self.tp or (kv_heads % self.tp and self.tp % kv_heads):
             raise ValueError(f"tp={self.tp} must divide num_heads={heads}, and num_kv_heads={kv_heads} must divide "
@@ -45,19 +51,19 @@ class ShardedFamily:
         return jax.lax.with_sharding_constraint(cache, shardings)
 
     def forward(self, config, params, tokens, impl: str = "xla"):
-        fn = lambda p, t: self.family.forward(config, p, t, impl=impl, tp_axis=self.axis)  # noqa: E731
+        fn = lambda p, t: self.family.forward(config, p, t, impl=impl, **self.axes)  # noqa: E731
         return self._shard(fn, (self.param_specs, REPLICATED), REPLICATED)(params, tokens)
 
     def prefill(self, config, params, tokens, cache, pos, last_index, impl: str = "xla"):
         def fn(p, t, c, pos, last):
-            return self.family.prefill(config, p, t, c, pos, last, impl=impl, tp_axis=self.axis)
+            return self.family.prefill(config, p, t, c, pos, last, impl=impl, **self.axes)
 
         in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED, REPLICATED)
         return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, pos, last_index)
 
     def decode_step(self, config, params, tokens, cache, pos, impl: str = "xla"):
         def fn(p, t, c, pos):
-            return self.family.decode_step(config, p, t, c, pos, impl=impl, tp_axis=self.axis)
+            return self.family.decode_step(config, p, t, c, pos, impl=impl, **self.axes)
 
         in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED)
         return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, pos)

@@ -504,7 +504,10 @@ def _mlp(config: DeepseekConfig, p: MLP, x, impl: str = "xla"):
     return linear(jax.nn.silu(linear(x, p.gate, blk, impl)) * linear(x, p.up, blk, impl), p.down, blk, impl)
 
 
-def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla"):
+def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):
+    """Under shard_map over `ep_axis` each device holds a contiguous slice of the routed experts: every device routes
+    (the router is replicated), runs the chosen experts it holds, and the shared experts run on the first expert
+    shard only, so one reduction over the expert and tensor axes sums each contribution once."""
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
     logits = jnp.matmul(flat.astype(jnp.float32), p.router.astype(jnp.float32))  # [N, E]
@@ -515,21 +518,28 @@ def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla"):
         weights, index = moe.route_sigmoid(logits, p.e_bias, config.num_experts_per_tok, config.n_group,
                                            config.topk_group, config.norm_topk_prob, config.routed_scaling_factor)
     e = p.experts
+    if ep_axis is not None:
+        index, weights = moe.local_experts(index, weights, e.gate.w.shape[0], jax.lax.axis_index(ep_axis))
     out = moe.routed_experts(flat, index, weights, e.gate, e.up, e.down, config.fp8_block, impl)
     out = out.astype(x.dtype).reshape(b, t, h)
     if p.shared is not None:
-        out = out + _mlp(config, p.shared, x, impl)
+        shared = _mlp(config, p.shared, x, impl)
+        out = out + (shared if ep_axis is None else jnp.where(jax.lax.axis_index(ep_axis) == 0, shared, 0))
     return out
 
 
-def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_cache, pos, impl, tp_axis=None):
+def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_cache, pos, impl, tp_axis=None,
+           ep_axis=None):
     h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
     attn, kv_cache, index_cache = _attention(config, layer.attn, h, positions, kv_cache, index_cache, pos, impl)
     attn = collectives.psum(attn, tp_axis)
     x = x + (attn if layer.attn.o.b is None else attn + layer.attn.o.b.astype(attn.dtype))
     h = ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl)
-    mlp = _moe(config, layer.mlp, h, impl) if isinstance(layer.mlp, MoE) else _mlp(config, layer.mlp, h, impl)
-    x = x + collectives.psum(mlp, tp_axis)
+    if isinstance(layer.mlp, MoE):
+        mlp = _moe(config, layer.mlp, h, impl, ep_axis)
+        x = x + collectives.psum(mlp, tuple(a for a in (ep_axis, tp_axis) if a is not None) or None)
+    else:
+        x = x + collectives.psum(_mlp(config, layer.mlp, h, impl), tp_axis)
     return x, kv_cache, index_cache
 
 
@@ -554,7 +564,7 @@ def _check_tp(config: DeepseekConfig, tp: int) -> None:
 
 
 def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, cache: MLACache | None, pos, impl,
-             tp_axis=None):
+             tp_axis=None, ep_axis=None):
     """tokens [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one).
 
     Under shard_map over `tp_axis` each device holds its heads, its slice of every intermediate dimension and of the
@@ -566,7 +576,7 @@ def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, 
     for i, layer in enumerate(params.layers):
         kv_i = None if cache is None else cache.kv[i]
         index_i = cache.index_k[i] if cache is not None and cache.index_k else None
-        x, kv_i, index_i = _layer(config, layer, x, positions, kv_i, index_i, pos, impl, tp_axis)
+        x, kv_i, index_i = _layer(config, layer, x, positions, kv_i, index_i, pos, impl, tp_axis, ep_axis)
         new_kv.append(kv_i)
         new_index.append(index_i)
     x = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
@@ -583,33 +593,35 @@ def lm_head(params: DeepseekParams, x, tp_axis=None, vocab_size: int | None = No
 
 
 def hidden_states(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla",
-                  tp_axis=None) -> jax.Array:
+                  tp_axis=None, ep_axis=None) -> jax.Array:
     """tokens [B, T] -> the final-normed hidden states [B, T, hidden] (what the MTP layer reads)."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    return _decoder(config, params, tokens, positions, None, None, impl, tp_axis)[0]
+    return _decoder(config, params, tokens, positions, None, None, impl, tp_axis, ep_axis)[0]
 
 
-def forward(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla", tp_axis=None) -> jax.Array:
+def forward(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla", tp_axis=None,
+            ep_axis=None) -> jax.Array:
     """tokens: int[B, T] at positions 0..T-1, no cache -> float32 logits [B, T, vocab]."""
-    return lm_head(params, hidden_states(config, params, tokens, impl, tp_axis), tp_axis, config.vocab_size)
+    hidden = hidden_states(config, params, tokens, impl, tp_axis, ep_axis)
+    return lm_head(params, hidden, tp_axis, config.vocab_size)
 
 
 def prefill(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, last_index,
-            impl: str = "xla", tp_axis=None):
+            impl: str = "xla", tp_axis=None, ep_axis=None):
     """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it).
 
     Returns the float32 logits [B, vocab] of the token at index `last_index` and the updated cache."""
     positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl, tp_axis)
+    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl, tp_axis, ep_axis)
     last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
     return lm_head(params, last, tp_axis, config.vocab_size), cache
 
 
 def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, impl: str = "xla",
-                tp_axis=None):
+                tp_axis=None, ep_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
     positions = pos + jnp.zeros((1,), jnp.int32)
-    x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis)
+    x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis, ep_axis)
     return lm_head(params, x[:, 0], tp_axis, config.vocab_size), cache
 
 

@@ -167,6 +167,16 @@ def experts_pallas(x: jnp.ndarray,  # [N, hidden]
     return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights)
 
 
+def local_experts(index: jnp.ndarray,  # [N, k] int32 global expert ids
+                  weights: jnp.ndarray,  # [N, k] float32
+                  num_local: int, shard: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The pairs in terms of the experts shard `shard` holds (ids shard * num_local ...): a pair routed elsewhere
+    keeps a valid local id and a zero weight, so it adds nothing."""
+    local = index - shard * num_local
+    mine = (local >= 0) & (local < num_local)
+    return jnp.where(mine, local, 0).astype(jnp.int32), jnp.where(mine, weights, 0.0)
+
+
 def routed_experts(x, index, weights, gate: Linear, up: Linear, down: Linear, block, impl: str = "xla"
                    ) -> jnp.ndarray:
     """Picks the path by the (static) number of token-expert pairs: gathering reads N * k expert matrices, the
