@@ -298,7 +298,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel devices (mixtures of experts)")
-    parser.add_argument("--layers", type=int, default=0, help="run this many full-width layers (0: the preset's)")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="run this many full-width layers (0: the preset's)")
+    parser.add_argument("--dense-layers", type=int, default=-1,
+                        help="with --layers, how many lead dense-MLP layers a mixture of experts keeps (default: the "
+                             "preset's, at most layers - 1)")
     parser.add_argument("--copy-mib", type=int, default=0, help="copy-bandwidth buffer (0: 2048 on GPU, 16 else)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
@@ -311,8 +315,11 @@ def main(argv=None) -> int:
             parser.error(f"unknown --impl {impl!r}")
 
     config = preset(args.preset)
-    if args.layers:
-        config = dataclasses.replace(config, num_layers=args.layers)
+    if args.layers:  # fewer full-width layers; a mixture of experts keeps at least one expert layer
+        dense = getattr(config, "first_k_dense_replace", 0) if args.dense_layers < 0 else args.dense_layers
+        dense = min(dense, args.layers - 1)
+        config = dataclasses.replace(config, num_layers=args.layers,
+                                     **({"first_k_dense_replace": dense} if hasattr(config, "n_routed_experts") else {}))
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         parser.error(f"prompt + new tokens exceed the context ({config.max_position_embeddings})")
     dev = jax.devices()[0]
@@ -321,7 +328,7 @@ def main(argv=None) -> int:
     specs = family(config).param_specs(config)
     mesh = make_mesh(tp=args.tp, ep=args.ep) if args.tp * args.ep > 1 else None
     shardings = param_shardings(specs, mesh) if mesh is not None else None
-    params = jax.jit(lambda key: init_params(specs, key, dtype), out_shardings=shardings)(jax.random.key(args.seed))
+    params = init_params(specs, jax.random.key(args.seed), dtype, shardings=shardings)
     jax.block_until_ready(params)
     env = {
         "mesh": mesh, "weight_bytes": weight_bytes(config, params, dtype, args.tp * args.ep),

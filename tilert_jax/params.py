@@ -8,6 +8,7 @@ that one description, so they cannot disagree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -38,20 +39,30 @@ def map_specs(fn: Callable[[ParamSpec], Any], specs: Any) -> Any:
     return jax.tree.map(fn, specs, is_leaf=is_spec)
 
 
-def init_params(specs: Any, key: jax.Array, dtype=jnp.bfloat16, std: float = 0.02) -> Any:
-    """Random parameters with the tree structure of `specs` (the bench and the tests use these)."""
+def init_params(specs: Any, key: jax.Array, dtype=jnp.bfloat16, std: float = 0.02, shardings: Any = None) -> Any:
+    """Random parameters with the tree structure of `specs` (the bench and the tests use these).
+
+    Leaf by leaf, each drawn in float32 and cast, so one leaf's float32 temporary is the most memory it takes beyond
+    the result; with `shardings` each leaf is drawn directly into its shards."""
     leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
+    placements = [None] * len(leaves) if shardings is None else treedef.flatten_up_to(shardings)
+    return jax.tree.unflatten(treedef, [_init_leaf(spec, jnp.dtype(dtype), std, sharding)(k)
+                                        for spec, k, sharding in zip(leaves, keys, placements)])
 
-    def one(spec: ParamSpec, k: jax.Array) -> jax.Array:
-        out_dtype = spec.resolved_dtype(dtype)
+
+@functools.lru_cache(maxsize=None)
+def _init_leaf(spec: ParamSpec, dtype, std: float, sharding) -> Callable[[jax.Array], jax.Array]:
+    out_dtype = spec.resolved_dtype(dtype)
+
+    def draw(k: jax.Array) -> jax.Array:
         if spec.init == "ones":
             return jnp.ones(spec.shape, out_dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, out_dtype)
         return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(out_dtype)
 
-    return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
+    return jax.jit(draw, out_shardings=sharding)
 
 
 def abstract_params(specs: Any, dtype=jnp.bfloat16, shardings: Any = None) -> Any:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One call on a machine of several H200s (nvidia-h200-x4): DeepSeek on one GPU, tensor / expert parallelism across
+# the GPUs with per-token communication time, and the collectives microbenchmark. Run from the repository root:
+#
+#   bash scripts/gpu/mesh_run.sh            # about 9 minutes on 4 H200s
+#
+# Output under $OUT (default ./gpu_out): log.txt, bench.jsonl, collectives.jsonl. Each step has its own time limit,
+# so one failure leaves the rest standing.
+set -u
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda NCCL_NVLS_ENABLE=0
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/tilert_jax_cache}
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+T0=$(date +%s)
+say() { echo "[mesh_run $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+
+say "commit $(git rev-parse --short HEAD 2>/dev/null)"
+nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 || say "install FAILED"
+
+bench() {  # bench TIMEOUT_S ARGS...
+  local limit=$1; shift
+  say "bench $*"
+  timeout "$limit" python3 -m tilert_jax.bench --random-weights --prompt-len 1024 --new-tokens 128 --repeats 3 \
+    --ttft-repeats 3 --out "$OUT/bench.jsonl" "$@" >> "$LOG" 2>&1 || say "bench $* FAILED or timed out (rc $?)"
+}
+
+# Tensor parallelism on a dense model: tp=1 (XLA and the Pallas decode) against tp=2 and tp=4.
+bench 100 --preset llama-3.1-8b --impl xla,pallas
+bench 100 --preset llama-3.1-8b --tp 4
+bench 100 --preset llama-3.1-8b --tp 2
+# DeepSeek on one GPU: V2-Lite whole (bf16), V3 full-width FP8 layers (one dense, three expert layers).
+bench 120 --preset deepseek-v2-lite --impl xla,pallas
+bench 120 --preset deepseek-v3 --layers 4 --dense-layers 1 --impl xla,pallas
+# DeepSeek-V3 layers across 4 GPUs: experts split over ep, then heads/intermediates over tp.
+bench 120 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4
+bench 120 --preset deepseek-v3 --layers 4 --dense-layers 1 --tp 4
+say "collectives"
+timeout 90 python3 scripts/gpu/collectives_bench.py --tp 4 >> "$OUT/collectives.jsonl" 2>> "$LOG" \
+  || say "collectives FAILED (rc $?)"
+say "done"
+python3 - "$OUT/bench.jsonl" "$OUT/collectives.jsonl" <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    try:
+        rows = [json.loads(line) for line in open(path)]
+    except OSError:
+        continue
+    for r in rows:
+        if "preset" in r:
+            print(f"{r['preset']:18} L={r['num_layers']:<3} tp={r['tp']} ep={r['ep']} {r['impl']:8} "
+                  f"tpot {r['tpot_ms_p50']:7.3f} ms  per layer {r['tpot_ms_per_layer']:.3f}  "
+                  f"frac {r['frac_of_floor']:.3f}  comm {r.get('comm_ms_per_token', 0):.3f} ms  "
+                  f"ttft {r['ttft_ms']:.1f} ms")
+        else:
+            print(json.dumps(r))
+PY
