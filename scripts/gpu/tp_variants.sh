@@ -27,15 +27,20 @@ variant() {  # variant NAME ENV...
     | python3 -c "import json,sys; [print(json.dumps(dict(json.loads(l), variant='$name'))) for l in sys.stdin]" \
     >> "$OUT/variants.jsonl"
 }
-variant default X=1
-variant nccl_ll NCCL_PROTO=LL
-variant cmdbuf_collectives XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,WHILE,CONDITIONAL
-if grep -q xla_gpu_unsupported_use_all_reduce_one_shot_kernel "$OUT/flags.txt"; then
-  variant one_shot XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true
-fi
-if grep -q xla_gpu_experimental_enable_nvshmem "$OUT/flags.txt"; then
-  variant nvshmem XLA_FLAGS=--xla_gpu_experimental_enable_nvshmem=true NVSHMEM_DISABLE_NVLS=1
-fi
+# ONLY: the names to run (default all). A flag this jaxlib does not know is skipped.
+runs() { [ -z "${ONLY:-}" ] || case " $ONLY " in *" $1 "*) ;; *) return 1;; esac; }
+knows() { grep -q "^$1\$" "$OUT/flags.txt"; }
+runs default && variant default X=1
+runs nccl_ll && variant nccl_ll NCCL_PROTO=LL
+runs cmdbuf_collectives && variant cmdbuf_collectives \
+  XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,WHILE,CONDITIONAL
+runs one_shot && variant one_shot XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true
+runs all_reduce_kernel && knows xla_gpu_allow_all_reduce_kernel && \
+  variant all_reduce_kernel XLA_FLAGS=--xla_gpu_allow_all_reduce_kernel=true
+runs collective_kernels && knows xla_gpu_experimental_use_collective_kernels && \
+  variant collective_kernels XLA_FLAGS=--xla_gpu_experimental_use_collective_kernels=true
+runs symmetric_buffers && knows xla_gpu_experimental_enable_nccl_symmetric_buffers && \
+  variant symmetric_buffers "XLA_FLAGS=--xla_gpu_experimental_enable_nccl_symmetric_buffers=true --xla_gpu_enable_nccl_user_buffers=true"
 python3 - "$OUT/variants.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
@@ -43,4 +48,3 @@ for line in open(sys.argv[1]):
     print(f"{r['variant']:20} tpot {r['tpot_ms_p50']:.3f} ms  comm {r['comm_ms_per_token']:.3f} ms  "
           f"no-comm {r['tpot_ms_p50_without_collectives']:.3f} ms")
 PY
-cat "$OUT/flags.txt" | head -60
