@@ -7,8 +7,9 @@
 come from tilert_jax.params.init_params over the family's param_specs; prefill and decode are the engine's Decoder.
 
 What the numbers mean:
-- weight_bytes: the bytes of parameters one decode step reads: every parameter except the embedding table when it
-  is untied (a step reads one row of it); a tied table is the LM head and counts.
+- weight_bytes: the bytes of parameters one decode step reads (the family's decode_weight_bytes): every parameter
+  but only one row of an untied embedding table (a tied table is the LM head and counts); for a mixture of experts,
+  only the experts a token activates. `commit` comes from TILERT_COMMIT when set (the GPU machine has no .git).
 - copy_gbps: a device-to-device copy of a large buffer measured in the same process, counting bytes read plus bytes
   written over the time (the quantity GPU.md gives as 4.28 TB/s on the H200).
 - floor_ms = weight_bytes / copy_gbps. HBM moves bytes at one aggregate rate whether they are read or written, so a
@@ -25,8 +26,8 @@ What the numbers mean:
 - ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
 - ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention) over the
   bf16 matmul rate measured in the same process (mm_tflops, an 8192^3 product) and weight_bytes / copy_gbps.
-- On a mesh (--tp / --ep): weight_bytes is per device (the shards device 0 holds; for a mixture of experts, the
-  active experts' bytes divided over the mesh), so floor_ms is the per-device floor. comm_ms_per_token is the p50
+- On a mesh (--tp / --ep): weight_bytes is per device (divided evenly over the mesh), so floor_ms is the per-device
+  floor. comm_ms_per_token is the p50
   step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
 - tpot_ms_per_layer = tpot_ms_p50 / num_layers (with --layers, the bench runs fewer full-width layers).
 """
@@ -53,7 +54,7 @@ from tilert_jax.sharding import make_mesh, param_shardings
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.models.dense import pallas_ops
-from tilert_jax.params import init_params, is_spec
+from tilert_jax.params import init_params
 from tilert_jax.sampling import SamplingParams
 
 
@@ -96,20 +97,10 @@ def matmul_tflops(n: int, dtype, reps: int = 3, inner: int = 10) -> float:
     return 2 * n ** 3 / _median_time(run, reps, inner) / 1e12
 
 
-def weight_bytes(config, params, dtype, devices: int) -> int:
-    """Bytes of parameters one device reads per decode step (the embedding table only when it doubles as the LM
-    head; a mixture of experts' own count of the experts a token activates, spread over the devices)."""
-    fam = family(config)
-    if hasattr(fam, "decode_weight_bytes"):
-        return int(fam.decode_weight_bytes(config, dtype) // devices)
-
-    def local(x):
-        return x.addressable_shards[0].data.nbytes
-
-    total = sum(local(x) for x in jax.tree.leaves(params))
-    if getattr(params, "lm_head", None) is not None:
-        total -= local(params.embed)
-    return int(total)
+def weight_bytes(config, dtype, devices: int) -> int:
+    """Bytes of parameters one device reads per decode step: the family's count (one row of an untied embedding
+    table; a mixture of experts' active experts), divided evenly over the devices of a mesh."""
+    return int(family(config).decode_weight_bytes(config, dtype) // devices)
 
 
 def kv_bytes(config, batch: int, context: int, dtype) -> int:
@@ -331,11 +322,12 @@ def main(argv=None) -> int:
     params = init_params(specs, jax.random.key(args.seed), dtype, shardings=shardings)
     jax.block_until_ready(params)
     env = {
-        "mesh": mesh, "weight_bytes": weight_bytes(config, params, dtype, args.tp * args.ep),
+        "mesh": mesh, "weight_bytes": weight_bytes(config, dtype, args.tp * args.ep),
         "matmul_params": matmul_params(params),
         "copy_gbps": copy_gbps((args.copy_mib or (2048 if on_gpu else 16)) << 20),
         "mm_tflops": matmul_tflops(8192 if on_gpu else 256, dtype),
-        "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "commit": _git_commit(),
+        "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
+        "commit": os.environ.get("TILERT_COMMIT") or _git_commit(),
     }
     reference: dict[int, np.ndarray] = {}
     sink = open(args.out, "a") if args.out else None

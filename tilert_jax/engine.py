@@ -180,7 +180,8 @@ class Model:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree.leaves(self.params))
+        """Weight bytes one decode step reads (for a mixture of experts, only the experts a token activates)."""
+        return family(self.config).decode_weight_bytes(self.config, self.params.embed.dtype)
 
     def _check_tokens(self, tokens: np.ndarray) -> None:
         if tokens.size == 0:

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec
 from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
 from tilert_jax.kernels import ops, tuning
-from tilert_jax.params import ParamSpec
+from tilert_jax.params import ParamSpec, param_bytes
 from tilert_jax.rope import apply_rope, rope_tables
 from tilert_jax.sharding import collectives
 
@@ -99,6 +99,15 @@ def param_specs(config: DenseConfig) -> DenseParams:
         final_norm=ParamSpec((h,), ("embed",), init="ones"),
         lm_head=None if config.tie_word_embeddings else ParamSpec((h, config.vocab_size), ("embed", "vocab")),
     )
+
+
+def decode_weight_bytes(config: DenseConfig, dtype) -> int:
+    """Weight bytes one decode step reads: every parameter, but only one row of an untied embedding table."""
+    specs = param_specs(config)
+    total = param_bytes(specs, dtype)
+    if specs.lm_head is not None:
+        total -= (config.vocab_size - 1) * config.hidden_size * jnp.dtype(dtype).itemsize
+    return total
 
 
 def init_cache(config: DenseConfig, batch: int, max_len: int, dtype, num_kv_heads: int | None = None) -> kv.KVCache:
