@@ -54,9 +54,10 @@ class GenerationStats:
         return self.weight_bytes / (self.ms_per_token * 1e6) if self.decode_steps else float("nan")
 
     def summary(self) -> str:
-        return (f"prompt {self.prompt_tokens} tokens | TTFT {1e3 * self.ttft_s:.1f} ms | "
-                f"{self.ms_per_token:.2f} ms/token | {self.tokens_per_s:.1f} tokens/s | "
-                f"{self.achieved_gbps:.1f} GB/s | compile {self.compile_s:.1f} s")
+        decode = (f"{self.ms_per_token:.2f} ms/token | {self.tokens_per_s:.1f} tokens/s | "
+                  f"{self.achieved_gbps:.1f} GB/s" if self.decode_steps else "no decode steps (stopped at once)")
+        return (f"prompt {self.prompt_tokens} tokens | TTFT {1e3 * self.ttft_s:.1f} ms | {decode} | "
+                f"compile {self.compile_s:.1f} s")
 
 
 @dataclasses.dataclass
@@ -235,7 +236,8 @@ class Model:
             raise ValueError(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context ({self.config.max_position_embeddings})")
         stop_ids = self.stop_ids if stop_at_eos else ()
-        streamer = _TextStreamer(self.tokenizer, on_text, stop_ids) if on_text and self.tokenizer else None
+        context = [int(ids[-1])]  # decoded with the new tokens, so a leading space survives SentencePiece decoders
+        streamer = _TextStreamer(self.tokenizer, on_text, stop_ids, context) if on_text and self.tokenizer else None
         tokens, stats = self.decoder.run(self.params, ids[None].astype(np.int32), max_new_tokens, sampling, seed,
                                          chunk, stop_ids, streamer.push if streamer else None)
         new = [int(t) for t in tokens[0]]
@@ -245,15 +247,16 @@ class Model:
                 break
         stats.weight_bytes = self.weight_bytes
         stats.new_tokens = len(new)
-        text = self.tokenizer.decode(new) if self.tokenizer else None
+        text = self.tokenizer.decode_continuation(context, new) if self.tokenizer else None
         return GenerationResult(tokens=new, text=text, stats=stats)
 
 
 class _TextStreamer:
     """Turns token chunks into text deltas, holding back incomplete UTF-8 sequences and stopping at EOS."""
 
-    def __init__(self, tokenizer: Tokenizer, on_text: Callable[[str], None], stop_ids: tuple[int, ...]):
-        self.tokenizer, self.on_text, self.stop_ids = tokenizer, on_text, stop_ids
+    def __init__(self, tokenizer: Tokenizer, on_text: Callable[[str], None], stop_ids: tuple[int, ...],
+                 context: list[int]):
+        self.tokenizer, self.on_text, self.stop_ids, self.context = tokenizer, on_text, stop_ids, context
         self.ids: list[int] = []
         self.printed = 0
         self.stopped = False
@@ -264,7 +267,7 @@ class _TextStreamer:
                 return
             self.stopped = int(t) in self.stop_ids
             self.ids.append(int(t))
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode_continuation(self.context, self.ids)
         if text.endswith("\ufffd") and not self.stopped:
             return
         if len(text) > self.printed:
@@ -272,7 +275,7 @@ class _TextStreamer:
             self.printed = len(text)
 
 
-def _resolve(path: str | Path) -> Path:
+def resolve_model_path(path: str | Path) -> Path:
     """A local directory, or a hub id found in the local Hugging Face cache (nothing is downloaded)."""
     p = Path(path).expanduser()
     if p.is_dir():
@@ -293,7 +296,7 @@ def load(path: str | Path, *, dtype=None, mesh=None, impl: str = "xla", progress
     dtype: parameter dtype (default: the checkpoint's own). mesh: from tilert_jax.sharding.make_mesh; None is one
     device.
     """
-    directory = _resolve(path)
+    directory = resolve_model_path(path)
     config = load_config(directory)
     dtype = jnp.dtype(dtype) if dtype else default_dtype(directory, config)
     shardings = None if mesh is None else model_functions(config, mesh).param_shardings  # validates the mesh too

@@ -124,10 +124,10 @@ def run(args) -> int:
     import jax
 
     import tilert_jax
-    from tilert_jax.engine import _resolve
+    from tilert_jax.engine import resolve_model_path
 
     path = args.model if args.model is not None else DEFAULT_MODEL
-    directory = _resolve(path)  # a hub id becomes its snapshot directory in the local cache
+    directory = resolve_model_path(path)  # a hub id becomes its snapshot directory in the local cache
     start = time.perf_counter()
     model = tilert_jax.load(directory, dtype=args.dtype, progress=_checkpoint_bytes(directory) > PROGRESS_BYTES)
     if model.tokenizer is None:

@@ -49,6 +49,13 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_continuation(self, context: list[int], ids: list[int]) -> str:
+        """The text `ids` add after `context`: decoders that drop a word-initial space at the start of a sequence
+        (SentencePiece) keep it when the continuation is decoded after its context."""
+        head = self.decode(context)
+        whole = self.decode(list(context) + list(ids))
+        return whole[len(head):] if whole.startswith(head) else self.decode(ids)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this checkpoint's tokenizer has no chat template")
