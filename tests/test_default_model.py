@@ -2,6 +2,7 @@
 real data. Its held-out loss, measured when it was trained (scripts/train_default_model.py), must not regress."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import tilert_jax
 from tilert_jax.assets import DEFAULT_MODEL
 
-SAMPLE = __import__("pathlib").Path(__file__).parent / "data" / "stdlib_heldout_sample.txt"
+SAMPLE = Path(__file__).parent / "data" / "stdlib_heldout_sample.txt"
 SEQ_LEN = 512
 # Loss in nats/token on SAMPLE (the start of held-out stdlib files, never trained on) measured at training time:
 # MEASURED_SAMPLE_LOSS. The bound leaves room for rounding on other CPUs and BLAS builds, not for a worse model.

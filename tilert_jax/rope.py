@@ -75,8 +75,8 @@ class RopeConfig:
         if self.attention_factor is not None:
             return float(self.attention_factor)
         if self.mscale and self.mscale_all_dim:
-            return float(_yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim))
-        return float(_yarn_mscale(self.factor))
+            return float(yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim))
+        return float(yarn_mscale(self.factor))
 
 
 def _llama3_inv_freq(inv: np.ndarray, rope: RopeConfig) -> np.ndarray:
@@ -91,7 +91,8 @@ def _llama3_inv_freq(inv: np.ndarray, rope: RopeConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """Yarn's magnitude correction for a context stretched `scale` times (DeepSeek also scales its softmax by it)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 

@@ -13,7 +13,6 @@ keys and values; prefill and decode run the absorbed form over the compressed ca
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from tilert_jax.kernels import ops
 from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, weight
 from tilert_jax.params import ParamSpec
-from tilert_jax.rope import RopeConfig, apply_rope, rope_tables
+from tilert_jax.rope import RopeConfig, apply_rope, rope_tables, yarn_mscale
 from tilert_jax.sharding import collectives
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
@@ -118,10 +117,6 @@ _DEFAULTS = {
 }
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
 def _fp8_block(hf: dict) -> tuple[int, int] | None:
     quant = hf.get("quantization_config")
     if not quant:
@@ -154,7 +149,7 @@ def deepseek_config_from_hf(hf: dict) -> DeepseekConfig:
     qk_head_dim = get("qk_nope_head_dim") + rope_dim
     attn_scale = qk_head_dim ** -0.5
     if rope.rope_type != "default" and rope.mscale_all_dim:
-        attn_scale *= _yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+        attn_scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
     if model_type == "deepseek_v2":
         router, topk_method, norm_topk = "softmax", hf.get("topk_method") or "greedy", False
         if topk_method not in ("greedy", "group_limited_greedy"):
