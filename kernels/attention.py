@@ -27,3 +27,28 @@ def attention_reference(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, t, num_heads, v.shape[-1]).astype(v.dtype)
+
+
+
+def self_attention_reference(
+    q: jnp.ndarray,  # [B, T, num_heads, head_dim]
+    k: jnp.ndarray,  # [B, T, num_kv_heads, head_dim]: the keys of the same T tokens
+    v: jnp.ndarray,  # [B, T, num_kv_heads, head_dim]
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> jnp.ndarray:  # [B, T, num_heads, head_dim]
+    """Causal attention of a sequence over itself (a prompt's prefill, the whole-sequence forward)."""
+    positions = jnp.arange(q.shape[1], dtype=jnp.int32)
+    return attention_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
+                               scale=scale, sliding_window=sliding_window)
+
+
+def self_attention_fused(q, k, v, *, scale: float, sliding_window: int | None = None) -> jnp.ndarray:
+    """self_attention_reference fused by cuDNN (flash attention: no [T, T] score matrix in memory) on a GPU in 16-bit
+    floats; elsewhere the reference. Shapes as self_attention_reference."""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return self_attention_reference(q, k, v, scale=scale, sliding_window=sliding_window)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=window,
+                                        implementation="cudnn")

@@ -13,7 +13,7 @@ from tilert_jax.kernels import matvec as _mv
 from tilert_jax.kernels import matvec_residual as _mr
 from tilert_jax.kernels import norm_matvec as _nm
 from tilert_jax.kernels import swiglu_matvec as _sw
-from tilert_jax.kernels.attention import attention_reference
+from tilert_jax.kernels.attention import attention_reference, self_attention_fused, self_attention_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 
 IMPLEMENTATIONS = ("xla", "pallas")
@@ -37,6 +37,17 @@ def rms_norm(x, weight, eps, *, implementation="xla"):
 def attention(q, k, v, q_pos, k_pos, *, scale, sliding_window=None, implementation="xla"):
     _check(implementation)
     return attention_reference(q, k, v, q_pos, k_pos, scale=scale, sliding_window=sliding_window)
+
+
+def self_attention(q, k, v, *, scale, sliding_window=None, implementation="xla"):
+    """Causal attention of T tokens over their own keys ([B, T, heads, head_dim] each); "pallas" takes the fused
+    (cuDNN flash) kernel on a GPU."""
+    _check(implementation)
+    fn = self_attention_fused if implementation == "pallas" else self_attention_reference
+    return fn(q, k, v, scale=scale, sliding_window=sliding_window)
+    positions = jnp.arange(q.shape[1], dtype=jnp.int32)
+    return attention_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
+                               scale=scale, sliding_window=sliding_window)
 
 
 def matvec(x, w, *, transposed=False, out_dtype=None, config=None, implementation="xla"):

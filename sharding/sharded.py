@@ -55,11 +55,11 @@ class ShardedFamily:
         return self._shard(fn, (self.param_specs, REPLICATED), REPLICATED)(params, tokens)
 
     def prefill(self, config, params, tokens, cache, pos, last_index, impl: str = "xla"):
-        def fn(p, t, c, pos, last):
+        def fn(p, t, c, last):  # pos stays as given: a Python int 0 tells the family the cache is fresh
             return self.family.prefill(config, p, t, c, pos, last, impl=impl, **self.axes)
 
-        in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED, REPLICATED)
-        return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, pos, last_index)
+        in_specs = (self.param_specs, REPLICATED, self.cache_specs, REPLICATED)
+        return self._shard(fn, in_specs, (REPLICATED, self.cache_specs))(params, tokens, cache, last_index)
 
     def decode_step(self, config, params, tokens, cache, pos, impl: str = "xla"):
         def fn(p, t, c, pos):

@@ -79,8 +79,10 @@ def test_bfloat16_logits_close(hf_checkpoint):
     assert (ref.argmax(-1) == logits.argmax(-1)).mean() >= 0.9
 
 
-def test_cached_decode_matches_whole_sequence_forward(loaded):
-    """Prefill + one-token decode steps give the logits of the whole-sequence forward at every position."""
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-prefill", "traced-pos-prefill"])
+def test_cached_decode_matches_whole_sequence_forward(loaded, fresh):
+    """Prefill + one-token decode steps give the logits of the whole-sequence forward at every position, whether
+    the prefill attends over its own keys (pos the Python int 0) or over the cache it writes (a traced pos)."""
     import jax.numpy as jnp
 
     from tilert_jax.models import dense
@@ -90,7 +92,7 @@ def test_cached_decode_matches_whole_sequence_forward(loaded):
     tokens = jnp.asarray(PROMPT[:1, :20], jnp.int32)
     full = np.asarray(ours.logits(tokens))[0]
     cache = dense.init_cache(config, 1, 32, params.embed.dtype)
-    logits, cache = dense.prefill(config, params, tokens[:, :8], cache, 0, 7)
+    logits, cache = dense.prefill(config, params, tokens[:, :8], cache, 0 if fresh else jnp.int32(0), 7)
     steps = [np.asarray(logits)[0]]
     for pos in range(8, 20):
         logits, cache = dense.decode_step(config, params, tokens[:, pos], cache, jnp.int32(pos))

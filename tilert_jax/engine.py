@@ -91,7 +91,7 @@ class Decoder:
 
         def prefill(params, tokens, last_index, key):  # tokens: [B, P] -> first sampled token [B], cache
             cache = fam.init_cache(config, tokens.shape[0], max_len, params.embed.dtype)
-            logits, cache = fam.prefill(config, params, tokens, cache, jnp.int32(0), last_index, impl=impl)
+            logits, cache = fam.prefill(config, params, tokens, cache, 0, last_index, impl=impl)
             return sample(logits, jax.random.fold_in(key, last_index), sampling), cache
 
         return jax.jit(prefill)

@@ -130,7 +130,8 @@ def _project(x, w, b):
 
 
 def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl, tp_axis):
-    """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole.
+    """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole,
+    except when pos is the Python int 0 (a fresh prefill): the tokens then attend over their own keys.
 
     Under shard_map over `tp_axis` the weights hold this device's heads; the output is a partial sum to reduce."""
     eps = config.rms_norm_eps
@@ -143,13 +144,17 @@ def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, i
         k = ops.rms_norm(k, p.k_norm, eps, implementation=impl)
     cos, sin = rope_tables(config.rope, positions[None, :], x.dtype)  # [1, T, head_dim]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scale, window = config.head_dim ** -0.5, config.sliding_window
     if cache_kv is None:
-        keys, values, k_pos = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     else:
         keys, values = kv.write(cache_kv[0], k, pos), kv.write(cache_kv[1], v, pos)
+    if cache_kv is None or (isinstance(pos, int) and pos == 0):
+        out = ops.self_attention(q, k, v, scale=scale, sliding_window=window, implementation=impl)
+    else:
         k_pos = jnp.arange(keys.shape[2], dtype=jnp.int32)
-    out = ops.attention(q, keys, values, positions, k_pos, scale=config.head_dim ** -0.5,
-                        sliding_window=config.sliding_window, implementation=impl)
+        out = ops.attention(q, keys, values, positions, k_pos, scale=scale, sliding_window=window,
+                            implementation=impl)
     y = jnp.einsum("btnd,ndh->bth", out, p.wo)
     if p.bo is not None:
         y = y + p.bo
@@ -194,7 +199,8 @@ def forward(config: DenseConfig, params: DenseParams, tokens, impl: str = "xla",
 
 def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, last_index,
             impl: str = "xla", tp_axis=None):
-    """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it).
+    """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it). A Python int
+    pos of 0 (a fresh cache) lets the prompt attend over its own keys, fused on a GPU with impl="pallas".
 
     Returns the float32 logits [B, vocab] of the token at index `last_index` and the updated cache.
     """
