@@ -39,6 +39,10 @@ runs all_reduce_kernel && knows xla_gpu_allow_all_reduce_kernel && \
   variant all_reduce_kernel XLA_FLAGS=--xla_gpu_allow_all_reduce_kernel=true
 runs collective_kernels && knows xla_gpu_experimental_use_collective_kernels && \
   variant collective_kernels XLA_FLAGS=--xla_gpu_experimental_use_collective_kernels=true
+runs sync_all_reduce && knows xla_gpu_enable_async_all_reduce && \
+  variant sync_all_reduce XLA_FLAGS=--xla_gpu_enable_async_all_reduce=false
+runs sync_collectives && knows xla_gpu_disable_async_collectives && \
+  variant sync_collectives XLA_FLAGS=--xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER
 runs symmetric_buffers && knows xla_gpu_experimental_enable_nccl_symmetric_buffers && \
   variant symmetric_buffers "XLA_FLAGS=--xla_gpu_experimental_enable_nccl_symmetric_buffers=true --xla_gpu_enable_nccl_user_buffers=true"
 python3 - "$OUT/variants.jsonl" <<'PY'
