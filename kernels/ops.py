@@ -45,9 +45,6 @@ def self_attention(q, k, v, *, scale, sliding_window=None, implementation="xla")
     _check(implementation)
     fn = self_attention_fused if implementation == "pallas" else self_attention_reference
     return fn(q, k, v, scale=scale, sliding_window=sliding_window)
-    positions = jnp.arange(q.shape[1], dtype=jnp.int32)
-    return attention_reference(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, positions,
-                               scale=scale, sliding_window=sliding_window)
 
 
 def matvec(x, w, *, transposed=False, out_dtype=None, config=None, implementation="xla"):

@@ -27,10 +27,6 @@ def _table() -> dict:
     return table
 
 
-def reload() -> None:
-    _table.cache_clear()
-
-
 def matvec_key(op: str, batch: int, k: int, n: int) -> str:
     return f"{op}:B{batch}:K{k}:N{n}"
 

@@ -24,9 +24,6 @@ class KVCache:
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
 
-    def nbytes_per_token(self) -> int:
-        return sum(a.dtype.itemsize * a.shape[0] * a.shape[1] * a.shape[3] for a in self.k + self.v)
-
 
 def write(buffer: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
     """buffer: [B, H, max_len, D]; new: [B, T, H, D] written at positions pos..pos+T-1."""
