@@ -121,6 +121,18 @@ def matmul_params(params) -> int:
     return total
 
 
+def bench_config(name: str, layers: int = 0, dense_layers: int = -1):
+    """The preset, cut to `layers` full-width layers when given; a mixture of experts keeps `dense_layers` lead
+    dense-MLP layers (default: the preset's) and at least one expert layer."""
+    config = preset(name)
+    if not layers:
+        return config
+    dense = getattr(config, "first_k_dense_replace", 0) if dense_layers < 0 else dense_layers
+    dense = min(dense, layers - 1)
+    return dataclasses.replace(config, num_layers=layers,
+                               **({"first_k_dense_replace": dense} if hasattr(config, "n_routed_experts") else {}))
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -305,12 +317,7 @@ def main(argv=None) -> int:
         if _parse_impl(impl)[0] not in ("xla", "pallas"):
             parser.error(f"unknown --impl {impl!r}")
 
-    config = preset(args.preset)
-    if args.layers:  # fewer full-width layers; a mixture of experts keeps at least one expert layer
-        dense = getattr(config, "first_k_dense_replace", 0) if args.dense_layers < 0 else args.dense_layers
-        dense = min(dense, args.layers - 1)
-        config = dataclasses.replace(config, num_layers=args.layers,
-                                     **({"first_k_dense_replace": dense} if hasattr(config, "n_routed_experts") else {}))
+    config = bench_config(args.preset, args.layers, args.dense_layers)
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         parser.error(f"prompt + new tokens exceed the context ({config.max_position_embeddings})")
     dev = jax.devices()[0]
