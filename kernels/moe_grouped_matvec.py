@@ -28,12 +28,30 @@ from tilert_jax.kernels.common import NN, ROWS, dot, interpret_default, is_pow2,
 f32 = jnp.float32
 
 
+SMS = 132  # H200 multiprocessors
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupedConfig:
     bn: int = 64  # output columns per program (a power of 2; clipped to divide N and the scale block)
     bk: int = 128  # weight rows per loop step (a power of 2; clipped to divide K and the scale block)
+    split: int = 1  # K splits: programs write float32 partial sums, added (and the SwiGLU applied) by XLA after
     num_warps: int = 4
     num_stages: int = 4
+
+
+def default_config(groups: int, k_dim: int, n_dim: int, block: tuple[int, int] | None) -> GroupedConfig:
+    """128-byte weight row segments (bn = 128 FP8 columns or 64 bf16 ones), and the K dimension split until the
+    grid fills the GPU twice over: a single [7168, 576] weight would otherwise run on nine programs."""
+    bn, bk = (64 if block is None else 128), 128
+    picked = tiles(k_dim, n_dim, block, GroupedConfig(bn=bn, bk=bk))
+    if picked is None:
+        return GroupedConfig(bn=bn, bk=bk)
+    bk, bn = picked
+    programs, split = groups * (n_dim // bn), 1
+    while programs * split < 2 * SMS and (k_dim // (2 * split)) % bk == 0 and k_dim // (2 * split) >= 2 * bk:
+        split *= 2
+    return GroupedConfig(bn=bn, bk=bk, split=split)
 
 
 def grouped_matvec_reference(
@@ -58,6 +76,12 @@ def grouped_matvec_reference(
     return y.astype(out_dtype or x.dtype)
 
 
+def _swiglu(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+    """silu(gate) * up from float32 sums, rounded as the reference rounds (each product, then the silu, in dtype)."""
+    g = gate.astype(dtype).astype(f32)
+    return (g / (1.0 + jnp.exp(-g))).astype(dtype).astype(f32) * up.astype(dtype).astype(f32)
+
+
 def _largest_pow2_divisor(n: int, cap: int) -> int:
     b = 1
     while b * 2 <= cap and n % (b * 2) == 0:
@@ -80,16 +104,18 @@ def tiles(k_dim: int, n_dim: int, block: tuple[int, int] | None, config: Grouped
     return bk, bn
 
 
-def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, block, fp8, swiglu, in_dtype, out_dtype,
-            interpret):
+def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, block, fp8, swiglu, in_dtype,
+            out_dtype, interpret):
     it = iter(refs)
     s_ref = next(it) if fp8 else None  # [E, K / bi, N / bo]
     w2_ref = next(it) if swiglu else None  # [E, K, N]
     s2_ref = next(it) if swiglu and fp8 else None
-    o_ref = next(it)  # [G, B, N]
+    o_ref = next(it)  # [G, B, N], or [split, G, B, N] float32 partial sums
+    o2_ref = next(it) if swiglu and split > 1 else None  # the up projection's partial sums
 
     g = pl.program_id(0)
     n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
+    k_begin = pl.program_id(2) * (k_dim // split)
     e = ids_ref[g]
     block_out, block_in = block if fp8 else (1, 1)
 
@@ -101,7 +127,7 @@ def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, block, fp8
         return p
 
     def body(i, accs):
-        k0 = pl.multiple_of(i * bk, bk)
+        k0 = pl.multiple_of(k_begin + i * bk, bk)
         xt = load_rows(x_ref.at[g, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(in_dtype)  # [rows, bk]
         out = [accs[0] + partial(w_ref, s_ref, k0, xt)]
         if swiglu:
@@ -109,12 +135,13 @@ def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, block, fp8
         return tuple(out)
 
     zeros = jnp.zeros((rows, bn), f32)
-    accs = lax.fori_loop(0, k_dim // bk, body, (zeros, zeros) if swiglu else (zeros,))
-    y = accs[0]
-    if swiglu:
-        gate = accs[0].astype(in_dtype).astype(f32)
-        up = accs[1].astype(in_dtype).astype(f32)
-        y = (gate / (1.0 + jnp.exp(-gate))).astype(in_dtype).astype(f32) * up
+    accs = lax.fori_loop(0, k_dim // split // bk, body, (zeros, zeros) if swiglu else (zeros,))
+    if split > 1:
+        part = pl.program_id(2)
+        for ref, acc in zip((o_ref, o2_ref), accs):
+            store_rows(ref.at[part, g, pl.ds(0, rows), pl.ds(n0, bn)], acc, batch)
+        return
+    y = _swiglu(accs[0], accs[1], in_dtype) if swiglu else accs[0]
     store_rows(o_ref.at[g, pl.ds(0, rows), pl.ds(n0, bn)], y.astype(out_dtype), batch)
 
 
@@ -131,11 +158,11 @@ def grouped_matvec(
     config: GroupedConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:  # [G, B, N]
-    cfg = config or GroupedConfig()
     if x.ndim != 3 or w.ndim != 3 or ids.ndim != 1 or ids.shape[0] != x.shape[0] or w.shape[1] != x.shape[2]:
         raise ValueError(f"shapes x {x.shape}, w {w.shape}, ids {ids.shape} do not form a grouped product")
     groups, batch, k_dim = x.shape
     n_dim = w.shape[2]
+    cfg = config or default_config(groups, k_dim, n_dim, block if scale is not None else None)
     if batch > ROWS:
         raise ValueError(f"{batch} rows per group > {ROWS}: use the XLA path")
     fp8 = scale is not None
@@ -148,20 +175,33 @@ def grouped_matvec(
         raise ValueError(f"K={k_dim}, N={n_dim} do not tile by powers of 2 >= 16")
     bk, bn = picked
     assert is_pow2(bk) and is_pow2(bn)
+    split = cfg.split
+    if k_dim % (split * bk):
+        raise ValueError(f"K={k_dim} must be a multiple of split * bk = {split} * {bk}")
     rows = max(ROWS, next_pow2(batch))
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     interpret = interpret_default() if interpret is None else interpret
+    swiglu = w2 is not None
     kernel = lambda *refs: _kernel(  # noqa: E731
-        *refs, batch=batch, rows=rows, k_dim=k_dim, bk=bk, bn=bn, block=block, fp8=fp8, swiglu=w2 is not None,
-        in_dtype=x.dtype, out_dtype=out_dtype, interpret=interpret)
+        *refs, batch=batch, rows=rows, k_dim=k_dim, bk=bk, bn=bn, split=split, block=block, fp8=fp8,
+        swiglu=swiglu, in_dtype=x.dtype, out_dtype=out_dtype, interpret=interpret)
     inputs = [ids.astype(jnp.int32), x, w] + ([scale.astype(f32)] if fp8 else [])
-    if w2 is not None:
+    if swiglu:
         inputs += [w2] + ([scale2.astype(f32)] if fp8 else [])
-    return pl.pallas_call(
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((groups, batch, n_dim), out_dtype)
+    else:
+        out_shape = [jax.ShapeDtypeStruct((split, groups, batch, n_dim), f32)] * (2 if swiglu else 1)
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((groups, batch, n_dim), out_dtype),
-        grid=(groups, n_dim // bn),
+        out_shape=out_shape,
+        grid=(groups, n_dim // bn, split),
         compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
         interpret=interpret,
         name="moe_grouped_matvec",
     )(*inputs)
+    if split == 1:
+        return out
+    if swiglu:
+        return _swiglu(out[0].sum(0), out[1].sum(0), x.dtype).astype(out_dtype)
+    return out[0].sum(0).astype(out_dtype)

@@ -95,10 +95,12 @@ def test_group_limited_greedy_masks_other_groups():
     np.testing.assert_allclose(weights[0], 2.0 * jax.lax.top_k(jax.nn.softmax(logits[0]), 3)[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8_swiglu"])
-def test_grouped_matvec_kernel_matches_reference(kind):
+def test_grouped_matvec_kernel_matches_reference(kind, split):
     """The Pallas kernel (interpret mode on the CPU) against its jnp reference, in float32 so the two orders of
-    rounding agree closely: groups pick experts out of order and twice, partial scale blocks included."""
+    rounding agree closely: groups pick experts out of order and twice, partial scale blocks included, and the K
+    dimension whole or split three ways into partial sums."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
     keys = jax.random.split(jax.random.key(7), 4)
@@ -115,7 +117,7 @@ def test_grouped_matvec_kernel_matches_reference(kind):
         if kind == "fp8_swiglu":
             q2, s2 = fp8_matmul.quantize(w2, block)
             args.update(w2=q2, scale2=s2)
-    out = gm.grouped_matvec(x, ids=ids, interpret=True, **args)
+    out = gm.grouped_matvec(x, ids=ids, interpret=True, config=gm.GroupedConfig(bn=16, bk=32, split=split), **args)
     ref = gm.grouped_matvec_reference(x, ids=ids, **args)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -145,13 +147,22 @@ def test_tiled_experts_match_ragged(fp8):
 
 
 def test_pallas_linear_paths():
-    """deepseek_linear.linear with impl="pallas" at decode size: bf16 weights through kernels/matvec.py, FP8 ones
-    through the one-group grouped kernel; shapes that do not tile fall back to XLA."""
-    from tilert_jax.models.deepseek_linear import linear
+    """deepseek_linear.linear and .swiglu with impl="pallas" at decode size run the one-group grouped kernel (bf16
+    and FP8, K split into partial sums by the default configuration) and equal the XLA path; shapes that do not tile
+    fall back to XLA."""
+    from tilert_jax.kernels import moe_grouped_matvec
+    from tilert_jax.models.deepseek_linear import linear, swiglu
 
-    x = jax.random.normal(jax.random.key(10), (1, 1, 256))
-    w = jax.random.normal(jax.random.key(11), (256, 128)) * 0.1
-    q, s = fp8_matmul.quantize(w, (128, 128))
+    assert moe_grouped_matvec.default_config(1, 1024, 128, (128, 128)).split > 1
+    keys = jax.random.split(jax.random.key(10), 3)
+    x = jax.random.normal(keys[0], (1, 1, 1024))
+    w = jax.random.normal(keys[1], (1024, 128)) * 0.1
+    w2 = jax.random.normal(keys[2], (1024, 128)) * 0.1
+    (q, s), (q2, s2) = fp8_matmul.quantize(w, (128, 128)), fp8_matmul.quantize(w2, (128, 128))
     for lin, block in ((Linear(w=w), None), (Linear(w=q, scale=s), (128, 128)), (Linear(w=w[:, :40]), None)):
         np.testing.assert_allclose(linear(x, lin, block, "pallas"), linear(x, lin, block, "xla"), rtol=1e-5,
                                    atol=1e-5)
+    for gate, up, block in ((Linear(w=w), Linear(w=w2), None), (Linear(w=q, scale=s), Linear(w=q2, scale=s2),
+                                                                (128, 128))):
+        np.testing.assert_allclose(swiglu(x, gate, up, block, "pallas"), swiglu(x, gate, up, block, "xla"),
+                                   rtol=1e-5, atol=1e-5)

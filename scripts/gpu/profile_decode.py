@@ -15,6 +15,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import sys
 import tempfile
 import time
@@ -44,6 +45,16 @@ def gpu_kernel_events(trace: dict) -> list[dict]:
         seen = sorted({f"{process[pid]} / {name}" for (pid, _), name in thread.items() if pid in process})
         raise SystemExit(f"no GPU stream events in the trace (processes / threads seen: {seen})")
     return events
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """Kernel name (an XLA fusion's instruction name, dots as underscores) -> its op_name and source line."""
+    sources = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{([^}]*)\}", hlo_text, re.M):
+        meta = dict(re.findall(r'(\w+)="?([^" ]*)"?', m.group(2)))
+        where = f"{Path(meta.get('source_file', '?')).name}:{meta.get('source_line', '?')}"
+        sources[re.sub(r"[.\-]", "_", m.group(1))] = f"{meta.get('op_name', '?')[-60:]} @ {where}"
+    return sources
 
 
 def summarize(events: list[dict], steps: int, top: int) -> dict:
@@ -110,13 +121,18 @@ def main(argv=None) -> int:
     summary = {"preset": args.preset, "impl": args.impl, "num_layers": config.num_layers,
                "wall_us_per_step_traced": 1e6 * wall / steps,
                **summarize(gpu_kernel_events(trace), steps, args.top)}
+    hlo = decode.as_text()
+    (out / "decode_hlo.txt").write_text(hlo)
+    sources = hlo_sources(hlo)
+    for k in summary["kernels"]:
+        k["source"] = sources.get(k["name"], "")
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
     print(f"{args.preset} impl={args.impl} layers={config.num_layers}: span {summary['span_us_per_step']:.1f} us/step, "
           f"busy {summary['busy_us_per_step']:.1f}, gaps {summary['gap_us_per_step']:.1f}, "
           f"{summary['kernels_per_step']:.0f} kernels/step (trace {trace_file})")
     for k in summary["kernels"]:
         print(f"  {k['us_per_step']:9.1f} us/step {k['calls_per_step']:6.1f} calls {k['us_per_call']:8.2f} us/call  "
-              f"{k['name'][:110]}")
+              f"{k['name'][:40]:40s} {k['source']}")
     return 0
 
 

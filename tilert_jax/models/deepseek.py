@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from tilert_jax import config as config_lib
 from tilert_jax.kernels import ops
 from tilert_jax.models import mla, moe
-from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, weight
+from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, swiglu, weight
 from tilert_jax.params import ParamSpec
 from tilert_jax.rope import RopeConfig, apply_rope, rope_tables, yarn_mscale
 from tilert_jax.sharding import collectives
@@ -496,7 +496,7 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
 def _mlp(config: DeepseekConfig, p: MLP, x, impl: str = "xla"):
     """Under shard_map: a partial sum over this device's slice of the intermediate dimension."""
     blk = config.fp8_block
-    return linear(jax.nn.silu(linear(x, p.gate, blk, impl)) * linear(x, p.up, blk, impl), p.down, blk, impl)
+    return linear(swiglu(x, p.gate, p.up, blk, impl), p.down, blk, impl)
 
 
 def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):

@@ -63,36 +63,41 @@ def weight(lin: Linear, block: tuple[int, int] | None, dtype) -> jax.Array:
 def linear(x: jax.Array, lin: Linear, block: tuple[int, int] | None, impl: str = "xla") -> jax.Array:
     """x: [..., in] -> [..., out] in x's dtype.
 
-    impl="pallas" with at most 16 rows (decode) streams the weight through a Pallas kernel: FP8 weights are
-    dequantized tile by tile in the kernel (kernels/moe_grouped_matvec.py, one group), bf16 ones go through
-    kernels/matvec.py. Shapes the kernels do not tile stay on the XLA path."""
-    y = _pallas_linear(x, lin, block) if impl == "pallas" else None
+    impl="pallas" with at most 16 rows (decode) streams the weight through the grouped matvec kernel as one group
+    (kernels/moe_grouped_matvec.py: FP8 tiles dequantized in the kernel, the K dimension split when the output is
+    narrow). Shapes the kernel does not tile stay on the XLA path."""
+    y = _pallas_linear(x, (lin,), block) if impl == "pallas" else None
     if y is None:
         y = jnp.matmul(x, weight(lin, block, x.dtype))
     return y if lin.b is None else y + lin.b.astype(y.dtype)
 
 
-def _pallas_linear(x: jax.Array, lin: Linear, block) -> jax.Array | None:
-    from tilert_jax.kernels import matvec, moe_grouped_matvec
+def swiglu(x: jax.Array, gate: Linear, up: Linear, block: tuple[int, int] | None, impl: str = "xla") -> jax.Array:
+    """silu(x @ gate) * (x @ up): [..., in] -> [..., intermediate], one kernel launch for both with impl="pallas"."""
+    y = _pallas_linear(x, (gate, up), block) if impl == "pallas" and gate.b is None and up.b is None else None
+    if y is None:
+        y = jax.nn.silu(linear(x, gate, block)) * linear(x, up, block)
+    return y
+
+
+def _pallas_linear(x: jax.Array, lins: tuple[Linear, ...], block) -> jax.Array | None:
+    """One Linear, or (gate, up) with the SwiGLU epilogue, through the grouped kernel; None when it does not apply."""
+    from tilert_jax.kernels import moe_grouped_matvec
 
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    k_dim, n_dim = lin.w.shape[-2:]
-    if lin.w.ndim != 2 or rows > 16:
+    first = lins[0]
+    k_dim, n_dim = first.w.shape[-2:]
+    fp8 = first.scale is not None
+    if first.w.ndim != 2 or rows > 16 or moe_grouped_matvec.tiles(k_dim, n_dim, block if fp8 else None) is None:
         return None
-    x2 = x.reshape(rows, k_dim)
-    if lin.scale is not None:
-        if moe_grouped_matvec.tiles(k_dim, n_dim, block) is None or lin.scale.shape != (
-                cdiv(k_dim, block[1]), cdiv(n_dim, block[0])):
-            return None
-        y = moe_grouped_matvec.grouped_matvec(x2[None], lin.w[None], jnp.zeros((1,), jnp.int32),
-                                              scale=lin.scale[None], block=block)[0]
-    else:
-        cfg = matvec.MatvecConfig()
-        if n_dim % cfg.bn or k_dim % cfg.bk:
-            return None
-        y = matvec.matvec(x2, lin.w.astype(x.dtype), config=cfg)
+    if fp8 and any(lin.scale.shape != (cdiv(k_dim, block[1]), cdiv(n_dim, block[0])) for lin in lins):
+        return None
+    stack = [(lin.w[None], None if lin.scale is None else lin.scale[None]) for lin in lins]  # one-expert stacks
+    (w, scale), (w2, scale2) = stack[0], (stack[1] if len(stack) > 1 else (None, None))
+    y = moe_grouped_matvec.grouped_matvec(x.reshape(1, rows, k_dim), w, jnp.zeros((1,), jnp.int32), scale=scale,
+                                          block=block if fp8 else None, w2=w2, scale2=scale2)[0]
     return y.reshape(*x.shape[:-1], n_dim)
 
 
