@@ -257,8 +257,9 @@ def test_tensor_parallel_mesh_matches_transformers(ds_checkpoint):
 
 
 def test_pallas_decode_matches_transformers(ds_checkpoint):
-    """impl="pallas": decode's FP8 Linears and routed experts run the grouped matvec kernel (interpreted on the
-    CPU), reading experts in place and dequantizing tiles in the kernel; greedy tokens stay transformers'."""
+    """impl="pallas": decode's FP8 Linears, router and routed experts run the grouped matvec kernel and attention
+    the MLA decode kernels (interpreted on the CPU), reading experts and kv_b in place and dequantizing tiles in the
+    kernel; greedy tokens stay transformers'."""
     model, _, directory = ds_checkpoint("v3", "fp8", True, False, False)
     ours = tilert_jax.load(directory, dtype="float32", impl="pallas")
     with torch.no_grad():

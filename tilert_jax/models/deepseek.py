@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tilert_jax import config as config_lib
-from tilert_jax.kernels import ops
+from tilert_jax.kernels import mla_decode, ops
 from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, swiglu, weight
 from tilert_jax.params import ParamSpec
@@ -472,23 +472,28 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
         new_kv = jax.lax.dynamic_update_slice(kv_cache, entry, (0, pos, 0))
         length = new_kv.shape[1]
         visible = positions[None, :, None] >= jnp.arange(length, dtype=jnp.int32)[None, None, :]  # [1, T, S]
-        w_kv = weight(p.kv_b, blk, x.dtype).reshape(r, n, dn + dv)
-        q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
-        q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
-        new_index = index_cache
+        new_index, top = index_cache, None
         if p.indexer is not None and length > config.index_topk:
             iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
             new_index = jax.lax.dynamic_update_slice(index_cache, ik.astype(index_cache.dtype), (0, pos, 0))
             top = mla.select_top(mla.index_scores(iq, new_index, hw, visible), config.index_topk)  # [B, T, K]
-            if t == 1:  # decode: read only the selected tokens
+        fp8_blk = None if p.kv_b.scale is None else blk
+        if impl == "pallas" and t == 1 and top is None and mla_decode.supported(n, dn, dr, dv, r, fp8_blk):
+            out = mla_decode.mla_decode(q_nope[:, 0], q_pe[:, 0], p.kv_b.w, p.kv_b.scale, fp8_blk, new_kv,
+                                        positions[0], softmax_scale=config.attn_scale)[:, None]  # [B, 1, H, dv]
+        else:
+            w_kv = weight(p.kv_b, blk, x.dtype).reshape(r, n, dn + dv)
+            q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
+            q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
+            if top is None:
+                o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
+            elif t == 1:  # decode: read only the selected tokens
                 o_lat = mla.attend_latent_selected(q_cat, new_kv, top, top <= positions[None, :, None],
                                                    config.attn_scale, r)
             else:
                 o_lat = mla.attend_latent(q_cat, new_kv, visible & mla.selection_mask(top, length),
                                           config.attn_scale, r)
-        else:
-            o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
-        out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(x.dtype), w_kv[..., dn:])
+            out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(x.dtype), w_kv[..., dn:])
     y = linear(out.reshape(b, t, n * dv), Linear(w=p.o.w, scale=p.o.scale), blk, impl)
     return y, new_kv, new_index
 
@@ -505,7 +510,7 @@ def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):
     shard only, so one reduction over the expert and tensor axes sums each contribution once."""
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
-    logits = jnp.matmul(flat.astype(jnp.float32), p.router.astype(jnp.float32))  # [N, E]
+    logits = moe.router_logits(flat, p.router, impl)  # [N, E] float32
     if config.router == "softmax":
         weights, index = moe.route_softmax(logits, config.num_experts_per_tok, config.topk_method, config.n_group,
                                            config.topk_group, config.routed_scaling_factor)

@@ -19,6 +19,20 @@ from tilert_jax.kernels import fp8_matmul, moe_grouped_matvec
 from tilert_jax.models.deepseek_linear import Linear, weight
 
 
+def router_logits(x: jnp.ndarray,  # [N, hidden]
+                  router: jnp.ndarray,  # [hidden, E]
+                  impl: str = "xla") -> jnp.ndarray:  # [N, E] float32
+    """The router's logits in float32, as transformers computes them. Products of two bf16 values are exact in
+    float32, so at decode size the Pallas path multiplies the stored values in the grouped kernel with float32
+    accumulation (XLA makes this narrow product a slow multiply-reduce)."""
+    n, h = x.shape
+    if (impl == "pallas" and n <= 16 and router.dtype == x.dtype
+            and moe_grouped_matvec.tiles(h, router.shape[1], None) is not None):
+        return moe_grouped_matvec.grouped_matvec(x[None], router[None], jnp.zeros((1,), jnp.int32),
+                                                 out_dtype=jnp.float32)[0]
+    return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))
+
+
 def route_softmax(logits: jnp.ndarray,  # [N, E] float32 router logits
                   top_k: int, method: str, n_group: int | None, topk_group: int | None,
                   routed_scaling_factor: float) -> tuple[jnp.ndarray, jnp.ndarray]:  # weights [N, k], index [N, k]

@@ -1,0 +1,220 @@
+"""One decode step of multi-head latent attention (DeepSeek V2 / V3) over the latent cache, absorbed form.
+
+Per token the cache holds [latent (r = kv_lora_rank), rope key (dr)]; kv_b_proj's weight [r, H, dn + dv] is W_UK
+(its first dn columns per head) beside W_UV (the last dv). With q = [q_nope, q_pe] per head:
+
+    q_lat[h]  = W_UK[:, h, :] @ q_nope[h]                           absorb_query      grid (B, H, r / br)
+    p[h, s]   = softmax_s(scale * (q_lat[h] . c_lat[s] + q_pe[h] . c_pe[s]))   for s <= pos
+    o_lat[h]  = sum_s p[h, s] c_lat[s]                              latent_attention  grid (B, H / bh, P)
+    out[h]    = o_lat[h] @ W_UV[:, h, :]                            absorb_output     grid (B, H, dv / bd)
+
+Three launches in place of XLA's dozen (the absorbed einsums as multiply-reduce fusions, softmax pieces, casts):
+- absorb_query reads each head's W_UK tile in place from the kv_b weight (strided, no slice copy), FP8 tiles
+  dequantized in registers;
+- latent_attention is split-sequence (flash-decoding): all heads of a block share each cache tile (a 16-row
+  tensor-core dot per tile: the latent cache is one key/value "head" for every query head), and each of the P splits
+  writes its unnormalised accumulator with its running max and sum;
+- absorb_output merges the P splits in its prologue, then multiplies by the head's W_UV tile.
+
+Lowering: Triton, for the reasons of decode_attention.py (dynamically bounded, masked loops over the cache and
+16-row dots; matrix-vector products for the absorptions). The latent cache holds the new token already (the caller
+writes it); positions past `pos` are never read.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from tilert_jax.kernels import fp8_matmul
+from tilert_jax.kernels.common import NN, NT, ROWS, dot, interpret_default, is_pow2, load_rows, store_rows, \
+    triton_params
+
+f32 = jnp.float32
+NEG = -1e30  # finite "minus infinity" (see decode_attention.py)
+
+
+def mla_decode_reference(
+    q_nope: jax.Array,  # [B, H, dn]
+    q_pe: jax.Array,  # [B, H, dr] (rope applied)
+    w: jax.Array,  # [r, H * (dn + dv)] kv_b_proj weight (float8_e4m3fn with `w_scale`)
+    w_scale: jax.Array | None,  # [ceil(r / block_in), ceil(H * (dn + dv) / block_out)] float32
+    block: tuple[int, int] | None,  # (block_out, block_in)
+    cache: jax.Array,  # [B, S, r + dr]: [latent, rope key] per token, the new token already written
+    pos: jax.Array,  # int32 scalar: attend to positions 0..pos
+    *,
+    softmax_scale: float,
+) -> jax.Array:  # [B, H, dv] in q_nope's dtype
+    dtype = q_nope.dtype
+    batch, heads, dn = q_nope.shape
+    r = cache.shape[-1] - q_pe.shape[-1]
+    wkv = w.astype(dtype) if w_scale is None else fp8_matmul.dequantize(w, w_scale, block, dtype)
+    wkv = wkv.reshape(r, heads, -1)
+    q_lat = jnp.einsum("bhd,rhd->bhr", q_nope, wkv[..., :dn])
+    q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(cache.dtype)
+    scores = jnp.einsum("bhc,bsc->bhs", q_cat, cache, preferred_element_type=f32) * softmax_scale
+    visible = jnp.arange(cache.shape[1]) <= pos
+    probs = jax.nn.softmax(jnp.where(visible[None, None, :], scores, -jnp.inf), axis=-1).astype(cache.dtype)
+    o_lat = jnp.einsum("bhs,bsr->bhr", probs, cache[..., :r], preferred_element_type=f32).astype(cache.dtype)
+    return jnp.einsum("bhr,rhd->bhd", o_lat.astype(dtype), wkv[..., dn:])
+
+
+def _w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width):
+    """float32 [br, width] of the kv_b weight (viewed [r, H, dn + dv]) at rows r0.., head h, columns c0..; FP8
+    tiles (which lie inside one scale block) times their block's scale."""
+    t = plt.load(w_ref.at[pl.ds(r0, br), h, pl.ds(c0, width)], eviction_policy="evict_first").astype(f32)
+    if s_ref is not None:
+        block_out, block_in = block
+        t = t * s_ref[r0 // block_in, (h * row_width + c0) // block_out]
+    return t
+
+
+def _absorb_query_kernel(q_ref, w_ref, *refs, dn, br, block, row_width, dtype):
+    s_ref = refs[0] if len(refs) == 2 else None
+    o_ref = refs[-1]  # [B, H, r]
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r0 = pl.multiple_of(j * br, br)
+    width = dn if s_ref is None else min(dn, block[0])
+    acc = jnp.zeros((br,), f32)
+    for c0 in range(0, dn, width):  # FP8: one scale block of columns at a time
+        q = plt.load(q_ref.at[b, pl.ds(h, 1), pl.ds(c0, width)]).astype(f32)  # [1, width]
+        acc += jnp.sum(_w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width) * q, axis=1)
+    plt.store(o_ref.at[b, h, pl.ds(r0, br)], acc.astype(dtype))
+
+
+def _attention_kernel(ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *, heads, rows, r, dr, splits, bs,
+                      scale, dtype, interpret):
+    b, hb, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    h0 = hb * rows
+    valid_heads = min(heads, rows)  # fewer than 16 heads: the dot's extra rows are masked
+    q_lat = load_rows(ql_ref.at[b, pl.ds(h0, rows), pl.ds(0, r)], valid_heads).astype(dtype)  # [rows, r]
+    q_pe = load_rows(qp_ref.at[b, pl.ds(h0, rows), pl.ds(0, dr)], valid_heads).astype(dtype)  # [rows, dr]
+    total = pos_ref[0] + 1
+    per = (total + splits - 1) // splits
+    start = p * per
+    end = jnp.minimum(start + per, total)
+    nblocks = (jnp.maximum(end - start, 0) + bs - 1) // bs
+
+    def body(t, carry):
+        m, l, acc = carry  # [rows, 1], [rows, 1], [rows, r]
+        t0 = start + t * bs
+        valid = t0 + lax.broadcasted_iota(jnp.int32, (bs, 1), 0) < end  # [bs, 1]
+        c_lat = plt.load(c_ref.at[b, pl.ds(t0, bs), pl.ds(0, r)], mask=jnp.broadcast_to(valid, (bs, r)), other=0)
+        c_pe = plt.load(c_ref.at[b, pl.ds(t0, bs), pl.ds(r, dr)], mask=jnp.broadcast_to(valid, (bs, dr)), other=0)
+        s = (dot(q_lat, c_lat, NT, interpret) + dot(q_pe, c_pe, NT, interpret)) * scale  # [rows, bs]
+        s = jnp.where(jnp.transpose(valid), s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        alpha = jnp.exp(m - m_new)
+        pr = jnp.exp(s - m_new)
+        l = l * alpha + jnp.sum(pr, axis=1, keepdims=True)
+        acc = acc * alpha + dot(pr.astype(dtype), c_lat, NN, interpret)
+        return m_new, l, acc
+
+    init = (jnp.full((rows, 1), NEG, f32), jnp.zeros((rows, 1), f32), jnp.zeros((rows, r), f32))
+    m, l, acc = lax.fori_loop(0, nblocks, body, init)
+    store_rows(o_ref.at[p, b, pl.ds(h0, rows), pl.ds(0, r)], acc, valid_heads)
+    store_rows(m_ref.at[p, b, pl.ds(h0, rows), pl.ds(0, 1)], m, valid_heads)
+    store_rows(l_ref.at[p, b, pl.ds(h0, rows), pl.ds(0, 1)], l, valid_heads)
+
+
+def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, splits, block, row_width, cache_dtype,
+                          dtype):
+    s_ref = refs[0] if len(refs) == 2 else None
+    out_ref = refs[-1]  # [B, H, dv]
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    c0 = dn + j * bd
+    m = plt.load(m_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)])  # [P, 1]: the splits' running maxima and sums
+    weight = jnp.exp(m - jnp.max(m, axis=0, keepdims=True))  # [P, 1]
+    norm = jnp.sum(weight * plt.load(l_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)]), axis=0, keepdims=True)
+    acc = jnp.zeros((bd,), f32)
+    for r0 in range(0, r, br):
+        parts = plt.load(o_ref.at[pl.ds(0, splits), b, h, pl.ds(r0, br)])  # [P, br] float32
+        o_lat = (jnp.sum(weight * parts, axis=0, keepdims=True) / norm).astype(cache_dtype).astype(dtype)  # [1, br]
+        tile = _w_tile(w_ref, s_ref, r0, h, c0, br, bd, block, row_width)  # [br, bd]
+        acc += jnp.sum(tile * jnp.transpose(o_lat.astype(f32)), axis=0)
+    plt.store(out_ref.at[b, h, pl.ds(j * bd, bd)], acc.astype(dtype))
+
+
+def supported(heads: int, dn: int, dr: int, dv: int, r: int, block: tuple[int, int] | None) -> bool:
+    """The shapes the kernels tile: powers of 2 (dots of at least 16 on a GPU), heads in whole blocks of 16 (or
+    fewer than 16), FP8 heads starting on scale-block edges."""
+    dims = (dn, dr, dv, r)
+    if not all(is_pow2(d) for d in dims) or (not interpret_default() and min(dims) < 16):
+        return False
+    if heads > ROWS and heads % ROWS:
+        return False
+    if block is not None:
+        block_out, block_in = block
+        return dn % block_out == 0 and dv % block_out == 0 and is_pow2(block_in) and r % block_in == 0
+    return True
+
+
+def mla_decode(
+    q_nope: jax.Array,  # [B, H, dn]
+    q_pe: jax.Array,  # [B, H, dr]
+    w: jax.Array,  # [r, H * (dn + dv)]
+    w_scale: jax.Array | None,
+    block: tuple[int, int] | None,
+    cache: jax.Array,  # [B, S, r + dr]
+    pos: jax.Array,  # int32 scalar
+    *,
+    softmax_scale: float,
+    splits: int | None = None,  # sequence splits of latent_attention (default: fill the GPU about once)
+    bs: int = 32,  # cache tokens per loop step
+    num_warps: int = 4,
+    interpret: bool | None = None,
+) -> jax.Array:  # [B, H, dv]
+    """See mla_decode_reference for the meaning; the three launches are described at the top of this file."""
+    batch, heads, dn = q_nope.shape
+    dr = q_pe.shape[-1]
+    length, r = cache.shape[1], cache.shape[2] - dr
+    row_width = w.shape[1] // heads
+    dv = row_width - dn
+    if q_pe.shape[:2] != (batch, heads) or cache.shape[0] != batch or w.shape != (r, heads * row_width):
+        raise ValueError(f"shapes q_nope {q_nope.shape}, q_pe {q_pe.shape}, w {w.shape}, cache {cache.shape} "
+                         "do not form one MLA decode step")
+    if (w_scale is None) != (block is None) or not supported(heads, dn, dr, dv, r, block):
+        raise ValueError(f"unsupported MLA shapes dn={dn} dr={dr} dv={dv} r={r} block={block}")
+    dtype = q_nope.dtype
+    interpret = interpret_default() if interpret is None else interpret
+    params = triton_params(num_warps, 2)
+    w3 = w.reshape(r, heads, row_width)
+    scale_in = [] if w_scale is None else [w_scale.astype(f32)]
+    br = r if block is None else min(r, block[1])
+
+    q_lat = pl.pallas_call(
+        lambda *refs: _absorb_query_kernel(*refs, dn=dn, br=min(br, 128), block=block, row_width=row_width,
+                                           dtype=dtype),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, r), dtype),
+        grid=(batch, heads, r // min(br, 128)),
+        compiler_params=params, interpret=interpret, name="mla_absorb_query",
+    )(q_nope, w3, *scale_in)
+
+    rows = ROWS  # heads per latent_attention program: one 16-row dot per cache tile
+    head_blocks = -(-heads // rows)
+    if splits is None:
+        splits = max(1, min(16, 128 // (batch * head_blocks), length // bs))
+        splits = 1 << (splits.bit_length() - 1)  # a power of 2: absorb_output loads the splits as one tile
+    if not is_pow2(splits):
+        raise ValueError(f"splits must be a power of 2, got {splits}")
+    part = jax.ShapeDtypeStruct((splits, batch, heads, r), f32)
+    stat = jax.ShapeDtypeStruct((splits, batch, heads, 1), f32)
+    o, m, l = pl.pallas_call(
+        lambda *refs: _attention_kernel(*refs, heads=heads, rows=rows, r=r, dr=dr, splits=splits, bs=bs,
+                                        scale=float(softmax_scale), dtype=cache.dtype, interpret=interpret),
+        out_shape=[part, stat, stat],
+        grid=(batch, head_blocks, splits),
+        compiler_params=params, interpret=interpret, name="mla_latent_attention",
+    )(q_lat.astype(cache.dtype), q_pe.astype(cache.dtype), cache, jnp.reshape(pos, (1,)).astype(jnp.int32))
+
+    bd = min(dv, 64) if block is None else min(dv, 64, block[0])
+    return pl.pallas_call(
+        lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=min(br, 128), bd=bd, splits=splits, block=block,
+                                            row_width=row_width, cache_dtype=cache.dtype, dtype=dtype),
+        out_shape=jax.ShapeDtypeStruct((batch, heads, dv), dtype),
+        grid=(batch, heads, dv // bd),
+        compiler_params=params, interpret=interpret, name="mla_absorb_output",
+    )(o, m, l, w3, *scale_in)
