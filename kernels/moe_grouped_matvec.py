@@ -104,11 +104,19 @@ def tiles(k_dim: int, n_dim: int, block: tuple[int, int] | None, config: Grouped
     return bk, bn
 
 
-def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, block, fp8, swiglu, in_dtype,
+def _fp8_pairs(t):
+    """uint16 [..., n] holding two FP8 values each -> (even columns, odd columns) as float8_e4m3fn [..., n]
+    (little-endian: the low byte is the even column)."""
+    lo = lax.bitcast_convert_type((t & 0xFF).astype(jnp.uint8), jnp.float8_e4m3fn)
+    hi = lax.bitcast_convert_type((t >> 8).astype(jnp.uint8), jnp.float8_e4m3fn)
+    return lo, hi
+
+
+def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, block, fp8, packed, swiglu, in_dtype,
             out_dtype, interpret):
     it = iter(refs)
     s_ref = next(it) if fp8 else None  # [E, K / bi, N / bo]
-    w2_ref = next(it) if swiglu else None  # [E, K, N]
+    w2_ref = next(it) if swiglu else None  # [E, K, N] ([E, K, N / 2] uint16 pairs when packed)
     s2_ref = next(it) if swiglu and fp8 else None
     o_ref = next(it)  # [G, B, N], or [split, G, B, N] float32 partial sums
     o2_ref = next(it) if swiglu and split > 1 else None  # the up projection's partial sums
@@ -118,31 +126,42 @@ def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, blo
     k_begin = pl.program_id(2) * (k_dim // split)
     e = ids_ref[g]
     block_out, block_in = block if fp8 else (1, 1)
+    phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
+    width = bn // phases
 
-    def partial(wr, sr, k0, xt):
-        wt = plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0, bn)], eviction_policy="evict_first")  # [bk, bn]
-        p = dot(xt, wt.astype(in_dtype), NN, interpret)  # [rows, bn] float32
+    def partial(wr, sr, k0, xt):  # -> per phase [rows, width] float32
+        if packed:
+            tiles_ = _fp8_pairs(plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0 // 2, width)],
+                                         eviction_policy="evict_first"))
+        else:
+            tiles_ = (plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0, bn)], eviction_policy="evict_first"),)
+        out = [dot(xt, t.astype(in_dtype), NN, interpret) for t in tiles_]
         if sr is not None:
-            p = p * sr[e, k0 // block_in, n0 // block_out]
-        return p
+            out = [p * sr[e, k0 // block_in, n0 // block_out] for p in out]
+        return out
 
     def body(i, accs):
         k0 = pl.multiple_of(k_begin + i * bk, bk)
         xt = load_rows(x_ref.at[g, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(in_dtype)  # [rows, bk]
-        out = [accs[0] + partial(w_ref, s_ref, k0, xt)]
-        if swiglu:
-            out.append(accs[1] + partial(w2_ref, s2_ref, k0, xt))
-        return tuple(out)
+        weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if swiglu else ((w_ref, s_ref),)
+        return tuple(tuple(a + p for a, p in zip(acc, partial(wr, sr, k0, xt)))
+                     for acc, (wr, sr) in zip(accs, weights))
 
-    zeros = jnp.zeros((rows, bn), f32)
+    zeros = tuple(jnp.zeros((rows, width), f32) for _ in range(phases))
     accs = lax.fori_loop(0, k_dim // split // bk, body, (zeros, zeros) if swiglu else (zeros,))
-    if split > 1:
-        part = pl.program_id(2)
-        for ref, acc in zip((o_ref, o2_ref), accs):
-            store_rows(ref.at[part, g, pl.ds(0, rows), pl.ds(n0, bn)], acc, batch)
-        return
-    y = _swiglu(accs[0], accs[1], in_dtype) if swiglu else accs[0]
-    store_rows(o_ref.at[g, pl.ds(0, rows), pl.ds(n0, bn)], y.astype(out_dtype), batch)
+
+    def window(ref, phase, *lead):  # this program's [rows, width] output (packed: [.., 2, N / 2], even odd halves)
+        if packed:
+            return ref.at[(*lead, g, pl.ds(0, rows), jnp.int32(phase), pl.ds(n0 // 2, width))]
+        return ref.at[(*lead, g, pl.ds(0, rows), pl.ds(n0, bn))]
+
+    for phase in range(phases):
+        if split > 1:
+            for ref, acc in zip((o_ref, o2_ref), accs):
+                store_rows(window(ref, phase, pl.program_id(2)), acc[phase], batch)
+            continue
+        y = _swiglu(accs[0][phase], accs[1][phase], in_dtype) if swiglu else accs[0][phase]
+        store_rows(window(o_ref, phase), y.astype(out_dtype), batch)
 
 
 def grouped_matvec(
@@ -156,8 +175,12 @@ def grouped_matvec(
     scale2: jax.Array | None = None,
     out_dtype=None,
     config: GroupedConfig | None = None,
+    packed: bool | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:  # [G, B, N]
+    """packed: read an FP8 stack as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
+    2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
+    same bytes are half as many elements. Default: exactly when the stack has 2**31 elements or more."""
     if x.ndim != 3 or w.ndim != 3 or ids.ndim != 1 or ids.shape[0] != x.shape[0] or w.shape[1] != x.shape[2]:
         raise ValueError(f"shapes x {x.shape}, w {w.shape}, ids {ids.shape} do not form a grouped product")
     groups, batch, k_dim = x.shape
@@ -182,16 +205,24 @@ def grouped_matvec(
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     interpret = interpret_default() if interpret is None else interpret
     swiglu = w2 is not None
+    if packed is None:
+        packed = fp8 and w.size >= 2 ** 31
+    if packed and (not fp8 or bn < 32):
+        raise ValueError("packed reads need FP8 weights and bn >= 32")
+    if packed:
+        w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2), jnp.uint16)
+                 for a in (w, w2))
     kernel = lambda *refs: _kernel(  # noqa: E731
         *refs, batch=batch, rows=rows, k_dim=k_dim, bk=bk, bn=bn, split=split, block=block, fp8=fp8,
-        swiglu=swiglu, in_dtype=x.dtype, out_dtype=out_dtype, interpret=interpret)
+        packed=packed, swiglu=swiglu, in_dtype=x.dtype, out_dtype=out_dtype, interpret=interpret)
     inputs = [ids.astype(jnp.int32), x, w] + ([scale.astype(f32)] if fp8 else [])
     if swiglu:
         inputs += [w2] + ([scale2.astype(f32)] if fp8 else [])
+    columns = (2, n_dim // 2) if packed else (n_dim,)
     if split == 1:
-        out_shape = jax.ShapeDtypeStruct((groups, batch, n_dim), out_dtype)
+        out_shape = jax.ShapeDtypeStruct((groups, batch, *columns), out_dtype)
     else:
-        out_shape = [jax.ShapeDtypeStruct((split, groups, batch, n_dim), f32)] * (2 if swiglu else 1)
+        out_shape = [jax.ShapeDtypeStruct((split, groups, batch, *columns), f32)] * (2 if swiglu else 1)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -200,6 +231,8 @@ def grouped_matvec(
         interpret=interpret,
         name="moe_grouped_matvec",
     )(*inputs)
+    if packed:  # [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
+        out = jax.tree.map(lambda a: jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], n_dim), out)
     if split == 1:
         return out
     if swiglu:

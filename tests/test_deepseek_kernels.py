@@ -96,15 +96,16 @@ def test_group_limited_greedy_masks_other_groups():
 
 
 @pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8_swiglu"])
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8_swiglu", "fp8_packed", "fp8_swiglu_packed"])
 def test_grouped_matvec_kernel_matches_reference(kind, split):
     """The Pallas kernel (interpret mode on the CPU) against its jnp reference, in float32 so the two orders of
-    rounding agree closely: groups pick experts out of order and twice, partial scale blocks included, and the K
-    dimension whole or split three ways into partial sums."""
+    rounding agree closely: groups pick experts out of order and twice, partial scale blocks included, the K
+    dimension whole or split three ways into partial sums, and FP8 read directly or as uint16 pairs (the way
+    stacks of 2**31 elements or more are read)."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
     keys = jax.random.split(jax.random.key(7), 4)
-    e, k, n = 5, 96, 48
+    e, k, n = 5, 96, 64 if "packed" in kind else 48
     w = jax.random.normal(keys[0], (e, k, n)) * 0.2
     w2 = jax.random.normal(keys[1], (e, k, n)) * 0.2
     x = jax.random.normal(keys[2], (3, 2, k))
@@ -114,10 +115,11 @@ def test_grouped_matvec_kernel_matches_reference(kind, split):
         block = (32, 32)
         q, s = fp8_matmul.quantize(w, block)
         args = dict(w=q, scale=s, block=block)
-        if kind == "fp8_swiglu":
+        if "swiglu" in kind:
             q2, s2 = fp8_matmul.quantize(w2, block)
             args.update(w2=q2, scale2=s2)
-    out = gm.grouped_matvec(x, ids=ids, interpret=True, config=gm.GroupedConfig(bn=16, bk=32, split=split), **args)
+    config = gm.GroupedConfig(bn=16 if "packed" not in kind else 32, bk=32, split=split)
+    out = gm.grouped_matvec(x, ids=ids, interpret=True, config=config, packed="packed" in kind, **args)
     ref = gm.grouped_matvec_reference(x, ids=ids, **args)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -166,3 +168,22 @@ def test_pallas_linear_paths():
                                                                 (128, 128))):
         np.testing.assert_allclose(swiglu(x, gate, up, block, "pallas"), swiglu(x, gate, up, block, "xla"),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_matvec_reads_experts_past_2_pow_31():
+    """A DeepSeek-V3-wide FP8 stack of 147 experts (2.16e9 one-byte elements): experts 146 and up start past 2**31
+    elements, where 32-bit offsets would wrap. The kernel reads it as uint16 pairs and matches the reference (bf16
+    rows, float32 accumulation in both: 1e-2 of the output scale)."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+
+    e, k, n, block = 147, 7168, 2048, (128, 128)
+    bits = jax.random.bits(jax.random.key(0), (e, k, n), jnp.uint8) & 0x37  # |w| < 1, never a NaN pattern
+    w = jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+    scale = jnp.full((e, k // 128, n // 128), 0.01, jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (3, 1, k)).astype(jnp.bfloat16)
+    ids = jnp.array([146, 0, 145], jnp.int32)
+    out = jax.jit(lambda x, w, s: gm.grouped_matvec(x, w, ids, scale=s, block=block))(x, w, scale)
+    ref = gm.grouped_matvec_reference(x, w, ids, scale=scale, block=block)
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-2 * float(jnp.max(jnp.abs(ref)))
