@@ -162,8 +162,8 @@ def mla_decode(
     pos: jax.Array,  # int32 scalar
     *,
     softmax_scale: float,
-    splits: int | None = None,  # sequence splits of latent_attention (default: fill the GPU about once)
-    bs: int = 32,  # cache tokens per loop step
+    splits: int | None = None,  # sequence splits of latent_attention (default: about 128 programs, <= 32 splits)
+    bs: int = 64,  # cache tokens per loop step
     num_warps: int = 4,
     interpret: bool | None = None,
 ) -> jax.Array:  # [B, H, dv]
@@ -195,8 +195,8 @@ def mla_decode(
 
     rows = ROWS  # heads per latent_attention program: one 16-row dot per cache tile
     head_blocks = -(-heads // rows)
-    if splits is None:
-        splits = max(1, min(16, 128 // (batch * head_blocks), length // bs))
+    if splits is None:  # measured (scripts/gpu/tune_mla.py, docs/PERF.md): 16 heads best at 32 splits, 128 at 16
+        splits = max(1, min(32, 128 // (batch * head_blocks), length // 32))
         splits = 1 << (splits.bit_length() - 1)  # a power of 2: absorb_output loads the splits as one tile
     if not is_pow2(splits):
         raise ValueError(f"splits must be a power of 2, got {splits}")

@@ -1,0 +1,74 @@
+"""GPU kernel time from a jax.profiler trace: what scripts/gpu/profile_decode.py and the tuning scripts read.
+
+The Perfetto trace jax.profiler writes holds one complete ("X") event per kernel on each GPU stream; summing them by
+name gives device time per kernel, free of host dispatch (which a wall-clock timer of a short jitted call mostly
+measures).
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+
+def gpu_kernel_events(trace: dict) -> list[dict]:
+    """The complete ("X") events on GPU stream threads of a Chrome/Perfetto JSON trace."""
+    process = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu_pids = {pid for pid, name in process.items() if "/device:GPU" in name}
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["pid"] in gpu_pids
+              and thread.get((e["pid"], e["tid"]), "").lower().startswith("stream")]
+    if not events:
+        seen = sorted({f"{process[pid]} / {name}" for (pid, _), name in thread.items() if pid in process})
+        raise RuntimeError(f"no GPU stream events in the trace (processes / threads seen: {seen})")
+    return events
+
+
+def hlo_ops(hlo_text: str) -> dict[str, str]:
+    """Kernel name (an XLA fusion's instruction name, dots as underscores) -> the JAX op it came from (op_name)."""
+    ops = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{[^}]*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+        ops[re.sub(r"[.\-]", "_", m.group(1))] = m.group(2)
+    return ops
+
+
+def summarize(events: list[dict], steps: int, top: int) -> dict:
+    """Per decode step: busy (union of kernel intervals), span (first start to last end), and kernels by name."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
+    busy, end = 0.0, -1.0
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for e in events:
+        by_name[e["name"]].append(float(e["dur"]))
+    rows = sorted(((sum(d), len(d), name) for name, d in by_name.items()), reverse=True)
+    span = spans[-1][1] - spans[0][0]
+    return {
+        "steps": steps, "span_us_per_step": span / steps, "busy_us_per_step": busy / steps,
+        "gap_us_per_step": (span - busy) / steps, "kernels_per_step": len(events) / steps,
+        "kernels": [{"name": name, "us_per_step": total / steps, "calls_per_step": count / steps,
+                     "us_per_call": total / count} for total, count, name in rows[:top]],
+    }
+
+
+def trace_gpu_kernels(run: Callable[[], Any], steps: int, top: int = 30, out: str | Path | None = None) -> dict:
+    """Runs `run()` (which should block until its work is done) under jax.profiler and summarizes the GPU kernels
+    per step (`steps`: how many steps `run` performs)."""
+    out = Path(out or tempfile.mkdtemp(prefix="tilert_profile_"))
+    with jax.profiler.trace(str(out), create_perfetto_trace=True):
+        run()
+    trace_file = max(out.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    with gzip.open(trace_file, "rt") as f:
+        trace = json.load(f)
+    return {**summarize(gpu_kernel_events(trace), steps, top), "trace": str(trace_file)}
