@@ -74,3 +74,19 @@ def dot(a, b, dims, interpret: bool):
 
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
 NT = (((1,), (1,)), ((), ()))  # [M, K] x [N, K]
+
+
+NEG = -1e30  # finite "minus infinity": a masked score never makes exp(NEG - NEG) = 1 since each block has a valid key
+
+
+def online_softmax_step(m, l, acc, s, valid, values, dtype, interpret: bool):
+    """One block of split-sequence (flash) attention: scores s [rows, block] (masked to NEG where valid [block, 1] is
+    False), values [block, d] -> the running max m [rows, 1], sum l [rows, 1] and unnormalised accumulator acc
+    [rows, d] after the block; the probabilities are rounded to `dtype` for the tensor-core product."""
+    s = jnp.where(jnp.transpose(valid), s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)
+    pr = jnp.exp(s - m_new)
+    l = l * alpha + jnp.sum(pr, axis=1, keepdims=True)
+    acc = acc * alpha + dot(pr.astype(dtype), values, NN, interpret)
+    return m_new, l, acc

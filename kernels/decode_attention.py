@@ -28,13 +28,12 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax import cache as kv
 from tilert_jax.kernels.attention import attention_reference
-from tilert_jax.kernels.common import (NN, NT, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, store_rows,
-                                       triton_params)
+from tilert_jax.kernels.common import (NEG, NT, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2,
+                                       online_softmax_step, store_rows, triton_params)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope
 
 f32 = jnp.float32
-NEG = -1e30  # finite "minus infinity": a masked score never makes exp(NEG - NEG) = 1 since each block has a valid key
 
 
 def _split_qkv(qkv, num_heads, num_kv_heads, dtype):
@@ -162,13 +161,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         vb = plt.load(vc_ref.at[b, h, pl.ds(t0, block), pl.ds(0, head_dim)],
                       mask=jnp.broadcast_to(valid, (block, head_dim)), other=0)  # [block, d]
         s = (dot(q_lo_b, kb_lo, NT, interpret) + dot(q_hi_b, kb_hi, NT, interpret)) * scale  # [rows, block]
-        s = jnp.where(jnp.transpose(valid), s, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m - m_new)
-        pr = jnp.exp(s - m_new)
-        l = l * alpha + jnp.sum(pr, axis=1, keepdims=True)
-        acc = acc * alpha + dot(pr.astype(dtype), vb, NN, interpret)
-        return m_new, l, acc
+        return online_softmax_step(m, l, acc, s, valid, vb, dtype, interpret)
 
     init = (jnp.full((rows, 1), NEG, f32), jnp.zeros((rows, 1), f32), jnp.zeros((rows, head_dim), f32))
     m, l, acc = lax.fori_loop(0, nblocks, body, init)

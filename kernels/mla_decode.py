@@ -30,11 +30,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
-from tilert_jax.kernels.common import NN, NT, ROWS, dot, interpret_default, is_pow2, load_rows, store_rows, \
-    triton_params
+from tilert_jax.kernels.common import (NEG, NT, ROWS, dot, interpret_default, is_pow2, load_rows,
+                                       online_softmax_step, store_rows, triton_params)
 
 f32 = jnp.float32
-NEG = -1e30  # finite "minus infinity" (see decode_attention.py)
 
 
 def mla_decode_reference(
@@ -105,13 +104,7 @@ def _attention_kernel(ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *, he
         c_lat = plt.load(c_ref.at[b, pl.ds(t0, bs), pl.ds(0, r)], mask=jnp.broadcast_to(valid, (bs, r)), other=0)
         c_pe = plt.load(c_ref.at[b, pl.ds(t0, bs), pl.ds(r, dr)], mask=jnp.broadcast_to(valid, (bs, dr)), other=0)
         s = (dot(q_lat, c_lat, NT, interpret) + dot(q_pe, c_pe, NT, interpret)) * scale  # [rows, bs]
-        s = jnp.where(jnp.transpose(valid), s, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m - m_new)
-        pr = jnp.exp(s - m_new)
-        l = l * alpha + jnp.sum(pr, axis=1, keepdims=True)
-        acc = acc * alpha + dot(pr.astype(dtype), c_lat, NN, interpret)
-        return m_new, l, acc
+        return online_softmax_step(m, l, acc, s, valid, c_lat, dtype, interpret)
 
     init = (jnp.full((rows, 1), NEG, f32), jnp.zeros((rows, 1), f32), jnp.zeros((rows, r), f32))
     m, l, acc = lax.fori_loop(0, nblocks, body, init)
