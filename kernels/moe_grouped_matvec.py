@@ -6,7 +6,9 @@ byte the step needs); here each program streams its expert's [bk, bn] tiles stra
 tiles to the activation dtype in registers and applies each (128 x 128) block's scale to the tile's partial product.
 With `w2` (gate and up) the epilogue is silu(x @ W) * (x @ W2), one launch for both.
 
-A plain FP8 Linear at decode is the one-group case (ids = [0], the weight viewed as a stack of one).
+A plain Linear at decode (bf16 or FP8) is the one-group case (ids = [0], the weight viewed as a stack of one); a
+narrow output splits K into float32 partial sums so that the grid fills the GPU (`default_config`), and FP8 stacks
+of 2**31 elements or more are read as uint16 pairs (see `grouped_matvec`).
 
 Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a memory-bound stream of tiles).
 """
@@ -24,11 +26,9 @@ from jax.experimental.pallas import triton as plt
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import NN, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, store_rows, \
     triton_params
+from tilert_jax.kernels.tuning import SMS
 
 f32 = jnp.float32
-
-
-SMS = 132  # H200 multiprocessors
 
 
 @dataclasses.dataclass(frozen=True)
