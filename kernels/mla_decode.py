@@ -176,13 +176,13 @@ def mla_decode(
     params = triton_params(num_warps, 2)
     w3 = w.reshape(r, heads, row_width)
     scale_in = [] if w_scale is None else [w_scale.astype(f32)]
-    br = r if block is None else min(r, block[1])
+    br = min(r, 128) if block is None else min(r, 128, block[1])  # latent rows per weight tile (one scale block)
 
     q_lat = pl.pallas_call(
-        lambda *refs: _absorb_query_kernel(*refs, dn=dn, br=min(br, 128), block=block, row_width=row_width,
+        lambda *refs: _absorb_query_kernel(*refs, dn=dn, br=br, block=block, row_width=row_width,
                                            dtype=dtype),
         out_shape=jax.ShapeDtypeStruct((batch, heads, r), dtype),
-        grid=(batch, heads, r // min(br, 128)),
+        grid=(batch, heads, r // br),
         compiler_params=params, interpret=interpret, name="mla_absorb_query",
     )(q_nope, w3, *scale_in)
 
@@ -205,7 +205,7 @@ def mla_decode(
 
     bd = min(dv, 64) if block is None else min(dv, 64, block[0])
     return pl.pallas_call(
-        lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=min(br, 128), bd=bd, splits=splits, block=block,
+        lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=br, bd=bd, splits=splits, block=block,
                                             row_width=row_width, cache_dtype=cache.dtype, dtype=dtype),
         out_shape=jax.ShapeDtypeStruct((batch, heads, dv), dtype),
         grid=(batch, heads, dv // bd),

@@ -1,4 +1,5 @@
-"""GPU kernel time from a jax.profiler trace: what scripts/gpu/profile_decode.py and the tuning scripts read.
+"""Measuring on the GPU: kernel time from a jax.profiler trace (what scripts/gpu/profile_decode.py and
+tune_mla.py read) and the median wall time of a call (the microbenchmark scripts).
 
 The Perfetto trace jax.profiler writes holds one complete ("X") event per kernel on each GPU stream; summing them by
 name gives device time per kernel, free of host dispatch (which a wall-clock timer of a short jitted call mostly
@@ -11,7 +12,9 @@ import collections
 import gzip
 import json
 import re
+import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +34,21 @@ def gpu_kernel_events(trace: dict) -> list[dict]:
         seen = sorted({f"{process[pid]} / {name}" for (pid, _), name in thread.items() if pid in process})
         raise RuntimeError(f"no GPU stream events in the trace (processes / threads seen: {seen})")
     return events
+
+
+def median_seconds(fn: Callable[..., Any], *args, reps: int = 7, warm_s: float = 0.0) -> float:
+    """Median wall seconds of `fn(*args)` (blocked until ready) over `reps` calls, after one call and `warm_s`
+    seconds of repeated calls (GPU clocks up)."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    while time.perf_counter() - start < warm_s:
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def hlo_ops(hlo_text: str) -> dict[str, str]:

@@ -12,25 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tilert_jax.profiling import median_seconds
 from tilert_jax.sharding import make_mesh
-
-
-def timed(fn, *args, repeats: int = 20) -> float:
-    """Median seconds of one call after warm-up."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def psum_latency(mesh, hidden: int, steps: int = 256) -> float:
@@ -44,7 +32,7 @@ def psum_latency(mesh, hidden: int, steps: int = 256) -> float:
     x = jax.device_put(jnp.ones((1, hidden), jnp.bfloat16), NamedSharding(mesh, P()))
     empty = jax.jit(jax.shard_map(lambda x: jax.lax.fori_loop(0, steps, lambda _, x: x * 0.5, x), mesh=mesh,
                                   in_specs=P(), out_specs=P(), check_vma=False))
-    return (timed(fn, x) - timed(empty, x)) / steps
+    return (median_seconds(fn, x, reps=20) - median_seconds(empty, x, reps=20)) / steps
 
 
 def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communicate: bool):
@@ -86,7 +74,7 @@ def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communica
                   down=[P("tp", None)] * chunks) for _ in range(layers)]
     fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, P()), out_specs=P(), check_vma=False))
     x = jax.device_put(jnp.ones((1, hidden), jnp.bfloat16), NamedSharding(mesh, P()))
-    return timed(fn, params, x)
+    return median_seconds(fn, params, x, reps=20)
 
 
 def main():

@@ -28,24 +28,11 @@ from tilert_jax.kernels import tuning
 from tilert_jax.kernels.decode_attention import decode_attention, decode_attention_reference
 from tilert_jax.kernels.matvec import MatvecConfig, fused_matvec
 from tilert_jax.kernels.rms_norm import rms_norm_reference
+from tilert_jax.profiling import median_seconds
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 L2_BYTES = 60 << 20
 INTERPRET = False  # --interpret: a CPU smoke run of this script
-
-
-def timed(fn, args, reps=7, warm_s=0.05):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    while time.perf_counter() - start < warm_s:  # keep the GPU busy a moment: clocks up before timing
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def rand(key, shape, dtype=BF16, scale=0.02):
@@ -133,7 +120,7 @@ def measure(shape: Shape, cfg: MatvecConfig | None, data) -> float:
     def run(x, parts, nw, r, copies):
         return [fn(x, parts, nw, r, *ws) for ws in copies]
 
-    return timed(run, (x, parts, nw, r, copies)) / rounds
+    return median_seconds(run, x, parts, nw, r, copies, warm_s=0.05) / rounds
 
 
 def make_data(shape: Shape, key):
