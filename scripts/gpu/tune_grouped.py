@@ -1,0 +1,91 @@
+"""Sweeps the grouped matvec kernel (kernels/moe_grouped_matvec.py) on DeepSeek-V3's routed experts: the FP8 gate/up
+pair ([256, 7168, 2048] stacks, SwiGLU epilogue) and down ([256, 2048, 7168]), eight experts per token.
+
+    python scripts/gpu/tune_grouped.py [--out FILE]
+
+These stacks hold 3.8e9 one-byte elements, so the kernel reads them as uint16 pairs (`packed`); with the experts
+drawn from the first 128 (offsets below 2**31) the plain FP8 read is also correct, and the two are compared. Each
+configuration is checked against the reference, then timed by device time from a profiler trace over `--layers`
+different expert choices per call (more bytes than L2 holds). Prints one JSON line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+
+from tilert_jax.kernels import moe_grouped_matvec as gm
+from tilert_jax.profiling import trace_gpu_kernels
+
+BLOCK = (128, 128)
+
+
+def random_fp8(key, shape):
+    """Random finite e4m3 values of magnitude up to 2**-1 (bit patterns with the top exponent bit cleared)."""
+    bits = jax.random.bits(key, shape, jnp.uint8) & jnp.uint8(0xB7)
+    return jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    sink = open(args.out, "a") if args.out else None
+    experts, hidden, inter, topk = 256, 7168, 2048, 8
+    keys = jax.random.split(jax.random.key(0), 6)
+    gate, up = random_fp8(keys[0], (experts, hidden, inter)), random_fp8(keys[1], (experts, hidden, inter))
+    down = random_fp8(keys[2], (experts, inter, hidden))
+    s_gu = jax.random.uniform(keys[3], (experts, hidden // 128, inter // 128), minval=0.5, maxval=1.5)
+    s_down = jax.random.uniform(keys[4], (experts, inter // 128, hidden // 128), minval=0.5, maxval=1.5)
+    x = (jax.random.normal(keys[5], (args.layers, topk, 1, hidden)) * 0.1).astype(jnp.bfloat16)
+    h = (jax.random.normal(keys[5], (args.layers, topk, 1, inter)) * 0.1).astype(jnp.bfloat16)
+    low = jnp.stack([jax.random.choice(jax.random.fold_in(keys[0], i), 128, (topk,), replace=False)
+                     for i in range(args.layers)]).astype(jnp.int32)
+    cases = {  # name: (fn(x_i, ids_i, config, packed), input per layer)
+        "gate_up": (lambda xi, ids, cfg, packed: gm.grouped_matvec(
+            xi, gate, ids, scale=s_gu, block=BLOCK, w2=up, scale2=s_gu, config=cfg, packed=packed), x),
+        "down": (lambda xi, ids, cfg, packed: gm.grouped_matvec(
+            xi, down, ids, scale=s_down, block=BLOCK, config=cfg, packed=packed), h),
+    }
+    for name, (fn, inputs) in cases.items():
+        for packed, high in ((True, True), (False, False)):
+            ids_all = low + 128 if high else low  # high: experts past the 2**31-element boundary
+            ref_args = (gate, ids_all[0], dict(scale=s_gu, block=BLOCK, w2=up, scale2=s_gu)) if name == "gate_up" \
+                else (down, ids_all[0], dict(scale=s_down, block=BLOCK))
+            ref = gm.grouped_matvec_reference(inputs[0], ref_args[0], ref_args[1], **ref_args[2]).astype(jnp.float32)
+            k_dim = inputs.shape[-1]
+            n_dim = inter if name == "gate_up" else hidden
+            for bn, warps, stages, split in itertools.product((128, 256), (4, 8), (3, 4), (1, 2)):
+                cfg = gm.GroupedConfig(bn=bn, bk=128, split=split, num_warps=warps, num_stages=stages)
+                if split > 1 and name == "down" or (n_dim // bn) * topk * split > 4 * 132:
+                    continue
+                run = jax.jit(lambda xs, ids, cfg=cfg, packed=packed: [fn(xs[i], ids[i], cfg, packed)
+                                                                        for i in range(args.layers)])
+                row = {"case": name, "packed": packed, "experts_past_2_31": high, "bn": bn, "num_warps": warps,
+                       "num_stages": stages, "split": split}
+                try:
+                    out = run(inputs, ids_all)
+                    err = float(jnp.max(jnp.abs(out[0].astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+                    summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(inputs, ids_all))
+                                                         for _ in range(5)], 5 * args.layers)
+                    us = sum(k["us_per_step"] for k in summary["kernels"] if k["name"].startswith("moe_grouped"))
+                    total = summary["busy_us_per_step"]
+                    read = topk * (2 if name == "gate_up" else 1) * hidden * inter
+                    row.update(kernel_us=us, all_kernels_us=total, kernel_tbps=read / us / 1e6, rel_err=err,
+                               ok=err <= 2e-2)
+                except Exception as e:  # a configuration that does not compile (registers, shared memory)
+                    row["error"] = str(e)[:200]
+                line = json.dumps(row)
+                print(line, flush=True)
+                if sink:
+                    sink.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
