@@ -38,6 +38,7 @@ class GroupedConfig:
     split: int = 1  # K splits: programs write float32 partial sums, added (and the SwiGLU applied) by XLA after
     num_warps: int = 4
     num_stages: int = 4
+    f16: bool = True  # bf16 x with FP8 weights: multiply in float16 (see `_to_f16`), 15% to 30% faster (H200)
 
 
 def default_config(groups: int, k_dim: int, n_dim: int, block: tuple[int, int] | None) -> GroupedConfig:
@@ -104,16 +105,25 @@ def tiles(k_dim: int, n_dim: int, block: tuple[int, int] | None, config: Grouped
     return bk, bn
 
 
-def _fp8_pairs(t, dtype):
-    """uint16 [r, c] holding two FP8 values each -> [r, 2c] in `dtype`, columns in memory order (little-endian:
-    the low byte is the even column); the two halves are interleaved back with a join, so one dot follows."""
-    lo = lax.bitcast_convert_type((t & 0xFF).astype(jnp.uint8), jnp.float8_e4m3fn).astype(dtype)
-    hi = lax.bitcast_convert_type((t >> 8).astype(jnp.uint8), jnp.float8_e4m3fn).astype(dtype)
-    return jnp.stack([lo, hi], axis=-1).reshape(t.shape[0], 2 * t.shape[1])
+def _fp8_pairs(t):
+    """uint16 [..., n] holding two FP8 values each -> (even columns, odd columns) as float8_e4m3fn [..., n]
+    (little-endian: the low byte is the even column)."""
+    lo = lax.bitcast_convert_type((t & 0xFF).astype(jnp.uint8), jnp.float8_e4m3fn)
+    hi = lax.bitcast_convert_type((t >> 8).astype(jnp.uint8), jnp.float8_e4m3fn)
+    return lo, hi
+
+
+def _to_f16(xt):
+    """bf16 [rows, bk] -> (float16 [rows, bk], float32 [rows, 1]) with xt = result * scale: each row divided by the
+    power of 2 at or above its largest magnitude, so every value keeps its 8 significant bits in float16 (down to
+    2**-14 of the row's largest) and none overflows."""
+    top = jnp.max(jnp.abs(xt.astype(f32)), axis=1, keepdims=True)
+    scale = jnp.where(top > 0, jnp.exp2(jnp.ceil(jnp.log2(top))), 1.0)
+    return (xt.astype(f32) / scale).astype(jnp.float16), scale
 
 
 def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, block, fp8, packed, swiglu, in_dtype,
-            out_dtype, interpret):
+            out_dtype, f16, interpret):
     it = iter(refs)
     s_ref = next(it) if fp8 else None  # [E, K / bi, N / bo]
     w2_ref = next(it) if swiglu else None  # [E, K, N] ([E, K, N / 2] uint16 pairs when packed)
@@ -126,30 +136,45 @@ def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, blo
     k_begin = pl.program_id(2) * (k_dim // split)
     e = ids_ref[g]
     block_out, block_in = block if fp8 else (1, 1)
+    phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
+    width = bn // phases
 
-    def partial(wr, sr, k0, xt):  # -> [rows, bn] float32
+    def partial(wr, sr, k0, xt, x_scale):  # -> per phase [rows, width] float32
         if packed:
-            tile = _fp8_pairs(plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0 // 2, bn // 2)],
-                                       eviction_policy="evict_first"), in_dtype)
+            tiles_ = _fp8_pairs(plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0 // 2, width)],
+                                         eviction_policy="evict_first"))
         else:
-            tile = plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0, bn)], eviction_policy="evict_first").astype(in_dtype)
-        out = dot(xt, tile, NN, interpret)
-        return out if sr is None else out * sr[e, k0 // block_in, n0 // block_out]
+            tiles_ = (plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0, bn)], eviction_policy="evict_first"),)
+        out = [dot(xt, t.astype(xt.dtype), NN, interpret) for t in tiles_]
+        if x_scale is not None:
+            out = [p * x_scale for p in out]
+        if sr is not None:
+            out = [p * sr[e, k0 // block_in, n0 // block_out] for p in out]
+        return out
 
     def body(i, accs):
         k0 = pl.multiple_of(k_begin + i * bk, bk)
         xt = load_rows(x_ref.at[g, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(in_dtype)  # [rows, bk]
+        xt, x_scale = _to_f16(xt) if f16 else (xt, None)
         weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if swiglu else ((w_ref, s_ref),)
-        return tuple(acc + partial(wr, sr, k0, xt) for acc, (wr, sr) in zip(accs, weights))
+        return tuple(tuple(a + p for a, p in zip(acc, partial(wr, sr, k0, xt, x_scale)))
+                     for acc, (wr, sr) in zip(accs, weights))
 
-    zeros = jnp.zeros((rows, bn), f32)
+    zeros = tuple(jnp.zeros((rows, width), f32) for _ in range(phases))
     accs = lax.fori_loop(0, k_dim // split // bk, body, (zeros, zeros) if swiglu else (zeros,))
-    if split > 1:
-        for ref, acc in zip((o_ref, o2_ref), accs):
-            store_rows(ref.at[pl.program_id(2), g, pl.ds(0, rows), pl.ds(n0, bn)], acc, batch)
-    else:
-        y = _swiglu(accs[0], accs[1], in_dtype) if swiglu else accs[0]
-        store_rows(o_ref.at[g, pl.ds(0, rows), pl.ds(n0, bn)], y.astype(out_dtype), batch)
+
+    def window(ref, phase, *lead):  # this program's [rows, width] output (packed: [.., 2, N / 2], even odd halves)
+        if packed:
+            return ref.at[(*lead, g, pl.ds(0, rows), jnp.int32(phase), pl.ds(n0 // 2, width))]
+        return ref.at[(*lead, g, pl.ds(0, rows), pl.ds(n0, bn))]
+
+    for phase in range(phases):
+        if split > 1:
+            for ref, acc in zip((o_ref, o2_ref), accs):
+                store_rows(window(ref, phase, pl.program_id(2)), acc[phase], batch)
+            continue
+        y = _swiglu(accs[0][phase], accs[1][phase], in_dtype) if swiglu else accs[0][phase]
+        store_rows(window(o_ref, phase), y.astype(out_dtype), batch)
 
 
 def grouped_matvec(
@@ -202,14 +227,16 @@ def grouped_matvec(
                  for a in (w, w2))
     kernel = lambda *refs: _kernel(  # noqa: E731
         *refs, batch=batch, rows=rows, k_dim=k_dim, bk=bk, bn=bn, split=split, block=block, fp8=fp8,
-        packed=packed, swiglu=swiglu, in_dtype=x.dtype, out_dtype=out_dtype, interpret=interpret)
+        packed=packed, swiglu=swiglu, in_dtype=x.dtype, out_dtype=out_dtype, f16=cfg.f16 and fp8 and x.dtype == jnp.bfloat16,
+        interpret=interpret)
     inputs = [ids.astype(jnp.int32), x, w] + ([scale.astype(f32)] if fp8 else [])
     if swiglu:
         inputs += [w2] + ([scale2.astype(f32)] if fp8 else [])
+    columns = (2, n_dim // 2) if packed else (n_dim,)
     if split == 1:
-        out_shape = jax.ShapeDtypeStruct((groups, batch, n_dim), out_dtype)
+        out_shape = jax.ShapeDtypeStruct((groups, batch, *columns), out_dtype)
     else:
-        out_shape = [jax.ShapeDtypeStruct((split, groups, batch, n_dim), f32)] * (2 if swiglu else 1)
+        out_shape = [jax.ShapeDtypeStruct((split, groups, batch, *columns), f32)] * (2 if swiglu else 1)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -218,6 +245,8 @@ def grouped_matvec(
         interpret=interpret,
         name="moe_grouped_matvec",
     )(*inputs)
+    if packed:  # [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
+        out = jax.tree.map(lambda a: jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], n_dim), out)
     if split == 1:
         return out
     if swiglu:

@@ -12,6 +12,9 @@ different expert choices per call (more bytes than L2 holds). Prints one JSON li
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import sys
+import time
 import itertools
 import json
 
@@ -33,10 +36,13 @@ def random_fp8(key, shape):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--shape", type=int, nargs=3, default=(256, 7168, 2048), help="experts hidden inter")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    faulthandler.dump_traceback_later(120, repeat=True)  # a stack every 2 minutes if something hangs
+    t0 = time.perf_counter()
     sink = open(args.out, "a") if args.out else None
-    experts, hidden, inter, topk = 256, 7168, 2048, 8
+    (experts, hidden, inter), topk = args.shape, 8
     keys = jax.random.split(jax.random.key(0), 6)
     gate, up = random_fp8(keys[0], (experts, hidden, inter)), random_fp8(keys[1], (experts, hidden, inter))
     down = random_fp8(keys[2], (experts, inter, hidden))
@@ -44,34 +50,37 @@ def main(argv=None) -> int:
     s_down = jax.random.uniform(keys[4], (experts, inter // 128, hidden // 128), minval=0.5, maxval=1.5)
     x = (jax.random.normal(keys[5], (args.layers, topk, 1, hidden)) * 0.1).astype(jnp.bfloat16)
     h = (jax.random.normal(keys[5], (args.layers, topk, 1, inter)) * 0.1).astype(jnp.bfloat16)
-    low = jnp.stack([jax.random.choice(jax.random.fold_in(keys[0], i), 128, (topk,), replace=False)
+    low = jnp.stack([jax.random.choice(jax.random.fold_in(keys[0], i), experts // 2, (topk,), replace=False)
                      for i in range(args.layers)]).astype(jnp.int32)
-    cases = {  # name: (fn(x_i, ids_i, config, packed), input per layer)
-        "gate_up": (lambda xi, ids, cfg, packed: gm.grouped_matvec(
-            xi, gate, ids, scale=s_gu, block=BLOCK, w2=up, scale2=s_gu, config=cfg, packed=packed), x),
-        "down": (lambda xi, ids, cfg, packed: gm.grouped_matvec(
-            xi, down, ids, scale=s_down, block=BLOCK, config=cfg, packed=packed), h),
+    jax.block_until_ready((gate, up, down, x, h, low))
+    print(f"[{time.perf_counter() - t0:.0f}s] data ready", file=sys.stderr, flush=True)
+    weights = (gate, up, down, s_gu, s_down)  # jit arguments: closed over, they would become 11 GB of constants
+    cases = {  # name: (fn(x_i, ids_i, weights, config, packed), input per layer)
+        "gate_up": (lambda xi, ids, ws, cfg, packed: gm.grouped_matvec(
+            xi, ws[0], ids, scale=ws[3], block=BLOCK, w2=ws[1], scale2=ws[3], config=cfg, packed=packed), x),
+        "down": (lambda xi, ids, ws, cfg, packed: gm.grouped_matvec(
+            xi, ws[2], ids, scale=ws[4], block=BLOCK, config=cfg, packed=packed), h),
     }
     for name, (fn, inputs) in cases.items():
-        for packed, high in ((True, True), (False, False)):
-            ids_all = low + 128 if high else low  # high: experts past the 2**31-element boundary
+        for packed, high, f16 in ((False, False, True), (True, True, True)):
+            ids_all = low + experts // 2 if high else low  # high: experts past the 2**31-element boundary
             ref_args = (gate, ids_all[0], dict(scale=s_gu, block=BLOCK, w2=up, scale2=s_gu)) if name == "gate_up" \
                 else (down, ids_all[0], dict(scale=s_down, block=BLOCK))
             ref = gm.grouped_matvec_reference(inputs[0], ref_args[0], ref_args[1], **ref_args[2]).astype(jnp.float32)
             k_dim = inputs.shape[-1]
             n_dim = inter if name == "gate_up" else hidden
-            for bn, warps, stages, split in itertools.product((128, 256), (4, 8), (3, 4), (1, 2)):
-                cfg = gm.GroupedConfig(bn=bn, bk=128, split=split, num_warps=warps, num_stages=stages)
-                if split > 1 and name == "down" or (n_dim // bn) * topk * split > 4 * 132:
+            for bn, warps, stages, split in itertools.product((64, 128), (4, 8), (2, 3, 4, 5), (1, 2, 4)):
+                cfg = gm.GroupedConfig(bn=bn, bk=128, split=split, num_warps=warps, num_stages=stages, f16=f16)
+                if (split > 1 or bn == 64) and name == "down" or name == "gate_up" and (bn == 64 or warps == 8 or split == 1):
                     continue
-                run = jax.jit(lambda xs, ids, cfg=cfg, packed=packed: [fn(xs[i], ids[i], cfg, packed)
-                                                                        for i in range(args.layers)])
-                row = {"case": name, "packed": packed, "experts_past_2_31": high, "bn": bn, "num_warps": warps,
+                run = jax.jit(lambda xs, ids, ws, cfg=cfg, packed=packed: [fn(xs[i], ids[i], ws, cfg, packed)
+                                                                            for i in range(args.layers)])
+                row = {"case": name, "f16": f16, "packed": packed, "experts_past_2_31": high, "bn": bn, "num_warps": warps,
                        "num_stages": stages, "split": split}
                 try:
-                    out = run(inputs, ids_all)
+                    out = run(inputs, ids_all, weights)
                     err = float(jnp.max(jnp.abs(out[0].astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
-                    summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(inputs, ids_all))
+                    summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(inputs, ids_all, weights))
                                                          for _ in range(5)], 5 * args.layers)
                     us = sum(k["us_per_step"] for k in summary["kernels"] if k["name"].startswith("moe_grouped"))
                     total = summary["busy_us_per_step"]
@@ -80,6 +89,7 @@ def main(argv=None) -> int:
                                ok=err <= 2e-2)
                 except Exception as e:  # a configuration that does not compile (registers, shared memory)
                     row["error"] = str(e)[:200]
+                row["t_s"] = round(time.perf_counter() - t0)
                 line = json.dumps(row)
                 print(line, flush=True)
                 if sink:
