@@ -116,9 +116,11 @@ def _fp8_pairs(t):
 def _to_f16(xt):
     """bf16 [rows, bk] -> (float16 [rows, bk], float32 [rows, 1]) with xt = result * scale: each row divided by the
     power of 2 at or above its largest magnitude, so every value keeps its 8 significant bits in float16 (down to
-    2**-14 of the row's largest) and none overflows."""
+    2**-13 of the row's largest: the power of 2 is below twice the largest) and none overflows."""
     top = jnp.max(jnp.abs(xt.astype(f32)), axis=1, keepdims=True)
-    scale = jnp.where(top > 0, jnp.exp2(jnp.ceil(jnp.log2(top))), 1.0)
+    # The power of 2 from the bits (exp2 of a log2 need not be exact): round the exponent up unless the mantissa is 0.
+    bits = jnp.minimum((lax.bitcast_convert_type(top, jnp.int32) + 0x7FFFFF) & 0x7F800000, 0x7F000000)
+    scale = jnp.where(top > 0, lax.bitcast_convert_type(bits, f32), 1.0)
     return (xt.astype(f32) / scale).astype(jnp.float16), scale
 
 

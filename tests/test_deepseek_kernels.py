@@ -124,6 +124,30 @@ def test_grouped_matvec_kernel_matches_reference(kind, split):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_grouped_matvec_float16_dot_is_the_bf16_dot(packed):
+    """bf16 activations against FP8 weights are multiplied in float16 after dividing each row of the x tile by a
+    power of 2: exact for values within 2**13 of the row's largest, so the result equals the bf16 dot's bit for bit
+    when x spans magnitudes 2**-4 to 2**9 times 200 (bf16 values far outside float16's range included); fresh random
+    inputs each run."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+
+    keys = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 4)
+    block = (32, 32)
+    w, s = fp8_matmul.quantize(jax.random.normal(keys[0], (4, 64, 64)) * 0.2, block)
+    magnitude = jnp.exp2(jax.random.randint(keys[1], (3, 2, 64), -4, 8).astype(jnp.float32))
+    sign = jnp.where(jax.random.bernoulli(keys[2], 0.5, (3, 2, 64)), 1.0, -1.0)
+    x = (sign * magnitude * jax.random.uniform(keys[3], (3, 2, 64), minval=1.0, maxval=2.0) * 200).astype(
+        jnp.bfloat16)
+    ids = jnp.array([2, 0, 3], jnp.int32)
+    args = dict(scale=s, block=block, w2=w, scale2=s, interpret=True, packed=packed)
+    fast = gm.grouped_matvec(x, w, ids, config=gm.GroupedConfig(bn=32, bk=32, f16=True), **args)
+    plain = gm.grouped_matvec(x, w, ids, config=gm.GroupedConfig(bn=32, bk=32, f16=False), **args)
+    np.testing.assert_array_equal(np.asarray(fast, np.float32), np.asarray(plain, np.float32))
+    ref = gm.grouped_matvec_reference(x, w, ids, scale=s, block=block, w2=w, scale2=s).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(fast, np.float32), ref, rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_tiled_experts_match_ragged(fp8):
     """Prefill's tiled grouped matmul against the ragged_dot formulation, with unused experts and a tile size that
