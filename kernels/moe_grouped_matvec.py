@@ -16,6 +16,7 @@ Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a mem
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,18 +42,28 @@ class GroupedConfig:
     f16: bool = True  # bf16 x with FP8 weights: multiply in float16 (see `_to_f16`), 15% to 30% faster (H200)
 
 
-def default_config(groups: int, k_dim: int, n_dim: int, block: tuple[int, int] | None) -> GroupedConfig:
-    """128-byte weight row segments (bn = 128 FP8 columns or 64 bf16 ones), and the K dimension split until the
-    grid fills the GPU twice over: a single [7168, 576] weight would otherwise run on nine programs."""
-    bn, bk = (64 if block is None else 128), 128
-    picked = tiles(k_dim, n_dim, block, GroupedConfig(bn=bn, bk=bk))
-    if picked is None:
-        return GroupedConfig(bn=bn, bk=bk)
-    bk, bn = picked
-    programs, split = groups * (n_dim // bn), 1
-    while programs * split < 2 * SMS and (k_dim // (2 * split)) % bk == 0 and k_dim // (2 * split) >= 2 * bk:
+def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, int] | None) -> GroupedConfig:
+    """For a launch of products (groups, K, N, fp8): 128-byte weight row segments (bn = 128 FP8 columns or 64 bf16
+    ones), and the K dimension split until the launch's grid fills the GPU twice over (a single [7168, 576] weight
+    would otherwise run on nine programs); a product whose K cannot split that far keeps its largest split."""
+    fp8 = any(f for *_, f in shapes)
+    cfg = GroupedConfig(bn=128 if fp8 else 64, bk=128)
+    picked = [tiles(k, n, block if f else None, cfg) for _, k, n, f in shapes]
+    if any(t is None for t in picked):
+        return cfg
+    split = 1
+    while (sum(g * (n // bn) * _split_for(k, bk, split) for (g, k, n, _), (bk, bn) in zip(shapes, picked))
+           < 2 * SMS and any(_split_for(k, bk, 2 * split) > _split_for(k, bk, split)
+                             for (_, k, _, _), (bk, _) in zip(shapes, picked))):
         split *= 2
-    return GroupedConfig(bn=bn, bk=bk, split=split)
+    return dataclasses.replace(cfg, split=split)
+
+
+def _split_for(k_dim: int, bk: int, split: int) -> int:
+    """The largest split <= `split` (a power of 2) leaving each part a multiple of bk and at least two tiles long."""
+    while split > 1 and ((k_dim // split) % bk or k_dim // split < 2 * bk or k_dim % split):
+        split //= 2
+    return split
 
 
 def grouped_matvec_reference(
@@ -124,20 +135,69 @@ def _to_f16(xt):
     return (xt.astype(f32) / scale).astype(jnp.float16), scale
 
 
-def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, block, fp8, packed, swiglu, in_dtype,
-            out_dtype, f16, interpret):
-    it = iter(refs)
-    s_ref = next(it) if fp8 else None  # [E, K / bi, N / bo]
-    w2_ref = next(it) if swiglu else None  # [E, K, N] ([E, K, N / 2] uint16 pairs when packed)
-    s2_ref = next(it) if swiglu and fp8 else None
-    o_ref = next(it)  # [G, B, N], or [split, G, B, N] float32 partial sums
-    o2_ref = next(it) if swiglu and split > 1 else None  # the up projection's partial sums
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]])."""
+    x: jax.Array  # [G, B, K], B <= 16
+    w: jax.Array  # [E, K, N] (float8_e4m3fn with scale)
+    ids: jax.Array  # [G] int32: the expert of each group
+    scale: jax.Array | None = None  # [E, ceil(K / block_in), ceil(N / block_out)] float32
+    w2: jax.Array | None = None  # [E, K, N], with scale2 exactly when w has a scale
+    scale2: jax.Array | None = None
+    out_dtype: object = None  # x's dtype by default
 
-    g = pl.program_id(0)
-    n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
-    k_begin = pl.program_id(2) * (k_dim // split)
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A product's static shape in the launch: its programs are first ... first + programs - 1 of the 1-D grid,
+    ordered (group, column tile, K split)."""
+    groups: int
+    batch: int
+    k_dim: int
+    n_dim: int
+    bk: int
+    bn: int
+    split: int
+    fp8: bool
+    packed: bool
+    swiglu: bool
+    f16: bool
+    in_dtype: object
+    out_dtype: object
+    first: int
+
+    @property
+    def programs(self) -> int:
+        return self.groups * (self.n_dim // self.bn) * self.split
+
+    @property
+    def num_inputs(self) -> int:  # ids, x, w [, scale] [, w2 [, scale2]]
+        return 3 + self.fp8 + self.swiglu * (1 + self.fp8)
+
+    @property
+    def num_outputs(self) -> int:  # y, or the partial sums of w (and of w2)
+        return 1 + (self.swiglu and self.split > 1)
+
+
+def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
+    """The program `local` of one product: a [rows, bn] output tile over its K range."""
+    it = iter(in_refs)
+    ids_ref, x_ref, w_ref = next(it), next(it), next(it)  # [G], [G, B, K], [E, K, N] ([E, K, N / 2] uint16 packed)
+    s_ref = next(it) if plan.fp8 else None  # [E, K / bi, N / bo]
+    w2_ref = next(it) if plan.swiglu else None
+    s2_ref = next(it) if plan.swiglu and plan.fp8 else None
+    o_ref = out_refs[0]  # [G, B, N], or [split, G, B, N] float32 partial sums
+    o2_ref = out_refs[1] if len(out_refs) > 1 else None  # the up projection's partial sums
+
+    batch, bk, bn, split, packed = plan.batch, plan.bk, plan.bn, plan.split, plan.packed
+    rows = max(ROWS, next_pow2(batch))
+    n_tiles = plan.n_dim // bn
+    g = local // (n_tiles * split)
+    n0 = pl.multiple_of((local // split) % n_tiles * bn, bn)
+    part = local % split
+    k_begin = part * (plan.k_dim // split)
     e = ids_ref[g]
-    block_out, block_in = block if fp8 else (1, 1)
+    block_out, block_in = block if plan.fp8 else (1, 1)
     phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
     width = bn // phases
 
@@ -156,14 +216,14 @@ def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, blo
 
     def body(i, accs):
         k0 = pl.multiple_of(k_begin + i * bk, bk)
-        xt = load_rows(x_ref.at[g, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(in_dtype)  # [rows, bk]
-        xt, x_scale = _to_f16(xt) if f16 else (xt, None)
-        weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if swiglu else ((w_ref, s_ref),)
+        xt = load_rows(x_ref.at[g, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(plan.in_dtype)  # [rows, bk]
+        xt, x_scale = _to_f16(xt) if plan.f16 else (xt, None)
+        weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if plan.swiglu else ((w_ref, s_ref),)
         return tuple(tuple(a + p for a, p in zip(acc, partial(wr, sr, k0, xt, x_scale)))
                      for acc, (wr, sr) in zip(accs, weights))
 
     zeros = tuple(jnp.zeros((rows, width), f32) for _ in range(phases))
-    accs = lax.fori_loop(0, k_dim // split // bk, body, (zeros, zeros) if swiglu else (zeros,))
+    accs = lax.fori_loop(0, plan.k_dim // split // bk, body, (zeros, zeros) if plan.swiglu else (zeros,))
 
     def window(ref, phase, *lead):  # this program's [rows, width] output (packed: [.., 2, N / 2], even odd halves)
         if packed:
@@ -173,10 +233,108 @@ def _kernel(ids_ref, x_ref, w_ref, *refs, batch, rows, k_dim, bk, bn, split, blo
     for phase in range(phases):
         if split > 1:
             for ref, acc in zip((o_ref, o2_ref), accs):
-                store_rows(window(ref, phase, pl.program_id(2)), acc[phase], batch)
+                store_rows(window(ref, phase, part), acc[phase], batch)
             continue
-        y = _swiglu(accs[0][phase], accs[1][phase], in_dtype) if swiglu else accs[0][phase]
-        store_rows(window(o_ref, phase), y.astype(out_dtype), batch)
+        y = _swiglu(accs[0][phase], accs[1][phase], plan.in_dtype) if plan.swiglu else accs[0][phase]
+        store_rows(window(o_ref, phase), y.astype(plan.out_dtype), batch)
+
+
+def _kernel(*refs, plans, block, interpret):
+    """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in."""
+    num_in = sum(p.num_inputs for p in plans)
+    ins, outs = iter(refs[:num_in]), iter(refs[num_in:])
+    pid = pl.program_id(0)
+    for plan in plans:
+        in_refs = [next(ins) for _ in range(plan.num_inputs)]
+        out_refs = [next(outs) for _ in range(plan.num_outputs)]
+        run = functools.partial(_product, plan, block, interpret, in_refs, out_refs)
+        if len(plans) == 1:
+            run(pid)
+        else:
+            pl.when((pid >= plan.first) & (pid < plan.first + plan.programs))(lambda run=run, plan=plan: run(
+                pid - plan.first))
+
+
+def grouped_matvecs(
+    products: list[Product],
+    *,
+    block: tuple[int, int] | None = None,  # (block_out, block_in) of the FP8 products
+    config: GroupedConfig | None = None,
+    packed: bool | None = None,
+    interpret: bool | None = None,
+) -> list[jax.Array]:  # per product [G, B, N]
+    """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
+    launches, and each product's programs fill the GPU beside the others'. The K split is chosen for the launch
+    as a whole (`default_config`).
+
+    packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
+    2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
+    same bytes are half as many elements. Default: exactly for the stacks of 2**31 elements or more."""
+    shapes = []
+    for p in products:
+        if (p.x.ndim != 3 or p.w.ndim != 3 or p.ids.ndim != 1 or p.ids.shape[0] != p.x.shape[0]
+                or p.w.shape[1] != p.x.shape[2]):
+            raise ValueError(f"shapes x {p.x.shape}, w {p.w.shape}, ids {p.ids.shape} do not form a grouped product")
+        if p.x.shape[1] > ROWS:
+            raise ValueError(f"{p.x.shape[1]} rows per group > {ROWS}: use the XLA path")
+        if p.scale is not None and block is None:
+            raise ValueError("FP8 weights need their block size")
+        if p.w2 is not None and (p.w2.shape != p.w.shape or (p.scale2 is None) != (p.scale is None)):
+            raise ValueError("w2 must match w (and carry a scale exactly when w does)")
+        shapes.append((p.x.shape[0], p.x.shape[2], p.w.shape[2], p.scale is not None))
+    cfg = config or default_config(shapes, block)
+    interpret = interpret_default() if interpret is None else interpret
+    plans, inputs, out_shapes, first = [], [], [], 0
+    for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
+        picked = tiles(k_dim, n_dim, block if fp8 else None, cfg)
+        if picked is None:
+            raise ValueError(f"K={k_dim}, N={n_dim} do not tile by powers of 2 >= 16")
+        bk, bn = picked
+        assert is_pow2(bk) and is_pow2(bn)
+        split = _split_for(k_dim, bk, cfg.split) if config is None else cfg.split
+        if k_dim % (split * bk):
+            raise ValueError(f"K={k_dim} must be a multiple of split * bk = {split} * {bk}")
+        is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed
+        if is_packed and (not fp8 or bn < 32):
+            raise ValueError("packed reads need FP8 weights and bn >= 32")
+        plan = _Plan(groups=groups, batch=p.x.shape[1], k_dim=k_dim, n_dim=n_dim, bk=bk, bn=bn, split=split,
+                     fp8=fp8, packed=is_packed, swiglu=p.w2 is not None,
+                     f16=cfg.f16 and fp8 and p.x.dtype == jnp.bfloat16, in_dtype=p.x.dtype,
+                     out_dtype=jnp.dtype(p.out_dtype or p.x.dtype), first=first)
+        plans.append(plan)
+        first += plan.programs
+        w, w2 = p.w, p.w2
+        if is_packed:
+            w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2),
+                                                                     jnp.uint16) for a in (w, w2))
+        inputs += [p.ids.astype(jnp.int32), p.x, w] + ([p.scale.astype(f32)] if fp8 else [])
+        if plan.swiglu:
+            inputs += [w2] + ([p.scale2.astype(f32)] if fp8 else [])
+        columns = (2, n_dim // 2) if is_packed else (n_dim,)
+        if split == 1:
+            out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
+        else:
+            out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * plan.num_outputs
+    outs = iter(pl.pallas_call(
+        functools.partial(_kernel, plans=tuple(plans), block=block, interpret=interpret),
+        out_shape=out_shapes,
+        grid=(first,),
+        compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
+        interpret=interpret,
+        name="moe_grouped_matvec",
+    )(*inputs))
+    results = []
+    for plan in plans:
+        out = [next(outs) for _ in range(plan.num_outputs if plan.split > 1 else 1)]
+        if plan.packed:  # [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
+            out = [jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], plan.n_dim) for a in out]
+        if plan.split == 1:
+            results.append(out[0])
+        elif plan.swiglu:
+            results.append(_swiglu(out[0].sum(0), out[1].sum(0), plan.in_dtype).astype(plan.out_dtype))
+        else:
+            results.append(out[0].sum(0).astype(plan.out_dtype))
+    return results
 
 
 def grouped_matvec(
@@ -193,64 +351,6 @@ def grouped_matvec(
     packed: bool | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:  # [G, B, N]
-    """packed: read an FP8 stack as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
-    2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
-    same bytes are half as many elements. Default: exactly when the stack has 2**31 elements or more."""
-    if x.ndim != 3 or w.ndim != 3 or ids.ndim != 1 or ids.shape[0] != x.shape[0] or w.shape[1] != x.shape[2]:
-        raise ValueError(f"shapes x {x.shape}, w {w.shape}, ids {ids.shape} do not form a grouped product")
-    groups, batch, k_dim = x.shape
-    n_dim = w.shape[2]
-    cfg = config or default_config(groups, k_dim, n_dim, block if scale is not None else None)
-    if batch > ROWS:
-        raise ValueError(f"{batch} rows per group > {ROWS}: use the XLA path")
-    fp8 = scale is not None
-    if fp8 and block is None:
-        raise ValueError("FP8 weights need their block size")
-    if w2 is not None and (w2.shape != w.shape or (scale2 is None) != (scale is None)):
-        raise ValueError("w2 must match w (and carry a scale exactly when w does)")
-    picked = tiles(k_dim, n_dim, block if fp8 else None, cfg)
-    if picked is None:
-        raise ValueError(f"K={k_dim}, N={n_dim} do not tile by powers of 2 >= 16")
-    bk, bn = picked
-    assert is_pow2(bk) and is_pow2(bn)
-    split = cfg.split
-    if k_dim % (split * bk):
-        raise ValueError(f"K={k_dim} must be a multiple of split * bk = {split} * {bk}")
-    rows = max(ROWS, next_pow2(batch))
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
-    interpret = interpret_default() if interpret is None else interpret
-    swiglu = w2 is not None
-    if packed is None:
-        packed = fp8 and w.size >= 2 ** 31
-    if packed and (not fp8 or bn < 32):
-        raise ValueError("packed reads need FP8 weights and bn >= 32")
-    if packed:
-        w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2), jnp.uint16)
-                 for a in (w, w2))
-    kernel = lambda *refs: _kernel(  # noqa: E731
-        *refs, batch=batch, rows=rows, k_dim=k_dim, bk=bk, bn=bn, split=split, block=block, fp8=fp8,
-        packed=packed, swiglu=swiglu, in_dtype=x.dtype, out_dtype=out_dtype, f16=cfg.f16 and fp8 and x.dtype == jnp.bfloat16,
-        interpret=interpret)
-    inputs = [ids.astype(jnp.int32), x, w] + ([scale.astype(f32)] if fp8 else [])
-    if swiglu:
-        inputs += [w2] + ([scale2.astype(f32)] if fp8 else [])
-    columns = (2, n_dim // 2) if packed else (n_dim,)
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((groups, batch, *columns), out_dtype)
-    else:
-        out_shape = [jax.ShapeDtypeStruct((split, groups, batch, *columns), f32)] * (2 if swiglu else 1)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(groups, n_dim // bn, split),
-        compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
-        interpret=interpret,
-        name="moe_grouped_matvec",
-    )(*inputs)
-    if packed:  # [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
-        out = jax.tree.map(lambda a: jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], n_dim), out)
-    if split == 1:
-        return out
-    if swiglu:
-        return _swiglu(out[0].sum(0), out[1].sum(0), x.dtype).astype(out_dtype)
-    return out[0].sum(0).astype(out_dtype)
+    """One grouped product in its own launch (see `grouped_matvecs`)."""
+    return grouped_matvecs([Product(x=x, w=w, ids=ids, scale=scale, w2=w2, scale2=scale2, out_dtype=out_dtype)],
+                           block=block, config=config, packed=packed, interpret=interpret)[0]

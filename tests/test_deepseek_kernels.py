@@ -124,6 +124,36 @@ def test_grouped_matvec_kernel_matches_reference(kind, split):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", [None, 2])
+def test_grouped_matvecs_one_launch_many_products(split):
+    """Products of different groups, K, N and kinds in one launch (the routed experts' gate/up beside the shared
+    expert's, with a plain product of another K) each equal their reference; split None: the launch's default."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+
+    keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 12))
+    block = (32, 32)
+
+    def fp8(shape):
+        return fp8_matmul.quantize(jax.random.normal(next(keys), shape) * 0.2, block)
+
+    (g, gs), (u, us), (sg, sgs), (su, sus), (d, ds) = fp8((5, 64, 96)), fp8((5, 64, 96)), fp8((1, 64, 192)), fp8(
+        (1, 64, 192)), fp8((2, 128, 64))
+    products = [
+        gm.Product(x=jax.random.normal(next(keys), (3, 1, 64)), w=g, ids=jnp.array([4, 1, 4], jnp.int32), scale=gs,
+                   w2=u, scale2=us),
+        gm.Product(x=jax.random.normal(next(keys), (1, 2, 64)), w=sg, ids=jnp.zeros((1,), jnp.int32), scale=sgs,
+                   w2=su, scale2=sus),
+        gm.Product(x=jax.random.normal(next(keys), (2, 1, 128)), w=d, ids=jnp.array([1, 0], jnp.int32), scale=ds,
+                   out_dtype=jnp.float32),
+    ]
+    config = None if split is None else gm.GroupedConfig(bn=32, bk=32, split=split)
+    outs = gm.grouped_matvecs(products, block=block, config=config, interpret=True)
+    for p, out in zip(products, outs):
+        ref = gm.grouped_matvec_reference(p.x, p.w, p.ids, scale=p.scale, block=block, w2=p.w2, scale2=p.scale2)
+        assert out.shape == ref.shape and out.dtype == (p.out_dtype or p.x.dtype)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_grouped_matvec_float16_dot_is_the_bf16_dot(packed):
     """bf16 activations against FP8 weights are multiplied in float16 after dividing each row of the x tile by a
@@ -173,25 +203,31 @@ def test_tiled_experts_match_ragged(fp8):
 
 
 def test_pallas_linear_paths():
-    """deepseek_linear.linear and .swiglu with impl="pallas" at decode size run the one-group grouped kernel (bf16
-    and FP8, K split into partial sums by the default configuration) and equal the XLA path; shapes that do not tile
-    fall back to XLA."""
+    """deepseek_linear.linear, .swiglu and .linears with impl="pallas" at decode size run the grouped kernel (bf16
+    and FP8, K split into partial sums by the default configuration, a bias added after, several products in one
+    launch) and equal the XLA path; shapes that do not tile fall back to XLA."""
     from tilert_jax.kernels import moe_grouped_matvec
-    from tilert_jax.models.deepseek_linear import linear, swiglu
+    from tilert_jax.models.deepseek_linear import linear, linears, swiglu
 
-    assert moe_grouped_matvec.default_config(1, 1024, 128, (128, 128)).split > 1
+    assert moe_grouped_matvec.default_config([(1, 1024, 128, True)], (128, 128)).split > 1
     keys = jax.random.split(jax.random.key(10), 3)
     x = jax.random.normal(keys[0], (1, 1, 1024))
     w = jax.random.normal(keys[1], (1024, 128)) * 0.1
     w2 = jax.random.normal(keys[2], (1024, 128)) * 0.1
     (q, s), (q2, s2) = fp8_matmul.quantize(w, (128, 128)), fp8_matmul.quantize(w2, (128, 128))
-    for lin, block in ((Linear(w=w), None), (Linear(w=q, scale=s), (128, 128)), (Linear(w=w[:, :40]), None)):
+    bias = jax.random.normal(keys[2], (128,))
+    for lin, block in ((Linear(w=w), None), (Linear(w=q, scale=s), (128, 128)), (Linear(w=w[:, :40]), None),
+                       (Linear(w=w, b=bias), None)):
         np.testing.assert_allclose(linear(x, lin, block, "pallas"), linear(x, lin, block, "xla"), rtol=1e-5,
                                    atol=1e-5)
     for gate, up, block in ((Linear(w=w), Linear(w=w2), None), (Linear(w=q, scale=s), Linear(w=q2, scale=s2),
                                                                 (128, 128))):
         np.testing.assert_allclose(swiglu(x, gate, up, block, "pallas"), swiglu(x, gate, up, block, "xla"),
                                    rtol=1e-5, atol=1e-5)
+    products = [(Linear(w=q, scale=s),), (Linear(w=w[:, :64], b=bias[:64]),), (Linear(w=q, scale=s),
+                                                                                Linear(w=q2, scale=s2))]
+    for fused, plain in zip(linears(x, products, (128, 128), "pallas"), linears(x, products, (128, 128), "xla")):
+        np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from tilert_jax import config as config_lib
 from tilert_jax.kernels import mla_decode, ops
 from tilert_jax.models import mla, moe
-from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, swiglu, weight
+from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, linears, swiglu, weight
 from tilert_jax.params import ParamSpec
 from tilert_jax.rope import RopeConfig, apply_rope, rope_tables, yarn_mscale
 from tilert_jax.sharding import collectives
@@ -439,14 +439,13 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
     n = p.kv_b.w.shape[-1] // (dn + dv)  # the heads this device holds (all of them without a mesh)
     blk = config.fp8_block
     q_resid = None
-    if p.q_proj is not None:
-        q = linear(x, p.q_proj, blk, impl)
-    else:
-        q_resid = ops.rms_norm(linear(x, p.q_a, blk, impl), p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
+    # The query's first projection and kv_a read the same x: one launch for both with impl="pallas".
+    q, compressed = linears(x, [(p.q_proj if p.q_proj is not None else p.q_a,), (p.kv_a,)], blk, impl)
+    if p.q_proj is None:
+        q_resid = ops.rms_norm(q, p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
         q = linear(q_resid, p.q_b, blk, impl)
     q = q.reshape(b, t, n, dn + dr)
-    q_nope, q_pe = q[..., :dn], q[..., dn:]
-    compressed = linear(x, p.kv_a, blk, impl)  # [B, T, r + dr]
+    q_nope, q_pe = q[..., :dn], q[..., dn:]  # compressed: [B, T, r + dr]
     latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
     # V2 rotates in float32 (complex arithmetic); V3 in the activation dtype. Identical in float32.
     rope_dtype = jnp.float32 if config.model_type == "deepseek_v2" else x.dtype
@@ -520,11 +519,12 @@ def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):
     e = p.experts
     if ep_axis is not None:
         index, weights = moe.local_experts(index, weights, e.gate.w.shape[0], jax.lax.axis_index(ep_axis))
-    out = moe.routed_experts(flat, index, weights, e.gate, e.up, e.down, config.fp8_block, impl)
+    shared = None if p.shared is None else (p.shared.gate, p.shared.up, p.shared.down)
+    out, shared_out = moe.experts(flat, index, weights, (e.gate, e.up, e.down), shared, config.fp8_block, impl)
     out = out.astype(x.dtype).reshape(b, t, h)
-    if p.shared is not None:
-        shared = _mlp(config, p.shared, x, impl)
-        out = out + (shared if ep_axis is None else jnp.where(jax.lax.axis_index(ep_axis) == 0, shared, 0))
+    if shared_out is not None:
+        shared_out = shared_out.reshape(b, t, h)
+        out = out + (shared_out if ep_axis is None else jnp.where(jax.lax.axis_index(ep_axis) == 0, shared_out, 0))
     return out
 
 

@@ -61,44 +61,61 @@ def weight(lin: Linear, block: tuple[int, int] | None, dtype) -> jax.Array:
 
 
 def linear(x: jax.Array, lin: Linear, block: tuple[int, int] | None, impl: str = "xla") -> jax.Array:
-    """x: [..., in] -> [..., out] in x's dtype.
-
-    impl="pallas" with at most 16 rows (decode) streams the weight through the grouped matvec kernel as one group
-    (kernels/moe_grouped_matvec.py: FP8 tiles dequantized in the kernel, the K dimension split when the output is
-    narrow). Shapes the kernel does not tile stay on the XLA path."""
-    y = _pallas_linear(x, (lin,), block) if impl == "pallas" else None
-    if y is None:
-        y = jnp.matmul(x, weight(lin, block, x.dtype))
-    return y if lin.b is None else y + lin.b.astype(y.dtype)
+    """x: [..., in] -> [..., out] in x's dtype (see `linears`)."""
+    return linears(x, [(lin,)], block, impl)[0]
 
 
 def swiglu(x: jax.Array, gate: Linear, up: Linear, block: tuple[int, int] | None, impl: str = "xla") -> jax.Array:
-    """silu(x @ gate) * (x @ up): [..., in] -> [..., intermediate], one kernel launch for both with impl="pallas"."""
-    y = _pallas_linear(x, (gate, up), block) if impl == "pallas" and gate.b is None and up.b is None else None
-    if y is None:
-        y = jax.nn.silu(linear(x, gate, block)) * linear(x, up, block)
-    return y
+    """silu(x @ gate) * (x @ up): [..., in] -> [..., intermediate] (see `linears`)."""
+    return linears(x, [(gate, up)], block, impl)[0]
 
 
-def _pallas_linear(x: jax.Array, lins: tuple[Linear, ...], block) -> jax.Array | None:
-    """One Linear, or (gate, up) with the SwiGLU epilogue, through the grouped kernel; None when it does not apply."""
-    from tilert_jax.kernels import moe_grouped_matvec
+def linears(x: jax.Array, products: list[tuple[Linear, ...]], block: tuple[int, int] | None, impl: str = "xla"
+            ) -> list[jax.Array]:
+    """Products of one input x [..., in], each a Linear `(lin,)` -> [..., out] or a pair `(gate, up)` -> silu(x @ gate)
+    * (x @ up), in x's dtype.
+
+    impl="pallas" with at most 16 rows (decode) runs them all in one launch of the grouped matvec kernel, each weight
+    a stack of one (kernels/moe_grouped_matvec.py: FP8 tiles dequantized in the kernel, the K dimension split when
+    the launch is narrow). When some product does not fit the kernel (shapes that do not tile, a biased pair) all
+    take the XLA path."""
+    ys = _pallas_products(x, products, block) if impl == "pallas" else None
+    if ys is None:
+        return [_xla_product(x, p, block) for p in products]
+    return [y if p[0].b is None else y + p[0].b.astype(y.dtype) for y, p in zip(ys, products)]  # single Linears
+
+
+def _xla_product(x: jax.Array, product: tuple[Linear, ...], block) -> jax.Array:
+    ys = [jnp.matmul(x, weight(lin, block, x.dtype)) + (0 if lin.b is None else lin.b.astype(x.dtype))
+          for lin in product]
+    return ys[0] if len(ys) == 1 else jax.nn.silu(ys[0]) * ys[1]
+
+
+def _pallas_products(x: jax.Array, products: list[tuple[Linear, ...]], block) -> list[jax.Array] | None:
+    """The products through one grouped-kernel launch; None when one of them does not fit it."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
 
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    first = lins[0]
-    k_dim, n_dim = first.w.shape[-2:]
-    fp8 = first.scale is not None
-    if first.w.ndim != 2 or rows > 16 or moe_grouped_matvec.tiles(k_dim, n_dim, block if fp8 else None) is None:
+    if rows > 16:
         return None
-    if fp8 and any(lin.scale.shape != (cdiv(k_dim, block[1]), cdiv(n_dim, block[0])) for lin in lins):
-        return None
-    stack = [(lin.w[None], None if lin.scale is None else lin.scale[None]) for lin in lins]  # one-expert stacks
-    (w, scale), (w2, scale2) = stack[0], (stack[1] if len(stack) > 1 else (None, None))
-    y = moe_grouped_matvec.grouped_matvec(x.reshape(1, rows, k_dim), w, jnp.zeros((1,), jnp.int32), scale=scale,
-                                          block=block if fp8 else None, w2=w2, scale2=scale2)[0]
-    return y.reshape(*x.shape[:-1], n_dim)
+    kernel_products = []
+    for product in products:
+        first = product[0]
+        k_dim, n_dim = first.w.shape[-2:]
+        fp8 = first.scale is not None
+        if (first.w.ndim != 2 or gm.tiles(k_dim, n_dim, block if fp8 else None) is None
+                or (len(product) > 1 and any(lin.b is not None for lin in product))):
+            return None
+        if fp8 and any(lin.scale.shape != (cdiv(k_dim, block[1]), cdiv(n_dim, block[0])) for lin in product):
+            return None
+        stacks = [(lin.w[None], None if lin.scale is None else lin.scale[None]) for lin in product]  # stacks of one
+        (w, scale), (w2, scale2) = stacks[0], (stacks[1] if len(stacks) > 1 else (None, None))
+        kernel_products.append(gm.Product(x=x.reshape(1, rows, k_dim), w=w, ids=jnp.zeros((1,), jnp.int32),
+                                          scale=scale, w2=w2, scale2=scale2))
+    ys = gm.grouped_matvecs(kernel_products, block=block)
+    return [y[0].reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def nbytes(lin: Linear, dtype) -> int:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tilert_jax.kernels import fp8_matmul, moe_grouped_matvec
-from tilert_jax.models.deepseek_linear import Linear, weight
+from tilert_jax.kernels import fp8_matmul
+from tilert_jax.kernels import moe_grouped_matvec as gm
+from tilert_jax.models.deepseek_linear import Linear, linear, swiglu, weight
 
 
 def router_logits(x: jnp.ndarray,  # [N, hidden]
@@ -27,9 +28,8 @@ def router_logits(x: jnp.ndarray,  # [N, hidden]
     accumulation (XLA makes this narrow product a slow multiply-reduce)."""
     n, h = x.shape
     if (impl == "pallas" and n <= 16 and router.dtype == x.dtype
-            and moe_grouped_matvec.tiles(h, router.shape[1], None) is not None):
-        return moe_grouped_matvec.grouped_matvec(x[None], router[None], jnp.zeros((1,), jnp.int32),
-                                                 out_dtype=jnp.float32)[0]
+            and gm.tiles(h, router.shape[1], None) is not None):
+        return gm.grouped_matvec(x[None], router[None], jnp.zeros((1,), jnp.int32), out_dtype=jnp.float32)[0]
     return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))
 
 
@@ -164,21 +164,61 @@ def experts_tiled(x: jnp.ndarray,  # [N, hidden]
 def experts_pallas(x: jnp.ndarray,  # [N, hidden]
                    index: jnp.ndarray,  # [N, k] int32
                    weights: jnp.ndarray,  # [N, k] float32
-                   gate: Linear, up: Linear, down: Linear,
-                   block) -> jnp.ndarray | None:  # [N, hidden] float32, or None when the shapes do not tile
+                   routed: tuple[Linear, Linear, Linear],  # gate, up, down stacks: w [E, in, out]
+                   shared: tuple[Linear, Linear, Linear] | None,  # the shared experts' gate, up, down: w [in, out]
+                   block) -> tuple[jnp.ndarray, jnp.ndarray | None] | None:
     """Decode's path with impl="pallas": each token-expert pair is one group of the grouped matvec kernel, which
-    reads its expert's weights in place (gate and up in one launch with the SwiGLU epilogue, then down)."""
+    reads its expert's weights in place, the shared expert beside them in the same launches (gate and up with the
+    SwiGLU epilogue in one, then down). Returns (routed [N, hidden] float32, shared [N, hidden] in x's dtype or
+    None), or None when the shapes do not tile."""
     n, k = index.shape
+    gate, up, down = routed
     e, h, f = gate.w.shape
     blk = block if gate.scale is not None else None
-    if moe_grouped_matvec.tiles(h, f, blk) is None or moe_grouped_matvec.tiles(f, h, blk) is None:
+    mats = [(h, f), (f, h)] + ([] if shared is None else [shared[0].w.shape, shared[2].w.shape])
+    if any(gm.tiles(kd, nd, blk) is None for kd, nd in mats):
+        return None
+    if shared is not None and any(lin.b is not None for lin in shared):
         return None
     ids = index.reshape(n * k)
+    one = jnp.zeros((1,), jnp.int32)
+
+    def stack(lin: Linear) -> tuple:  # a shared expert's weight as a stack of one
+        return lin.w[None], None if lin.scale is None else lin.scale[None]
+
     rows = jnp.repeat(x, k, axis=0)[:, None, :]  # [N * k, 1, hidden]: pair i is token i // k
-    mid = moe_grouped_matvec.grouped_matvec(rows, gate.w, ids, scale=gate.scale, block=blk, w2=up.w,
-                                            scale2=up.scale)  # [N * k, 1, f]
-    y = moe_grouped_matvec.grouped_matvec(mid, down.w, ids, scale=down.scale, block=blk)  # [N * k, 1, hidden]
-    return jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights)
+    first = [gm.Product(x=rows, w=gate.w, ids=ids, scale=gate.scale, w2=up.w, scale2=up.scale)]
+    if shared is not None:
+        (sg, sgs), (su, sus) = stack(shared[0]), stack(shared[1])
+        first.append(gm.Product(x=x[None], w=sg, ids=one, scale=sgs, w2=su, scale2=sus))
+    mid = gm.grouped_matvecs(first, block=block)  # [N * k, 1, f] (and the shared [1, N, f_shared])
+    second = [gm.Product(x=mid[0], w=down.w, ids=ids, scale=down.scale)]
+    if shared is not None:
+        sd, sds = stack(shared[2])
+        second.append(gm.Product(x=mid[1], w=sd, ids=one, scale=sds))
+    y = gm.grouped_matvecs(second, block=block)  # [N * k, 1, hidden] (and [1, N, hidden])
+    routed_out = jnp.einsum("nkh,nk->nh", y[0].reshape(n, k, h).astype(jnp.float32), weights)
+    return routed_out, (y[1][0] if shared is not None else None)
+
+
+def experts(x, index, weights, routed: tuple[Linear, Linear, Linear], shared: tuple[Linear, Linear, Linear] | None,
+            block, impl: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """The routed experts' weighted sum [N, hidden] float32 and the shared experts' output [N, hidden] in x's dtype
+    (None without shared experts). The routed path is picked by the (static) number of token-expert pairs: gathering
+    reads N * k expert matrices, the sorted grouped matmul reads each of the E experts once."""
+    n, k = index.shape
+    gate, up, down = routed
+    if impl == "pallas" and n * k <= min(64, gate.w.shape[0]):
+        out = experts_pallas(x, index, weights, routed, shared, block)
+        if out is not None:
+            return out
+    if n * k <= gate.w.shape[0]:
+        out = experts_gathered(x, index, weights, gate, up, down, block)
+    else:
+        out = experts_tiled(x, index, weights, gate, up, down, block)
+    if shared is None:
+        return out, None
+    return out, linear(swiglu(x, shared[0], shared[1], block, impl), shared[2], block, impl)
 
 
 def local_experts(index: jnp.ndarray,  # [N, k] int32 global expert ids
@@ -189,17 +229,3 @@ def local_experts(index: jnp.ndarray,  # [N, k] int32 global expert ids
     local = index - shard * num_local
     mine = (local >= 0) & (local < num_local)
     return jnp.where(mine, local, 0).astype(jnp.int32), jnp.where(mine, weights, 0.0)
-
-
-def routed_experts(x, index, weights, gate: Linear, up: Linear, down: Linear, block, impl: str = "xla"
-                   ) -> jnp.ndarray:
-    """Picks the path by the (static) number of token-expert pairs: gathering reads N * k expert matrices, the
-    sorted grouped matmul reads each of the E experts once."""
-    n, k = index.shape
-    if n * k <= gate.w.shape[0]:
-        if impl == "pallas" and n * k <= 64:
-            out = experts_pallas(x, index, weights, gate, up, down, block)
-            if out is not None:
-                return out
-        return experts_gathered(x, index, weights, gate, up, down, block)
-    return experts_tiled(x, index, weights, gate, up, down, block)
