@@ -3,12 +3,14 @@ y[g] = x[g] @ W[ids[g]] for a handful of groups g (a token's k routed experts), 
 
 XLA's path gathers the selected experts' weights into a fresh [G, K, N] array before multiplying (a copy of every
 byte the step needs); here each program streams its expert's [bk, bn] tiles straight from the stack, converts FP8
-tiles to the activation dtype in registers and applies each (128 x 128) block's scale to the tile's partial product.
+tiles in registers (to float16 against bf16 activations: `_to_f16`) and applies each (128 x 128) block's scale to
+the tile's partial product.
 With `w2` (gate and up) the epilogue is silu(x @ W) * (x @ W2), one launch for both.
 
 A plain Linear at decode (bf16 or FP8) is the one-group case (ids = [0], the weight viewed as a stack of one); a
 narrow output splits K into float32 partial sums so that the grid fills the GPU (`default_config`), and FP8 stacks
-of 2**31 elements or more are read as uint16 pairs (see `grouped_matvec`).
+of 2**31 elements or more are read as uint16 pairs (see `grouped_matvecs`, which also runs several products in one
+launch).
 
 Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a memory-bound stream of tiles).
 """

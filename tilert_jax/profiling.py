@@ -51,6 +51,14 @@ def median_seconds(fn: Callable[..., Any], *args, reps: int = 7, warm_s: float =
     return statistics.median(times)
 
 
+def emit(row: dict, sink=None) -> None:
+    """One JSON line on stdout (flushed: a sweep's lines arrive as it runs), and in `sink` when given."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if sink:
+        sink.write(line + "\n")
+
+
 def hlo_ops(hlo_text: str) -> dict[str, str]:
     """Kernel name (an XLA fusion's instruction name, dots as underscores) -> the JAX op it came from (op_name)."""
     ops = {}

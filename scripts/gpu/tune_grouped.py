@@ -4,9 +4,10 @@ pair ([256, 7168, 2048] stacks, SwiGLU epilogue) and down ([256, 2048, 7168]), e
     python scripts/gpu/tune_grouped.py [--out FILE]
 
 These stacks hold 3.8e9 one-byte elements, so the kernel reads them as uint16 pairs (`packed`); with the experts
-drawn from the first 128 (offsets below 2**31) the plain FP8 read is also correct, and the two are compared. Each
-configuration is checked against the reference, then timed by device time from a profiler trace over `--layers`
-different expert choices per call (more bytes than L2 holds). Prints one JSON line per configuration.
+drawn from the first 128 (offsets below 2**31) the plain FP8 read is also correct, and the two are compared, each
+with the dot in bf16 and in float16 (`GroupedConfig.f16`). Each configuration is checked against the reference, then
+timed by device time from a profiler trace over `--layers` different expert choices per call (more bytes than L2
+holds). Prints one JSON line per configuration.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import faulthandler
 import sys
 import time
 import itertools
-import json
 
 import jax
 import jax.numpy as jnp
 
 from tilert_jax.kernels import moe_grouped_matvec as gm
-from tilert_jax.profiling import trace_gpu_kernels
+from tilert_jax.profiling import emit, trace_gpu_kernels
 
 BLOCK = (128, 128)
+GRIDS = {  # case: (bn, num_warps, num_stages, split) configurations
+    "gate_up": list(itertools.product((64, 128), (4, 8), (3, 4), (2, 4))),
+    "down": list(itertools.product((128,), (4, 8), (3, 4), (1,))),
+}
 
 
 def random_fp8(key, shape):
@@ -62,21 +66,19 @@ def main(argv=None) -> int:
             xi, ws[2], ids, scale=ws[4], block=BLOCK, config=cfg, packed=packed), h),
     }
     for name, (fn, inputs) in cases.items():
-        for packed, high, f16 in ((False, False, True), (True, True, True)):
+        for packed, high, f16 in itertools.product((False, True), (False, True), (False, True)):
+            if packed != high:  # the plain read of experts below 128, the packed read of experts past 2**31
+                continue
             ids_all = low + experts // 2 if high else low  # high: experts past the 2**31-element boundary
             ref_args = (gate, ids_all[0], dict(scale=s_gu, block=BLOCK, w2=up, scale2=s_gu)) if name == "gate_up" \
                 else (down, ids_all[0], dict(scale=s_down, block=BLOCK))
             ref = gm.grouped_matvec_reference(inputs[0], ref_args[0], ref_args[1], **ref_args[2]).astype(jnp.float32)
-            k_dim = inputs.shape[-1]
-            n_dim = inter if name == "gate_up" else hidden
-            for bn, warps, stages, split in itertools.product((64, 128), (4, 8), (2, 3, 4, 5), (1, 2, 4)):
+            for bn, warps, stages, split in GRIDS[name]:
                 cfg = gm.GroupedConfig(bn=bn, bk=128, split=split, num_warps=warps, num_stages=stages, f16=f16)
-                if (split > 1 or bn == 64) and name == "down" or name == "gate_up" and (bn == 64 or warps == 8 or split == 1):
-                    continue
                 run = jax.jit(lambda xs, ids, ws, cfg=cfg, packed=packed: [fn(xs[i], ids[i], ws, cfg, packed)
                                                                             for i in range(args.layers)])
-                row = {"case": name, "f16": f16, "packed": packed, "experts_past_2_31": high, "bn": bn, "num_warps": warps,
-                       "num_stages": stages, "split": split}
+                row = {"case": name, "f16": f16, "packed": packed, "experts_past_2_31": high, "bn": bn,
+                       "num_warps": warps, "num_stages": stages, "split": split}
                 try:
                     out = run(inputs, ids_all, weights)
                     err = float(jnp.max(jnp.abs(out[0].astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
@@ -90,10 +92,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a configuration that does not compile (registers, shared memory)
                     row["error"] = str(e)[:200]
                 row["t_s"] = round(time.perf_counter() - t0)
-                line = json.dumps(row)
-                print(line, flush=True)
-                if sink:
-                    sink.write(line + "\n")
+                emit(row, sink)
     return 0
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import jax
 import jax.numpy as jnp
 
 from tilert_jax.kernels import fp8_matmul, mla_decode
-from tilert_jax.profiling import trace_gpu_kernels
+from tilert_jax.profiling import emit, trace_gpu_kernels
 
 SHAPES = {  # name: (heads, FP8 block or None)
     "deepseek-v2-lite": (16, None),
@@ -69,10 +68,7 @@ def main(argv=None) -> int:
                        "us_per_layer": sum(per_kernel.values()), **per_kernel, "rel_err": err, "ok": err <= 2e-2}
             except Exception as e:  # a configuration that does not compile (shared memory, registers)
                 row = {"shape": name, "splits": splits, "bs": bs, "num_warps": warps, "error": str(e)[:200]}
-            line = json.dumps(row)
-            print(line, flush=True)
-            if sink:
-                sink.write(line + "\n")
+            emit(row, sink)
     return 0
 
 
