@@ -86,8 +86,8 @@ def linears(x: jax.Array, products: list[tuple[Linear, ...]], block: tuple[int, 
 
 
 def _xla_product(x: jax.Array, product: tuple[Linear, ...], block) -> jax.Array:
-    ys = [jnp.matmul(x, weight(lin, block, x.dtype)) + (0 if lin.b is None else lin.b.astype(x.dtype))
-          for lin in product]
+    ys = [jnp.matmul(x, weight(lin, block, x.dtype)) for lin in product]
+    ys = [y if lin.b is None else y + lin.b.astype(y.dtype) for y, lin in zip(ys, product)]
     return ys[0] if len(ys) == 1 else jax.nn.silu(ys[0]) * ys[1]
 
 
