@@ -327,7 +327,7 @@ def grouped_matvecs(
     )(*inputs))
     results = []
     for plan in plans:
-        out = [next(outs) for _ in range(plan.num_outputs if plan.split > 1 else 1)]
+        out = [next(outs) for _ in range(plan.num_outputs)]
         if plan.packed:  # [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
             out = [jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], plan.n_dim) for a in out]
         if plan.split == 1:
