@@ -72,6 +72,43 @@ def dot(a, b, dims, interpret: bool):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def stream_rows(x_ref, part_refs, row0, rows: int, valid: int, k0, size: int, dtype):
+    """float32 [rows, size]: rows row0.. of the residual stream x [N, K] plus the float32 partial sums still pending
+    on it (each part ref [S, N, K], any float dtype), rounded to `dtype` as the residual add rounds; rows past
+    `valid` read as 0."""
+    xm = load_rows(x_ref.at[pl.ds(row0, rows), pl.ds(k0, size)], valid).astype(jnp.float32)
+    for ref in part_refs:
+        for s in range(ref.shape[0]):
+            xm = xm + load_rows(ref.at[jnp.int32(s), pl.ds(row0, rows), pl.ds(k0, size)], valid).astype(jnp.float32)
+    return xm.astype(dtype).astype(jnp.float32) if part_refs else xm
+
+
+def norm_chunk(k: int, rows: int) -> int:
+    """Columns per step of a prologue pass over a whole row (wider for one row: fewer, larger loads)."""
+    chunk = 1024 if rows == 1 else 256
+    while chunk > 1 and k % chunk:
+        chunk //= 2
+    return chunk
+
+
+def rms_inverse(load, k_dim: int, chunk: int, eps: float):
+    """1 / sqrt(mean(x^2) + eps) [rows, 1] over whole rows, read `chunk` columns at a time by load(k0, size) (float32
+    [rows, size]). Unrolled: a loop here would be software-pipelined too, multiplying its shared-memory buffers by
+    num_stages."""
+    ss = None
+    for i in range(k_dim // chunk):
+        xm = load(i * chunk, chunk)
+        part = jnp.sum(xm * xm, axis=1, keepdims=True)
+        ss = part if ss is None else ss + part
+    return 1.0 / jnp.sqrt(ss / k_dim + eps)
+
+
+def rms_apply(xm, rinv, norm_weight, dtype):
+    """RMSNorm of float32 rows xm [rows, size] with their rinv [rows, 1] and weight slice [size], rounded as
+    rms_norm_reference rounds (the normed rows to dtype, then the product with the weight); float32 result."""
+    return (xm * rinv).astype(dtype).astype(jnp.float32) * norm_weight.astype(jnp.float32)[None, :]
+
+
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
 NT = (((1,), (1,)), ((), ()))  # [M, K] x [N, K]
 

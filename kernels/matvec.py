@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels.common import (NN, NT, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2,
-                                       store_rows, triton_params)
+                                       norm_chunk, rms_apply, rms_inverse, store_rows, stream_rows, triton_params)
 
 f32 = jnp.float32
 
@@ -69,13 +69,6 @@ def combine_reference(x: jax.Array, x_parts: jax.Array | None) -> jax.Array:
     return (x.astype(f32) + jnp.sum(x_parts, axis=0)).astype(x.dtype)
 
 
-def _norm_chunk(k: int, rows: int) -> int:
-    chunk = 1024 if rows == 1 else 256
-    while chunk > 1 and k % chunk:
-        chunk //= 2
-    return chunk
-
-
 def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps, swiglu, residual, transposed,
             out_dtype, in_dtype, interpret):
     bn, bk, splits = cfg.bn, cfg.bk, cfg.split
@@ -92,29 +85,18 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
     s = pl.program_id(1)
     evict = "evict_first" if cfg.evict_first else None
     prow = 1 if batch == 1 else rows  # rows the input is read with: batch 1 reads one row and broadcasts it
-    chunk = _norm_chunk(k_dim, prow)
+    chunk = norm_chunk(k_dim, prow)
+    part_refs = (xp_ref,) if n_parts else ()
 
     def load_x(k0, size):  # float32 [prow, size]: the (combined) input, rows >= B read as 0
-        xm = load_rows(x_ref.at[pl.ds(0, prow), pl.ds(k0, size)], batch).astype(f32)
-        for p in range(n_parts):
-            xm = xm + load_rows(xp_ref.at[jnp.int32(p), pl.ds(0, prow), pl.ds(k0, size)], batch)
-        if n_parts:
-            xm = xm.astype(in_dtype).astype(f32)
-        return xm
+        return stream_rows(x_ref, part_refs, 0, prow, batch, k0, size, in_dtype)
 
-    rinv = None
-    if norm:  # the RMS statistic over the whole row; unrolled (a loop here would be software-pipelined too,
-        ss = jnp.zeros((prow, 1), f32)  # multiplying its shared-memory buffers by num_stages)
-        for i in range(k_dim // chunk):
-            xm = load_x(i * chunk, chunk)
-            ss = ss + jnp.sum(xm * xm, axis=1, keepdims=True)
-        rinv = 1.0 / jnp.sqrt(ss / k_dim + eps)  # [prow, 1]
+    rinv = rms_inverse(load_x, k_dim, chunk, eps) if norm else None  # [prow, 1]
 
     def x_tile(k0):  # [rows, bk] in the input dtype
         xm = load_x(k0, bk)
         if norm:
-            nw = nw_ref[pl.ds(k0, bk)].astype(f32)  # [bk]
-            xm = (xm * rinv).astype(in_dtype).astype(f32) * nw[None, :]
+            xm = rms_apply(xm, rinv, nw_ref[pl.ds(k0, bk)], in_dtype)
         xm = xm.astype(in_dtype)
         if cfg.mode == "dot" and prow < rows:
             xm = jnp.broadcast_to(xm, (rows, bk))  # every row the same: the dot's extra rows are never stored

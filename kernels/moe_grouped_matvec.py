@@ -12,6 +12,12 @@ narrow output splits K into float32 partial sums so that the grid fills the GPU 
 of 2**31 elements or more are read as uint16 pairs (see `grouped_matvecs`, which also runs several products in one
 launch).
 
+What a product multiplies is formed as each program loads its x tile, so the glue between launches needs no launch
+of its own: an array; the residual stream with the previous launch's pending partial sums and the next RMSNorm
+(`Stream`); or the SwiGLU of a gate/up launch's partial sums (`SwigluSums`). A split launch may leave its partial
+sums unfinished (`finish=False`) for such a consumer, and the routed experts' down projection weighs each group's
+output by its routing weight (`Product.group_weights`), so the next launch adds them into the stream.
+
 Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a memory-bound stream of tiles).
 """
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +34,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
-from tilert_jax.kernels.common import NN, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, store_rows, \
-    triton_params
+from tilert_jax.kernels.common import (NN, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, norm_chunk,
+                                       rms_apply, rms_inverse, store_rows, stream_rows, triton_params)
+from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.kernels.tuning import SMS
 
 f32 = jnp.float32
@@ -77,16 +85,20 @@ def grouped_matvec_reference(
     block: tuple[int, int] | None = None,  # (block_out, block_in)
     w2: jax.Array | None = None,  # [E, K, N]: with w2 the result is silu(x @ w) * (x @ w2)
     scale2: jax.Array | None = None,
+    group_weights: jax.Array | None = None,  # [G] float32: the float32 product times each group's weight
     out_dtype=None,
 ) -> jax.Array:  # [G, B, N]
-    def product(weight, s):
+    def product(weight, s):  # float32
         sel = weight[ids]
         sel = sel.astype(x.dtype) if s is None else fp8_matmul.dequantize(sel, s[ids], block, x.dtype)
-        return jnp.einsum("gbk,gkn->gbn", x, sel, preferred_element_type=f32).astype(x.dtype)
+        return jnp.einsum("gbk,gkn->gbn", x, sel, preferred_element_type=f32)
 
     y = product(w, scale)
+    if group_weights is not None:
+        return (y * group_weights.astype(f32)[:, None, None]).astype(out_dtype or f32)
+    y = y.astype(x.dtype)
     if w2 is not None:
-        y = jax.nn.silu(y) * product(w2, scale2)
+        y = jax.nn.silu(y) * product(w2, scale2).astype(x.dtype)
     return y.astype(out_dtype or x.dtype)
 
 
@@ -138,15 +150,72 @@ def _to_f16(xt):
 
 
 @dataclasses.dataclass(frozen=True)
+class Stream:
+    """The residual stream as a launch's products read it: rms_norm(x + the sum of its pending partial sums), the
+    norm optional. A launch whose stream has parts also writes the combined x + sum(parts) (`Launch.stream`)."""
+    x: jax.Array  # [N, K], N <= 16: every group of a product reading the stream multiplies all N rows
+    parts: tuple[jax.Array, ...] = ()  # each [S_i, N, K], any float dtype, added in float32
+    norm: jax.Array | None = None  # [K]
+    eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class SwigluSums:
+    """A gate/up product's unfinished partial sums; read as a product's x: silu(sum(gate)) * sum(up), rounded as the
+    finished product rounds (`_swiglu`)."""
+    gate: jax.Array  # [S, X, B, K] float32
+    up: jax.Array  # [S, X, B, K] float32
+    dtype: object  # the activations' dtype
+
+
+@dataclasses.dataclass(frozen=True)
 class Product:
     """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]])."""
-    x: jax.Array  # [G, B, K], B <= 16
+    x: jax.Array | Stream | SwigluSums  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
     w: jax.Array  # [E, K, N] (float8_e4m3fn with scale)
     ids: jax.Array  # [G] int32: the expert of each group
     scale: jax.Array | None = None  # [E, ceil(K / block_in), ceil(N / block_out)] float32
     w2: jax.Array | None = None  # [E, K, N], with scale2 exactly when w has a scale
     scale2: jax.Array | None = None
-    out_dtype: object = None  # x's dtype by default
+    group_weights: jax.Array | None = None  # [G] float32: each group's float32 output times its weight (no w2)
+    out_dtype: object = None  # x's dtype by default (float32 with group_weights)
+
+
+class Launch(NamedTuple):
+    ys: list  # per product [G, B, N]; unfinished splits: [S, G, B, N] float32 partial sums, or SwigluSums
+    stream: jax.Array | None  # [N, K]: x + sum(parts) of the stream the launch read, when it had parts
+
+
+def stream_reference(stream: Stream) -> tuple[jax.Array, jax.Array]:
+    """-> (x + sum(parts) [N, K] rounded to x's dtype, what the products read: its RMSNorm when norm is given)."""
+    xs = stream.x
+    if stream.parts:
+        total = stream.x.astype(f32)
+        for part in stream.parts:
+            total = total + part.astype(f32).sum(0)
+        xs = total.astype(stream.x.dtype)
+    return xs, xs if stream.norm is None else rms_norm_reference(xs, stream.norm, stream.eps)
+
+
+def product_reference(p: Product, block: tuple[int, int] | None = None) -> jax.Array:  # [G, B, N]
+    groups = p.ids.shape[0]
+    if isinstance(p.x, Stream):
+        x = jnp.broadcast_to(stream_reference(p.x)[1], (groups, *p.x.x.shape))
+    else:
+        x = p.x if not isinstance(p.x, SwigluSums) else _swiglu(p.x.gate.sum(0), p.x.up.sum(0), p.x.dtype).astype(
+            p.x.dtype)
+        x = jnp.repeat(x, groups // x.shape[0], axis=0)
+    return grouped_matvec_reference(x, p.w, p.ids, scale=p.scale, block=block, w2=p.w2, scale2=p.scale2,
+                                    group_weights=p.group_weights, out_dtype=p.out_dtype)
+
+
+def _input_shape(x) -> tuple[int, int, int, object]:
+    """(X, B, K, dtype) of a product's x."""
+    if isinstance(x, Stream):
+        return 1, *x.x.shape, x.x.dtype
+    if isinstance(x, SwigluSums):
+        return (*x.gate.shape[1:], x.dtype)
+    return (*x.shape, x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +223,9 @@ class _Plan:
     """A product's static shape in the launch: its programs are first ... first + programs - 1 of the 1-D grid,
     ordered (group, column tile, K split)."""
     groups: int
+    source: str  # "array" (x_groups rows of groups), "stream" or "swiglu" (of x_splits partial sums)
+    x_groups: int
+    x_splits: int
     batch: int
     k_dim: int
     n_dim: int
@@ -163,6 +235,7 @@ class _Plan:
     fp8: bool
     packed: bool
     swiglu: bool
+    weighted: bool
     f16: bool
     in_dtype: object
     out_dtype: object
@@ -173,21 +246,39 @@ class _Plan:
         return self.groups * (self.n_dim // self.bn) * self.split
 
     @property
-    def num_inputs(self) -> int:  # ids, x, w [, scale] [, w2 [, scale2]]
-        return 3 + self.fp8 + self.swiglu * (1 + self.fp8)
+    def x_inputs(self) -> int:  # x; none (the launch's stream); or the gate and up sums
+        return {"array": 1, "stream": 0, "swiglu": 2}[self.source]
+
+    @property
+    def num_inputs(self) -> int:  # ids, x inputs, w [, scale] [, w2 [, scale2]] [, group weights]
+        return 2 + self.x_inputs + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
 
     @property
     def num_outputs(self) -> int:  # y, or the partial sums of w (and of w2)
         return 1 + (self.swiglu and self.split > 1)
 
 
-def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
-    """The program `local` of one product: a [rows, bn] output tile over its K range."""
+@dataclasses.dataclass(frozen=True)
+class _StreamPlan:
+    rows: int  # N
+    k_dim: int
+    part_splits: tuple[int, ...]  # S_i of each part
+    norm: bool
+    eps: float
+    dtype: object
+
+
+def _product(plan: _Plan, block, interpret, stream, in_refs, out_refs, local):
+    """The program `local` of one product: a [rows, bn] output tile over its K range. stream: (_StreamPlan, x ref,
+    part refs, norm ref) of the launch's stream, or None."""
     it = iter(in_refs)
-    ids_ref, x_ref, w_ref = next(it), next(it), next(it)  # [G], [G, B, K], [E, K, N] ([E, K, N / 2] uint16 packed)
+    ids_ref = next(it)  # [G]
+    x_refs = [next(it) for _ in range(plan.x_inputs)]
+    w_ref = next(it)  # [E, K, N] ([E, K, N / 2] uint16 packed)
     s_ref = next(it) if plan.fp8 else None  # [E, K / bi, N / bo]
     w2_ref = next(it) if plan.swiglu else None
     s2_ref = next(it) if plan.swiglu and plan.fp8 else None
+    gw_ref = next(it) if plan.weighted else None  # [G] float32
     o_ref = out_refs[0]  # [G, B, N], or [split, G, B, N] float32 partial sums
     o2_ref = out_refs[1] if len(out_refs) > 1 else None  # the up projection's partial sums
 
@@ -195,6 +286,7 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
     rows = max(ROWS, next_pow2(batch))
     n_tiles = plan.n_dim // bn
     g = local // (n_tiles * split)
+    xg = g // (plan.groups // plan.x_groups)  # the x rows this group reads
     n0 = pl.multiple_of((local // split) % n_tiles * bn, bn)
     part = local % split
     k_begin = part * (plan.k_dim // split)
@@ -202,6 +294,29 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
     block_out, block_in = block if plan.fp8 else (1, 1)
     phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
     width = bn // phases
+
+    if plan.source == "stream":
+        sp, sx_ref, part_refs, nw_ref = stream
+        prow = 1 if batch == 1 else rows  # one row is read once and broadcast to the dot's rows
+
+        def load_stream(k0, size):  # float32 [prow, size]
+            return stream_rows(sx_ref, part_refs, 0, prow, batch, k0, size, plan.in_dtype)
+
+        rinv = rms_inverse(load_stream, plan.k_dim, norm_chunk(plan.k_dim, prow), sp.eps) if sp.norm else None
+
+    def x_tile(k0):  # [rows, bk] in the input dtype
+        if plan.source == "stream":
+            xm = load_stream(k0, bk)
+            if rinv is not None:
+                xm = rms_apply(xm, rinv, nw_ref[pl.ds(k0, bk)], plan.in_dtype)
+            xm = jnp.broadcast_to(xm, (rows, bk))
+        elif plan.source == "swiglu":
+            gate, up = (sum(load_rows(r.at[jnp.int32(i), xg, pl.ds(0, rows), pl.ds(k0, bk)], batch)
+                            for i in range(plan.x_splits)) for r in x_refs)
+            xm = _swiglu(gate, up, plan.in_dtype)
+        else:
+            xm = load_rows(x_refs[0].at[xg, pl.ds(0, rows), pl.ds(k0, bk)], batch)
+        return xm.astype(plan.in_dtype)
 
     def partial(wr, sr, k0, xt, x_scale):  # -> per phase [rows, width] float32
         if packed:
@@ -218,7 +333,7 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
 
     def body(i, accs):
         k0 = pl.multiple_of(k_begin + i * bk, bk)
-        xt = load_rows(x_ref.at[g, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(plan.in_dtype)  # [rows, bk]
+        xt = x_tile(k0)  # [rows, bk]
         xt, x_scale = _to_f16(xt) if plan.f16 else (xt, None)
         weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if plan.swiglu else ((w_ref, s_ref),)
         return tuple(tuple(a + p for a, p in zip(acc, partial(wr, sr, k0, xt, x_scale)))
@@ -226,6 +341,8 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
 
     zeros = tuple(jnp.zeros((rows, width), f32) for _ in range(phases))
     accs = lax.fori_loop(0, plan.k_dim // split // bk, body, (zeros, zeros) if plan.swiglu else (zeros,))
+    if plan.weighted:
+        accs = (tuple(a * gw_ref[g] for a in accs[0]),)
 
     def window(ref, phase, *lead):  # this program's [rows, width] output (packed: [.., 2, N / 2], even odd halves)
         if packed:
@@ -241,20 +358,59 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
         store_rows(window(o_ref, phase), y.astype(plan.out_dtype), batch)
 
 
-def _kernel(*refs, plans, block, interpret):
-    """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in."""
-    num_in = sum(p.num_inputs for p in plans)
-    ins, outs = iter(refs[:num_in]), iter(refs[num_in:])
+def _kernel(*refs, plans, stream: _StreamPlan | None, block, interpret):
+    """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in. The
+    first program also writes the stream's combined rows when it has parts."""
+    it = iter(refs)
+    stream_refs = None
+    if stream is not None:
+        sx_ref = next(it)  # [N, K]
+        part_refs = tuple(next(it) for _ in stream.part_splits)  # each [S_i, N, K]
+        stream_refs = (stream, sx_ref, part_refs, next(it) if stream.norm else None)
+    ins = [next(it) for _ in range(sum(p.num_inputs for p in plans))]
+    outs = list(it)
     pid = pl.program_id(0)
     for plan in plans:
-        in_refs = [next(ins) for _ in range(plan.num_inputs)]
-        out_refs = [next(outs) for _ in range(plan.num_outputs)]
-        run = functools.partial(_product, plan, block, interpret, in_refs, out_refs)
+        in_refs, ins = ins[:plan.num_inputs], ins[plan.num_inputs:]
+        out_refs, outs = outs[:plan.num_outputs], outs[plan.num_outputs:]
+        run = functools.partial(_product, plan, block, interpret, stream_refs, in_refs, out_refs)
         if len(plans) == 1:
             run(pid)
         else:
             pl.when((pid >= plan.first) & (pid < plan.first + plan.programs))(lambda run=run, plan=plan: run(
                 pid - plan.first))
+    if stream is not None and stream.part_splits:
+        (xo_ref,) = outs
+        rows = max(ROWS, next_pow2(stream.rows))
+        chunk = norm_chunk(stream.k_dim, rows)
+
+        @pl.when(pid == 0)
+        def _():
+            for i in range(stream.k_dim // chunk):
+                xm = stream_rows(sx_ref, part_refs, 0, rows, stream.rows, i * chunk, chunk, stream.dtype)
+                store_rows(xo_ref.at[pl.ds(0, rows), pl.ds(i * chunk, chunk)], xm.astype(stream.dtype), stream.rows)
+
+
+def _check(p: Product, block) -> tuple[int, int, int, bool]:
+    """(groups, K, N, fp8) of a product, or a ValueError naming what does not fit."""
+    x_groups, batch, k_dim, _ = _input_shape(p.x)
+    groups = p.ids.shape[0] if p.ids.ndim == 1 else -1
+    if p.w.ndim != 3 or groups < 1 or groups % x_groups or p.w.shape[1] != k_dim:
+        raise ValueError(f"x rows ({x_groups}, {batch}, {k_dim}), w {p.w.shape}, ids {p.ids.shape} do not form a "
+                         "grouped product")
+    if batch > ROWS:
+        raise ValueError(f"{batch} rows per group > {ROWS}: use the XLA path")
+    if p.scale is not None and block is None:
+        raise ValueError("FP8 weights need their block size")
+    if p.w2 is not None and (p.w2.shape != p.w.shape or (p.scale2 is None) != (p.scale is None)):
+        raise ValueError("w2 must match w (and carry a scale exactly when w does)")
+    if p.group_weights is not None and (p.w2 is not None or p.group_weights.shape != (groups,)):
+        raise ValueError(f"group_weights must be [{groups}] and the product plain (no w2)")
+    if isinstance(p.x, SwigluSums) and p.x.up.shape != p.x.gate.shape:
+        raise ValueError(f"SwiGLU sums of gate {p.x.gate.shape} and up {p.x.up.shape} differ")
+    if isinstance(p.x, Stream) and any(a.shape[1:] != p.x.x.shape for a in p.x.parts):
+        raise ValueError(f"stream parts {[a.shape for a in p.x.parts]} do not match the stream {p.x.x.shape}")
+    return groups, k_dim, p.w.shape[2], p.scale is not None
 
 
 def grouped_matvecs(
@@ -263,30 +419,31 @@ def grouped_matvecs(
     block: tuple[int, int] | None = None,  # (block_out, block_in) of the FP8 products
     config: GroupedConfig | None = None,
     packed: bool | None = None,
+    finish: bool = True,
     interpret: bool | None = None,
-) -> list[jax.Array]:  # per product [G, B, N]
+) -> Launch:
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
     launches, and each product's programs fill the GPU beside the others'. The K split is chosen for the launch
-    as a whole (`default_config`).
+    as a whole (`default_config`); finish=False leaves a split product's partial sums to its consumer. Products
+    reading a Stream must all read the same one.
 
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
     same bytes are half as many elements. Default: exactly for the stacks of 2**31 elements or more."""
-    shapes = []
-    for p in products:
-        if (p.x.ndim != 3 or p.w.ndim != 3 or p.ids.ndim != 1 or p.ids.shape[0] != p.x.shape[0]
-                or p.w.shape[1] != p.x.shape[2]):
-            raise ValueError(f"shapes x {p.x.shape}, w {p.w.shape}, ids {p.ids.shape} do not form a grouped product")
-        if p.x.shape[1] > ROWS:
-            raise ValueError(f"{p.x.shape[1]} rows per group > {ROWS}: use the XLA path")
-        if p.scale is not None and block is None:
-            raise ValueError("FP8 weights need their block size")
-        if p.w2 is not None and (p.w2.shape != p.w.shape or (p.scale2 is None) != (p.scale is None)):
-            raise ValueError("w2 must match w (and carry a scale exactly when w does)")
-        shapes.append((p.x.shape[0], p.x.shape[2], p.w.shape[2], p.scale is not None))
+    shapes = [_check(p, block) for p in products]
+    streams = {id(p.x): p.x for p in products if isinstance(p.x, Stream)}
+    if len(streams) > 1:
+        raise ValueError("the products of one launch read one stream")
+    stream = next(iter(streams.values()), None)
     cfg = config or default_config(shapes, block)
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first = [], [], [], 0
+    stream_plan = None
+    if stream is not None:
+        stream_plan = _StreamPlan(rows=stream.x.shape[0], k_dim=stream.x.shape[1],
+                                  part_splits=tuple(a.shape[0] for a in stream.parts), norm=stream.norm is not None,
+                                  eps=float(stream.eps), dtype=stream.x.dtype)
+        inputs += [stream.x, *stream.parts] + ([stream.norm] if stream.norm is not None else [])
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
         picked = tiles(k_dim, n_dim, block if fp8 else None, cfg)
         if picked is None:
@@ -299,26 +456,36 @@ def grouped_matvecs(
         is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed
         if is_packed and (not fp8 or bn < 32):
             raise ValueError("packed reads need FP8 weights and bn >= 32")
-        plan = _Plan(groups=groups, batch=p.x.shape[1], k_dim=k_dim, n_dim=n_dim, bk=bk, bn=bn, split=split,
-                     fp8=fp8, packed=is_packed, swiglu=p.w2 is not None,
-                     f16=cfg.f16 and fp8 and p.x.dtype == jnp.bfloat16, in_dtype=p.x.dtype,
-                     out_dtype=jnp.dtype(p.out_dtype or p.x.dtype), first=first)
+        x_groups, batch, _, in_dtype = _input_shape(p.x)
+        source = "stream" if isinstance(p.x, Stream) else "swiglu" if isinstance(p.x, SwigluSums) else "array"
+        weighted = p.group_weights is not None
+        plan = _Plan(groups=groups, source=source, x_groups=x_groups,
+                     x_splits=p.x.gate.shape[0] if source == "swiglu" else 0, batch=batch, k_dim=k_dim, n_dim=n_dim,
+                     bk=bk, bn=bn, split=split, fp8=fp8, packed=is_packed, swiglu=p.w2 is not None, weighted=weighted,
+                     f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, in_dtype=in_dtype,
+                     out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first)
         plans.append(plan)
         first += plan.programs
         w, w2 = p.w, p.w2
         if is_packed:
             w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2),
                                                                      jnp.uint16) for a in (w, w2))
-        inputs += [p.ids.astype(jnp.int32), p.x, w] + ([p.scale.astype(f32)] if fp8 else [])
+        x_inputs = {"array": lambda: [p.x], "stream": lambda: [],
+                    "swiglu": lambda: [p.x.gate.astype(f32), p.x.up.astype(f32)]}[source]()
+        inputs += [p.ids.astype(jnp.int32), *x_inputs, w] + ([p.scale.astype(f32)] if fp8 else [])
         if plan.swiglu:
             inputs += [w2] + ([p.scale2.astype(f32)] if fp8 else [])
+        if weighted:
+            inputs.append(p.group_weights.astype(f32))
         columns = (2, n_dim // 2) if is_packed else (n_dim,)
         if split == 1:
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
         else:
             out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * plan.num_outputs
+    if stream_plan is not None and stream_plan.part_splits:
+        out_shapes.append(jax.ShapeDtypeStruct(stream.x.shape, stream.x.dtype))
     outs = iter(pl.pallas_call(
-        functools.partial(_kernel, plans=tuple(plans), block=block, interpret=interpret),
+        functools.partial(_kernel, plans=tuple(plans), stream=stream_plan, block=block, interpret=interpret),
         out_shape=out_shapes,
         grid=(first,),
         compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
@@ -332,11 +499,13 @@ def grouped_matvecs(
             out = [jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], plan.n_dim) for a in out]
         if plan.split == 1:
             results.append(out[0])
+        elif not finish:
+            results.append(SwigluSums(out[0], out[1], plan.in_dtype) if plan.swiglu else out[0])
         elif plan.swiglu:
             results.append(_swiglu(out[0].sum(0), out[1].sum(0), plan.in_dtype).astype(plan.out_dtype))
         else:
             results.append(out[0].sum(0).astype(plan.out_dtype))
-    return results
+    return Launch(results, next(outs, None))
 
 
 def grouped_matvec(
@@ -355,4 +524,4 @@ def grouped_matvec(
 ) -> jax.Array:  # [G, B, N]
     """One grouped product in its own launch (see `grouped_matvecs`)."""
     return grouped_matvecs([Product(x=x, w=w, ids=ids, scale=scale, w2=w2, scale2=scale2, out_dtype=out_dtype)],
-                           block=block, config=config, packed=packed, interpret=interpret)[0]
+                           block=block, config=config, packed=packed, interpret=interpret).ys[0]

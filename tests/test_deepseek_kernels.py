@@ -147,7 +147,7 @@ def test_grouped_matvecs_one_launch_many_products(split):
                    out_dtype=jnp.float32),
     ]
     config = None if split is None else gm.GroupedConfig(bn=32, bk=32, split=split)
-    outs = gm.grouped_matvecs(products, block=block, config=config, interpret=True)
+    outs = gm.grouped_matvecs(products, block=block, config=config, interpret=True).ys
     for p, out in zip(products, outs):
         ref = gm.grouped_matvec_reference(p.x, p.w, p.ids, scale=p.scale, block=block, w2=p.w2, scale2=p.scale2)
         assert out.shape == ref.shape and out.dtype == (p.out_dtype or p.x.dtype)
