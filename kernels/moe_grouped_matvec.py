@@ -191,8 +191,9 @@ def stream_reference(stream: Stream) -> tuple[jax.Array, jax.Array]:
     xs = stream.x
     if stream.parts:
         total = stream.x.astype(f32)
-        for part in stream.parts:
-            total = total + part.astype(f32).sum(0)
+        for part in stream.parts:  # in the kernel's order: one partial sum after another
+            for i in range(part.shape[0]):
+                total = total + part[i].astype(f32)
         xs = total.astype(stream.x.dtype)
     return xs, xs if stream.norm is None else rms_norm_reference(xs, stream.norm, stream.eps)
 

@@ -256,15 +256,28 @@ def test_tensor_parallel_mesh_matches_transformers(ds_checkpoint):
     assert ours.generate(PROMPT[0].tolist(), max_new_tokens=8, stop_at_eos=False).tokens == tokens[0, 24:].tolist()
 
 
-def test_pallas_decode_matches_transformers(ds_checkpoint):
+@pytest.mark.parametrize("name,fmt,fused", [("v3", "fp8", False), ("v2_lite_tiled", "float32", True),
+                                            ("v3_tiled", "fp8", True)])
+def test_pallas_decode_matches_transformers(ds_checkpoint, name, fmt, fused):
     """impl="pallas": decode's FP8 Linears, router and routed experts run the grouped matvec kernel and attention
     the MLA decode kernels (interpreted on the CPU), reading experts and kv_b in place and dequantizing tiles in the
-    kernel; greedy tokens stay transformers'."""
-    model, _, directory = ds_checkpoint("v3", "fp8", True, False, False)
+    kernel; greedy tokens stay transformers'. Where every weight tiles (fused), the step chains its launches
+    (models/deepseek_decode.py: pending sums, norms and the SwiGLU in the next launch's prologue, V2's router kernel)
+    and its logits equal the XLA path's within float32 rounding (1e-5 of their scale)."""
+    from tilert_jax.models import deepseek_decode
+
+    model, _, directory = ds_checkpoint(name, fmt, True, False, False)
     ours = tilert_jax.load(directory, dtype="float32", impl="pallas")
     with torch.no_grad():
         ref = model.generate(torch.tensor(PROMPT[:1]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert ours.generate(PROMPT[0].tolist(), max_new_tokens=8, stop_at_eos=False).tokens == ref[0, 24:].tolist()
+    tokens = jnp.asarray(PROMPT[:, 0])
+    assert deepseek_decode.supported(ours.config, ours.params, tokens) == fused
+    cache = deepseek.init_cache(ours.config, PROMPT.shape[0], 32, jnp.float32)
+    _, cache = deepseek.prefill(ours.config, ours.params, jnp.asarray(PROMPT[:, :20]), cache, 0, 19)
+    steps = [jax.jit(deepseek.decode_step, static_argnums=(0, 5))(ours.config, ours.params, tokens, cache, 20, impl)[0]
+             for impl in ("pallas", "xla")]
+    np.testing.assert_allclose(steps[0], steps[1], rtol=0, atol=1e-5 * float(jnp.abs(steps[1]).max()))
 
 
 @pytest.mark.parametrize("tp,ep", [(2, 4), (1, 8)])

@@ -154,6 +154,80 @@ def test_grouped_matvecs_one_launch_many_products(split):
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_matvecs_chain_through_stream_and_swiglu_sums(dtype):
+    """A MoE block's launches chained the way fused decode chains them, each launch's glue formed in the next one's
+    prologue: gate/up (routed rows of one token, expert ids repeated, beside the shared expert) read the residual
+    stream with two pending partial sums and its RMSNorm and leave split sums unfinished; down reads their SwiGLU and
+    weighs each routed group by its routing weight. Every product equals its reference, and the launch writes the
+    combined stream. float32: 1e-5; bfloat16 (different rounding points): 2e-2 of the output scale. Fresh random
+    inputs each run."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+
+    keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 16))
+    dt = jnp.dtype(dtype)
+    block = (32, 32)
+    n, h, f, k = 2, 128, 64, 3
+
+    def rnd(shape, scale=1.0):
+        return jax.random.normal(next(keys), shape) * scale
+
+    def fp8(shape):
+        return fp8_matmul.quantize(rnd(shape, 0.2), block)
+
+    (g, gs), (u, us), (d, ds) = fp8((5, h, f)), fp8((5, h, f)), fp8((5, f, h))
+    sg, su, sd = rnd((1, h, 2 * f), 0.2).astype(dt), rnd((1, h, 2 * f), 0.2).astype(dt), rnd((1, 2 * f, h), 0.2)
+    stream = gm.Stream(x=rnd((n, h)).astype(dt), parts=(rnd((2, n, h)), rnd((3, n, h)).astype(dt)),
+                       norm=(1.0 + rnd((h,), 0.1)).astype(dt), eps=1e-6)
+    xs, normed = gm.stream_reference(stream)
+    ids = jnp.array([4, 1, 4, 0, 2, 3], jnp.int32)  # token t's experts: ids[t * k:(t + 1) * k]
+    one = jnp.zeros((1,), jnp.int32)
+    # routed rows: each token's normed row, once per group of its experts ([N, 1, h]: group g reads row g // k)
+    first = [gm.Product(x=normed[:, None, :], w=g, ids=ids, scale=gs, w2=u, scale2=us),
+             gm.Product(x=stream, w=sg, ids=one, w2=su)]
+    config = gm.GroupedConfig(bn=32, bk=32, split=2)
+    launch = gm.grouped_matvecs(first, block=block, config=config, finish=False, interpret=True)
+    np.testing.assert_array_equal(np.asarray(launch.stream, np.float32), np.asarray(xs, np.float32))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else None
+    for p, y in zip(first, launch.ys):
+        assert isinstance(y, gm.SwigluSums) and y.gate.shape[0] == 2
+        ref = gm.product_reference(p, block).astype(jnp.float32)
+        got = gm._swiglu(y.gate.sum(0), y.up.sum(0), y.dtype).astype(y.dtype).astype(jnp.float32)
+        np.testing.assert_allclose(got, ref, **(tol or dict(rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))))
+    weights = jax.random.uniform(next(keys), (n * k,))
+    second = [gm.Product(x=launch.ys[0], w=d, ids=ids, scale=ds, group_weights=weights),
+              gm.Product(x=launch.ys[1], w=sd.astype(dt), ids=one, out_dtype=jnp.float32)]
+    for p, y in zip(second, gm.grouped_matvecs(second, block=block, config=config, interpret=True).ys):
+        ref = gm.product_reference(p, block)
+        assert y.dtype == jnp.float32 and y.shape == ref.shape
+        np.testing.assert_allclose(y, ref, **(tol or dict(rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_router_kernel_matches_reference(dtype):
+    """The router kernel (interpret mode) against its reference on fresh random inputs: the combined stream and its
+    norm bit for bit (same adds in the same order), the routing weights within float32 rounding of the logits' sums
+    (1e-5), and the same experts chosen; unsupported shapes are refused by name."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+    from tilert_jax.kernels import moe_router
+
+    keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 5))
+    dt = jnp.dtype(dtype)
+    n, h, e, k = 3, 256, 64, 6
+    stream = gm.Stream(x=jax.random.normal(next(keys), (n, h)).astype(dt),
+                       parts=(jax.random.normal(next(keys), (3, n, h)), jax.random.normal(next(keys), (1, n, h))),
+                       norm=(1 + 0.1 * jax.random.normal(next(keys), (h,))).astype(dt), eps=1e-6)
+    router = (jax.random.normal(next(keys), (h, e)) * 0.1).astype(dt)
+    got = moe_router.route_softmax(stream, router, k, 2.5, interpret=True)
+    ref = moe_router.route_softmax_reference(stream, router, k, 2.5)
+    for a, b in zip(got[:2], ref[:2]):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[3], ref[3])
+    with pytest.raises(ValueError, match="does not fit the router kernel"):
+        moe_router.route_softmax(stream, router[:, :48], k, 1.0, interpret=True)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_grouped_matvec_float16_dot_is_the_bf16_dot(packed):
     """bf16 activations against FP8 weights are multiplied in float16 after dividing each row of the x tile by a

@@ -434,13 +434,28 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
     """x: [B, T, hidden] (normed); positions [T]. Returns the output [B, T, hidden] before o_proj's bias (under
     shard_map a partial sum over the heads this device holds) and the layer's caches."""
     b, t, _ = x.shape
+    # The query's first projection and kv_a read the same x: one launch for both with impl="pallas".
+    q, compressed = linears(x, [(query_first(p),), (p.kv_a,)], config.fp8_block, impl)
+    out, kv_cache, index_cache = attend(config, p, x, q, compressed, positions, kv_cache, index_cache, pos, impl)
+    y = linear(out.reshape(b, t, -1), Linear(w=p.o.w, scale=p.o.scale), config.fp8_block, impl)
+    return y, kv_cache, index_cache
+
+
+def query_first(p: MLA) -> Linear:
+    """The query's first projection: q_proj, or q_a under the query LoRA."""
+    return p.q_proj if p.q_proj is not None else p.q_a
+
+
+def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache, index_cache, pos, impl):
+    """Multi-head latent attention from the projections of the normed x [B, T, hidden] (x itself is read by the
+    sparse-attention indexer only): q = query_first(p)(x) [B, T, *], compressed = kv_a(x) [B, T, r + dr]. Returns the
+    heads' outputs [B, T, H, dv] (o_proj not applied) and the layer's caches."""
+    b, t = q.shape[:2]
     r = config.kv_lora_rank
     dn, dr, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     n = p.kv_b.w.shape[-1] // (dn + dv)  # the heads this device holds (all of them without a mesh)
     blk = config.fp8_block
     q_resid = None
-    # The query's first projection and kv_a read the same x: one launch for both with impl="pallas".
-    q, compressed = linears(x, [(p.q_proj if p.q_proj is not None else p.q_a,), (p.kv_a,)], blk, impl)
     if p.q_proj is None:
         q_resid = ops.rms_norm(q, p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
         q = linear(q_resid, p.q_b, blk, impl)
@@ -448,12 +463,12 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
     q_nope, q_pe = q[..., :dn], q[..., dn:]  # compressed: [B, T, r + dr]
     latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
     # V2 rotates in float32 (complex arithmetic); V3 in the activation dtype. Identical in float32.
-    rope_dtype = jnp.float32 if config.model_type == "deepseek_v2" else x.dtype
+    rope_dtype = jnp.float32 if config.model_type == "deepseek_v2" else q.dtype
     cos, sin = rope_tables(config.rope, positions[None, :], rope_dtype)  # [1, T, dr]
     q_pe = _rope(config, q_pe, cos, sin)
     k_pe = _rope(config, compressed[..., None, r:], cos, sin)[:, :, 0]  # [B, T, dr]
     if p.indexer is not None:
-        icos, isin = (cos, sin) if rope_dtype == x.dtype else rope_tables(config.rope, positions[None, :], x.dtype)
+        icos, isin = (cos, sin) if rope_dtype == q.dtype else rope_tables(config.rope, positions[None, :], q.dtype)
 
     if kv_cache is None:  # whole sequence, expanded per-head keys and values
         visible = positions[None, :, None] >= positions[None, None, :]  # [1, T, T]
@@ -481,7 +496,7 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
             out = mla_decode.mla_decode(q_nope[:, 0], q_pe[:, 0], p.kv_b.w, p.kv_b.scale, fp8_blk, new_kv,
                                         positions[0], softmax_scale=config.attn_scale)[:, None]  # [B, 1, H, dv]
         else:
-            w_kv = weight(p.kv_b, blk, x.dtype).reshape(r, n, dn + dv)
+            w_kv = weight(p.kv_b, blk, q.dtype).reshape(r, n, dn + dv)
             q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
             q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
             if top is None:
@@ -492,9 +507,8 @@ def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cac
             else:
                 o_lat = mla.attend_latent(q_cat, new_kv, visible & mla.selection_mask(top, length),
                                           config.attn_scale, r)
-            out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(x.dtype), w_kv[..., dn:])
-    y = linear(out.reshape(b, t, n * dv), Linear(w=p.o.w, scale=p.o.scale), blk, impl)
-    return y, new_kv, new_index
+            out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(q.dtype), w_kv[..., dn:])
+    return out, new_kv, new_index
 
 
 def _mlp(config: DeepseekConfig, p: MLP, x, impl: str = "xla"):
@@ -503,19 +517,23 @@ def _mlp(config: DeepseekConfig, p: MLP, x, impl: str = "xla"):
     return linear(swiglu(x, p.gate, p.up, blk, impl), p.down, blk, impl)
 
 
+def route(config: DeepseekConfig, p: MoE, x, impl: str = "xla"):
+    """The normed hidden rows x [N, hidden] -> routing weights [N, k] float32 and expert ids [N, k] int32."""
+    logits = moe.router_logits(x, p.router, impl)  # [N, E] float32
+    if config.router == "softmax":
+        return moe.route_softmax(logits, config.num_experts_per_tok, config.topk_method, config.n_group,
+                                 config.topk_group, config.routed_scaling_factor)
+    return moe.route_sigmoid(logits, p.e_bias, config.num_experts_per_tok, config.n_group, config.topk_group,
+                             config.norm_topk_prob, config.routed_scaling_factor)
+
+
 def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):
     """Under shard_map over `ep_axis` each device holds a contiguous slice of the routed experts: every device routes
     (the router is replicated), runs the chosen experts it holds, and the shared experts run on the first expert
     shard only, so one reduction over the expert and tensor axes sums each contribution once."""
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
-    logits = moe.router_logits(flat, p.router, impl)  # [N, E] float32
-    if config.router == "softmax":
-        weights, index = moe.route_softmax(logits, config.num_experts_per_tok, config.topk_method, config.n_group,
-                                           config.topk_group, config.routed_scaling_factor)
-    else:
-        weights, index = moe.route_sigmoid(logits, p.e_bias, config.num_experts_per_tok, config.n_group,
-                                           config.topk_group, config.norm_topk_prob, config.routed_scaling_factor)
+    weights, index = route(config, p, flat, impl)
     e = p.experts
     if ep_axis is not None:
         index, weights = moe.local_experts(index, weights, e.gate.w.shape[0], jax.lax.axis_index(ep_axis))
@@ -619,7 +637,13 @@ def prefill(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACa
 
 def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, impl: str = "xla",
                 tp_axis=None, ep_axis=None):
-    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
+    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache. impl="pallas" on one device
+    chains its kernels' launches (models/deepseek_decode.py) where the shapes allow."""
+    if impl == "pallas" and tp_axis is None and ep_axis is None:
+        from tilert_jax.models import deepseek_decode  # it builds on this module
+
+        if deepseek_decode.supported(config, params, tokens):
+            return deepseek_decode.decode_step(config, params, tokens, cache, pos)
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis, ep_axis)
     return lm_head(params, x[:, 0], tp_axis, config.vocab_size), cache

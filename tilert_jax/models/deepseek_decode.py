@@ -1,0 +1,128 @@
+"""A DeepSeek decode step with impl="pallas" on one device, its launches chained so that the glue between them (the
+K-split partial sums, the residual adds, the RMSNorms, the SwiGLU) is formed in the next launch's prologue instead of
+in XLA kernels of its own (kernels/moe_grouped_matvec.py: `Stream`, `SwigluSums`).
+
+The residual stream travels between launches as x plus a tuple of pending partial sums. Per layer:
+  1. the query's first projection beside kv_a, reading the stream with its pending sums and attn_norm (and writing
+     the combined stream);
+  2. multi-head latent attention (deepseek.attend: rope, the latent norm, the cache write, three MLA kernels);
+  3. o_proj, its K-split sums left pending on the stream;
+  4. MoE: the router kernel (the stream combined, mlp_norm, router, softmax top-k: kernels/moe_router.py; V3's
+     sigmoid routing runs in XLA), then the routed experts' gate/up beside the shared expert's with their split sums
+     unfinished, then down with the SwiGLU formed in its prologue and each routed output weighed by its routing
+     weight, all left pending on the stream. A dense layer: gate/up reading the stream, then down.
+The final norm and the LM head read the last layer's stream in XLA.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tilert_jax.kernels import moe_grouped_matvec as gm
+from tilert_jax.kernels import moe_router
+from tilert_jax.models import deepseek as ds
+from tilert_jax.models.deepseek_linear import Linear
+
+
+def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens) -> bool:
+    """Whether `decode_step` fits: a batch of at most 16 rows, no sparse-attention indexer, no biases, and every
+    weight tiles the grouped kernel."""
+    n = tokens.shape[0]
+    blk = config.fp8_block
+    if n > 16 or any(layer.attn.indexer is not None for layer in params.layers):
+        return False
+    for layer in params.layers:
+        a, mlp = layer.attn, layer.mlp
+        lins = [ds.query_first(a), a.kv_a, a.o]
+        if isinstance(mlp, ds.MoE):
+            e = mlp.experts
+            if n * config.num_experts_per_tok > min(64, e.gate.w.shape[0]):
+                return False
+            lins += [e.gate, e.up, e.down] + ([] if mlp.shared is None else [mlp.shared.gate, mlp.shared.up,
+                                                                              mlp.shared.down])
+        else:
+            lins += [mlp.gate, mlp.up, mlp.down]
+        for lin in lins:
+            k_dim, n_dim = lin.w.shape[-2:]
+            if lin.b is not None or gm.tiles(k_dim, n_dim, blk if lin.scale is not None else None) is None:
+                return False
+    return True
+
+
+def _stack(lin: Linear) -> dict:
+    """A Linear (or a stack of experts) as the weight arguments of a grouped product."""
+    w, scale = (lin.w, lin.scale) if lin.w.ndim == 3 else (lin.w[None], None if lin.scale is None else lin.scale[None])
+    return dict(w=w, scale=scale)
+
+
+def _pair(gate: Linear, up: Linear) -> dict:
+    g, u = _stack(gate), _stack(up)
+    return dict(w=g["w"], scale=g["scale"], w2=u["w"], scale2=u["scale"])
+
+
+ONE = jnp.zeros((1,), jnp.int32)  # the expert id of a plain Linear: a stack of one
+
+
+def _pending(y, n: int) -> jax.Array:
+    """A product's output [G, B, N] or its partial sums [S, G, B, N] as pending sums on the stream [S', n, hidden]:
+    one group of n rows, or (routed) n * k groups of one row, token-major."""
+    if y.shape[-3] == 1:  # [..., 1, n, h]
+        return y.reshape(-1, n, y.shape[-1])
+    k = y.shape[-3] // n
+    return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
+
+
+def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: gm.Stream, blk):
+    """-> the combined stream [n, hidden] and the MoE's outputs as pending sums."""
+    n = stream.x.shape[0]
+    top_k = config.num_experts_per_tok
+    if (config.router == "softmax" and config.topk_method == "greedy"
+            and moe_router.supported(stream.x.shape[1], p.router.shape[1], top_k, p.router.dtype)):
+        x, h, weights, index = moe_router.route_softmax(stream, p.router, top_k, config.routed_scaling_factor)
+    else:
+        x, h = gm.stream_reference(stream)
+        weights, index = ds.route(config, p, h, "pallas")
+    ids = index.reshape(n * top_k)
+    e = p.experts
+    first = [gm.Product(x=h[:, None, :], ids=ids, **_pair(e.gate, e.up))]  # group g reads token g // k
+    if p.shared is not None:
+        first.append(gm.Product(x=h[None], ids=ONE, **_pair(p.shared.gate, p.shared.up)))
+    mid = gm.grouped_matvecs(first, block=blk, finish=False).ys
+    second = [gm.Product(x=mid[0], ids=ids, group_weights=weights.reshape(n * top_k), **_stack(e.down))]
+    if p.shared is not None:
+        second.append(gm.Product(x=mid[1], ids=ONE, out_dtype=jnp.float32, **_stack(p.shared.down)))
+    ys = gm.grouped_matvecs(second, block=blk, finish=False).ys
+    return x, tuple(_pending(y, n) for y in ys)
+
+
+def _mlp(p: ds.MLP, stream: gm.Stream, blk):
+    launch = gm.grouped_matvecs([gm.Product(x=stream, ids=ONE, **_pair(p.gate, p.up))], block=blk, finish=False)
+    y = gm.grouped_matvecs([gm.Product(x=launch.ys[0], ids=ONE, out_dtype=jnp.float32, **_stack(p.down))],
+                           block=blk, finish=False).ys[0]
+    return (stream.x if launch.stream is None else launch.stream), (_pending(y, stream.x.shape[0]),)
+
+
+def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache, pos):
+    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache (see `supported`)."""
+    n = tokens.shape[0]
+    blk, eps = config.fp8_block, config.rms_norm_eps
+    positions = pos + jnp.zeros((1,), jnp.int32)
+    x, parts = params.embed[tokens], ()  # the stream [n, hidden] and its pending sums
+    new_kv = []
+    for i, layer in enumerate(params.layers):
+        a = layer.attn
+        stream = gm.Stream(x, parts, layer.attn_norm, eps)
+        launch = gm.grouped_matvecs([gm.Product(x=stream, ids=ONE, **_stack(ds.query_first(a))),
+                                     gm.Product(x=stream, ids=ONE, **_stack(a.kv_a))], block=blk)
+        x = x if launch.stream is None else launch.stream
+        q, compressed = (y[0][:, None, :] for y in launch.ys)  # [n, 1, *]
+        out, kv_i, _ = ds.attend(config, a, None, q, compressed, positions, cache.kv[i], None, pos, "pallas")
+        o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=ONE, **_stack(a.o))], block=blk,
+                               finish=False).ys[0]
+        stream = gm.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
+        x, parts = _moe(config, layer.mlp, stream, blk) if isinstance(layer.mlp, ds.MoE) else _mlp(layer.mlp, stream,
+                                                                                                   blk)
+        new_kv.append(kv_i)
+    _, h = gm.stream_reference(gm.Stream(x, parts, params.final_norm, eps))
+    return ds.lm_head(params, h, None, config.vocab_size), ds.MLACache(kv=tuple(new_kv), index_k=cache.index_k)
