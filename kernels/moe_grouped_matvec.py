@@ -12,11 +12,10 @@ narrow output splits K into float32 partial sums so that the grid fills the GPU 
 of 2**31 elements or more are read as uint16 pairs (see `grouped_matvecs`, which also runs several products in one
 launch).
 
-What a product multiplies is formed as each program loads its x tile, so the glue between launches needs no launch
-of its own: an array; the residual stream with the previous launch's pending partial sums and the next RMSNorm
-(`Stream`); or the SwiGLU of a gate/up launch's partial sums (`SwigluSums`). A split launch may leave its partial
-sums unfinished (`finish=False`) for such a consumer, and the routed experts' down projection weighs each group's
-output by its routing weight (`Product.group_weights`), so the next launch adds them into the stream.
+A product's x is an array whose rows serve one group or several (the routed experts of one token), or the SwiGLU
+of a gate/up launch's unfinished partial sums (`SwigluSums`, `finish=False`), formed as each program loads its x
+tile, so that glue needs no launch of its own. The routed experts' down projection weighs each group's output by
+its routing weight (`Product.group_weights`): its outputs are partial sums of the residual stream.
 
 Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a memory-bound stream of tiles).
 """
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
-from tilert_jax.kernels.common import (NN, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, norm_chunk,
-                                       rms_apply, rms_inverse, store_rows, stream_rows, triton_params)
-from tilert_jax.kernels.rms_norm import rms_norm_reference
+from tilert_jax.kernels.common import NN, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, store_rows, \
+    triton_params
 from tilert_jax.kernels.tuning import SMS
 
 f32 = jnp.float32
@@ -150,16 +147,6 @@ def _to_f16(xt):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stream:
-    """The residual stream as a launch's products read it: rms_norm(x + the sum of its pending partial sums), the
-    norm optional. A launch whose stream has parts also writes the combined x + sum(parts) (`Launch.stream`)."""
-    x: jax.Array  # [N, K], N <= 16: every group of a product reading the stream multiplies all N rows
-    parts: tuple[jax.Array, ...] = ()  # each [S_i, N, K], any float dtype, added in float32
-    norm: jax.Array | None = None  # [K]
-    eps: float = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
 class SwigluSums:
     """A gate/up product's unfinished partial sums; read as a product's x: silu(sum(gate)) * sum(up), rounded as the
     finished product rounds (`_swiglu`)."""
@@ -171,7 +158,7 @@ class SwigluSums:
 @dataclasses.dataclass(frozen=True)
 class Product:
     """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]])."""
-    x: jax.Array | Stream | SwigluSums  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
+    x: jax.Array | SwigluSums  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
     w: jax.Array  # [E, K, N] (float8_e4m3fn with scale)
     ids: jax.Array  # [G] int32: the expert of each group
     scale: jax.Array | None = None  # [E, ceil(K / block_in), ceil(N / block_out)] float32
@@ -181,39 +168,15 @@ class Product:
     out_dtype: object = None  # x's dtype by default (float32 with group_weights)
 
 
-class Launch(NamedTuple):
-    ys: list  # per product [G, B, N]; unfinished splits: [S, G, B, N] float32 partial sums, or SwigluSums
-    stream: jax.Array | None  # [N, K]: x + sum(parts) of the stream the launch read, when it had parts
-
-
-def stream_reference(stream: Stream) -> tuple[jax.Array, jax.Array]:
-    """-> (x + sum(parts) [N, K] rounded to x's dtype, what the products read: its RMSNorm when norm is given)."""
-    xs = stream.x
-    if stream.parts:
-        total = stream.x.astype(f32)
-        for part in stream.parts:  # in the kernel's order: one partial sum after another
-            for i in range(part.shape[0]):
-                total = total + part[i].astype(f32)
-        xs = total.astype(stream.x.dtype)
-    return xs, xs if stream.norm is None else rms_norm_reference(xs, stream.norm, stream.eps)
-
-
 def product_reference(p: Product, block: tuple[int, int] | None = None) -> jax.Array:  # [G, B, N]
-    groups = p.ids.shape[0]
-    if isinstance(p.x, Stream):
-        x = jnp.broadcast_to(stream_reference(p.x)[1], (groups, *p.x.x.shape))
-    else:
-        x = p.x if not isinstance(p.x, SwigluSums) else _swiglu(p.x.gate.sum(0), p.x.up.sum(0), p.x.dtype).astype(
-            p.x.dtype)
-        x = jnp.repeat(x, groups // x.shape[0], axis=0)
+    x = p.x if not isinstance(p.x, SwigluSums) else _swiglu(p.x.gate.sum(0), p.x.up.sum(0), p.x.dtype).astype(p.x.dtype)
+    x = jnp.repeat(x, p.ids.shape[0] // x.shape[0], axis=0)
     return grouped_matvec_reference(x, p.w, p.ids, scale=p.scale, block=block, w2=p.w2, scale2=p.scale2,
                                     group_weights=p.group_weights, out_dtype=p.out_dtype)
 
 
 def _input_shape(x) -> tuple[int, int, int, object]:
     """(X, B, K, dtype) of a product's x."""
-    if isinstance(x, Stream):
-        return 1, *x.x.shape, x.x.dtype
     if isinstance(x, SwigluSums):
         return (*x.gate.shape[1:], x.dtype)
     return (*x.shape, x.dtype)
@@ -224,7 +187,7 @@ class _Plan:
     """A product's static shape in the launch: its programs are first ... first + programs - 1 of the 1-D grid,
     ordered (group, column tile, K split)."""
     groups: int
-    source: str  # "array" (x_groups rows of groups), "stream" or "swiglu" (of x_splits partial sums)
+    swiglu_x: bool  # x is SwigluSums of x_splits partial sums
     x_groups: int
     x_splits: int
     batch: int
@@ -247,8 +210,8 @@ class _Plan:
         return self.groups * (self.n_dim // self.bn) * self.split
 
     @property
-    def x_inputs(self) -> int:  # x; none (the launch's stream); or the gate and up sums
-        return {"array": 1, "stream": 0, "swiglu": 2}[self.source]
+    def x_inputs(self) -> int:  # x, or the gate and up sums
+        return 2 if self.swiglu_x else 1
 
     @property
     def num_inputs(self) -> int:  # ids, x inputs, w [, scale] [, w2 [, scale2]] [, group weights]
@@ -259,19 +222,8 @@ class _Plan:
         return 1 + (self.swiglu and self.split > 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class _StreamPlan:
-    rows: int  # N
-    k_dim: int
-    part_splits: tuple[int, ...]  # S_i of each part
-    norm: bool
-    eps: float
-    dtype: object
-
-
-def _product(plan: _Plan, block, interpret, stream, in_refs, out_refs, local):
-    """The program `local` of one product: a [rows, bn] output tile over its K range. stream: (_StreamPlan, x ref,
-    part refs, norm ref) of the launch's stream, or None."""
+def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
+    """The program `local` of one product: a [rows, bn] output tile over its K range."""
     it = iter(in_refs)
     ids_ref = next(it)  # [G]
     x_refs = [next(it) for _ in range(plan.x_inputs)]
@@ -295,29 +247,16 @@ def _product(plan: _Plan, block, interpret, stream, in_refs, out_refs, local):
     block_out, block_in = block if plan.fp8 else (1, 1)
     phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
     width = bn // phases
-
-    if plan.source == "stream":
-        sp, sx_ref, part_refs, nw_ref = stream
-        prow = 1 if batch == 1 else rows  # one row is read once and broadcast to the dot's rows
-
-        def load_stream(k0, size):  # float32 [prow, size]
-            return stream_rows(sx_ref, part_refs, 0, prow, batch, k0, size, plan.in_dtype)
-
-        rinv = rms_inverse(load_stream, plan.k_dim, norm_chunk(plan.k_dim, prow), sp.eps) if sp.norm else None
+    prow = 1 if batch == 1 else rows  # one row is read once and broadcast to the dot's rows
 
     def x_tile(k0):  # [rows, bk] in the input dtype
-        if plan.source == "stream":
-            xm = load_stream(k0, bk)
-            if rinv is not None:
-                xm = rms_apply(xm, rinv, nw_ref[pl.ds(k0, bk)], plan.in_dtype)
-            xm = jnp.broadcast_to(xm, (rows, bk))
-        elif plan.source == "swiglu":
-            gate, up = (sum(load_rows(r.at[jnp.int32(i), xg, pl.ds(0, rows), pl.ds(k0, bk)], batch)
+        if plan.swiglu_x:
+            gate, up = (sum(load_rows(r.at[jnp.int32(i), xg, pl.ds(0, prow), pl.ds(k0, bk)], batch)
                             for i in range(plan.x_splits)) for r in x_refs)
             xm = _swiglu(gate, up, plan.in_dtype)
         else:
-            xm = load_rows(x_refs[0].at[xg, pl.ds(0, rows), pl.ds(k0, bk)], batch)
-        return xm.astype(plan.in_dtype)
+            xm = load_rows(x_refs[0].at[xg, pl.ds(0, prow), pl.ds(k0, bk)], batch)
+        return jnp.broadcast_to(xm.astype(plan.in_dtype), (rows, bk))
 
     def partial(wr, sr, k0, xt, x_scale):  # -> per phase [rows, width] float32
         if packed:
@@ -359,37 +298,20 @@ def _product(plan: _Plan, block, interpret, stream, in_refs, out_refs, local):
         store_rows(window(o_ref, phase), y.astype(plan.out_dtype), batch)
 
 
-def _kernel(*refs, plans, stream: _StreamPlan | None, block, interpret):
-    """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in. The
-    first program also writes the stream's combined rows when it has parts."""
-    it = iter(refs)
-    stream_refs = None
-    if stream is not None:
-        sx_ref = next(it)  # [N, K]
-        part_refs = tuple(next(it) for _ in stream.part_splits)  # each [S_i, N, K]
-        stream_refs = (stream, sx_ref, part_refs, next(it) if stream.norm else None)
-    ins = [next(it) for _ in range(sum(p.num_inputs for p in plans))]
-    outs = list(it)
+def _kernel(*refs, plans, block, interpret):
+    """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in."""
+    num_in = sum(p.num_inputs for p in plans)
+    ins, outs = iter(refs[:num_in]), iter(refs[num_in:])
     pid = pl.program_id(0)
     for plan in plans:
-        in_refs, ins = ins[:plan.num_inputs], ins[plan.num_inputs:]
-        out_refs, outs = outs[:plan.num_outputs], outs[plan.num_outputs:]
-        run = functools.partial(_product, plan, block, interpret, stream_refs, in_refs, out_refs)
+        in_refs = [next(ins) for _ in range(plan.num_inputs)]
+        out_refs = [next(outs) for _ in range(plan.num_outputs)]
+        run = functools.partial(_product, plan, block, interpret, in_refs, out_refs)
         if len(plans) == 1:
             run(pid)
         else:
             pl.when((pid >= plan.first) & (pid < plan.first + plan.programs))(lambda run=run, plan=plan: run(
                 pid - plan.first))
-    if stream is not None and stream.part_splits:
-        (xo_ref,) = outs
-        rows = max(ROWS, next_pow2(stream.rows))
-        chunk = norm_chunk(stream.k_dim, rows)
-
-        @pl.when(pid == 0)
-        def _():
-            for i in range(stream.k_dim // chunk):
-                xm = stream_rows(sx_ref, part_refs, 0, rows, stream.rows, i * chunk, chunk, stream.dtype)
-                store_rows(xo_ref.at[pl.ds(0, rows), pl.ds(i * chunk, chunk)], xm.astype(stream.dtype), stream.rows)
 
 
 def _check(p: Product, block) -> tuple[int, int, int, bool]:
@@ -409,8 +331,6 @@ def _check(p: Product, block) -> tuple[int, int, int, bool]:
         raise ValueError(f"group_weights must be [{groups}] and the product plain (no w2)")
     if isinstance(p.x, SwigluSums) and p.x.up.shape != p.x.gate.shape:
         raise ValueError(f"SwiGLU sums of gate {p.x.gate.shape} and up {p.x.up.shape} differ")
-    if isinstance(p.x, Stream) and any(a.shape[1:] != p.x.x.shape for a in p.x.parts):
-        raise ValueError(f"stream parts {[a.shape for a in p.x.parts]} do not match the stream {p.x.x.shape}")
     return groups, k_dim, p.w.shape[2], p.scale is not None
 
 
@@ -422,29 +342,18 @@ def grouped_matvecs(
     packed: bool | None = None,
     finish: bool = True,
     interpret: bool | None = None,
-) -> Launch:
+) -> list:  # per product [G, B, N]; unfinished splits: [S, G, B, N] float32 sums, or SwigluSums
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
     launches, and each product's programs fill the GPU beside the others'. The K split is chosen for the launch
-    as a whole (`default_config`); finish=False leaves a split product's partial sums to its consumer. Products
-    reading a Stream must all read the same one.
+    as a whole (`default_config`); finish=False leaves a split product's partial sums to its consumer.
 
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
     same bytes are half as many elements. Default: exactly for the stacks of 2**31 elements or more."""
     shapes = [_check(p, block) for p in products]
-    streams = {id(p.x): p.x for p in products if isinstance(p.x, Stream)}
-    if len(streams) > 1:
-        raise ValueError("the products of one launch read one stream")
-    stream = next(iter(streams.values()), None)
     cfg = config or default_config(shapes, block)
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first = [], [], [], 0
-    stream_plan = None
-    if stream is not None:
-        stream_plan = _StreamPlan(rows=stream.x.shape[0], k_dim=stream.x.shape[1],
-                                  part_splits=tuple(a.shape[0] for a in stream.parts), norm=stream.norm is not None,
-                                  eps=float(stream.eps), dtype=stream.x.dtype)
-        inputs += [stream.x, *stream.parts] + ([stream.norm] if stream.norm is not None else [])
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
         picked = tiles(k_dim, n_dim, block if fp8 else None, cfg)
         if picked is None:
@@ -458,10 +367,10 @@ def grouped_matvecs(
         if is_packed and (not fp8 or bn < 32):
             raise ValueError("packed reads need FP8 weights and bn >= 32")
         x_groups, batch, _, in_dtype = _input_shape(p.x)
-        source = "stream" if isinstance(p.x, Stream) else "swiglu" if isinstance(p.x, SwigluSums) else "array"
+        swiglu_x = isinstance(p.x, SwigluSums)
         weighted = p.group_weights is not None
-        plan = _Plan(groups=groups, source=source, x_groups=x_groups,
-                     x_splits=p.x.gate.shape[0] if source == "swiglu" else 0, batch=batch, k_dim=k_dim, n_dim=n_dim,
+        plan = _Plan(groups=groups, swiglu_x=swiglu_x, x_groups=x_groups,
+                     x_splits=p.x.gate.shape[0] if swiglu_x else 0, batch=batch, k_dim=k_dim, n_dim=n_dim,
                      bk=bk, bn=bn, split=split, fp8=fp8, packed=is_packed, swiglu=p.w2 is not None, weighted=weighted,
                      f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, in_dtype=in_dtype,
                      out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first)
@@ -471,8 +380,7 @@ def grouped_matvecs(
         if is_packed:
             w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2),
                                                                      jnp.uint16) for a in (w, w2))
-        x_inputs = {"array": lambda: [p.x], "stream": lambda: [],
-                    "swiglu": lambda: [p.x.gate.astype(f32), p.x.up.astype(f32)]}[source]()
+        x_inputs = [p.x.gate.astype(f32), p.x.up.astype(f32)] if swiglu_x else [p.x]
         inputs += [p.ids.astype(jnp.int32), *x_inputs, w] + ([p.scale.astype(f32)] if fp8 else [])
         if plan.swiglu:
             inputs += [w2] + ([p.scale2.astype(f32)] if fp8 else [])
@@ -483,10 +391,8 @@ def grouped_matvecs(
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
         else:
             out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * plan.num_outputs
-    if stream_plan is not None and stream_plan.part_splits:
-        out_shapes.append(jax.ShapeDtypeStruct(stream.x.shape, stream.x.dtype))
     outs = iter(pl.pallas_call(
-        functools.partial(_kernel, plans=tuple(plans), stream=stream_plan, block=block, interpret=interpret),
+        functools.partial(_kernel, plans=tuple(plans), block=block, interpret=interpret),
         out_shape=out_shapes,
         grid=(first,),
         compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
@@ -506,7 +412,7 @@ def grouped_matvecs(
             results.append(_swiglu(out[0].sum(0), out[1].sum(0), plan.in_dtype).astype(plan.out_dtype))
         else:
             results.append(out[0].sum(0).astype(plan.out_dtype))
-    return Launch(results, next(outs, None))
+    return results
 
 
 def grouped_matvec(
@@ -525,4 +431,4 @@ def grouped_matvec(
 ) -> jax.Array:  # [G, B, N]
     """One grouped product in its own launch (see `grouped_matvecs`)."""
     return grouped_matvecs([Product(x=x, w=w, ids=ids, scale=scale, w2=w2, scale2=scale2, out_dtype=out_dtype)],
-                           block=block, config=config, packed=packed, interpret=interpret).ys[0]
+                           block=block, config=config, packed=packed, interpret=interpret)[0]

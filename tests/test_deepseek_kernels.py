@@ -147,7 +147,7 @@ def test_grouped_matvecs_one_launch_many_products(split):
                    out_dtype=jnp.float32),
     ]
     config = None if split is None else gm.GroupedConfig(bn=32, bk=32, split=split)
-    outs = gm.grouped_matvecs(products, block=block, config=config, interpret=True).ys
+    outs = gm.grouped_matvecs(products, block=block, config=config, interpret=True)
     for p, out in zip(products, outs):
         ref = gm.grouped_matvec_reference(p.x, p.w, p.ids, scale=p.scale, block=block, w2=p.w2, scale2=p.scale2)
         assert out.shape == ref.shape and out.dtype == (p.out_dtype or p.x.dtype)
@@ -155,16 +155,15 @@ def test_grouped_matvecs_one_launch_many_products(split):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_grouped_matvecs_chain_through_stream_and_swiglu_sums(dtype):
-    """A MoE block's launches chained the way fused decode chains them, each launch's glue formed in the next one's
-    prologue: gate/up (routed rows of one token, expert ids repeated, beside the shared expert) read the residual
-    stream with two pending partial sums and its RMSNorm and leave split sums unfinished; down reads their SwiGLU and
-    weighs each routed group by its routing weight. Every product equals its reference, and the launch writes the
-    combined stream. float32: 1e-5; bfloat16 (different rounding points): 2e-2 of the output scale. Fresh random
-    inputs each run."""
+def test_grouped_matvecs_chain_through_swiglu_sums(dtype):
+    """A MoE block's launches chained the way fused decode chains them: gate/up (the routed rows of two tokens, each
+    row serving its token's k groups, beside the shared expert) leave their split sums unfinished; down forms their
+    SwiGLU in its prologue and weighs each routed group by its routing weight. Every product equals its reference:
+    float32 within 1e-5; bfloat16 (rounded at different points) within 2e-2 of the output scale. Fresh random inputs
+    each run."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
-    keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 16))
+    keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 12))
     dt = jnp.dtype(dtype)
     block = (32, 32)
     n, h, f, k = 2, 128, 64, 3
@@ -175,58 +174,61 @@ def test_grouped_matvecs_chain_through_stream_and_swiglu_sums(dtype):
     def fp8(shape):
         return fp8_matmul.quantize(rnd(shape, 0.2), block)
 
+    def close(got, ref):
+        ref = ref.astype(jnp.float32)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2 * float(
+            jnp.abs(ref).max()))
+        np.testing.assert_allclose(np.asarray(got, np.float32), ref, **tol)
+
     (g, gs), (u, us), (d, ds) = fp8((5, h, f)), fp8((5, h, f)), fp8((5, f, h))
-    sg, su, sd = rnd((1, h, 2 * f), 0.2).astype(dt), rnd((1, h, 2 * f), 0.2).astype(dt), rnd((1, 2 * f, h), 0.2)
-    stream = gm.Stream(x=rnd((n, h)).astype(dt), parts=(rnd((2, n, h)), rnd((3, n, h)).astype(dt)),
-                       norm=(1.0 + rnd((h,), 0.1)).astype(dt), eps=1e-6)
-    xs, normed = gm.stream_reference(stream)
+    sg, su, sd = (rnd(shape, 0.2).astype(dt) for shape in ((1, h, 2 * f), (1, h, 2 * f), (1, 2 * f, h)))
+    x = rnd((n, h)).astype(dt)
     ids = jnp.array([4, 1, 4, 0, 2, 3], jnp.int32)  # token t's experts: ids[t * k:(t + 1) * k]
     one = jnp.zeros((1,), jnp.int32)
-    # routed rows: each token's normed row, once per group of its experts ([N, 1, h]: group g reads row g // k)
-    first = [gm.Product(x=normed[:, None, :], w=g, ids=ids, scale=gs, w2=u, scale2=us),
-             gm.Product(x=stream, w=sg, ids=one, w2=su)]
+    first = [gm.Product(x=x[:, None, :], w=g, ids=ids, scale=gs, w2=u, scale2=us),  # group i reads row i // k
+             gm.Product(x=x[None], w=sg, ids=one, w2=su)]
     config = gm.GroupedConfig(bn=32, bk=32, split=2)
-    launch = gm.grouped_matvecs(first, block=block, config=config, finish=False, interpret=True)
-    np.testing.assert_array_equal(np.asarray(launch.stream, np.float32), np.asarray(xs, np.float32))
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else None
-    for p, y in zip(first, launch.ys):
+    mid = gm.grouped_matvecs(first, block=block, config=config, finish=False, interpret=True)
+    for p, y in zip(first, mid):
         assert isinstance(y, gm.SwigluSums) and y.gate.shape[0] == 2
-        ref = gm.product_reference(p, block).astype(jnp.float32)
-        got = gm._swiglu(y.gate.sum(0), y.up.sum(0), y.dtype).astype(y.dtype).astype(jnp.float32)
-        np.testing.assert_allclose(got, ref, **(tol or dict(rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))))
+        close(gm._swiglu(y.gate.sum(0), y.up.sum(0), y.dtype).astype(y.dtype), gm.product_reference(p, block))
     weights = jax.random.uniform(next(keys), (n * k,))
-    second = [gm.Product(x=launch.ys[0], w=d, ids=ids, scale=ds, group_weights=weights),
-              gm.Product(x=launch.ys[1], w=sd.astype(dt), ids=one, out_dtype=jnp.float32)]
-    for p, y in zip(second, gm.grouped_matvecs(second, block=block, config=config, interpret=True).ys):
+    second = [gm.Product(x=mid[0], w=d, ids=ids, scale=ds, group_weights=weights),
+              gm.Product(x=mid[1], w=sd, ids=one, out_dtype=jnp.float32)]
+    for p, y in zip(second, gm.grouped_matvecs(second, block=block, config=config, interpret=True)):
         ref = gm.product_reference(p, block)
         assert y.dtype == jnp.float32 and y.shape == ref.shape
-        np.testing.assert_allclose(y, ref, **(tol or dict(rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))))
+        close(y, ref)
 
 
+@pytest.mark.parametrize("routed", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_router_kernel_matches_reference(dtype):
-    """The router kernel (interpret mode) against its reference on fresh random inputs: the combined stream bit for
-    bit (same adds in the same order), its norm within one rounding step, the routing weights within float32
-    rounding of the logits' sums (1e-5), and the same experts chosen; unsupported shapes are refused by name."""
-    from tilert_jax.kernels import moe_grouped_matvec as gm
-    from tilert_jax.kernels import moe_router
+def test_stream_norm_kernel_matches_reference(dtype, routed):
+    """The stream kernel (interpret mode) against its reference on fresh random inputs: the combined stream bit for
+    bit (the same adds in the same order), its norm within one rounding step (the RMS sum's order), and with a router
+    the routing weights within float32 rounding of the logits' sums (1e-5) and the same experts chosen; a router that
+    does not fit is refused by name."""
+    from tilert_jax.kernels import stream_norm as sn
 
     keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 5))
     dt = jnp.dtype(dtype)
-    n, h, e, k = 3, 256, 64, 6
-    stream = gm.Stream(x=jax.random.normal(next(keys), (n, h)).astype(dt),
+    n, h, e, k = 3, 512, 64, 6
+    stream = sn.Stream(x=jax.random.normal(next(keys), (n, h)).astype(dt),
                        parts=(jax.random.normal(next(keys), (3, n, h)), jax.random.normal(next(keys), (1, n, h))),
                        norm=(1 + 0.1 * jax.random.normal(next(keys), (h,))).astype(dt), eps=1e-6)
     router = (jax.random.normal(next(keys), (h, e)) * 0.1).astype(dt)
-    got = moe_router.route_softmax(stream, router, k, 2.5, interpret=True)
-    ref = moe_router.route_softmax_reference(stream, router, k, 2.5)
+    if routed:
+        got = sn.route_softmax(stream, router, k, 2.5, interpret=True)
+        ref = sn.route_softmax_reference(stream, router, k, 2.5)
+        np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got[3], ref[3])
+        with pytest.raises(ValueError, match="does not fit the router kernel"):
+            sn.route_softmax(stream, router[:, :48], k, 1.0, interpret=True)
+    else:
+        got, ref = sn.stream_norm(stream, interpret=True), sn.stream_reference(stream)
     np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(ref[0], np.float32))
-    rtol = 1e-6 if dtype == "float32" else 2 ** -7  # the RMS sum's order: one rounding step of h apart at most
+    rtol = 1e-6 if dtype == "float32" else 2 ** -7  # at most one rounding step of the norm apart
     np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(ref[1], np.float32), rtol=rtol, atol=0)
-    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(got[3], ref[3])
-    with pytest.raises(ValueError, match="does not fit the router kernel"):
-        moe_router.route_softmax(stream, router[:, :48], k, 1.0, interpret=True)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -1,16 +1,15 @@
 """A DeepSeek decode step with impl="pallas" on one device, its launches chained so that the glue between them (the
-K-split partial sums, the residual adds, the RMSNorms, the SwiGLU) is formed in the next launch's prologue instead of
-in XLA kernels of its own (kernels/moe_grouped_matvec.py: `Stream`, `SwigluSums`).
+K-split partial sums, the residual adds, the RMSNorms, the SwiGLU, the routing) costs no XLA kernels of its own.
 
-The residual stream travels between launches as x plus a tuple of pending partial sums. Per layer:
-  1. the query's first projection beside kv_a, reading the stream with its pending sums and attn_norm (and writing
-     the combined stream);
+The residual stream travels between launches as x plus a tuple of pending partial sums (kernels/stream_norm.py:
+`Stream`). Per layer:
+  1. the stream combined and attn_norm applied (stream_norm), then the query's first projection beside kv_a;
   2. multi-head latent attention (deepseek.attend: rope, the latent norm, the cache write, three MLA kernels);
   3. o_proj, its K-split sums left pending on the stream;
-  4. MoE: the router kernel (the stream combined, mlp_norm, router, softmax top-k: kernels/moe_router.py; V3's
-     sigmoid routing runs in XLA), then the routed experts' gate/up beside the shared expert's with their split sums
-     unfinished, then down with the SwiGLU formed in its prologue and each routed output weighed by its routing
-     weight, all left pending on the stream. A dense layer: gate/up reading the stream, then down.
+  4. MoE: the stream combined, mlp_norm, the router and its softmax top-k in one launch (stream_norm.route_softmax;
+     V3's sigmoid routing runs in XLA), then the routed experts' gate/up beside the shared expert's with their split
+     sums unfinished, then down with the SwiGLU formed in its prologue (moe_grouped_matvec.SwigluSums) and each
+     routed output weighed by its routing weight, all left pending on the stream. A dense layer: gate/up, then down.
 The final norm and the LM head read the last layer's stream in XLA.
 """
 
@@ -18,9 +17,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tilert_jax.kernels import moe_grouped_matvec as gm
-from tilert_jax.kernels import moe_router
+from tilert_jax.kernels import stream_norm as sn
 from tilert_jax.models import deepseek as ds
 from tilert_jax.models.deepseek_linear import Linear
 
@@ -61,7 +61,7 @@ def _pair(gate: Linear, up: Linear) -> dict:
     return dict(w=g["w"], scale=g["scale"], w2=u["w"], scale2=u["scale"])
 
 
-ONE = jnp.zeros((1,), jnp.int32)  # the expert id of a plain Linear: a stack of one
+ONE = np.zeros((1,), np.int32)  # the expert id of a plain Linear: a stack of one
 
 
 def _pending(y, n: int) -> jax.Array:
@@ -73,34 +73,35 @@ def _pending(y, n: int) -> jax.Array:
     return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
 
 
-def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: gm.Stream, blk):
+def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk):
     """-> the combined stream [n, hidden] and the MoE's outputs as pending sums."""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
     if (config.router == "softmax" and config.topk_method == "greedy"
-            and moe_router.supported(stream.x.shape[1], p.router.shape[1], top_k, p.router.dtype)):
-        x, h, weights, index = moe_router.route_softmax(stream, p.router, top_k, config.routed_scaling_factor)
+            and sn.routing_supported(stream.x.shape[1], p.router.shape[1], top_k, p.router.dtype)):
+        x, h, weights, index = sn.route_softmax(stream, p.router, top_k, config.routed_scaling_factor)
     else:
-        x, h = gm.stream_reference(stream)
+        x, h = sn.stream_norm(stream)
         weights, index = ds.route(config, p, h, "pallas")
     ids = index.reshape(n * top_k)
     e = p.experts
     first = [gm.Product(x=h[:, None, :], ids=ids, **_pair(e.gate, e.up))]  # group g reads token g // k
     if p.shared is not None:
         first.append(gm.Product(x=h[None], ids=ONE, **_pair(p.shared.gate, p.shared.up)))
-    mid = gm.grouped_matvecs(first, block=blk, finish=False).ys
+    mid = gm.grouped_matvecs(first, block=blk, finish=False)
     second = [gm.Product(x=mid[0], ids=ids, group_weights=weights.reshape(n * top_k), **_stack(e.down))]
     if p.shared is not None:
         second.append(gm.Product(x=mid[1], ids=ONE, out_dtype=jnp.float32, **_stack(p.shared.down)))
-    ys = gm.grouped_matvecs(second, block=blk, finish=False).ys
+    ys = gm.grouped_matvecs(second, block=blk, finish=False)
     return x, tuple(_pending(y, n) for y in ys)
 
 
-def _mlp(p: ds.MLP, stream: gm.Stream, blk):
-    launch = gm.grouped_matvecs([gm.Product(x=stream, ids=ONE, **_pair(p.gate, p.up))], block=blk, finish=False)
-    y = gm.grouped_matvecs([gm.Product(x=launch.ys[0], ids=ONE, out_dtype=jnp.float32, **_stack(p.down))],
-                           block=blk, finish=False).ys[0]
-    return (stream.x if launch.stream is None else launch.stream), (_pending(y, stream.x.shape[0]),)
+def _mlp(p: ds.MLP, stream: sn.Stream, blk):
+    x, h = sn.stream_norm(stream)
+    mid = gm.grouped_matvecs([gm.Product(x=h[None], ids=ONE, **_pair(p.gate, p.up))], block=blk, finish=False)[0]
+    y = gm.grouped_matvecs([gm.Product(x=mid, ids=ONE, out_dtype=jnp.float32, **_stack(p.down))], block=blk,
+                           finish=False)[0]
+    return x, (_pending(y, x.shape[0]),)
 
 
 def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache, pos):
@@ -112,17 +113,16 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
     new_kv = []
     for i, layer in enumerate(params.layers):
         a = layer.attn
-        stream = gm.Stream(x, parts, layer.attn_norm, eps)
-        launch = gm.grouped_matvecs([gm.Product(x=stream, ids=ONE, **_stack(ds.query_first(a))),
-                                     gm.Product(x=stream, ids=ONE, **_stack(a.kv_a))], block=blk)
-        x = x if launch.stream is None else launch.stream
-        q, compressed = (y[0][:, None, :] for y in launch.ys)  # [n, 1, *]
+        x, h = sn.stream_norm(sn.Stream(x, parts, layer.attn_norm, eps))
+        ys = gm.grouped_matvecs([gm.Product(x=h[None], ids=ONE, **_stack(ds.query_first(a))),
+                                 gm.Product(x=h[None], ids=ONE, **_stack(a.kv_a))], block=blk)
+        q, compressed = (y[0][:, None, :] for y in ys)  # [n, 1, *]
         out, kv_i, _ = ds.attend(config, a, None, q, compressed, positions, cache.kv[i], None, pos, "pallas")
         o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=ONE, **_stack(a.o))], block=blk,
-                               finish=False).ys[0]
-        stream = gm.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
+                               finish=False)[0]
+        stream = sn.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
         x, parts = _moe(config, layer.mlp, stream, blk) if isinstance(layer.mlp, ds.MoE) else _mlp(layer.mlp, stream,
                                                                                                    blk)
         new_kv.append(kv_i)
-    _, h = gm.stream_reference(gm.Stream(x, parts, params.final_norm, eps))
+    _, h = sn.stream_reference(sn.Stream(x, parts, params.final_norm, eps))
     return ds.lm_head(params, h, None, config.vocab_size), ds.MLACache(kv=tuple(new_kv), index_k=cache.index_k)

@@ -114,7 +114,7 @@ def _pallas_products(x: jax.Array, products: list[tuple[Linear, ...]], block) ->
         (w, scale), (w2, scale2) = stacks[0], (stacks[1] if len(stacks) > 1 else (None, None))
         kernel_products.append(gm.Product(x=x.reshape(1, rows, k_dim), w=w, ids=jnp.zeros((1,), jnp.int32),
                                           scale=scale, w2=w2, scale2=scale2))
-    ys = gm.grouped_matvecs(kernel_products, block=block).ys
+    ys = gm.grouped_matvecs(kernel_products, block=block)
     return [y[0].reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 

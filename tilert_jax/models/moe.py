@@ -191,12 +191,12 @@ def experts_pallas(x: jnp.ndarray,  # [N, hidden]
     if shared is not None:
         (sg, sgs), (su, sus) = stack(shared[0]), stack(shared[1])
         first.append(gm.Product(x=x[None], w=sg, ids=one, scale=sgs, w2=su, scale2=sus))
-    mid = gm.grouped_matvecs(first, block=block).ys  # [N * k, 1, f] (and the shared [1, N, f_shared])
+    mid = gm.grouped_matvecs(first, block=block)  # [N * k, 1, f] (and the shared [1, N, f_shared])
     second = [gm.Product(x=mid[0], w=down.w, ids=ids, scale=down.scale)]
     if shared is not None:
         sd, sds = stack(shared[2])
         second.append(gm.Product(x=mid[1], w=sd, ids=one, scale=sds))
-    y = gm.grouped_matvecs(second, block=block).ys  # [N * k, 1, hidden] (and [1, N, hidden])
+    y = gm.grouped_matvecs(second, block=block)  # [N * k, 1, hidden] (and [1, N, hidden])
     routed_out = jnp.einsum("nkh,nk->nh", y[0].reshape(n, k, h).astype(jnp.float32), weights)
     return routed_out, (y[1][0] if shared is not None else None)
 
