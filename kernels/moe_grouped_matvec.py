@@ -12,10 +12,12 @@ narrow output splits K into float32 partial sums so that the grid fills the GPU 
 of 2**31 elements or more are read as uint16 pairs (see `grouped_matvecs`, which also runs several products in one
 launch).
 
-A product's x is an array whose rows serve one group or several (the routed experts of one token), or the SwiGLU
-of a gate/up launch's unfinished partial sums (`SwigluSums`, `finish=False`), formed as each program loads its x
-tile, so that glue needs no launch of its own. The routed experts' down projection weighs each group's output by
-its routing weight (`Product.group_weights`): its outputs are partial sums of the residual stream.
+A product's x rows may serve several groups (a token's routed experts read its one row). A split launch may leave
+its float32 partial sums to the consumer (`finish=False`: o_proj and the experts' down projection leave them pending
+on the residual stream, kernels/stream_norm.py), and the routed experts' down projection weighs each group's output
+by its routing weight (`Product.group_weights`), so those outputs are partial sums of the stream too. (Forming an x
+tile from partial sums in the prologue, e.g. the SwiGLU of a split gate/up, was measured slower: Triton pipelines
+only the loads that feed a dot directly, so every other load costs a memory round trip per loop step.)
 
 Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a memory-bound stream of tiles).
 """
@@ -147,18 +149,9 @@ def _to_f16(xt):
 
 
 @dataclasses.dataclass(frozen=True)
-class SwigluSums:
-    """A gate/up product's unfinished partial sums; read as a product's x: silu(sum(gate)) * sum(up), rounded as the
-    finished product rounds (`_swiglu`)."""
-    gate: jax.Array  # [S, X, B, K] float32
-    up: jax.Array  # [S, X, B, K] float32
-    dtype: object  # the activations' dtype
-
-
-@dataclasses.dataclass(frozen=True)
 class Product:
     """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]])."""
-    x: jax.Array | SwigluSums  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
+    x: jax.Array  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
     w: jax.Array  # [E, K, N] (float8_e4m3fn with scale)
     ids: jax.Array  # [G] int32: the expert of each group
     scale: jax.Array | None = None  # [E, ceil(K / block_in), ceil(N / block_out)] float32
@@ -169,17 +162,9 @@ class Product:
 
 
 def product_reference(p: Product, block: tuple[int, int] | None = None) -> jax.Array:  # [G, B, N]
-    x = p.x if not isinstance(p.x, SwigluSums) else _swiglu(p.x.gate.sum(0), p.x.up.sum(0), p.x.dtype).astype(p.x.dtype)
-    x = jnp.repeat(x, p.ids.shape[0] // x.shape[0], axis=0)
+    x = jnp.repeat(p.x, p.ids.shape[0] // p.x.shape[0], axis=0)
     return grouped_matvec_reference(x, p.w, p.ids, scale=p.scale, block=block, w2=p.w2, scale2=p.scale2,
                                     group_weights=p.group_weights, out_dtype=p.out_dtype)
-
-
-def _input_shape(x) -> tuple[int, int, int, object]:
-    """(X, B, K, dtype) of a product's x."""
-    if isinstance(x, SwigluSums):
-        return (*x.gate.shape[1:], x.dtype)
-    return (*x.shape, x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +172,7 @@ class _Plan:
     """A product's static shape in the launch: its programs are first ... first + programs - 1 of the 1-D grid,
     ordered (group, column tile, K split)."""
     groups: int
-    swiglu_x: bool  # x is SwigluSums of x_splits partial sums
     x_groups: int
-    x_splits: int
     batch: int
     k_dim: int
     n_dim: int
@@ -210,12 +193,8 @@ class _Plan:
         return self.groups * (self.n_dim // self.bn) * self.split
 
     @property
-    def x_inputs(self) -> int:  # x, or the gate and up sums
-        return 2 if self.swiglu_x else 1
-
-    @property
-    def num_inputs(self) -> int:  # ids, x inputs, w [, scale] [, w2 [, scale2]] [, group weights]
-        return 2 + self.x_inputs + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
+    def num_inputs(self) -> int:  # ids, x, w [, scale] [, w2 [, scale2]] [, group weights]
+        return 3 + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
 
     @property
     def num_outputs(self) -> int:  # y, or the partial sums of w (and of w2)
@@ -225,8 +204,7 @@ class _Plan:
 def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
     """The program `local` of one product: a [rows, bn] output tile over its K range."""
     it = iter(in_refs)
-    ids_ref = next(it)  # [G]
-    x_refs = [next(it) for _ in range(plan.x_inputs)]
+    ids_ref, x_ref = next(it), next(it)  # [G], [X, B, K]
     w_ref = next(it)  # [E, K, N] ([E, K, N / 2] uint16 packed)
     s_ref = next(it) if plan.fp8 else None  # [E, K / bi, N / bo]
     w2_ref = next(it) if plan.swiglu else None
@@ -247,16 +225,6 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
     block_out, block_in = block if plan.fp8 else (1, 1)
     phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
     width = bn // phases
-    prow = 1 if batch == 1 else rows  # one row is read once and broadcast to the dot's rows
-
-    def x_tile(k0):  # [rows, bk] in the input dtype
-        if plan.swiglu_x:
-            gate, up = (sum(load_rows(r.at[jnp.int32(i), xg, pl.ds(0, prow), pl.ds(k0, bk)], batch)
-                            for i in range(plan.x_splits)) for r in x_refs)
-            xm = _swiglu(gate, up, plan.in_dtype)
-        else:
-            xm = load_rows(x_refs[0].at[xg, pl.ds(0, prow), pl.ds(k0, bk)], batch)
-        return jnp.broadcast_to(xm.astype(plan.in_dtype), (rows, bk))
 
     def partial(wr, sr, k0, xt, x_scale):  # -> per phase [rows, width] float32
         if packed:
@@ -273,7 +241,7 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
 
     def body(i, accs):
         k0 = pl.multiple_of(k_begin + i * bk, bk)
-        xt = x_tile(k0)  # [rows, bk]
+        xt = load_rows(x_ref.at[xg, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(plan.in_dtype)  # [rows, bk]
         xt, x_scale = _to_f16(xt) if plan.f16 else (xt, None)
         weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if plan.swiglu else ((w_ref, s_ref),)
         return tuple(tuple(a + p for a, p in zip(acc, partial(wr, sr, k0, xt, x_scale)))
@@ -316,11 +284,10 @@ def _kernel(*refs, plans, block, interpret):
 
 def _check(p: Product, block) -> tuple[int, int, int, bool]:
     """(groups, K, N, fp8) of a product, or a ValueError naming what does not fit."""
-    x_groups, batch, k_dim, _ = _input_shape(p.x)
+    x_groups, batch, k_dim = p.x.shape if p.x.ndim == 3 else (0, 0, -1)
     groups = p.ids.shape[0] if p.ids.ndim == 1 else -1
-    if p.w.ndim != 3 or groups < 1 or groups % x_groups or p.w.shape[1] != k_dim:
-        raise ValueError(f"x rows ({x_groups}, {batch}, {k_dim}), w {p.w.shape}, ids {p.ids.shape} do not form a "
-                         "grouped product")
+    if p.w.ndim != 3 or groups < 1 or not x_groups or groups % x_groups or p.w.shape[1] != k_dim:
+        raise ValueError(f"shapes x {p.x.shape}, w {p.w.shape}, ids {p.ids.shape} do not form a grouped product")
     if batch > ROWS:
         raise ValueError(f"{batch} rows per group > {ROWS}: use the XLA path")
     if p.scale is not None and block is None:
@@ -329,8 +296,6 @@ def _check(p: Product, block) -> tuple[int, int, int, bool]:
         raise ValueError("w2 must match w (and carry a scale exactly when w does)")
     if p.group_weights is not None and (p.w2 is not None or p.group_weights.shape != (groups,)):
         raise ValueError(f"group_weights must be [{groups}] and the product plain (no w2)")
-    if isinstance(p.x, SwigluSums) and p.x.up.shape != p.x.gate.shape:
-        raise ValueError(f"SwiGLU sums of gate {p.x.gate.shape} and up {p.x.up.shape} differ")
     return groups, k_dim, p.w.shape[2], p.scale is not None
 
 
@@ -342,10 +307,10 @@ def grouped_matvecs(
     packed: bool | None = None,
     finish: bool = True,
     interpret: bool | None = None,
-) -> list:  # per product [G, B, N]; unfinished splits: [S, G, B, N] float32 sums, or SwigluSums
+) -> list:  # per product [G, B, N], or (finish=False, split) its float32 partial sums [S, G, B, N]
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
     launches, and each product's programs fill the GPU beside the others'. The K split is chosen for the launch
-    as a whole (`default_config`); finish=False leaves a split product's partial sums to its consumer.
+    as a whole (`default_config`); finish=False leaves a split plain product's partial sums to its consumer.
 
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
@@ -366,11 +331,10 @@ def grouped_matvecs(
         is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed
         if is_packed and (not fp8 or bn < 32):
             raise ValueError("packed reads need FP8 weights and bn >= 32")
-        x_groups, batch, _, in_dtype = _input_shape(p.x)
-        swiglu_x = isinstance(p.x, SwigluSums)
+        x_groups, batch, _ = p.x.shape
+        in_dtype = p.x.dtype
         weighted = p.group_weights is not None
-        plan = _Plan(groups=groups, swiglu_x=swiglu_x, x_groups=x_groups,
-                     x_splits=p.x.gate.shape[0] if swiglu_x else 0, batch=batch, k_dim=k_dim, n_dim=n_dim,
+        plan = _Plan(groups=groups, x_groups=x_groups, batch=batch, k_dim=k_dim, n_dim=n_dim,
                      bk=bk, bn=bn, split=split, fp8=fp8, packed=is_packed, swiglu=p.w2 is not None, weighted=weighted,
                      f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, in_dtype=in_dtype,
                      out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first)
@@ -380,8 +344,7 @@ def grouped_matvecs(
         if is_packed:
             w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2),
                                                                      jnp.uint16) for a in (w, w2))
-        x_inputs = [p.x.gate.astype(f32), p.x.up.astype(f32)] if swiglu_x else [p.x]
-        inputs += [p.ids.astype(jnp.int32), *x_inputs, w] + ([p.scale.astype(f32)] if fp8 else [])
+        inputs += [p.ids.astype(jnp.int32), p.x, w] + ([p.scale.astype(f32)] if fp8 else [])
         if plan.swiglu:
             inputs += [w2] + ([p.scale2.astype(f32)] if fp8 else [])
         if weighted:
@@ -406,8 +369,8 @@ def grouped_matvecs(
             out = [jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], plan.n_dim) for a in out]
         if plan.split == 1:
             results.append(out[0])
-        elif not finish:
-            results.append(SwigluSums(out[0], out[1], plan.in_dtype) if plan.swiglu else out[0])
+        elif not finish and not plan.swiglu:
+            results.append(out[0])
         elif plan.swiglu:
             results.append(_swiglu(out[0].sum(0), out[1].sum(0), plan.in_dtype).astype(plan.out_dtype))
         else:

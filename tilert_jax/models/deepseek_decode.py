@@ -6,10 +6,10 @@ The residual stream travels between launches as x plus a tuple of pending partia
   1. the stream combined and attn_norm applied (stream_norm), then the query's first projection beside kv_a;
   2. multi-head latent attention (deepseek.attend: rope, the latent norm, the cache write, three MLA kernels);
   3. o_proj, its K-split sums left pending on the stream;
-  4. MoE: the stream combined, mlp_norm, the router and its softmax top-k in one launch (stream_norm.route_softmax;
-     V3's sigmoid routing runs in XLA), then the routed experts' gate/up beside the shared expert's with their split
-     sums unfinished, then down with the SwiGLU formed in its prologue (moe_grouped_matvec.SwigluSums) and each
-     routed output weighed by its routing weight, all left pending on the stream. A dense layer: gate/up, then down.
+  4. MoE: the stream combined and mlp_norm applied, the router (grouped kernel) and its routing (XLA), then the routed
+     experts' gate/up beside the shared expert's (every routed group reading the token's one row), then down with
+     each routed output weighed by its routing weight, all left pending on the stream. A dense layer: the same
+     without routing.
 The final norm and the LM head read the last layer's stream in XLA.
 """
 
@@ -77,18 +77,14 @@ def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk):
     """-> the combined stream [n, hidden] and the MoE's outputs as pending sums."""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
-    if (config.router == "softmax" and config.topk_method == "greedy"
-            and sn.routing_supported(stream.x.shape[1], p.router.shape[1], top_k, p.router.dtype)):
-        x, h, weights, index = sn.route_softmax(stream, p.router, top_k, config.routed_scaling_factor)
-    else:
-        x, h = sn.stream_norm(stream)
-        weights, index = ds.route(config, p, h, "pallas")
+    x, h = sn.stream_norm(stream)
+    weights, index = ds.route(config, p, h, "pallas")
     ids = index.reshape(n * top_k)
     e = p.experts
     first = [gm.Product(x=h[:, None, :], ids=ids, **_pair(e.gate, e.up))]  # group g reads token g // k
     if p.shared is not None:
         first.append(gm.Product(x=h[None], ids=ONE, **_pair(p.shared.gate, p.shared.up)))
-    mid = gm.grouped_matvecs(first, block=blk, finish=False)
+    mid = gm.grouped_matvecs(first, block=blk)
     second = [gm.Product(x=mid[0], ids=ids, group_weights=weights.reshape(n * top_k), **_stack(e.down))]
     if p.shared is not None:
         second.append(gm.Product(x=mid[1], ids=ONE, out_dtype=jnp.float32, **_stack(p.shared.down)))
@@ -98,7 +94,7 @@ def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk):
 
 def _mlp(p: ds.MLP, stream: sn.Stream, blk):
     x, h = sn.stream_norm(stream)
-    mid = gm.grouped_matvecs([gm.Product(x=h[None], ids=ONE, **_pair(p.gate, p.up))], block=blk, finish=False)[0]
+    mid = gm.grouped_matvecs([gm.Product(x=h[None], ids=ONE, **_pair(p.gate, p.up))], block=blk)[0]
     y = gm.grouped_matvecs([gm.Product(x=mid, ids=ONE, out_dtype=jnp.float32, **_stack(p.down))], block=blk,
                            finish=False)[0]
     return x, (_pending(y, x.shape[0]),)
