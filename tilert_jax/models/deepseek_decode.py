@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels import stream_norm as sn
 from tilert_jax.models import deepseek as ds
-from tilert_jax.models.deepseek_linear import Linear
+from tilert_jax.models import moe
+from tilert_jax.models.deepseek_linear import SINGLE, stacked
 
 
 def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens) -> bool:
@@ -50,20 +50,6 @@ def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens) -> b
     return True
 
 
-def _stack(lin: Linear) -> dict:
-    """A Linear (or a stack of experts) as the weight arguments of a grouped product."""
-    w, scale = (lin.w, lin.scale) if lin.w.ndim == 3 else (lin.w[None], None if lin.scale is None else lin.scale[None])
-    return dict(w=w, scale=scale)
-
-
-def _pair(gate: Linear, up: Linear) -> dict:
-    g, u = _stack(gate), _stack(up)
-    return dict(w=g["w"], scale=g["scale"], w2=u["w"], scale2=u["scale"])
-
-
-ONE = np.zeros((1,), np.int32)  # the expert id of a plain Linear: a stack of one
-
-
 def _pending(y, n: int) -> jax.Array:
     """A product's output [G, B, N] or its partial sums [S, G, B, N] as pending sums on the stream [S', n, hidden]:
     one group of n rows, or (routed) n * k groups of one row, token-major."""
@@ -79,23 +65,17 @@ def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk):
     top_k = config.num_experts_per_tok
     x, h = sn.stream_norm(stream)
     weights, index = ds.route(config, p, h, "pallas")
-    ids = index.reshape(n * top_k)
     e = p.experts
-    first = [gm.Product(x=h[:, None, :], ids=ids, **_pair(e.gate, e.up))]  # group g reads token g // k
-    if p.shared is not None:
-        first.append(gm.Product(x=h[None], ids=ONE, **_pair(p.shared.gate, p.shared.up)))
-    mid = gm.grouped_matvecs(first, block=blk)
-    second = [gm.Product(x=mid[0], ids=ids, group_weights=weights.reshape(n * top_k), **_stack(e.down))]
-    if p.shared is not None:
-        second.append(gm.Product(x=mid[1], ids=ONE, out_dtype=jnp.float32, **_stack(p.shared.down)))
-    ys = gm.grouped_matvecs(second, block=blk, finish=False)
-    return x, tuple(_pending(y, n) for y in ys)
+    shared = None if p.shared is None else (p.shared.gate, p.shared.up, p.shared.down)
+    ys = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
+                             group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32, finish=False)
+    return x, tuple(_pending(y, n) for y in ys if y is not None)
 
 
 def _mlp(p: ds.MLP, stream: sn.Stream, blk):
     x, h = sn.stream_norm(stream)
-    mid = gm.grouped_matvecs([gm.Product(x=h[None], ids=ONE, **_pair(p.gate, p.up))], block=blk)[0]
-    y = gm.grouped_matvecs([gm.Product(x=mid, ids=ONE, out_dtype=jnp.float32, **_stack(p.down))], block=blk,
+    mid = gm.grouped_matvecs([gm.Product(x=h[None], ids=SINGLE, **stacked(p.gate, p.up))], block=blk)[0]
+    y = gm.grouped_matvecs([gm.Product(x=mid, ids=SINGLE, out_dtype=jnp.float32, **stacked(p.down))], block=blk,
                            finish=False)[0]
     return x, (_pending(y, x.shape[0]),)
 
@@ -110,11 +90,11 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
     for i, layer in enumerate(params.layers):
         a = layer.attn
         x, h = sn.stream_norm(sn.Stream(x, parts, layer.attn_norm, eps))
-        ys = gm.grouped_matvecs([gm.Product(x=h[None], ids=ONE, **_stack(ds.query_first(a))),
-                                 gm.Product(x=h[None], ids=ONE, **_stack(a.kv_a))], block=blk)
+        ys = gm.grouped_matvecs([gm.Product(x=h[None], ids=SINGLE, **stacked(ds.query_first(a))),
+                                 gm.Product(x=h[None], ids=SINGLE, **stacked(a.kv_a))], block=blk)
         q, compressed = (y[0][:, None, :] for y in ys)  # [n, 1, *]
         out, kv_i, _ = ds.attend(config, a, None, q, compressed, positions, cache.kv[i], None, pos, "pallas")
-        o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=ONE, **_stack(a.o))], block=blk,
+        o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))], block=blk,
                                finish=False)[0]
         stream = sn.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
         x, parts = _moe(config, layer.mlp, stream, blk) if isinstance(layer.mlp, ds.MoE) else _mlp(layer.mlp, stream,

@@ -11,11 +11,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.params import ParamSpec
 
 FP8 = "float8_e4m3fn"
+SINGLE = np.zeros((1,), np.int32)  # the expert id of a plain Linear read as a stack of one (see `stacked`)
 
 
 @jax.tree_util.register_dataclass
@@ -110,12 +112,21 @@ def _pallas_products(x: jax.Array, products: list[tuple[Linear, ...]], block) ->
             return None
         if fp8 and any(lin.scale.shape != (cdiv(k_dim, block[1]), cdiv(n_dim, block[0])) for lin in product):
             return None
-        stacks = [(lin.w[None], None if lin.scale is None else lin.scale[None]) for lin in product]  # stacks of one
-        (w, scale), (w2, scale2) = stacks[0], (stacks[1] if len(stacks) > 1 else (None, None))
-        kernel_products.append(gm.Product(x=x.reshape(1, rows, k_dim), w=w, ids=jnp.zeros((1,), jnp.int32),
-                                          scale=scale, w2=w2, scale2=scale2))
+        kernel_products.append(gm.Product(x=x.reshape(1, rows, k_dim), ids=SINGLE, **stacked(*product)))
     ys = gm.grouped_matvecs(kernel_products, block=block)
     return [y[0].reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def stacked(*lins: Linear) -> dict:
+    """The weight arguments of a grouped-kernel product (moe_grouped_matvec.Product): one Linear -> w, scale; a
+    (gate, up) pair -> w, scale, w2, scale2. A plain Linear becomes a stack of one expert (ids = SINGLE); a stack of
+    experts stays as it is."""
+    args = {}
+    for lin, suffix in zip(lins, ("", "2")):
+        one = lin.w.ndim == 2
+        args["w" + suffix] = lin.w[None] if one else lin.w
+        args["scale" + suffix] = lin.scale[None] if one and lin.scale is not None else lin.scale
+    return args
 
 
 def nbytes(lin: Linear, dtype) -> int:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels import moe_grouped_matvec as gm
-from tilert_jax.models.deepseek_linear import Linear, linear, swiglu, weight
+from tilert_jax.models.deepseek_linear import SINGLE, Linear, linear, stacked, swiglu, weight
 
 
 def router_logits(x: jnp.ndarray,  # [N, hidden]
@@ -29,7 +29,7 @@ def router_logits(x: jnp.ndarray,  # [N, hidden]
     n, h = x.shape
     if (impl == "pallas" and n <= 16 and router.dtype == x.dtype
             and gm.tiles(h, router.shape[1], None) is not None):
-        return gm.grouped_matvec(x[None], router[None], jnp.zeros((1,), jnp.int32), out_dtype=jnp.float32)[0]
+        return gm.grouped_matvec(x[None], router[None], SINGLE, out_dtype=jnp.float32)[0]
     return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))
 
 
@@ -180,25 +180,31 @@ def experts_pallas(x: jnp.ndarray,  # [N, hidden]
         return None
     if shared is not None and any(lin.b is not None for lin in shared):
         return None
-    ids = index.reshape(n * k)
-    one = jnp.zeros((1,), jnp.int32)
+    y, shared_y = expert_launches(x, index.reshape(n * k), routed, shared, block)  # [N * k, 1, hidden], [1, N, h]
+    routed_out = jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights)
+    return routed_out, (None if shared_y is None else shared_y[0])
 
-    def stack(lin: Linear) -> tuple:  # a shared expert's weight as a stack of one
-        return lin.w[None], None if lin.scale is None else lin.scale[None]
 
-    rows = jnp.repeat(x, k, axis=0)[:, None, :]  # [N * k, 1, hidden]: pair i is token i // k
-    first = [gm.Product(x=rows, w=gate.w, ids=ids, scale=gate.scale, w2=up.w, scale2=up.scale)]
+def expert_launches(x: jnp.ndarray,  # [N, hidden]
+                    ids: jnp.ndarray,  # [N * k] int32: pair i is token i // k
+                    routed: tuple[Linear, Linear, Linear],
+                    shared: tuple[Linear, Linear, Linear] | None,
+                    block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True):
+    """The grouped kernel's two launches for a MoE block: gate/up with the SwiGLU epilogue (each pair reading its
+    token's row in place), then down; the shared expert beside the routed pairs in both. group_weights [N * k]
+    weighs each pair's down output in the kernel (float32); finish=False leaves K-split sums to the caller.
+    Returns (routed [N * k, 1, hidden] or its sums [S, N * k, 1, hidden], shared [1, N, hidden] (or its sums) in
+    shared_dtype, default x's dtype, or None)."""
+    gate, up, down = routed
+    first = [gm.Product(x=x[:, None, :], ids=ids, **stacked(gate, up))]
     if shared is not None:
-        (sg, sgs), (su, sus) = stack(shared[0]), stack(shared[1])
-        first.append(gm.Product(x=x[None], w=sg, ids=one, scale=sgs, w2=su, scale2=sus))
+        first.append(gm.Product(x=x[None], ids=SINGLE, **stacked(shared[0], shared[1])))
     mid = gm.grouped_matvecs(first, block=block)  # [N * k, 1, f] (and the shared [1, N, f_shared])
-    second = [gm.Product(x=mid[0], w=down.w, ids=ids, scale=down.scale)]
+    second = [gm.Product(x=mid[0], ids=ids, group_weights=group_weights, **stacked(down))]
     if shared is not None:
-        sd, sds = stack(shared[2])
-        second.append(gm.Product(x=mid[1], w=sd, ids=one, scale=sds))
-    y = gm.grouped_matvecs(second, block=block)  # [N * k, 1, hidden] (and [1, N, hidden])
-    routed_out = jnp.einsum("nkh,nk->nh", y[0].reshape(n, k, h).astype(jnp.float32), weights)
-    return routed_out, (y[1][0] if shared is not None else None)
+        second.append(gm.Product(x=mid[1], ids=SINGLE, out_dtype=shared_dtype, **stacked(shared[2])))
+    ys = gm.grouped_matvecs(second, block=block, finish=finish)
+    return ys[0], (ys[1] if shared is not None else None)
 
 
 def experts(x, index, weights, routed: tuple[Linear, Linear, Linear], shared: tuple[Linear, Linear, Linear] | None,
