@@ -1,12 +1,13 @@
 """Where a decode step's time goes: one profiled decode chunk, GPU kernels summed by name, per step.
 
     python scripts/gpu/profile_decode.py --preset deepseek-v2-lite --impl pallas [--layers 4] [--out DIR]
+    python scripts/gpu/profile_decode.py --preset llama-3.2-1b --phase prefill   # the prompt's prefill instead
 
 Runs the engine's prefill and its decode chunk (random weights, as the bench), then traces `--chunks` more decode
-chunks with jax.profiler and reads the Perfetto trace it writes: every event on a GPU stream is a kernel (or a
-copy); they are summed by name and divided by the decode steps traced. The table shows per step: the wall time, the
-time some kernel was running (busy), the gaps between kernels (launch and dependency stalls), and the kernels by total
-time. The JSON summary goes to DIR/profile.json, the raw trace stays under DIR.
+chunks (or prefills, with --phase prefill) with jax.profiler and reads the Perfetto trace it writes: every event on a
+GPU stream is a kernel (or a copy); they are summed by name and divided by the steps traced. The table shows per
+step: the wall time, the time some kernel was running (busy), the gaps between kernels (launch and dependency
+stalls), and the kernels by total time. The JSON summary goes to DIR/profile.json, the raw trace stays under DIR.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dense-layers", type=int, default=-1)
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=16)
-    parser.add_argument("--chunks", type=int, default=2, help="decode chunks traced")
+    parser.add_argument("--chunks", type=int, default=2, help="decode chunks (or prefills) traced")
+    parser.add_argument("--phase", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", help="directory for the trace and profile.json (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -65,22 +67,26 @@ def main(argv=None) -> int:
     def run():
         start = time.perf_counter()
         for _ in range(args.chunks):
-            _, state["cache"], state["token"], state["pos"] = decode(params, state["cache"], state["token"],
-                                                                      state["pos"], key)
+            if args.phase == "prefill":
+                state["token"], state["cache"] = prefill(params, tokens, last, key)
+            else:
+                _, state["cache"], state["token"], state["pos"] = decode(params, state["cache"], state["token"],
+                                                                          state["pos"], key)
         jax.block_until_ready(state["cache"])
         state["wall"] = time.perf_counter() - start
 
-    steps = args.chunks * args.chunk
+    steps = args.chunks * (1 if args.phase == "prefill" else args.chunk)
     kernels = trace_gpu_kernels(run, steps, args.top, out)
-    summary = {"preset": args.preset, "impl": args.impl, "num_layers": config.num_layers,
+    summary = {"preset": args.preset, "impl": args.impl, "phase": args.phase, "num_layers": config.num_layers,
                "wall_us_per_step_traced": 1e6 * state["wall"] / steps, **kernels}
-    hlo = decode.as_text()
-    (out / "decode_hlo.txt").write_text(hlo)
+    hlo = (prefill if args.phase == "prefill" else decode).as_text()
+    (out / f"{args.phase}_hlo.txt").write_text(hlo)
     ops = hlo_ops(hlo)
     for k in summary["kernels"]:
         k["op"] = ops.get(k["name"], "")
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
-    print(f"{args.preset} impl={args.impl} layers={config.num_layers}: span {summary['span_us_per_step']:.1f} us/step, "
+    print(f"{args.preset} {args.phase} impl={args.impl} layers={config.num_layers}: "
+          f"span {summary['span_us_per_step']:.1f} us/step, "
           f"busy {summary['busy_us_per_step']:.1f}, gaps {summary['gap_us_per_step']:.1f}, "
           f"{summary['kernels_per_step']:.0f} kernels/step (trace {summary['trace']})")
     for k in summary["kernels"]:
