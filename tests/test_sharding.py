@@ -1,12 +1,21 @@
 """Tensor parallelism on 8 simulated CPU devices: the same logits and greedy tokens as one device, with parameters
 really split."""
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 import tilert_jax
+from tilert_jax.config import preset
 from tilert_jax.convert import convert
+from tilert_jax.models import dense
+from tilert_jax.params import init_params
 from tilert_jax.sharding import make_mesh
+from tilert_jax.sharding.sharded import ShardedFamily
 
 PROMPT = np.random.default_rng(2).integers(0, 160, (2, 20))
 
@@ -51,3 +60,36 @@ def test_bad_meshes(checkpoint):
         tilert_jax.load(checkpoint, mesh=make_mesh(tp=2, ep=2))
     with pytest.raises(ValueError, match="tp=3 must divide"):
         tilert_jax.load(checkpoint, mesh=make_mesh(tp=3))
+
+
+@pytest.mark.parametrize("tp,tied", [(2, False), (4, True)])
+def test_fused_pallas_decode_under_tensor_parallelism(tp, tied, monkeypatch):
+    """impl="pallas" under shard_map: each device runs the fused decode kernels (interpreted here) on the heads and
+    MLP columns it holds; the output and down projections' float32 partial sums are reduced over the mesh and
+    added by the next kernel. float32: the logits of one device's fused step within 1e-5 relative (the same
+    kernels; only the mesh-wide sum runs in another order), of its XLA step within 1e-4 (as
+    test_kernels_decode.py: the kernels add in another order and keep the stream's partial sums in float32)."""
+    monkeypatch.setenv("TILERT_PALLAS_OPS", "all")
+    config = dataclasses.replace(preset("tiny"), num_heads=8, num_kv_heads=4, head_dim=32, hidden_size=256,
+                                 qkv_bias=True, o_bias=True, tie_word_embeddings=tied)
+    mesh = make_mesh(tp=tp)
+    sharded = ShardedFamily(config, mesh)
+    params = init_params(dense.param_specs(config), jax.random.key(1), jnp.float32, std=0.1)
+    prompt = jax.random.randint(jax.random.key(2), (1, 12), 0, config.vocab_size)
+    _, cache = dense.prefill(config, params, prompt, dense.init_cache(config, 1, 64, jnp.float32), 0, jnp.int32(11))
+    cache_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), sharded.cache_specs)
+    tp_params, tp_cache = jax.device_put(params, sharded.param_shardings), jax.device_put(cache, cache_shardings)
+    assert {s.data.shape[1] for s in tp_params.layers[0].attn.wk.addressable_shards} == {4 // tp}
+
+    def step(family, impl):
+        return jax.jit(lambda p, t, c, pos: family.decode_step(config, p, t, c, pos, impl=impl))
+
+    token, pos = prompt[:, -1], jnp.int32(12)
+    assert "pallas_call" in str(jax.make_jaxpr(step(sharded, "pallas"))(tp_params, token, tp_cache, pos))
+    logits, new_cache = step(sharded, "pallas")(tp_params, token, tp_cache, pos)
+    one_device, one_cache = step(dense, "pallas")(params, token, cache, pos)
+    plain, _ = step(dense, "xla")(params, token, cache, pos)
+    assert np.linalg.norm(logits - one_device) <= 1e-5 * np.linalg.norm(one_device)
+    assert np.linalg.norm(logits - plain) <= 1e-4 * np.linalg.norm(plain)
+    for ours, ref in zip(new_cache.k + new_cache.v, one_cache.k + one_cache.v):
+        assert np.linalg.norm(ours - ref) <= 1e-5 * np.linalg.norm(ref)

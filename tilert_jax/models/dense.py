@@ -3,11 +3,13 @@
 Layers are unrolled in Python rather than scanned: a scan pays one XLA while-loop iteration per layer in every
 decode step, and per-layer parameters let each matmul read its weight in place.
 
-With impl="pallas", a decode step on one device (one token per row, batch <= 16) is written as five fused ops per
-layer (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write;
-output projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is
-a Pallas kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200). Prefill and
-the whole-sequence forward stay on the XLA path (compute-bound matrix products). impl="xla" is the plain path.
+With impl="pallas", a decode step (one token per row, batch <= 16) is written as five fused ops per layer
+(`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
+projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is a Pallas
+kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200). Under shard_map the
+same ops run on the heads and MLP columns this device holds; the output and down projections then hand their
+float32 partial sums, reduced over the mesh, to the next fused op instead of adding the residual themselves. Prefill
+and the whole-sequence forward stay on the XLA path (compute-bound matrix products). impl="xla" is the plain path.
 """
 
 from __future__ import annotations
@@ -211,9 +213,12 @@ def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache,
 
 
 def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, cache) -> bool:
+    """Shapes are the ones this device holds (under shard_map, its heads); a KV head replicated over a mesh wider
+    than the number of KV heads takes the XLA path."""
     d = config.head_dim
-    return (tokens.shape[0] <= 16 and d >= 32 and d & (d - 1) == 0 and config.num_heads % config.num_kv_heads == 0
-            and cache.k[0].shape[1] == config.num_kv_heads and params.embed.dtype == cache.k[0].dtype)
+    heads, kv_heads = params.layers[0].attn.wq.shape[1], params.layers[0].attn.wk.shape[1]
+    return (tokens.shape[0] <= 16 and d >= 32 and d & (d - 1) == 0 and heads % kv_heads == 0
+            and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head")
@@ -247,12 +252,17 @@ def _stream(result, parts):
     return result if parts is not None else (result, None)
 
 
-def _project_residual(config: DenseConfig, op: str, inp, w, x, bias, impl):
-    """x + inp @ w -> the residual stream as (x, None), or (x, partial sums) when the config splits K."""
+def _project_residual(config: DenseConfig, op: str, inp, w, x, bias, impl, tp_axis):
+    """x + inp @ w -> the residual stream as (x, None), or (x, partial sums) when the config splits K or the
+    product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N])."""
     batch, k = inp.shape
     cfg = tuning.matvec_config(op, batch, k, (w.shape[1],))
     if _op_impl(op, impl, config) == "xla":
         cfg = dataclasses.replace(cfg, split=1)  # XLA's product: the plain residual form, no partial sums
+    if tp_axis is not None:
+        y = ops.matvec(inp, w, out_dtype=jnp.float32, config=cfg, implementation=_op_impl(op, impl, config))
+        y = collectives.psum(jnp.sum(y, axis=0) if cfg.split > 1 else y, tp_axis)  # [B, N]
+        return x, (y if bias is None else y + bias.astype(jnp.float32))[None]
     if bias is not None:
         cfg = dataclasses.replace(cfg, split=1)
         return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl, config)) + bias), None
@@ -261,14 +271,14 @@ def _project_residual(config: DenseConfig, op: str, inp, w, x, bias, impl):
     return ops.matvec_residual(inp, w, x, config=cfg, implementation=_op_impl(op, impl, config)), None
 
 
-def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl):
+def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
     """tokens: int[B] at position pos -> the residual stream before the final norm (x [B, hidden] and float32
     partial sums or None) and the updated cache. Every op here takes `implementation=impl`."""
-    h, n, kvh, d, f = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-                       config.intermediate_size)
-    eps = config.rms_norm_eps
+    first = params.layers[0]
+    h, d, eps = config.hidden_size, config.head_dim, config.rms_norm_eps
+    n, kvh, f = first.attn.wq.shape[1], first.attn.wk.shape[1], first.mlp.w_gate.shape[1]  # held by this device
     batch = tokens.shape[0]
-    x = params.embed[tokens]  # [B, hidden]
+    x = collectives.embed_lookup(params.embed, tokens[:, None], tp_axis)[:, 0]  # [B, hidden]
     parts = None
     cos, sin = rope_tables(config.rope, jnp.reshape(pos, (1,)), x.dtype)  # [1, head_dim]
     cos, sin = cos[0], sin[0]
@@ -292,35 +302,35 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         new_k.append(k)
         new_v.append(v)
         attn = attn.reshape(batch, n * d)
-        x, parts = _project_residual(config, "o", attn, a.wo.reshape(n * d, h), x, a.bo, impl)
+        x, parts = _project_residual(config, "o", attn, a.wo.reshape(n * d, h), x, a.bo, impl, tp_axis)
         mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
                                                x_parts=parts, config=mlp_cfg,
                                                implementation=_op_impl("gate_up", impl, config)), parts)
         x = x if x_new is None else x_new
-        x, parts = _project_residual(config, "down", mid, layer.mlp.w_down, x, None, impl)
+        x, parts = _project_residual(config, "down", mid, layer.mlp.w_down, x, None, impl, tp_axis)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
-def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl) -> jax.Array:
-    """Final RMSNorm + LM head in one launch -> float32 logits [B, vocab]."""
+def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl, tp_axis) -> jax.Array:
+    """Final RMSNorm + LM head in one launch -> float32 logits [B, vocab] (gathered from the vocabulary shards)."""
     tied = params.lm_head is None
-    w = params.embed if tied else params.lm_head  # [vocab, hidden] when tied, else [hidden, vocab]
+    w = params.embed if tied else params.lm_head  # [vocab, hidden] when tied, else [hidden, vocab] (or a slice)
     op = "lm_head_t" if tied else "lm_head"
-    cfg = tuning.matvec_config(op, x.shape[0], config.hidden_size, (config.vocab_size,))
+    cfg = tuning.matvec_config(op, x.shape[0], config.hidden_size, (w.shape[0] if tied else w.shape[1],))
     cfg = dataclasses.replace(cfg, split=1)
     logits, _ = _stream(ops.norm_matvec(x, params.final_norm, config.rms_norm_eps, (w,), x_parts=parts,
                                         transposed=tied, out_dtype=jnp.float32, config=cfg,
                                         implementation=_op_impl("lm_head", impl, config)),
                         parts)
-    return logits
+    return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
 
 
 def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl: str = "xla",
                 tp_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
-    if impl == "pallas" and tp_axis is None and _fused_decode_supported(config, params, tokens, cache):
-        x, parts, cache = _decode_fused(config, params, tokens, cache, pos, impl)
-        return _fused_lm_head(config, params, x, parts, impl), cache
+    if impl == "pallas" and _fused_decode_supported(config, params, tokens, cache):
+        x, parts, cache = _decode_fused(config, params, tokens, cache, pos, impl, tp_axis)
+        return _fused_lm_head(config, params, x, parts, impl, tp_axis), cache
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis)
     return lm_head(config, params, x[:, 0], tp_axis), cache
