@@ -91,9 +91,7 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
     def load_x(k0, size):  # float32 [prow, size]: the (combined) input, rows >= B read as 0
         return stream_rows(x_ref, part_refs, 0, prow, batch, k0, size, in_dtype)
 
-    rinv = rms_inverse(load_x, k_dim, chunk, eps) if norm else None  # [prow, 1]
-
-    def x_tile(k0):  # [rows, bk] in the input dtype
+    def x_tile(k0, rinv):  # [rows, bk] in the input dtype (rinv [prow, 1]: the RMSNorm statistic, or None)
         xm = load_x(k0, bk)
         if norm:
             xm = rms_apply(xm, rinv, nw_ref[pl.ds(k0, bk)], in_dtype)
@@ -143,10 +141,24 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
             y = y.astype(in_dtype).astype(f32) + r
         store_rows(o_ref.at[pl.ds(0, rows), pl.ds(col0, bn)], y.astype(out_dtype), batch)
 
+    def norm_inverse():
+        return rms_inverse(load_x, k_dim, chunk, eps) if norm else None  # [prow, 1]
+
     def run(ws, n0, col0):
+        if steps == 1:
+            # Loop-free: the weight tiles are requested before the input is read (and normed), so their latency
+            # overlaps the input's. In a loop Triton pipelines only the loads that feed the dot directly: an input
+            # formed from the stream, its partial sums and the norm costs a round trip per step there.
+            k0 = pl.multiple_of(s * k_per_split, bk)
+            wts = [w_tile(w, k0, n0) for w in ws]
+            xt = x_tile(k0, norm_inverse())
+            epilogue([acc_final(mac(acc_init(), xt, wt)) for wt in wts], col0)
+            return
+        rinv = norm_inverse()
+
         def body(i, accs):
             k0 = pl.multiple_of(s * k_per_split + i * bk, bk)
-            xt = x_tile(k0)
+            xt = x_tile(k0, rinv)
             return tuple(mac(a, xt, w_tile(w, k0, n0)) for a, w in zip(accs, ws))
 
         accs = lax.fori_loop(0, steps, body, tuple(acc_init() for _ in ws))

@@ -61,13 +61,21 @@ def test_matvec(batch, cfg, transposed):
         assert rel(out, ref) < 1e-2
 
 
-def test_norm_matvec_three_weights_with_parts():
+@pytest.mark.parametrize("batch,cfg", [
+    (2, MatvecConfig(bn=32, bk=32)),
+    (1, MatvecConfig(bn=32, bk=64, split=2)),  # one K step per program: the loop-free form
+    (3, MatvecConfig(bn=64, bk=128)),  # loop-free, whole rows
+])
+def test_norm_matvec_three_weights_with_parts(batch, cfg):
     k = fresh(6)
-    batch, hid = 2, 128
+    hid = 128
     x, parts = rand(k[0], (batch, hid)), rand(k[1], (3, batch, hid), F32)
     nw = 1 + rand(k[2], (hid,), scale=0.1)
     ws = (rand(k[3], (hid, 128), scale=0.05), rand(k[4], (hid, 64), scale=0.05), rand(k[5], (hid, 64), scale=0.05))
-    out, x_new = norm_matvec(x, nw, 1e-5, ws, x_parts=parts, config=MatvecConfig(bn=32, bk=32))
+    out, x_new = norm_matvec(x, nw, 1e-5, ws, x_parts=parts, config=cfg)
+    if cfg.split > 1:
+        assert out.shape == (cfg.split, batch, 256) and out.dtype == F32
+        out = out.sum(0)
     ref, ref_x = norm_matvec_reference(x, nw, 1e-5, ws, x_parts=parts)
     ref32 = norm_matvec_reference(ref_x.astype(F32), nw.astype(F32), 1e-5, tuple(w.astype(F32) for w in ws))
     assert out.shape == (batch, 256) and x_new.shape == (batch, hid)
@@ -83,11 +91,12 @@ def test_norm_matvec_float32_logits_split():
     assert rel(out.sum(0), norm_matvec_reference(x, nw, 1e-6, (w,), out_dtype=F32)) < 1e-5
 
 
-def test_swiglu_matvec():
+@pytest.mark.parametrize("bk", [64, 128])  # 128: one K step, loop-free
+def test_swiglu_matvec(bk):
     k = fresh(5)
     x, parts = rand(k[0], (2, 128)), rand(k[1], (2, 2, 128), F32)
     nw, wg, wu = 1 + rand(k[2], (128,), scale=0.1), rand(k[3], (128, 256), scale=0.1), rand(k[4], (128, 256), scale=0.1)
-    out, _ = swiglu_matvec(x, nw, 1e-5, wg, wu, x_parts=parts, config=MatvecConfig(bn=64, bk=64))
+    out, _ = swiglu_matvec(x, nw, 1e-5, wg, wu, x_parts=parts, config=MatvecConfig(bn=64, bk=bk))
     xs = combine_reference(x, parts)
     ref = swiglu_matvec_reference(*up(xs, nw), 1e-5, *up(wg, wu))
     assert out.shape == (2, 256) and rel(out, ref) < 1e-2
