@@ -2,7 +2,7 @@
 
     python scripts/gpu/tune_mla.py [--out FILE]
 
-One jitted call runs the kernels (with the new token's entry) over `layers` distinct weights and caches (more bytes than L2 holds, as in a decode
+One jitted call runs the kernels over `layers` distinct weights and caches (more bytes than L2 holds, as in a decode
 step); the device time of the three kernels is read from a profiler trace of 5 such calls (a wall-clock timer of
 this short call measures mostly the host's launches) and given per layer. Each configuration is first checked
 against the reference (bf16 bound of tests/test_mla_decode.py). Prints one JSON line per (shape, configuration).
@@ -26,8 +26,6 @@ SHAPES = {  # name: (heads, FP8 block or None)
 
 
 def make_layers(heads, block, layers, length, key):
-    """Per layer (kv_b weight, its scales, a cache), and one new token's inputs: q, kv_a's output, the latent norm's
-    weight and the rope tables (float32, as V2 rotates)."""
     dn, dr, dv, r = 128, 64, 128, 512
     out = []
     for i in range(layers):
@@ -36,13 +34,9 @@ def make_layers(heads, block, layers, length, key):
         w, scale = (w.astype(jnp.bfloat16), None) if block is None else fp8_matmul.quantize(w, block)
         cache = jax.random.normal(k[1], (1, length, r + dr)).astype(jnp.bfloat16)
         out.append((w, scale, cache))
-    k = jax.random.split(key, 3)
-    q = jax.random.normal(k[0], (1, heads, dn + dr)).astype(jnp.bfloat16)
-    compressed = jax.random.normal(k[1], (1, r + dr)).astype(jnp.bfloat16)
-    latent_norm = jnp.ones((r,), jnp.bfloat16)
-    angles = jax.random.uniform(k[2], (dr // 2,)) * 6.0
-    rope = (jnp.concatenate([jnp.cos(angles)] * 2), jnp.concatenate([jnp.sin(angles)] * 2))
-    return (q, compressed, latent_norm, rope), out
+    q_nope = jax.random.normal(key, (1, heads, dn)).astype(jnp.bfloat16)
+    q_pe = jax.random.normal(jax.random.fold_in(key, 99), (1, heads, dr)).astype(jnp.bfloat16)
+    return q_nope, q_pe, out
 
 
 def main(argv=None) -> int:
@@ -55,20 +49,20 @@ def main(argv=None) -> int:
     pos = jnp.int32(args.pos)
     sink = open(args.out, "a") if args.out else None
     for name, (heads, block) in SHAPES.items():
-        token, layers = make_layers(heads, block, args.layers, args.length, jax.random.key(0))
-        kw = dict(softmax_scale=0.1, eps=1e-6, interleaved=True)
+        q_nope, q_pe, layers = make_layers(heads, block, args.layers, args.length, jax.random.key(0))
         w0, s0, c0 = layers[0]
-        ref = mla_decode.mla_decode_reference(*token, w0, s0, block, c0, pos, **kw)[0].astype(jnp.float32)
+        ref = mla_decode.mla_decode_reference(q_nope, q_pe, w0, s0, block, c0, pos, softmax_scale=0.1)
+        ref = ref.astype(jnp.float32)
         for splits, bs, warps in itertools.product((8, 16, 32, 64), (16, 32, 64), (4,)):
-            def run(token, layers, splits=splits, bs=bs, warps=warps):
-                return [mla_decode.mla_decode(*token, w, s, block, c, pos, splits=splits, bs=bs, num_warps=warps,
-                                              **kw)[0] for w, s, c in layers]
+            def run(q_nope, q_pe, layers, splits=splits, bs=bs, warps=warps):
+                return [mla_decode.mla_decode(q_nope, q_pe, w, s, block, c, pos, softmax_scale=0.1, splits=splits,
+                                              bs=bs, num_warps=warps) for w, s, c in layers]
             try:
                 fn = jax.jit(run)
-                out = fn(token, layers)
+                out = fn(q_nope, q_pe, layers)
                 err = float(jnp.max(jnp.abs(out[0].astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
-                summary = trace_gpu_kernels(lambda: [jax.block_until_ready(fn(token, layers)) for _ in range(5)],
-                                            5 * args.layers)
+                summary = trace_gpu_kernels(lambda: [jax.block_until_ready(fn(q_nope, q_pe, layers))
+                                                     for _ in range(5)], 5 * args.layers)
                 per_kernel = {k["name"]: k["us_per_step"] for k in summary["kernels"] if k["name"].startswith("mla_")}
                 row = {"shape": name, "splits": splits, "bs": bs, "num_warps": warps,
                        "us_per_layer": sum(per_kernel.values()), **per_kernel, "rel_err": err, "ok": err <= 2e-2}

@@ -22,7 +22,7 @@ from tilert_jax.kernels import mla_decode, ops
 from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, linears, swiglu, weight
 from tilert_jax.params import ParamSpec
-from tilert_jax.rope import RopeConfig, apply_rope, rope_interleaved, rope_tables, yarn_mscale
+from tilert_jax.rope import RopeConfig, apply_rope, rope_tables, yarn_mscale
 from tilert_jax.sharding import collectives
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
@@ -414,7 +414,7 @@ def cache_bytes_per_token(config: DeepseekConfig, dtype) -> int:
 
 def _rope(config: DeepseekConfig, x, cos, sin):
     """The MLA rope: x [B, T, heads, rope_dim]."""
-    return rope_interleaved(x, cos, sin) if config.rope_interleave else apply_rope(x, cos, sin)
+    return mla.rope_interleaved(x, cos, sin) if config.rope_interleave else apply_rope(x, cos, sin)
 
 
 def _indexer_qk(config: DeepseekConfig, p: Indexer, x, q_resid, cos, sin, impl: str = "xla"):
@@ -460,20 +460,11 @@ def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache
         q_resid = ops.rms_norm(q, p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
         q = linear(q_resid, p.q_b, blk, impl)
     q = q.reshape(b, t, n, dn + dr)
+    q_nope, q_pe = q[..., :dn], q[..., dn:]  # compressed: [B, T, r + dr]
+    latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
     # V2 rotates in float32 (complex arithmetic); V3 in the activation dtype. Identical in float32.
     rope_dtype = jnp.float32 if config.model_type == "deepseek_v2" else q.dtype
     cos, sin = rope_tables(config.rope, positions[None, :], rope_dtype)  # [1, T, dr]
-    fp8_blk = None if p.kv_b.scale is None else blk
-    selects = p.indexer is not None and kv_cache is not None and kv_cache.shape[1] > config.index_topk
-    if (impl == "pallas" and t == 1 and kv_cache is not None and not selects
-            and mla_decode.supported(n, dn, dr, dv, r, fp8_blk)):  # the latent norm, ropes and cache write too
-        out, new_kv = mla_decode.mla_decode(q[:, 0], compressed[:, 0], p.kv_a_norm, (cos[0, 0], sin[0, 0]), p.kv_b.w,
-                                            p.kv_b.scale, fp8_blk, kv_cache, positions[0],
-                                            softmax_scale=config.attn_scale, eps=LATENT_NORM_EPS,
-                                            interleaved=config.rope_interleave)
-        return out[:, None], new_kv, index_cache  # [B, 1, H, dv]
-    q_nope, q_pe = q[..., :dn], q[..., dn:]  # compressed: [B, T, r + dr]
-    latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
     q_pe = _rope(config, q_pe, cos, sin)
     k_pe = _rope(config, compressed[..., None, r:], cos, sin)[:, :, 0]  # [B, T, dr]
     if p.indexer is not None:
@@ -496,21 +487,27 @@ def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache
         length = new_kv.shape[1]
         visible = positions[None, :, None] >= jnp.arange(length, dtype=jnp.int32)[None, None, :]  # [1, T, S]
         new_index, top = index_cache, None
-        if selects:
+        if p.indexer is not None and length > config.index_topk:
             iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
             new_index = jax.lax.dynamic_update_slice(index_cache, ik.astype(index_cache.dtype), (0, pos, 0))
             top = mla.select_top(mla.index_scores(iq, new_index, hw, visible), config.index_topk)  # [B, T, K]
-        w_kv = weight(p.kv_b, blk, q.dtype).reshape(r, n, dn + dv)
-        q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
-        q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
-        if top is None:
-            o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
-        elif t == 1:  # decode: read only the selected tokens
-            o_lat = mla.attend_latent_selected(q_cat, new_kv, top, top <= positions[None, :, None],
-                                               config.attn_scale, r)
+        fp8_blk = None if p.kv_b.scale is None else blk
+        if impl == "pallas" and t == 1 and top is None and mla_decode.supported(n, dn, dr, dv, r, fp8_blk):
+            out = mla_decode.mla_decode(q_nope[:, 0], q_pe[:, 0], p.kv_b.w, p.kv_b.scale, fp8_blk, new_kv,
+                                        positions[0], softmax_scale=config.attn_scale)[:, None]  # [B, 1, H, dv]
         else:
-            o_lat = mla.attend_latent(q_cat, new_kv, visible & mla.selection_mask(top, length), config.attn_scale, r)
-        out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(q.dtype), w_kv[..., dn:])
+            w_kv = weight(p.kv_b, blk, q.dtype).reshape(r, n, dn + dv)
+            q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
+            q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
+            if top is None:
+                o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
+            elif t == 1:  # decode: read only the selected tokens
+                o_lat = mla.attend_latent_selected(q_cat, new_kv, top, top <= positions[None, :, None],
+                                                   config.attn_scale, r)
+            else:
+                o_lat = mla.attend_latent(q_cat, new_kv, visible & mla.selection_mask(top, length),
+                                          config.attn_scale, r)
+            out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(q.dtype), w_kv[..., dn:])
     return out, new_kv, new_index
 
 
