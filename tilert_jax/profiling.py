@@ -1,5 +1,5 @@
-"""Measuring on the GPU: kernel time from a jax.profiler trace (what scripts/gpu/profile_decode.py and
-tune_mla.py read) and the median wall time of a call (the microbenchmark scripts).
+"""Measuring on the GPU: kernel time from a jax.profiler trace (what scripts/gpu/profile_decode.py, tune_mla.py and
+tune_kernels.py read) and the median wall time of a call (the microbenchmark scripts).
 
 The Perfetto trace jax.profiler writes holds one complete ("X") event per kernel on each GPU stream; summing them by
 name gives device time per kernel, free of host dispatch (which a wall-clock timer of a short jitted call mostly
@@ -98,3 +98,12 @@ def trace_gpu_kernels(run: Callable[[], Any], steps: int, top: int = 30, out: st
     with gzip.open(trace_file, "rt") as f:
         trace = json.load(f)
     return {**summarize(gpu_kernel_events(trace), steps, top), "trace": str(trace_file)}
+
+
+def kernel_seconds(step: Callable[[], Any], calls: int = 5) -> float:
+    """Device seconds per call of `step()` (one jitted call, returning its outputs): the time some GPU kernel was
+    running over `calls` traced calls after a warm-up one. A short call's wall time is mostly the host's dispatch."""
+    jax.block_until_ready(step())
+    with tempfile.TemporaryDirectory(prefix="tilert_kernels_") as out:
+        summary = trace_gpu_kernels(lambda: [jax.block_until_ready(step()) for _ in range(calls)], calls, 1, out)
+    return summary["busy_us_per_step"] * 1e-6

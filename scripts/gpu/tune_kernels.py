@@ -5,7 +5,8 @@
 For each op of a preset's decode step (qkv, o, gate_up, down, lm_head; attention) it times a few block shapes, K
 splits, warp counts and pipeline depths, and XLA's own version of the same op, in one jitted function that applies
 the op R times to R weight copies (so L2 cannot serve the weights: a decode step never reads a weight twice).
-Time per op = the function's time / R, median of repeats, launch gaps included as in a real step. Every candidate
+Time per op = the function's kernel time from a profiler trace / R (a wall-clock timer of these short calls
+measures mostly the host's dispatch; an --interpret smoke run times wall clock). Every candidate
 is one JSON line in --log; the winners go to --out (kernels/tuning.py reads that format). Shapes are visited in
 order of their share of the step and the search stops at the time budget (later shapes keep the heuristic).
 """
@@ -16,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import time
 
@@ -28,7 +28,7 @@ from tilert_jax.kernels import tuning
 from tilert_jax.kernels.decode_attention import decode_attention, decode_attention_reference
 from tilert_jax.kernels.matvec import MatvecConfig, fused_matvec
 from tilert_jax.kernels.rms_norm import rms_norm_reference
-from tilert_jax.profiling import median_seconds
+from tilert_jax.profiling import kernel_seconds, median_seconds
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 L2_BYTES = 60 << 20
@@ -120,7 +120,12 @@ def measure(shape: Shape, cfg: MatvecConfig | None, data) -> float:
     def run(x, parts, nw, r, copies):
         return [fn(x, parts, nw, r, *ws) for ws in copies]
 
-    return median_seconds(run, x, parts, nw, r, copies, warm_s=0.05) / rounds
+    return device_seconds(lambda: run(x, parts, nw, r, copies)) / rounds
+
+
+def device_seconds(step) -> float:
+    """Kernel seconds per call of step() on a GPU; wall seconds in an --interpret (CPU) run."""
+    return median_seconds(step) if INTERPRET else kernel_seconds(step)
 
 
 def make_data(shape: Shape, key):
@@ -255,17 +260,14 @@ def tune_attention(config, batch, max_len, pos, deadline, log) -> dict | None:
                 new.append((kc, vc))
             return outs, new
 
-        caches = [(rand(keys[1], (batch, kvh, max_len, d), scale=1.0), rand(keys[2], (batch, kvh, max_len, d),
-                   scale=1.0)) for _ in range(layers)]
-        outs, caches = run(qkv, caches)
-        jax.block_until_ready(outs)
-        times = []
-        for _ in range(7):
-            start = time.perf_counter()
-            outs, caches = run(qkv, caches)
-            jax.block_until_ready(outs)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) / layers
+        state = {"caches": [(rand(keys[1], (batch, kvh, max_len, d), scale=1.0),
+                             rand(keys[2], (batch, kvh, max_len, d), scale=1.0)) for _ in range(layers)]}
+
+        def step():  # the caches are donated: each call takes the previous call's
+            outs, state["caches"] = run(qkv, state["caches"])
+            return outs
+
+        return device_seconds(step) / layers
 
     kw = dict(num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, qk_norm=None)
     p = jnp.int32(pos)
