@@ -12,7 +12,9 @@ narrow output splits K into float32 partial sums so that the grid fills the GPU 
 of 2**31 elements or more are read as uint16 pairs (see `grouped_matvecs`, which also runs several products in one
 launch).
 
-A product's x rows may serve several groups (a token's routed experts read its one row). A split launch may leave
+A group whose id is negative reads nothing and yields zeros: under expert parallelism the pairs routed to another
+device's experts cost no weight bytes here. A product's x rows may serve several groups (a token's routed experts
+read its one row). A split launch may leave
 its float32 partial sums to the consumer (`finish=False`: o_proj and the experts' down projection leave them pending
 on the residual stream, kernels/stream_norm.py), and the routed experts' down projection weighs each group's output
 by its routing weight (`Product.group_weights`), so those outputs are partial sums of the stream too. (Forming an x
@@ -78,7 +80,7 @@ def _split_for(k_dim: int, bk: int, split: int) -> int:
 def grouped_matvec_reference(
     x: jax.Array,  # [G, B, K]
     w: jax.Array,  # [E, K, N] (float8_e4m3fn with scale)
-    ids: jax.Array,  # [G] int32: the expert of each group
+    ids: jax.Array,  # [G] int32: the expert of each group (negative: none, the group's output is zero)
     *,
     scale: jax.Array | None = None,  # [E, ceil(K / block_in), ceil(N / block_out)] float32
     block: tuple[int, int] | None = None,  # (block_out, block_in)
@@ -87,10 +89,13 @@ def grouped_matvec_reference(
     group_weights: jax.Array | None = None,  # [G] float32: the float32 product times each group's weight
     out_dtype=None,
 ) -> jax.Array:  # [G, B, N]
+    some = jnp.maximum(ids, 0)
+
     def product(weight, s):  # float32
-        sel = weight[ids]
-        sel = sel.astype(x.dtype) if s is None else fp8_matmul.dequantize(sel, s[ids], block, x.dtype)
-        return jnp.einsum("gbk,gkn->gbn", x, sel, preferred_element_type=f32)
+        sel = weight[some]
+        sel = sel.astype(x.dtype) if s is None else fp8_matmul.dequantize(sel, s[some], block, x.dtype)
+        y = jnp.einsum("gbk,gkn->gbn", x, sel, preferred_element_type=f32)
+        return jnp.where((ids >= 0)[:, None, None], y, 0.0)
 
     y = product(w, scale)
     if group_weights is not None:
@@ -153,7 +158,7 @@ class Product:
     """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]])."""
     x: jax.Array  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
     w: jax.Array  # [E, K, N] (float8_e4m3fn with scale)
-    ids: jax.Array  # [G] int32: the expert of each group
+    ids: jax.Array  # [G] int32: the expert of each group (negative: none, zeros)
     scale: jax.Array | None = None  # [E, ceil(K / block_in), ceil(N / block_out)] float32
     w2: jax.Array | None = None  # [E, K, N], with scale2 exactly when w has a scale
     scale2: jax.Array | None = None
@@ -248,7 +253,9 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
                      for acc, (wr, sr) in zip(accs, weights))
 
     zeros = tuple(jnp.zeros((rows, width), f32) for _ in range(phases))
-    accs = lax.fori_loop(0, plan.k_dim // split // bk, body, (zeros, zeros) if plan.swiglu else (zeros,))
+    init = (zeros, zeros) if plan.swiglu else (zeros,)
+    accs = lax.cond(e >= 0, lambda: lax.fori_loop(0, plan.k_dim // split // bk, body, init),
+                    lambda: init)  # a group without an expert reads nothing
     if plan.weighted:
         accs = (tuple(a * gw_ref[g] for a in accs[0]),)
 

@@ -99,17 +99,17 @@ def test_group_limited_greedy_masks_other_groups():
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8_swiglu", "fp8_packed", "fp8_swiglu_packed"])
 def test_grouped_matvec_kernel_matches_reference(kind, split):
     """The Pallas kernel (interpret mode on the CPU) against its jnp reference, in float32 so the two orders of
-    rounding agree closely: groups pick experts out of order and twice, partial scale blocks included, the K
-    dimension whole or split three ways into partial sums, and FP8 read directly or as uint16 pairs (the way
-    stacks of 2**31 elements or more are read)."""
+    rounding agree closely: groups pick experts out of order and twice (and one group none: zeros, as a pair routed
+    to another device's experts), partial scale blocks included, the K dimension whole or split three ways into
+    partial sums, and FP8 read directly or as uint16 pairs (the way stacks of 2**31 elements or more are read)."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
     keys = jax.random.split(jax.random.key(7), 4)
     e, k, n = 5, 96, 64 if "packed" in kind else 48
     w = jax.random.normal(keys[0], (e, k, n)) * 0.2
     w2 = jax.random.normal(keys[1], (e, k, n)) * 0.2
-    x = jax.random.normal(keys[2], (3, 2, k))
-    ids = jnp.array([3, 0, 3], jnp.int32)
+    x = jax.random.normal(keys[2], (4, 2, k))
+    ids = jnp.array([3, -1, 0, 3], jnp.int32)
     args = dict(w=w)
     if kind != "bf16":
         block = (32, 32)
@@ -122,6 +122,7 @@ def test_grouped_matvec_kernel_matches_reference(kind, split):
     out = gm.grouped_matvec(x, ids=ids, interpret=True, config=config, packed="packed" in kind, **args)
     ref = gm.grouped_matvec_reference(x, ids=ids, **args)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(out[1]))
 
 
 @pytest.mark.parametrize("split", [None, 2])

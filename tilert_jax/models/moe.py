@@ -180,13 +180,14 @@ def experts_pallas(x: jnp.ndarray,  # [N, hidden]
         return None
     if shared is not None and any(lin.b is not None for lin in shared):
         return None
-    y, shared_y = expert_launches(x, index.reshape(n * k), routed, shared, block)  # [N * k, 1, hidden], [1, N, h]
+    ids = jnp.where(weights != 0, index, -1).reshape(n * k)  # a pair of another expert shard (ep) reads nothing
+    y, shared_y = expert_launches(x, ids, routed, shared, block)  # [N * k, 1, hidden], [1, N, hidden]
     routed_out = jnp.einsum("nkh,nk->nh", y.reshape(n, k, h).astype(jnp.float32), weights)
     return routed_out, (None if shared_y is None else shared_y[0])
 
 
 def expert_launches(x: jnp.ndarray,  # [N, hidden]
-                    ids: jnp.ndarray,  # [N * k] int32: pair i is token i // k
+                    ids: jnp.ndarray,  # [N * k] int32: pair i is token i // k (negative: skipped, zeros)
                     routed: tuple[Linear, Linear, Linear],
                     shared: tuple[Linear, Linear, Linear] | None,
                     block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True):
@@ -231,7 +232,7 @@ def local_experts(index: jnp.ndarray,  # [N, k] int32 global expert ids
                   weights: jnp.ndarray,  # [N, k] float32
                   num_local: int, shard: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The pairs in terms of the experts shard `shard` holds (ids shard * num_local ...): a pair routed elsewhere
-    keeps a valid local id and a zero weight, so it adds nothing."""
+    keeps a valid local id and a zero weight, so it adds nothing (and the grouped kernel skips it)."""
     local = index - shard * num_local
     mine = (local >= 0) & (local < num_local)
     return jnp.where(mine, local, 0).astype(jnp.int32), jnp.where(mine, weights, 0.0)
