@@ -14,12 +14,12 @@ launch).
 
 A group whose id is negative reads nothing and yields zeros: under expert parallelism the pairs routed to another
 device's experts cost no weight bytes here. A product's x rows may serve several groups (a token's routed experts
-read its one row). A split launch may leave
-its float32 partial sums to the consumer (`finish=False`: o_proj and the experts' down projection leave them pending
-on the residual stream, kernels/stream_norm.py), and the routed experts' down projection weighs each group's output
-by its routing weight (`Product.group_weights`), so those outputs are partial sums of the stream too. (Forming an x
-tile from partial sums in the prologue, e.g. the SwiGLU of a split gate/up, was measured slower: Triton pipelines
-only the loads that feed a dot directly, so every other load costs a memory round trip per loop step.)
+read its one row). A split launch may leave its float32 partial sums to the consumer (`finish=False`: o_proj and the
+experts' down projection leave them pending on the residual stream, kernels/stream_norm.py), and the routed
+experts' down projection weighs each group's output by its routing weight (`Product.group_weights`), so those
+outputs are partial sums of the stream too. (Forming an x tile from partial sums in the prologue, e.g. the SwiGLU
+of a split gate/up, was measured slower: Triton pipelines only the loads that feed a dot directly, so every other
+load costs a memory round trip per loop step.)
 
 Lowering: Triton, for the reasons given in matvec.py (one to sixteen rows, a memory-bound stream of tiles).
 """
