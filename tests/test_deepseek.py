@@ -257,11 +257,12 @@ def test_tensor_parallel_mesh_matches_transformers(ds_checkpoint):
 
 
 @pytest.mark.parametrize("name,fmt,fused", [("v3", "fp8", False), ("v2_lite_tiled", "float32", True),
-                                            ("v3_tiled", "fp8", True)])
+                                            ("v3_tiled", "fp8", True), ("v32", "fp8", False)])
 def test_pallas_decode_matches_transformers(ds_checkpoint, name, fmt, fused):
     """impl="pallas": decode's FP8 Linears, router and routed experts run the grouped matvec kernel and attention
     the MLA decode kernels (interpreted on the CPU), reading experts and kv_b in place and dequantizing tiles in the
-    kernel; greedy tokens stay transformers'. Where every weight tiles (fused), the step chains its launches
+    kernel; V3.2's indexer scores the cache in its kernel before the top-k selection; greedy tokens stay
+    transformers'. Where every weight tiles (fused), the step chains its launches
     (models/deepseek_decode.py: pending sums, norms and the SwiGLU in the next launch's prologue, V2's router kernel)
     and its logits equal the XLA path's within float32 rounding (1e-5 of their scale)."""
     from tilert_jax.models import deepseek_decode

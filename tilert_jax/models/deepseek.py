@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tilert_jax import config as config_lib
-from tilert_jax.kernels import mla_decode, ops
+from tilert_jax.kernels import index_scores, mla_decode, ops
 from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, linears, swiglu, weight
 from tilert_jax.params import ParamSpec
@@ -490,7 +490,11 @@ def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache
         if p.indexer is not None and length > config.index_topk:
             iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
             new_index = jax.lax.dynamic_update_slice(index_cache, ik.astype(index_cache.dtype), (0, pos, 0))
-            top = mla.select_top(mla.index_scores(iq, new_index, hw, visible), config.index_topk)  # [B, T, K]
+            if impl == "pallas" and t == 1 and index_scores.supported(length, config.index_head_dim):
+                scores = index_scores.index_scores(iq[:, 0], new_index, hw[:, 0], positions[0])[:, None]  # [B, 1, S]
+            else:
+                scores = mla.index_scores(iq, new_index, hw, visible)
+            top = mla.select_top(scores, config.index_topk)  # [B, T, K]
         fp8_blk = None if p.kv_b.scale is None else blk
         if impl == "pallas" and t == 1 and top is None and mla_decode.supported(n, dn, dr, dv, r, fp8_blk):
             out = mla_decode.mla_decode(q_nope[:, 0], q_pe[:, 0], p.kv_b.w, p.kv_b.scale, fp8_blk, new_kv,
