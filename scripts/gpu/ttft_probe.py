@@ -1,6 +1,10 @@
 """Where time to first token goes beside the GPU's work: host dispatch, the GPU's own time per prefill
-(back-to-back calls), and the host-to-host latency, for the engine's prefill with and without XLA's dot merger."""
+(back-to-back calls) and the host-to-host latency, for the engine's prefill with and without XLA's dot merger.
 
+    python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024]
+"""
+
+import argparse
 import statistics
 import sys
 import time
@@ -17,45 +21,46 @@ from tilert_jax.sampling import SamplingParams
 
 
 def probe(name, fn, args, reps=10):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    disp, total = [], []
+    """Prints the median dispatch time (until the call returns), the median host-to-host time (until its outputs
+    are ready) and the time per call of `reps` calls enqueued back to back (the GPU's own pace)."""
+    jax.block_until_ready(fn(*args))
+    dispatch, total = [], []
     for _ in range(reps):
         start = time.perf_counter()
         out = fn(*args)
-        ret = time.perf_counter()
+        returned = time.perf_counter()
         jax.block_until_ready(out)
-        end = time.perf_counter()
-        disp.append(ret - start)
-        total.append(end - start)
+        dispatch.append(returned - start)
+        total.append(time.perf_counter() - start)
         del out
     start = time.perf_counter()
-    outs = [fn(*args) for _ in range(reps)]
-    jax.block_until_ready(outs)
+    jax.block_until_ready([fn(*args) for _ in range(reps)])
     pipelined = (time.perf_counter() - start) / reps
-    print(f"{name:34s} dispatch {1e3 * statistics.median(disp):7.3f} ms  host-to-host {1e3 * statistics.median(total):7.3f}"
-          f" ms  back-to-back {1e3 * pipelined:7.3f} ms/call", flush=True)
+    print(f"{name:34s} dispatch {1e3 * statistics.median(dispatch):7.3f} ms  host-to-host "
+          f"{1e3 * statistics.median(total):7.3f} ms  back-to-back {1e3 * pipelined:7.3f} ms/call", flush=True)
 
 
-def main(preset="llama-3.2-1b", impl="pallas", prompt_len=1024):
-    config = bench_config(preset, 0, -1)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="llama-3.2-1b")
+    parser.add_argument("--impl", default="pallas")
+    parser.add_argument("--prompt-len", type=int, default=1024)
+    args = parser.parse_args(argv)
+    config = bench_config(args.preset, 0, -1)
     params = init_params(family(config).param_specs(config), jax.random.key(0), jnp.bfloat16)
-    dec = Decoder(config, impl)
-    padded = _round_up(prompt_len, PROMPT_BUCKET)
-    max_len = _round_up(prompt_len + 128, CACHE_BUCKET)
+    dec = Decoder(config, args.impl)
+    padded = _round_up(args.prompt_len, PROMPT_BUCKET)
+    max_len = _round_up(args.prompt_len + 128, CACHE_BUCKET)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (1, padded)), jnp.int32)
-    key, last = jax.random.key(0), jnp.int32(prompt_len - 1)
-    args = (params, tokens, last, key)
-    fn = dec._prefill_fn(SamplingParams(), max_len)
-    probe("prefill (no dot merger)", fn.lower(*args).compile(), args)
-    merged = jax.jit(fn.__wrapped__)
-    probe("prefill (dot merger)", merged.lower(*args).compile(), args)
-    probe("prefill (no merger, plain jit)", fn, args)
-    touch = jax.jit(lambda p, t, l, k: p.embed[0, 0] + t[0, 0])
-    probe("trivial jit on the same arguments", touch.lower(*args).compile(), args)
-    one = jax.jit(lambda t: t[0, 0] + 1)
-    probe("trivial jit on one array", one, (tokens,))
+    key, last = jax.random.key(0), jnp.int32(args.prompt_len - 1)
+    inputs = (params, tokens, last, key)
+    fn = dec._prefill_fn(SamplingParams(), max_len)  # the engine's prefill, jitted without the dot merger
+    probe("prefill (no dot merger)", fn.lower(*inputs).compile(), inputs)
+    probe("prefill (dot merger)", jax.jit(fn.__wrapped__).lower(*inputs).compile(), inputs)
+    probe("trivial program, same arguments", jax.jit(lambda p, t, l, k: p.embed[0, 0] + t[0, 0]), inputs)
+    probe("trivial program, one array", jax.jit(lambda t: t[0, 0] + 1), (tokens,))
+    return 0
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    sys.exit(main())
