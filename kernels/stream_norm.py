@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tilert_jax.kernels.common import interpret_default, norm_chunk, rms_apply, stream_rows, triton_params
+from tilert_jax.kernels.common import (interpret_default, norm_chunk, rms_apply, rms_inverse, stream_rows,
+                                       triton_params)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 
 f32 = jnp.float32
@@ -52,8 +53,7 @@ def _kernel(x_ref, *refs, n_parts, k_dim, dtype, eps):
     t = pl.program_id(0)
     chunk = norm_chunk(k_dim, 1)
     pieces = [stream_rows(x_ref, part_refs, t, 1, 1, k0, chunk, dtype) for k0 in range(0, k_dim, chunk)]
-    ss = sum(jnp.sum(xm * xm, axis=1, keepdims=True) for xm in pieces)
-    rinv = 1.0 / jnp.sqrt(ss / k_dim + eps)  # [1, 1]
+    rinv = rms_inverse(lambda k0, size: pieces[k0 // chunk], k_dim, chunk, eps)  # [1, 1]: the pieces read once
     for k0, xm in zip(range(0, k_dim, chunk), pieces):
         plt.store(xo_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)], xm.astype(dtype))
         plt.store(h_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)],

@@ -53,7 +53,7 @@ from tilert_jax.config import PRESETS, preset
 from tilert_jax.sharding import make_mesh, param_shardings
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
-from tilert_jax.models.dense import pallas_ops
+from tilert_jax.models.dense import PALLAS_OPS_ENV, pallas_ops
 from tilert_jax.params import init_params
 from tilert_jax.sampling import SamplingParams
 
@@ -169,16 +169,16 @@ def logits_check(config, params, cache, token, pos, impl: str, env: dict) -> dic
 
 def bench_one(config, params, impl_text: str, batch: int, args, env: dict) -> dict:
     impl, only = _parse_impl(impl_text)
-    saved = os.environ.get("TILERT_PALLAS_OPS")
+    saved = os.environ.get(PALLAS_OPS_ENV)
     if only:
-        os.environ["TILERT_PALLAS_OPS"] = only
+        os.environ[PALLAS_OPS_ENV] = only
     try:
         return _bench_one(config, params, impl, impl_text, batch, args, env, check=impl != "xla" and not only)
     finally:
         if saved is None:
-            os.environ.pop("TILERT_PALLAS_OPS", None)
+            os.environ.pop(PALLAS_OPS_ENV, None)
         else:
-            os.environ["TILERT_PALLAS_OPS"] = saved
+            os.environ[PALLAS_OPS_ENV] = saved
 
 
 def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env: dict, check: bool) -> dict:

@@ -222,6 +222,7 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 
 
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head")
+PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the fused-decode ops that run in Pallas (see `pallas_ops`)
 # The ops the fused decode runs in Pallas by default: those measured faster end to end than their XLA versions on
 # the H200 (docs/PERF.md). The fused Q/K/V projection and the attention kernel win at every size measured; the
 # output and down projections (split-K) win where the hidden size is small (2048: XLA's own product of that width
@@ -235,7 +236,7 @@ def pallas_ops(config: DenseConfig | None = None) -> tuple[str, ...]:
     """The fused-decode ops in Pallas: $TILERT_PALLAS_OPS (comma-separated FUSED_OPS names, or "all"; read at
     trace time), else the measured default for this config. The others run their XLA reference; the bench uses
     the variable to show each kernel's share."""
-    only = os.environ.get("TILERT_PALLAS_OPS")
+    only = os.environ.get(PALLAS_OPS_ENV)
     if only:
         return FUSED_OPS if only == "all" else tuple(op for op in FUSED_OPS if op in only.split(","))
     narrow = config is not None and config.hidden_size <= NARROW_HIDDEN
@@ -330,7 +331,7 @@ def _fused_decode_chosen(config: DenseConfig, params: DenseParams) -> bool:
     when $TILERT_PALLAS_OPS names its ops: at tp=4 on llama-3.1-8b it measured 5% slower than the XLA step there
     (its compute 7% faster, its reductions between Pallas kernels 25% dearer; docs/PERF.md, session 6)."""
     sharded = params.layers[0].attn.wq.shape[1] != config.num_heads
-    return not sharded or bool(os.environ.get("TILERT_PALLAS_OPS"))
+    return not sharded or bool(os.environ.get(PALLAS_OPS_ENV))
 
 
 def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl: str = "xla",
