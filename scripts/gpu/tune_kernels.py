@@ -167,6 +167,9 @@ def candidates(shape: Shape) -> list[MatvecConfig]:
     out.sort(key=lambda t: t[0])
     seeds = [tuning.matvec_config(shape.op, shape.batch, shape.k, shape.ns),  # the committed table's entry
              tuning.heuristic_matvec(shape.op, shape.batch, shape.k, shape.ns)]
+    if shape.op == "gate_up":  # one K step: the weight tiles are requested before the (normed) input is formed
+        seeds += [MatvecConfig(bn=bn, bk=shape.k, num_warps=w, num_stages=1) for bn in (16, 32) for w in (4, 8)
+                  if 4 * shape.k * bn <= 131072 and not any(n % bn for n in shape.ns)]
     if shape.batch == 1:  # multiply-adds in registers (no tensor-core dot) won several shapes before
         for cfg in list(seeds):
             bk = cfg.bk
@@ -177,7 +180,7 @@ def candidates(shape: Shape) -> list[MatvecConfig]:
     for cfg in seeds + [c for _, c in out]:
         if cfg not in picked:
             picked.append(cfg)
-    return picked[:9]
+    return picked[:13]
 
 
 def refine(shape: Shape, best: list[MatvecConfig]) -> list[MatvecConfig]:
