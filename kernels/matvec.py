@@ -71,7 +71,6 @@ def combine_reference(x: jax.Array, x_parts: jax.Array | None) -> jax.Array:
 
 def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps, swiglu, residual, transposed,
             out_dtype, in_dtype, interpret):
-    bn, bk, splits = cfg.bn, cfg.bk, cfg.split
     it = iter(refs)
     x_ref = next(it)  # [B, K]
     xp_ref = next(it) if n_parts else None  # [S_in, B, K] float32
@@ -80,13 +79,33 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
     r_ref = next(it) if residual else None  # [B, N]
     o_ref = next(it)  # [B, N] (split == 1) or [split, B, N] float32
     xo_ref = next(it) if n_parts else None  # [B, K]: the combined stream x + sum(x_parts)
+    j, s = pl.program_id(0), pl.program_id(1)
+    matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, batch=batch, k_dim=k_dim, ns=ns, cfg=cfg,
+                rows=rows, eps=eps, swiglu=swiglu, transposed=transposed, out_dtype=out_dtype, in_dtype=in_dtype,
+                interpret=interpret)
+    if n_parts:
+        prow = 1 if batch == 1 else rows
+        chunk = norm_chunk(k_dim, prow)
 
-    j = pl.program_id(0)
-    s = pl.program_id(1)
+        @pl.when((j == 0) & (s == 0))
+        def _():
+            for i in range(k_dim // chunk):
+                xm = stream_rows(x_ref, (xp_ref,), 0, prow, batch, i * chunk, chunk, in_dtype).astype(in_dtype)
+                store_rows(xo_ref.at[pl.ds(0, prow), pl.ds(i * chunk, chunk)], xm, batch)
+
+
+def matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, *, batch, k_dim, ns, cfg: MatvecConfig, rows, eps,
+                swiglu, transposed, out_dtype, in_dtype, interpret):
+    """Output column block j (of every weight side by side; gate and up together with swiglu), K split s: the body of
+    one program of `fused_matvec`, also run as a tile of a phased kernel (mlp_block.py). Refs as in `_kernel`; an
+    absent one is None (xp_ref: no pending sums, nw_ref: no norm, r_ref: no residual); a 3-D o_ref takes float32
+    partial sums (any split)."""
+    bn, bk, splits = cfg.bn, cfg.bk, cfg.split
+    norm, residual = nw_ref is not None, r_ref is not None
     evict = "evict_first" if cfg.evict_first else None
     prow = 1 if batch == 1 else rows  # rows the input is read with: batch 1 reads one row and broadcasts it
     chunk = norm_chunk(k_dim, prow)
-    part_refs = (xp_ref,) if n_parts else ()
+    part_refs = (xp_ref,) if xp_ref is not None else ()
 
     def load_x(k0, size):  # float32 [prow, size]: the (combined) input, rows >= B read as 0
         return stream_rows(x_ref, part_refs, 0, prow, batch, k0, size, in_dtype)
@@ -127,7 +146,7 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
     steps = k_per_split // bk
 
     def epilogue(accs, col0):
-        if splits > 1:
+        if len(o_ref.shape) == 3:  # float32 partial sums [split, B, N]
             store_rows(o_ref.at[s, pl.ds(0, rows), pl.ds(col0, bn)], accs[0], batch)
             return
         if swiglu:
@@ -177,13 +196,6 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
                 run([w_refs[i]], pl.multiple_of((j - start) * bn, bn), pl.multiple_of(j * bn, bn))
 
             start += blocks
-
-    if n_parts:
-        @pl.when((j == 0) & (s == 0))
-        def _():
-            for i in range(k_dim // chunk):
-                xm = load_x(i * chunk, chunk).astype(in_dtype)
-                store_rows(xo_ref.at[pl.ds(0, prow), pl.ds(i * chunk, chunk)], xm, batch)
 
 
 def fused_matvec(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from tilert_jax.kernels import decode_attention as _da
 from tilert_jax.kernels import matvec as _mv
 from tilert_jax.kernels import matvec_residual as _mr
+from tilert_jax.kernels import mlp_block as _mb
 from tilert_jax.kernels import norm_matvec as _nm
 from tilert_jax.kernels import swiglu_matvec as _sw
 from tilert_jax.kernels.attention import attention_reference, self_attention_fused, self_attention_reference
@@ -75,6 +76,16 @@ def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=Non
     if implementation == "pallas":
         return _sw.swiglu_matvec(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts, config=config)
     return _sw.swiglu_matvec_reference(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts)
+
+
+def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, configs=None, implementation="xla"):
+    """The dense MLP on rms_norm(x [+ x_parts]) -> (float32 partial sums [S, B, H] of its output, x_new [B, H]);
+    "pallas" runs it as one phased launch (configs: the (gate/up, down) tile configs)."""
+    _check(implementation)
+    if implementation == "pallas":
+        gate_up, down = configs or (None, None)
+        return _mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up, down=down)
+    return _mb.mlp_block_reference(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts)
 
 
 def matvec_residual(x, w, residual, *, config=None, implementation="xla"):

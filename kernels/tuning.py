@@ -7,6 +7,7 @@ Keys: "<op>:B<batch>:K<k>:N<n>" for the matrix-vector ops (op: qkv, o, gate_up, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -73,6 +74,34 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
         if all(_divides(n, cfg.bn) for n in ns) and k % (cfg.split * cfg.bk) == 0:
             return cfg
     return heuristic_matvec(op, batch, k, ns)
+
+
+def _balanced(cfg: MatvecConfig, n: int, programs: int) -> MatvecConfig:
+    """cfg as a phased kernel's tile ("dot" mode): the widest bn <= cfg.bn whose tile count is a multiple of the
+    program count (else cfg.bn), bk grown to keep the tile's bytes."""
+    bn = cfg.bn
+    while bn > 16 and (n // bn * cfg.split) % programs:
+        bn //= 2
+    if (n // bn * cfg.split) % programs:
+        bn = cfg.bn
+    return dataclasses.replace(cfg, mode="dot", bn=bn, bk=cfg.bk * cfg.bn // bn)
+
+
+def mlp_block_configs(batch: int, hidden: int, ffn: int, programs: int) -> tuple[MatvecConfig, MatvecConfig]:
+    """(gate/up, down) tile configs of kernels/mlp_block.py: table entries "mlp_gate_up:..." and "mlp_down:..."
+    when measured, else the standalone ops' configs balanced over the programs."""
+    out = []
+    for op, k, ns in (("gate_up", hidden, (ffn, ffn)), ("down", ffn, (hidden,))):
+        entry = _table().get(matvec_key("mlp_" + op, batch, k, ns[0]))
+        if entry is not None:
+            out.append(MatvecConfig(**entry))
+            continue
+        cfg = matvec_config(op, batch, k, ns)
+        cfg = _balanced(cfg, ns[0], programs)
+        while k % (cfg.split * cfg.bk):
+            cfg = dataclasses.replace(cfg, bk=cfg.bk // 2)
+        out.append(cfg)
+    return out[0], out[1]
 
 
 def attention_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> dict:

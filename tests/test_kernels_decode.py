@@ -31,9 +31,10 @@ def _configs():
     return {"qwen3-tied": (qwen3, 2), "qwen2-bias": (qwen2, 1)}  # the plain llama path runs in test_bench.py
 
 
+@pytest.mark.parametrize("ops", ["all", "qkv,attention,o,gate_up,down,lm_head"])  # MLP as one phased launch, or two
 @pytest.mark.parametrize("name", sorted(_configs()))
-def test_fused_decode_matches_xla(name, monkeypatch):
-    monkeypatch.setenv("TILERT_PALLAS_OPS", "all")
+def test_fused_decode_matches_xla(name, ops, monkeypatch):
+    monkeypatch.setenv("TILERT_PALLAS_OPS", ops)
     config, batch = _configs()[name]
     config = dataclasses.replace(config, num_layers=2)
     if name == "qwen3-tied":  # split-K everywhere it is allowed: partial sums flow between the kernels

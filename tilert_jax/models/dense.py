@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
 from tilert_jax.kernels import ops, tuning
+from tilert_jax.kernels.grid_sync import RESIDENT_PROGRAMS
 from tilert_jax.params import ParamSpec, param_bytes
 from tilert_jax.rope import apply_rope, rope_tables
 from tilert_jax.sharding import collectives
@@ -221,7 +222,7 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
             and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
-FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head")
+FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp")  # mlp: gate_up + down in one launch
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the fused-decode ops that run in Pallas (see `pallas_ops`)
 # The ops the fused decode runs in Pallas by default: those measured faster end to end than their XLA versions on
 # the H200 (docs/PERF.md). The fused Q/K/V projection and the attention kernel win at every size measured; the
@@ -286,6 +287,8 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     attn_cfg = tuning.attention_config(batch, kvh, cache.max_len, d)
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
     mlp_cfg = tuning.matvec_config("gate_up", batch, h, (f, f))
+    mlp_block = impl == "pallas" and "mlp" in pallas_ops(config)  # gate/up and down as one phased launch
+    block_cfgs = tuning.mlp_block_configs(batch, h, f, RESIDENT_PROGRAMS) if mlp_block else None
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         a = layer.attn
@@ -304,6 +307,11 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         new_v.append(v)
         attn = attn.reshape(batch, n * d)
         x, parts = _project_residual(config, "o", attn, a.wo.reshape(n * d, h), x, a.bo, impl, tp_axis)
+        if mlp_block:
+            parts, x = ops.mlp_block(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up, layer.mlp.w_down,
+                                     x_parts=parts, configs=block_cfgs, implementation=impl)
+            parts = parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None]
+            continue
         mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
                                                x_parts=parts, config=mlp_cfg,
                                                implementation=_op_impl("gate_up", impl, config)), parts)
