@@ -98,8 +98,8 @@ def test_gpu_grid_barrier_orders_memory():
 def test_gpu_mlp_block_real_shapes(batch, hidden, ffn):
     x, nw, wg, wu, wd, x_parts = make(batch, hidden, ffn, BF16, 2)
     configs = tuning.mlp_block_configs(batch, hidden, ffn, grid_sync.RESIDENT_PROGRAMS)
-    out, x_new = jax.jit(lambda *a: mlp_block(*a[:6], x_parts=a[6], gate_up=configs[0], down=configs[1],
-                                              interpret=False))(x, nw, 1e-5, wg, wu, wd, x_parts)
+    out, x_new = jax.jit(lambda *a: mlp_block(a[0], a[1], 1e-5, *a[2:5], x_parts=a[5], gate_up=configs[0],
+                                              down=configs[1], interpret=False))(x, nw, wg, wu, wd, x_parts)
     up = [a.astype(F32) for a in (x, nw, wg, wu, wd)]
     with jax.default_matmul_precision("highest"):
         ref, ref_x = mlp_block_reference(up[0], up[1], 1e-5, *up[2:], x_parts=x_parts)
