@@ -167,7 +167,6 @@ def candidates(shape: Shape) -> list[MatvecConfig]:
     out.sort(key=lambda t: t[0])
     seeds = [tuning.matvec_config(shape.op, shape.batch, shape.k, shape.ns),  # the committed table's entry
              tuning.heuristic_matvec(shape.op, shape.batch, shape.k, shape.ns)]
-    seeds += wide_tiles(shape, allow_split)
     if shape.batch == 1:  # multiply-adds in registers (no tensor-core dot) won several shapes before
         for cfg in list(seeds):
             bk = cfg.bk
@@ -178,25 +177,7 @@ def candidates(shape: Shape) -> list[MatvecConfig]:
     for cfg in seeds + [c for _, c in out]:
         if cfg not in picked:
             picked.append(cfg)
-    return picked[:12]
-
-
-def wide_tiles(shape: Shape, allow_split: bool) -> list[MatvecConfig]:
-    """Tiles 256 to 1024 bytes wide (a few rows each, K split for enough programs): each weight row segment then
-    spans more of a DRAM page than the 64 to 128-byte segments of the narrow tiles. At most 8 K splits: the consumer
-    adds every split's partial sums."""
-    out = []
-    weights = 2 if shape.op == "gate_up" else 1
-    for bn in (128, 256, 512):
-        bk = 8192 // (bn * weights)
-        if bk < 16 or any(n % bn for n in shape.ns):
-            continue
-        split = 1
-        while allow_split and (shape.n_total // bn) * split < 132 and split < 8 and shape.k % (2 * split * bk) == 0:
-            split *= 2
-        if shape.k % (split * bk) == 0 and (shape.n_total // bn) * split >= 32:
-            out.append(MatvecConfig(bn=bn, bk=bk, split=split, num_stages=6))
-    return out
+    return picked[:9]
 
 
 def refine(shape: Shape, best: list[MatvecConfig]) -> list[MatvecConfig]:

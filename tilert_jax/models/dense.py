@@ -6,10 +6,12 @@ decode step, and per-layer parameters let each matmul read its weight in place.
 With impl="pallas", a decode step (one token per row, batch <= 16) is written as five fused ops per layer
 (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
 projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is a Pallas
-kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200). Under shard_map (when
-chosen: `_fused_decode_chosen`) the same ops run on the heads and MLP columns this device holds; the output and down
-projections then hand their float32 partial sums, reduced over the mesh, to the next fused op. Prefill
-and the whole-sequence forward stay on the XLA path (compute-bound matrix products). impl="xla" is the plain path.
+kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200); op "mlp" instead runs
+the gate/up and down projections as one phased launch (kernels/mlp_block.py; opt-in, measured slower). Under
+shard_map (when chosen: `_fused_decode_chosen`) the same ops run on the heads and MLP columns this device holds; the
+output and down projections then hand their float32 partial sums, reduced over the mesh, to the next fused op.
+Prefill and the whole-sequence forward stay on the XLA path (compute-bound matrix products). impl="xla" is the plain
+path.
 """
 
 from __future__ import annotations
