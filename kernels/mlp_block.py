@@ -37,8 +37,9 @@ def mlp_block_reference(
     x_parts: jax.Array | None = None,  # [S, B, H] float32 partial sums added to x first
 ):
     """-> (float32 [1, B, H]: the MLP's output, to add to the stream; x_new [B, H]: the combined stream)."""
-    mid = swiglu_matvec_reference(combine_reference(x, x_parts), norm_weight, eps, w_gate, w_up)  # [B, F]
-    return jnp.matmul(mid, w_down, preferred_element_type=f32)[None], combine_reference(x, x_parts)
+    xs = combine_reference(x, x_parts)
+    mid = swiglu_matvec_reference(xs, norm_weight, eps, w_gate, w_up)  # [B, F]
+    return jnp.matmul(mid, w_down, preferred_element_type=f32)[None], xs
 
 
 def _tiles(phase_tiles: int, programs: int, run) -> None:

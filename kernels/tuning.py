@@ -1,8 +1,9 @@
 """Kernel configurations per shape: measured entries first (kernels/tuning.json, written from the GPU tuning run
 scripts/gpu/tune_kernels.py; a file named by $TILERT_TUNING overrides it), a heuristic otherwise.
 
-Keys: "<op>:B<batch>:K<k>:N<n>" for the matrix-vector ops (op: qkv, o, gate_up, down, lm_head, lm_head_t) and
-"attention:B<batch>:H<kv heads>:L<max_len>:D<head_dim>" for decode attention.
+Keys: "<op>:B<batch>:K<k>:N<n>" for the matrix-vector ops (op: qkv, o, gate_up, down, lm_head, lm_head_t; and
+mlp_gate_up, mlp_down for the tiles of the phased MLP) and "attention:B<batch>:H<kv heads>:L<max_len>:D<head_dim>"
+for decode attention.
 """
 
 from __future__ import annotations
@@ -76,31 +77,14 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
     return heuristic_matvec(op, batch, k, ns)
 
 
-def _balanced(cfg: MatvecConfig, n: int, programs: int) -> MatvecConfig:
-    """cfg as a phased kernel's tile ("dot" mode): the widest bn <= cfg.bn whose tile count is a multiple of the
-    program count (else cfg.bn), bk grown to keep the tile's bytes."""
-    bn = cfg.bn
-    while bn > 16 and (n // bn * cfg.split) % programs:
-        bn //= 2
-    if (n // bn * cfg.split) % programs:
-        bn = cfg.bn
-    return dataclasses.replace(cfg, mode="dot", bn=bn, bk=cfg.bk * cfg.bn // bn)
-
-
-def mlp_block_configs(batch: int, hidden: int, ffn: int, programs: int) -> tuple[MatvecConfig, MatvecConfig]:
-    """(gate/up, down) tile configs of kernels/mlp_block.py: table entries "mlp_gate_up:..." and "mlp_down:..."
-    when measured, else the standalone ops' configs balanced over the programs."""
+def mlp_block_configs(batch: int, hidden: int, ffn: int) -> tuple[MatvecConfig, MatvecConfig]:
+    """(gate/up, down) tile configs of kernels/mlp_block.py: the table's "mlp_gate_up:..." and "mlp_down:..." entries
+    (measured with scripts/gpu/tune_mlp_block.py), else the standalone ops' configs in "dot" mode."""
     out = []
     for op, k, ns in (("gate_up", hidden, (ffn, ffn)), ("down", ffn, (hidden,))):
         entry = _table().get(matvec_key("mlp_" + op, batch, k, ns[0]))
-        if entry is not None:
-            out.append(MatvecConfig(**entry))
-            continue
-        cfg = matvec_config(op, batch, k, ns)
-        cfg = _balanced(cfg, ns[0], programs)
-        while k % (cfg.split * cfg.bk):
-            cfg = dataclasses.replace(cfg, bk=cfg.bk // 2)
-        out.append(cfg)
+        out.append(MatvecConfig(**entry) if entry is not None
+                   else dataclasses.replace(matvec_config(op, batch, k, ns), mode="dot"))
     return out[0], out[1]
 
 

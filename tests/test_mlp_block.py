@@ -97,7 +97,7 @@ def test_gpu_grid_barrier_orders_memory():
 @pytest.mark.parametrize("batch,hidden,ffn", [(1, 2048, 8192), (1, 4096, 14336), (4, 4096, 14336)])
 def test_gpu_mlp_block_real_shapes(batch, hidden, ffn):
     x, nw, wg, wu, wd, x_parts = make(batch, hidden, ffn, BF16, 2)
-    configs = tuning.mlp_block_configs(batch, hidden, ffn, grid_sync.RESIDENT_PROGRAMS)
+    configs = tuning.mlp_block_configs(batch, hidden, ffn)
     out, x_new = jax.jit(lambda *a: mlp_block(a[0], a[1], 1e-5, *a[2:5], x_parts=a[5], gate_up=configs[0],
                                               down=configs[1], interpret=False))(x, nw, wg, wu, wd, x_parts)
     up = [a.astype(F32) for a in (x, nw, wg, wu, wd)]

@@ -33,6 +33,7 @@ from tilert_jax.profiling import kernel_seconds, median_seconds
 BF16, F32 = jnp.bfloat16, jnp.float32
 L2_BYTES = 60 << 20
 INTERPRET = False  # --interpret: a CPU smoke run of this script
+K_CONTIGUOUS = False  # --k-contiguous: the projections measured with [N, K] weights
 
 
 def rand(key, shape, dtype=BF16, scale=0.02):
@@ -49,8 +50,12 @@ class Shape:
     parts_in: int = 0  # split of the producer whose partial sums this op adds
 
     @property
+    def kind(self):  # the op without the "_t" of a K-contiguous ([N, K]) weight layout
+        return self.op[:-2] if self.op.endswith("_t") else self.op
+
+    @property
     def n_total(self):
-        return self.ns[0] if self.op == "gate_up" else sum(self.ns)
+        return self.ns[0] if self.kind == "gate_up" else sum(self.ns)
 
     @property
     def weight_bytes(self):
@@ -62,28 +67,29 @@ class Shape:
 
 def op_fns(shape: Shape, cfg: MatvecConfig | None):
     """(pallas or xla) function of (x, parts, nw, r, *weights)."""
-    op, tr = shape.op, shape.transposed
+    op, tr = shape.kind, shape.transposed
 
     def pallas(x, parts, nw, r, *ws):
-        if op in ("qkv", "lm_head", "lm_head_t"):
+        if op in ("qkv", "lm_head"):
             return fused_matvec(x, ws, x_parts=parts, norm_weight=nw, eps=1e-5, transposed=tr,
-                                out_dtype=F32 if op.startswith("lm_head") else None, config=cfg, interpret=INTERPRET)
+                                out_dtype=F32 if op == "lm_head" else None, config=cfg, interpret=INTERPRET)
         if op == "gate_up":
-            return fused_matvec(x, ws, x_parts=parts, norm_weight=nw, eps=1e-5, swiglu=True, config=cfg,
-                                interpret=INTERPRET)
+            return fused_matvec(x, ws, x_parts=parts, norm_weight=nw, eps=1e-5, swiglu=True, transposed=tr,
+                                config=cfg, interpret=INTERPRET)
         if cfg.split > 1:
-            return fused_matvec(x, ws, config=cfg, interpret=INTERPRET)
-        return fused_matvec(x, ws, residual=r, config=cfg, interpret=INTERPRET)
+            return fused_matvec(x, ws, transposed=tr, config=cfg, interpret=INTERPRET)
+        return fused_matvec(x, ws, residual=r, transposed=tr, config=cfg, interpret=INTERPRET)
 
     def xla(x, parts, nw, r, *ws):
         if parts is not None:
             x = (x.astype(F32) + parts.sum(0)).astype(x.dtype)
-        if op in ("qkv", "lm_head", "lm_head_t", "gate_up"):
+        ws = [w.T if tr else w for w in ws]
+        if op in ("qkv", "lm_head", "gate_up"):
             h = rms_norm_reference(x, nw, 1e-5)
             if op == "gate_up":
                 return jax.nn.silu(h @ ws[0]) * (h @ ws[1])
-            if op.startswith("lm_head"):
-                return jnp.matmul(h, ws[0].T if tr else ws[0], preferred_element_type=F32)
+            if op == "lm_head":
+                return jnp.matmul(h, ws[0], preferred_element_type=F32)
             return [h @ w for w in ws]
         return r + x @ ws[0]
 
@@ -98,7 +104,7 @@ def _full(shape: Shape, out, r):
         out = jnp.concatenate(out, axis=-1)
     if out.ndim == 3:
         out = out.sum(0)
-        if shape.op in ("o", "down"):
+        if shape.kind in ("o", "down"):
             out = out + r.astype(F32)
     return out.astype(F32)
 
@@ -146,7 +152,7 @@ def make_data(shape: Shape, key):
 
 
 def candidates(shape: Shape) -> list[MatvecConfig]:
-    allow_split = shape.op in ("qkv", "o", "down")
+    allow_split = shape.kind in ("qkv", "o", "down")
     out = []
     for bn in (32, 64, 128, 256):
         if any(n % bn for n in shape.ns):
@@ -159,14 +165,14 @@ def candidates(shape: Shape) -> list[MatvecConfig]:
             for bk in (32, 64, 128, 256):
                 if shape.k % (split * bk) or shape.k // (split * bk) < 2:
                     continue
-                tile = bk * bn * 2 * (2 if shape.op == "gate_up" else 1)
+                tile = bk * bn * 2 * (2 if shape.kind == "gate_up" else 1)
                 if not 8192 <= tile <= 32768:  # 4 pipeline stages of it stay within 128 KB of shared memory
                     continue
                 score = abs(math.log2(programs / 528)) + abs(math.log2(tile / 16384))
                 out.append((score, MatvecConfig(bn=bn, bk=bk, split=split)))
     out.sort(key=lambda t: t[0])
-    seeds = [tuning.matvec_config(shape.op, shape.batch, shape.k, shape.ns),  # the committed table's entry
-             tuning.heuristic_matvec(shape.op, shape.batch, shape.k, shape.ns)]
+    seeds = [tuning.matvec_config(shape.kind, shape.batch, shape.k, shape.ns),  # the committed table's entry
+             tuning.heuristic_matvec(shape.kind, shape.batch, shape.k, shape.ns)]
     if shape.batch == 1:  # multiply-adds in registers (no tensor-core dot) won several shapes before
         for cfg in list(seeds):
             bk = cfg.bk
@@ -183,7 +189,7 @@ def candidates(shape: Shape) -> list[MatvecConfig]:
 def refine(shape: Shape, best: list[MatvecConfig]) -> list[MatvecConfig]:
     out = []
     for cfg in best[:2]:
-        tile = cfg.bk * cfg.bn * 2 * (2 if shape.op == "gate_up" else 1)
+        tile = cfg.bk * cfg.bn * 2 * (2 if shape.kind == "gate_up" else 1)
         out += [dataclasses.replace(cfg, num_warps=8), dataclasses.replace(cfg, num_stages=3)]
         if tile * 6 <= 160 * 1024:
             out.append(dataclasses.replace(cfg, num_stages=6))
@@ -308,6 +314,9 @@ def preset_shapes(name: str, batch: int, chosen: dict) -> list[Shape]:
         entry = chosen.get(tuning.matvec_key(op, batch, k, sum(ns)))
         return entry["split"] if entry else tuning.heuristic_matvec(op, batch, k, ns).split
 
+    if K_CONTIGUOUS:  # the projections with [N, K] weights (op names "<op>_t"): what a K-contiguous layout would give
+        return [Shape("gate_up_t", batch, h, (f, f), transposed=True), Shape("down_t", batch, f, (h,), transposed=True),
+                Shape("o_t", batch, n * d, (h,), transposed=True)]
     shapes = [Shape("down", batch, f, (h,)), Shape("o", batch, n * d, (h,))]
     down_split = lambda: split_of("down", f, (h,))  # noqa: E731
     o_split = lambda: split_of("o", n * d, (h,))  # noqa: E731
@@ -332,9 +341,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (a CPU smoke run)")
+    parser.add_argument("--k-contiguous", action="store_true",
+                        help="measure gate/up, down and o with [N, K] weights instead (keys gate_up_t, down_t, o_t)")
     args = parser.parse_args(argv)
-    global INTERPRET
-    INTERPRET = args.interpret
+    global INTERPRET, K_CONTIGUOUS
+    INTERPRET, K_CONTIGUOUS = args.interpret, args.k_contiguous
     deadline = time.time() + args.budget_s
     print(f"tuning on {jax.devices()[0].device_kind}, jax {jax.__version__}, budget {args.budget_s:.0f} s", flush=True)
     sink = open(args.log, "a")

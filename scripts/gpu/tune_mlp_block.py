@@ -6,7 +6,8 @@ as back-to-back calls (so launch gaps count, host dispatch overlaps), per MLP.
 
 Variants: "xla" (norm, gate/up, SwiGLU and down as XLA compiles them), "split" (the fused decode's default when the
 block is off: XLA's gate/up, the Pallas down projection), and the block with several tile configs and program
-counts. JSON lines on stdout; the best block config is printed as a tuning-table entry pair.
+counts. JSON lines on stdout, the fastest block variant last (kernels/tuning.json takes it as its "mlp_gate_up"
+and "mlp_down" entries).
 """
 
 import argparse

@@ -26,7 +26,6 @@ from jax.sharding import PartitionSpec
 from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
 from tilert_jax.kernels import ops, tuning
-from tilert_jax.kernels.grid_sync import RESIDENT_PROGRAMS
 from tilert_jax.params import ParamSpec, param_bytes
 from tilert_jax.rope import apply_rope, rope_tables
 from tilert_jax.sharding import collectives
@@ -290,7 +289,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
     mlp_cfg = tuning.matvec_config("gate_up", batch, h, (f, f))
     mlp_block = impl == "pallas" and "mlp" in pallas_ops(config)  # gate/up and down as one phased launch
-    block_cfgs = tuning.mlp_block_configs(batch, h, f, RESIDENT_PROGRAMS) if mlp_block else None
+    block_cfgs = tuning.mlp_block_configs(batch, h, f) if mlp_block else None
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         a = layer.attn
