@@ -50,18 +50,21 @@ def phased_call(
     num_warps: int = 4,
     num_stages: int = 4,
     name: str = "phased",
+    one_launch: bool = True,
     interpret: bool | None = None,
 ) -> list[jax.Array]:
     """Runs body's phases 0..num_phases-1 over `programs` programs, each phase after every program finished the
-    previous one. Every element of every output must be written by some phase (on a GPU they start undefined)."""
+    previous one. Every element of every output must be written by some phase (on a GPU they start undefined).
+    one_launch=False launches each phase separately (always so in interpret mode): what the barriers replace."""
     interpret = interpret_default() if interpret is None else interpret
     n_in, n_out = len(inputs), len(out_shape)
-    if interpret:
+    if interpret or not one_launch:
         outs = [jnp.zeros(s.shape, s.dtype) for s in out_shape]
         for phase in range(num_phases):
             outs = pl.pallas_call(
                 lambda *refs, phase=phase: body(phase, *refs[:n_in], *refs[n_in + n_out:]),
-                out_shape=out_shape, grid=(programs,), interpret=True, name=f"{name}_{phase}",
+                out_shape=out_shape, grid=(programs,), interpret=interpret, name=f"{name}_{phase}",
+                compiler_params=None if interpret else triton_params(num_warps, num_stages),
                 input_output_aliases={n_in + i: i for i in range(n_out)},
             )(*inputs, *outs)
         return list(outs)
@@ -81,3 +84,25 @@ def phased_call(
         compiler_params=triton_params(num_warps, num_stages), input_output_aliases={n_in: n_out},
     )(*inputs, count)
     return list(results[:n_out])
+
+
+def neighbour_exchange(phases: int, programs: int = RESIDENT_PROGRAMS, one_launch: bool = True,
+                       interpret: bool | None = None):
+    """A check of the barrier: each phase, program p writes p * 1000 + phase, then (from phase 1) reads what program
+    (p + 5) % programs wrote the phase before. -> (data, bad), int32 [phases, programs] each; bad counts values that
+    were not there yet (all zeros when every barrier held)."""
+    def body(phase, data_ref, bad_ref):
+        pid = pl.program_id(0)
+        other = (pid + 5) % programs
+        cell = (pl.ds(phase, 1), pl.ds(pid, 1))
+        plt.store(data_ref.at[cell], jnp.full((1, 1), pid * 1000 + phase, jnp.int32))
+        if phase:
+            seen = plt.load(data_ref.at[pl.ds(phase - 1, 1), pl.ds(other, 1)])
+            plt.store(bad_ref.at[cell], (seen != other * 1000 + phase - 1).astype(jnp.int32))
+        else:
+            plt.store(bad_ref.at[cell], jnp.zeros((1, 1), jnp.int32))
+
+    shapes = [jax.ShapeDtypeStruct((phases, programs), jnp.int32)] * 2
+    data, bad = phased_call(body, phases, [], shapes, programs=programs, name="neighbour_exchange",
+                            one_launch=one_launch, interpret=interpret)
+    return data, bad

@@ -58,37 +58,15 @@ def test_mlp_block_rejects_bad_shapes():
         mlp_block(x, nw, 1e-5, wg, wu, wd, gate_up=MatvecConfig(split=2), programs=8)
 
 
-def _neighbour_body(programs):
-    """Each phase: program p writes p * 1000 + phase, then (from phase 1) reads what p + 5 wrote the phase before."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-
-    def body(phase, data_ref, bad_ref):  # int32 [phases, programs] each
-        pid = pl.program_id(0)
-        cell = (pl.ds(phase, 1), pl.ds(pid, 1))
-        plt.store(data_ref.at[cell], jnp.full((1, 1), pid * 1000 + phase, jnp.int32))
-        seen = jnp.full((1, 1), (pid + 5) % programs * 1000 + phase - 1, jnp.int32)
-        if phase:
-            seen = plt.load(data_ref.at[pl.ds(phase - 1, 1), pl.ds((pid + 5) % programs, 1)])
-        plt.store(bad_ref.at[cell], (seen != (pid + 5) % programs * 1000 + phase - 1).astype(jnp.int32))
-    return body
-
-
-def _phased_neighbours(phases, programs, interpret=None):
-    shapes = [jax.ShapeDtypeStruct((phases, programs), jnp.int32)] * 2
-    return grid_sync.phased_call(_neighbour_body(programs), phases, [], shapes, programs=programs,
-                                 interpret=interpret)
-
-
 def test_phased_call_orders_phases_when_interpreted():
-    data, bad = _phased_neighbours(4, 8)
+    data, bad = grid_sync.neighbour_exchange(4, 8)
     assert int(jnp.sum(bad)) == 0
     np.testing.assert_array_equal(data, np.arange(8)[None] * 1000 + np.arange(4)[:, None])
 
 
 @pytest.mark.gpu
 def test_gpu_grid_barrier_orders_memory():
-    data, bad = jax.jit(lambda: _phased_neighbours(64, grid_sync.RESIDENT_PROGRAMS, interpret=False))()
+    data, bad = jax.jit(lambda: grid_sync.neighbour_exchange(64, interpret=False))()
     assert int(jnp.sum(bad)) == 0
     np.testing.assert_array_equal(data, np.arange(128)[None] * 1000 + np.arange(64)[:, None])
 

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 
 from tilert_jax.config import preset
 from tilert_jax.kernels import tuning
-from tilert_jax.kernels.matvec import MatvecConfig, fused_matvec
+from tilert_jax.kernels.matvec import MatvecConfig, combine_reference, fused_matvec
 from tilert_jax.kernels.mlp_block import mlp_block, mlp_block_reference
+from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -68,8 +69,6 @@ def main():
         return mlp_block_reference(x, nw, eps, wg, wu, wd, x_parts=parts)
 
     def split(x, parts, nw, wg, wu, wd):
-        from tilert_jax.kernels.matvec import combine_reference
-        from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
         xs = combine_reference(x, parts)
         mid = swiglu_matvec_reference(xs, nw, eps, wg, wu)
         cfg = down_std if down_std.split > 1 else MatvecConfig(bn=down_std.bn, bk=down_std.bk, split=2)
