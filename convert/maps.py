@@ -1,7 +1,8 @@
 """Explicit maps from Hugging Face tensor names to this engine's parameter paths, one per model family.
 
 Each entry names the Hugging Face tensor, its expected shape there, our leaf path ('layers/3/attn/wq') and the
-layout change between the two (transformers stores Linear weights as [out, in]; we store [in, out] with heads split).
+layout change between the two. Dense models keep transformers' [out, in] Linear layout with the heads split out
+(q_proj [heads * head_dim, hidden] -> wq [heads, head_dim, hidden]); DeepSeek's map (deepseek_map.py) transposes.
 """
 
 from __future__ import annotations
@@ -20,16 +21,6 @@ class TensorMap:
     to_ours: Callable[[np.ndarray], np.ndarray] = lambda w: w
 
 
-def _linear(out_shape):
-    """[out, in] -> [in, *out_shape]."""
-    return lambda w: np.ascontiguousarray(w.T).reshape(w.shape[1], *out_shape)
-
-
-def _linear_in(in_shape):
-    """[out, in] -> [*in_shape, out]."""
-    return lambda w: np.ascontiguousarray(w.T).reshape(*in_shape, w.shape[0])
-
-
 def _reshape(shape):
     return lambda w: w.reshape(shape)
 
@@ -44,19 +35,19 @@ def dense_map(config) -> tuple[list[TensorMap], set[str]]:
     if config.tie_word_embeddings:
         ignored.add("lm_head.weight")
     else:
-        maps.append(TensorMap("lm_head.weight", (v, h), "lm_head", lambda w: np.ascontiguousarray(w.T)))
+        maps.append(TensorMap("lm_head.weight", (v, h), "lm_head"))
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers/{i}/"
         maps += [
             TensorMap(hf + "input_layernorm.weight", (h,), ours + "attn_norm"),
             TensorMap(hf + "post_attention_layernorm.weight", (h,), ours + "mlp_norm"),
-            TensorMap(hf + "self_attn.q_proj.weight", (n * d, h), ours + "attn/wq", _linear((n, d))),
-            TensorMap(hf + "self_attn.k_proj.weight", (kvh * d, h), ours + "attn/wk", _linear((kvh, d))),
-            TensorMap(hf + "self_attn.v_proj.weight", (kvh * d, h), ours + "attn/wv", _linear((kvh, d))),
-            TensorMap(hf + "self_attn.o_proj.weight", (h, n * d), ours + "attn/wo", _linear_in((n, d))),
-            TensorMap(hf + "mlp.gate_proj.weight", (f, h), ours + "mlp/w_gate", _linear((f,))),
-            TensorMap(hf + "mlp.up_proj.weight", (f, h), ours + "mlp/w_up", _linear((f,))),
-            TensorMap(hf + "mlp.down_proj.weight", (h, f), ours + "mlp/w_down", _linear((h,))),
+            TensorMap(hf + "self_attn.q_proj.weight", (n * d, h), ours + "attn/wq", _reshape((n, d, h))),
+            TensorMap(hf + "self_attn.k_proj.weight", (kvh * d, h), ours + "attn/wk", _reshape((kvh, d, h))),
+            TensorMap(hf + "self_attn.v_proj.weight", (kvh * d, h), ours + "attn/wv", _reshape((kvh, d, h))),
+            TensorMap(hf + "self_attn.o_proj.weight", (h, n * d), ours + "attn/wo", _reshape((h, n, d))),
+            TensorMap(hf + "mlp.gate_proj.weight", (f, h), ours + "mlp/w_gate"),
+            TensorMap(hf + "mlp.up_proj.weight", (f, h), ours + "mlp/w_up"),
+            TensorMap(hf + "mlp.down_proj.weight", (h, f), ours + "mlp/w_down"),
         ]
         if config.qkv_bias:
             maps += [TensorMap(hf + "self_attn.q_proj.bias", (n * d,), ours + "attn/bq", _reshape((n, d))),

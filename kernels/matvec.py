@@ -1,8 +1,12 @@
-"""Weight-streaming matrix-vector product for decode: y[B, N] = x[B, K] @ W[K, N], B <= 16, bf16 weights.
+"""Weight-streaming matrix-vector product for decode: y[B, N] = x[B, K] @ W[N, K]^T, B <= 16, bf16 weights.
 
 At batch 1 a decode step is a chain of these products, each reading its whole weight once: the kernel's only job is
-to keep HBM busy. The grid is (column blocks, K splits); each program streams a [bk, bn] weight tile per loop step
+to keep HBM busy. The grid is (column blocks, K splits); each program streams a [bn, bk] weight tile per loop step
 (software-pipelined `num_stages` deep by the Triton compiler) and multiplies it with the matching slice of x.
+
+Weights are stored as torch's Linear stores them, [out, in] (K contiguous): each tile row is a run of bk contiguous
+elements. With [in, out] weights the same tiles read 64 to 128-byte row segments and streamed 20% slower at the
+gate/up shapes (3.0 to 3.3 TB/s against 3.6 to 4.0; docs/PERF.md, session 7), so [out, in] is the only layout here.
 
 `fused_matvec` below is the one kernel body behind several ops (each op has its own file with its reference):
   - this file's `matvec`: the plain product, optionally split over K into float32 partial sums;
@@ -14,10 +18,8 @@ while it reads x and also writes the combined stream back (`x_new`), so a split-
 
 Lowering: Triton. Mosaic GPU works at warpgroup granularity (wgmma wants 64 rows) with TMA tiles; a matrix-vector
 product has one to eight rows, and the Triton lowering lets one program stream its tiles through a cp.async
-pipeline into a 16-row mma.sync (mode "dot") or plain multiply-adds (mode "fma", batch 1). Measured on the H200
-against XLA's own product (docs/PERF.md): ahead at narrow outputs (hidden 2048: 2 to 4x in context) and for the
-three-weight Q/K/V launch, 5 to 10% behind at 4096-wide and wider outputs. A Mosaic GPU version was not measured
-(no device time left in that session): it is the first thing to try against those wide shapes.
+pipeline into a 16-row mma.sync (mode "dot") or plain multiply-adds (mode "fma", batch 1). A Mosaic GPU version
+was not measured.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tilert_jax.kernels.common import (NN, NT, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2,
+from tilert_jax.kernels.common import (NT, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2,
                                        norm_chunk, rms_apply, rms_inverse, store_rows, stream_rows, triton_params)
 
 f32 = jnp.float32
@@ -53,13 +55,11 @@ class MatvecConfig:
 
 def matvec_reference(
     x: jax.Array,  # [B, K]
-    w: jax.Array,  # [K, N], or [N, K] when transposed
+    w: jax.Array,  # [N, K]
     *,
-    transposed: bool = False,
     out_dtype=None,
 ) -> jax.Array:  # [B, N] in out_dtype (default x's dtype), accumulated in float32
-    w2 = w.T if transposed else w
-    return jnp.matmul(x, w2, preferred_element_type=f32).astype(out_dtype or x.dtype)
+    return jnp.matmul(x, w.T, preferred_element_type=f32).astype(out_dtype or x.dtype)
 
 
 def combine_reference(x: jax.Array, x_parts: jax.Array | None) -> jax.Array:
@@ -69,20 +69,19 @@ def combine_reference(x: jax.Array, x_parts: jax.Array | None) -> jax.Array:
     return (x.astype(f32) + jnp.sum(x_parts, axis=0)).astype(x.dtype)
 
 
-def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps, swiglu, residual, transposed,
-            out_dtype, in_dtype, interpret):
+def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps, swiglu, residual, out_dtype,
+            in_dtype, interpret):
     it = iter(refs)
     x_ref = next(it)  # [B, K]
     xp_ref = next(it) if n_parts else None  # [S_in, B, K] float32
     nw_ref = next(it) if norm else None  # [K]
-    w_refs = [next(it) for _ in ns]  # each [K, N_i] (or [N_i, K] transposed)
+    w_refs = [next(it) for _ in ns]  # each [N_i, K]
     r_ref = next(it) if residual else None  # [B, N]
     o_ref = next(it)  # [B, N] (split == 1) or [split, B, N] float32
     xo_ref = next(it) if n_parts else None  # [B, K]: the combined stream x + sum(x_parts)
     j, s = pl.program_id(0), pl.program_id(1)
     matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, batch=batch, k_dim=k_dim, ns=ns, cfg=cfg,
-                rows=rows, eps=eps, swiglu=swiglu, transposed=transposed, out_dtype=out_dtype, in_dtype=in_dtype,
-                interpret=interpret)
+                rows=rows, eps=eps, swiglu=swiglu, out_dtype=out_dtype, in_dtype=in_dtype, interpret=interpret)
     if n_parts:
         prow = 1 if batch == 1 else rows
         chunk = norm_chunk(k_dim, prow)
@@ -95,7 +94,7 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
 
 
 def matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, *, batch, k_dim, ns, cfg: MatvecConfig, rows, eps,
-                swiglu, transposed, out_dtype, in_dtype, interpret):
+                swiglu, out_dtype, in_dtype, interpret):
     """Output column block j (of every weight side by side; gate and up together with swiglu), K split s: the body of
     one program of `fused_matvec`, also run as a tile of a phased kernel (mlp_block.py). Refs as in `_kernel`; an
     absent one is None (xp_ref: no pending sums, nw_ref: no norm, r_ref: no residual); a 3-D o_ref takes float32
@@ -119,28 +118,19 @@ def matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, *, batch, k_d
             xm = jnp.broadcast_to(xm, (rows, bk))  # every row the same: the dot's extra rows are never stored
         return xm
 
-    def w_tile(w_ref, k0, n0):
-        if transposed:
-            return plt.load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], eviction_policy=evict)  # [bn, bk]
-        return plt.load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], eviction_policy=evict)  # [bk, bn]
+    def w_tile(w_ref, k0, n0):  # [bn, bk]
+        return plt.load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], eviction_policy=evict)
 
-    def acc_init():
-        if cfg.mode == "dot":
-            return jnp.zeros((rows, bn), f32)
-        return jnp.zeros((bn, bk) if transposed else (bk, bn), f32)
+    def acc_init():  # "dot": [rows, bn]; "fma": [bn, bk], summed over K at the end
+        return jnp.zeros((rows, bn) if cfg.mode == "dot" else (bn, bk), f32)
 
     def mac(acc, xt, wt):
         if cfg.mode == "dot":
-            return acc + dot(xt, wt, NT if transposed else NN, interpret)
-        xf = xt.astype(f32)  # [1, bk]
-        if transposed:
-            return acc + wt.astype(f32) * xf
-        return acc + wt.astype(f32) * jnp.transpose(xf)
+            return acc + dot(xt, wt, NT, interpret)
+        return acc + wt.astype(f32) * xt.astype(f32)  # [bn, bk] * [1, bk]
 
     def acc_final(acc):  # [rows, bn]
-        if cfg.mode == "dot":
-            return acc
-        return jnp.sum(acc, axis=1 if transposed else 0).reshape(1, bn)
+        return acc if cfg.mode == "dot" else jnp.sum(acc, axis=1).reshape(1, bn)
 
     k_per_split = k_dim // splits
     steps = k_per_split // bk
@@ -200,14 +190,13 @@ def matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, *, batch, k_d
 
 def fused_matvec(
     x: jax.Array,  # [B, K]: the input (the residual stream when x_parts is given)
-    weights: tuple[jax.Array, ...],  # each [K, N_i] ([N_i, K] when transposed); outputs side by side
+    weights: tuple[jax.Array, ...],  # each [N_i, K]; outputs side by side
     *,
     x_parts: jax.Array | None = None,  # [S_in, B, K] float32 partial sums added to x first
     norm_weight: jax.Array | None = None,  # [K]: RMSNorm of the (combined) input before the product
     eps: float = 1e-6,
     residual: jax.Array | None = None,  # [B, N] added to the product
-    swiglu: bool = False,  # weights = (gate, up): silu(x @ gate) * (x @ up)
-    transposed: bool = False,
+    swiglu: bool = False,  # weights = (gate, up): silu(x @ gate.T) * (x @ up.T)
     out_dtype=None,
     config: MatvecConfig | None = None,
     interpret: bool | None = None,
@@ -219,10 +208,10 @@ def fused_matvec(
     if x.ndim != 2:
         raise ValueError(f"x must be [B, K], got {x.shape}")
     batch, k_dim = x.shape
-    ns = tuple(w.shape[0] if transposed else w.shape[1] for w in weights)
+    ns = tuple(w.shape[0] for w in weights)
     for w in weights:
-        if w.ndim != 2 or (w.shape[1] if transposed else w.shape[0]) != k_dim:
-            raise ValueError(f"weight {w.shape} does not match x {x.shape} (transposed={transposed})")
+        if w.ndim != 2 or w.shape[1] != k_dim:
+            raise ValueError(f"weight {w.shape} is not [N, K] for x {x.shape}")
     if cfg.mode == "fma" and batch != 1:
         raise ValueError("mode 'fma' needs batch 1")
     rows = 1 if cfg.mode == "fma" else max(ROWS, next_pow2(batch))
@@ -255,7 +244,7 @@ def fused_matvec(
     kernel = lambda *refs: _kernel(  # noqa: E731
         *refs, batch=batch, k_dim=k_dim, ns=ns, cfg=cfg, rows=rows, n_parts=n_parts,
         norm=norm_weight is not None, eps=float(eps), swiglu=swiglu, residual=residual is not None,
-        transposed=transposed, out_dtype=out_dtype, in_dtype=x.dtype, interpret=interpret)
+        out_dtype=out_dtype, in_dtype=x.dtype, interpret=interpret)
     if cfg.split > 1:
         out_shape = [jax.ShapeDtypeStruct((cfg.split, batch, n_out), f32)]
     else:
@@ -278,11 +267,10 @@ def fused_matvec(
 
 def matvec(
     x: jax.Array,  # [B, K]
-    w: jax.Array,  # [K, N] ([N, K] when transposed)
+    w: jax.Array,  # [N, K]
     *,
-    transposed: bool = False,
     out_dtype=None,
     config: MatvecConfig | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:  # [B, N], or [split, B, N] float32 partial sums when config.split > 1
-    return fused_matvec(x, (w,), transposed=transposed, out_dtype=out_dtype, config=config, interpret=interpret)
+    return fused_matvec(x, (w,), out_dtype=out_dtype, config=config, interpret=interpret)

@@ -1,9 +1,9 @@
-"""A dense decode MLP in one launch: parts = swiglu(rms_norm(x + x_parts)) @ W_down, as three phases of a persistent
+"""A dense decode MLP in one launch: parts = swiglu(rms_norm(x + x_parts)) @ W_down^T, as three phases of a persistent
 kernel (grid_sync.py) instead of a chain of launches and XLA fusions.
 
   phase 0  each program forms the residual stream (x plus the pending partial sums), computes the row's RMS
            statistic and writes its slice of the combined stream x_new and of the normed input h;
-  phase 1  the gate/up column tiles: mid = silu(h @ W_gate) * (h @ W_up) (matvec.py's tile, swiglu epilogue);
+  phase 1  the gate/up column tiles: mid = silu(h @ W_gate^T) * (h @ W_up^T) (matvec.py's tile, swiglu epilogue);
   phase 2  the down projection's tiles (column block x K split): float32 partial sums the next fused op adds.
 
 Writing h once (phase 0) keeps the gate/up loop a plain product: formed per K step from the stream, its pending
@@ -30,16 +30,16 @@ def mlp_block_reference(
     x: jax.Array,  # [B, H]: the residual stream
     norm_weight: jax.Array,  # [H]
     eps: float,
-    w_gate: jax.Array,  # [H, F]
-    w_up: jax.Array,  # [H, F]
-    w_down: jax.Array,  # [F, H]
+    w_gate: jax.Array,  # [F, H]
+    w_up: jax.Array,  # [F, H]
+    w_down: jax.Array,  # [H, F]
     *,
     x_parts: jax.Array | None = None,  # [S, B, H] float32 partial sums added to x first
 ):
     """-> (float32 [1, B, H]: the MLP's output, to add to the stream; x_new [B, H]: the combined stream)."""
     xs = combine_reference(x, x_parts)
     mid = swiglu_matvec_reference(xs, norm_weight, eps, w_gate, w_up)  # [B, F]
-    return jnp.matmul(mid, w_down, preferred_element_type=f32)[None], xs
+    return jnp.matmul(mid, w_down.T, preferred_element_type=f32)[None], xs
 
 
 def _tiles(phase_tiles: int, programs: int, run) -> None:
@@ -57,9 +57,9 @@ def mlp_block(
     x: jax.Array,  # [B, H]
     norm_weight: jax.Array,  # [H]
     eps: float,
-    w_gate: jax.Array,  # [H, F]
-    w_up: jax.Array,  # [H, F]
-    w_down: jax.Array,  # [F, H]
+    w_gate: jax.Array,  # [F, H]
+    w_up: jax.Array,  # [F, H]
+    w_down: jax.Array,  # [H, F]
     *,
     x_parts: jax.Array | None = None,  # [S, B, H] float32
     gate_up: MatvecConfig | None = None,  # split must be 1
@@ -70,28 +70,29 @@ def mlp_block(
     """-> (float32 partial sums [down.split, B, H], x_new [B, H]). See mlp_block_reference."""
     gate_up, down = gate_up or MatvecConfig(), down or MatvecConfig()
     batch, hidden = x.shape
-    ffn = w_gate.shape[1]
-    if w_gate.shape != (hidden, ffn) or w_up.shape != (hidden, ffn) or w_down.shape != (ffn, hidden):
+    ffn = w_gate.shape[0]
+    if w_gate.shape != (ffn, hidden) or w_up.shape != (ffn, hidden) or w_down.shape != (hidden, ffn):
         raise ValueError(f"MLP weights {w_gate.shape}/{w_up.shape}/{w_down.shape} do not fit x {x.shape}")
     if norm_weight.shape != (hidden,):
         raise ValueError(f"norm_weight must be [{hidden}], got {norm_weight.shape}")
-    if batch > ROWS or gate_up.mode != "dot" or down.mode != "dot" or gate_up.split != 1:
-        raise ValueError(f"mlp_block needs batch <= {ROWS}, mode 'dot' and an unsplit gate/up: {gate_up}, {down}")
+    if batch > ROWS or gate_up.split != 1 or (batch > 1 and "fma" in (gate_up.mode, down.mode)):
+        raise ValueError(f"mlp_block needs batch <= {ROWS}, an unsplit gate/up and mode 'fma' only at batch 1: "
+                         f"{gate_up}, {down}")
     for cfg, k, n in ((gate_up, hidden, ffn), (down, ffn, hidden)):
         if not (is_pow2(cfg.bn) and is_pow2(cfg.bk)) or n % cfg.bn or k % (cfg.split * cfg.bk):
-            raise ValueError(f"config {cfg} does not tile a [{k}, {n}] weight")
+            raise ValueError(f"config {cfg} does not tile a [{n}, {k}] weight")
     if x_parts is not None and (x_parts.ndim != 3 or x_parts.shape[1:] != (batch, hidden)):
         raise ValueError(f"x_parts must be [S, {batch}, {hidden}], got {x_parts.shape}")
     dtype = x.dtype
     interpret = interpret_default() if interpret is None else interpret
     rows = max(ROWS, next_pow2(batch))
     prow = 1 if batch == 1 else rows
+    tile_rows = {cfg: 1 if cfg.mode == "fma" else rows for cfg in (gate_up, down)}  # matvec.py's rows per mode
     slice_k = max(16, 1 << (max(hidden // programs, 1).bit_length() - 1))  # phase 0: columns per slice written
     if hidden % slice_k:
         raise ValueError(f"hidden size {hidden} is not a multiple of {slice_k}")
     has_parts = x_parts is not None
-    tile = dict(batch=batch, rows=rows, eps=float(eps), transposed=False, in_dtype=dtype,
-                interpret=interpret)
+    tile = dict(batch=batch, eps=float(eps), in_dtype=dtype, interpret=interpret)
 
     def body(phase, *refs):
         it = iter(refs)
@@ -117,17 +118,17 @@ def mlp_block(
         elif phase == 1:
             _tiles(ffn // gate_up.bn, programs, lambda t: matvec_tile(
                 t, 0, h_ref, None, None, [wg_ref, wu_ref], None, mid_ref, k_dim=hidden, ns=(ffn, ffn), cfg=gate_up,
-                swiglu=True, out_dtype=dtype, **tile))
+                rows=tile_rows[gate_up], swiglu=True, out_dtype=dtype, **tile))
         else:
             _tiles(hidden // down.bn * down.split, programs, lambda t: matvec_tile(
                 t // down.split, t % down.split, mid_ref, None, None, [wd_ref], None, parts_ref, k_dim=ffn,
-                ns=(hidden,), cfg=down, swiglu=False, out_dtype=f32, **tile))
+                ns=(hidden,), cfg=down, rows=tile_rows[down], swiglu=False, out_dtype=f32, **tile))
 
     inputs = [x] + ([x_parts.astype(f32)] if has_parts else []) + [norm_weight, w_gate, w_up, w_down]
     out_shape = [jax.ShapeDtypeStruct((down.split, batch, hidden), f32),  # the MLP's output (partial sums)
                  jax.ShapeDtypeStruct((batch, hidden), dtype),  # x_new
                  jax.ShapeDtypeStruct((batch, hidden), dtype),  # h = rms_norm(x_new)
-                 jax.ShapeDtypeStruct((batch, ffn), dtype)]  # mid = silu(h @ W_gate) * (h @ W_up)
+                 jax.ShapeDtypeStruct((batch, ffn), dtype)]  # mid = silu(h @ W_gate^T) * (h @ W_up^T)
     parts, x_new, _, _ = phased_call(body, 3, inputs, out_shape, programs=programs,
                                      num_warps=max(gate_up.num_warps, down.num_warps),
                                      num_stages=min(gate_up.num_stages, down.num_stages), name="mlp_block",

@@ -18,16 +18,15 @@ def norm_matvec_reference(
     x: jax.Array,  # [B, K]: the residual stream
     norm_weight: jax.Array,  # [K]
     eps: float,
-    weights: tuple[jax.Array, ...],  # each [K, N_i] ([N_i, K] when transposed)
+    weights: tuple[jax.Array, ...],  # each [N_i, K]
     *,
     x_parts: jax.Array | None = None,  # [S, B, K] float32 partial sums added to x first
-    transposed: bool = False,
     out_dtype=None,
 ):
     """-> y [B, sum N_i] (and the combined stream x_new [B, K] when x_parts is given)."""
     xs = combine_reference(x, x_parts)
     h = rms_norm_reference(xs, norm_weight, eps)
-    y = jnp.concatenate([matvec_reference(h, w, transposed=transposed, out_dtype=out_dtype) for w in weights], -1)
+    y = jnp.concatenate([matvec_reference(h, w, out_dtype=out_dtype) for w in weights], -1)
     return (y, xs) if x_parts is not None else y
 
 
@@ -35,10 +34,9 @@ def norm_matvec(
     x: jax.Array,  # [B, K]
     norm_weight: jax.Array,  # [K]
     eps: float,
-    weights: tuple[jax.Array, ...],  # each [K, N_i] ([N_i, K] when transposed)
+    weights: tuple[jax.Array, ...],  # each [N_i, K]
     *,
     x_parts: jax.Array | None = None,  # [S, B, K] float32
-    transposed: bool = False,
     out_dtype=None,
     config: MatvecConfig | None = None,
     interpret: bool | None = None,
@@ -46,5 +44,5 @@ def norm_matvec(
     """-> y [B, sum N_i] (or [split, B, sum N_i] float32 partial sums), plus x_new [B, K] when x_parts is given."""
     if norm_weight.ndim != 1:
         raise ValueError(f"norm_weight must be [K], got {norm_weight.shape}")
-    return fused_matvec(x, tuple(weights), x_parts=x_parts, norm_weight=norm_weight, eps=eps, transposed=transposed,
-                        out_dtype=out_dtype, config=config, interpret=interpret)
+    return fused_matvec(x, tuple(weights), x_parts=x_parts, norm_weight=norm_weight, eps=eps, out_dtype=out_dtype,
+                        config=config, interpret=interpret)

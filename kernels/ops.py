@@ -48,30 +48,29 @@ def self_attention(q, k, v, *, scale, sliding_window=None, implementation="xla")
     return fn(q, k, v, scale=scale, sliding_window=sliding_window)
 
 
-def matvec(x, w, *, transposed=False, out_dtype=None, config=None, implementation="xla"):
-    """x [B, K] @ w [K, N] ([N, K] transposed) -> [B, N] (or partial sums, see above)."""
+def matvec(x, w, *, out_dtype=None, config=None, implementation="xla"):
+    """x [B, K] @ w [N, K]^T -> [B, N] (or partial sums, see above)."""
     _check(implementation)
     if implementation == "pallas":
-        return _mv.matvec(x, w, transposed=transposed, out_dtype=out_dtype, config=config)
-    return _as_parts(_mv.matvec_reference(x, w, transposed=transposed, out_dtype=out_dtype), config)
+        return _mv.matvec(x, w, out_dtype=out_dtype, config=config)
+    return _as_parts(_mv.matvec_reference(x, w, out_dtype=out_dtype), config)
 
 
-def norm_matvec(x, norm_weight, eps, weights, *, x_parts=None, transposed=False, out_dtype=None, config=None,
-                implementation="xla"):
-    """rms_norm(x [+ x_parts]) @ [W_1 | W_2 ...] -> y (or partial sums), plus x_new when x_parts is given."""
+def norm_matvec(x, norm_weight, eps, weights, *, x_parts=None, out_dtype=None, config=None, implementation="xla"):
+    """rms_norm(x [+ x_parts]) @ [W_1 | W_2 ...]^T (each [N_i, K]) -> y (or partial sums), plus x_new when x_parts is
+    given."""
     _check(implementation)
     if implementation == "pallas":
-        return _nm.norm_matvec(x, norm_weight, eps, weights, x_parts=x_parts, transposed=transposed,
-                               out_dtype=out_dtype, config=config)
-    out = _nm.norm_matvec_reference(x, norm_weight, eps, weights, x_parts=x_parts, transposed=transposed,
-                                    out_dtype=out_dtype)
+        return _nm.norm_matvec(x, norm_weight, eps, weights, x_parts=x_parts, out_dtype=out_dtype, config=config)
+    out = _nm.norm_matvec_reference(x, norm_weight, eps, weights, x_parts=x_parts, out_dtype=out_dtype)
     if x_parts is not None:
         return _as_parts(out[0], config), out[1]
     return _as_parts(out, config)
 
 
 def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=None, implementation="xla"):
-    """silu(rms_norm(x) @ w_gate) * (rms_norm(x) @ w_up) -> [B, F], plus x_new when x_parts is given."""
+    """silu(rms_norm(x) @ w_gate^T) * (rms_norm(x) @ w_up^T) (each [F, K]) -> [B, F], plus x_new when x_parts is
+    given."""
     _check(implementation)
     if implementation == "pallas":
         return _sw.swiglu_matvec(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts, config=config)
@@ -89,7 +88,7 @@ def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, config
 
 
 def matvec_residual(x, w, residual, *, config=None, implementation="xla"):
-    """residual + x @ w -> [B, N]."""
+    """residual + x @ w^T (w [N, K]) -> [B, N]."""
     _check(implementation)
     if implementation == "pallas":
         return _mr.matvec_residual(x, w, residual, config=config)

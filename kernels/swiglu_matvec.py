@@ -1,6 +1,6 @@
-"""The MLP's first half in one launch: h = silu(rms_norm(x) @ W_gate) * (rms_norm(x) @ W_up).
+"""The MLP's first half in one launch: h = silu(rms_norm(x) @ W_gate^T) * (rms_norm(x) @ W_up^T).
 
-Each program streams matching column tiles of the gate and up weights, so silu(gate) * up is formed in registers and
+Each program streams matching tiles (the same output columns) of the gate and up weights, so silu(gate) * up is formed in registers and
 only h [B, intermediate] is written. No K split here (silu needs the whole sum); the intermediate size is wide enough
 to fill the GPU without one. Lowering: Triton, the kernel body is `fused_matvec` in matvec.py.
 """
@@ -17,15 +17,15 @@ def swiglu_matvec_reference(
     x: jax.Array,  # [B, K]: the residual stream
     norm_weight: jax.Array,  # [K]
     eps: float,
-    w_gate: jax.Array,  # [K, F]
-    w_up: jax.Array,  # [K, F]
+    w_gate: jax.Array,  # [F, K]
+    w_up: jax.Array,  # [F, K]
     *,
     x_parts: jax.Array | None = None,  # [S, B, K] float32 partial sums added to x first
 ):
     """-> h [B, F] (and the combined stream x_new [B, K] when x_parts is given)."""
     xs = combine_reference(x, x_parts)
     h = rms_norm_reference(xs, norm_weight, eps)
-    y = jax.nn.silu(h @ w_gate) * (h @ w_up)
+    y = jax.nn.silu(h @ w_gate.T) * (h @ w_up.T)
     return (y, xs) if x_parts is not None else y
 
 
@@ -33,8 +33,8 @@ def swiglu_matvec(
     x: jax.Array,  # [B, K]
     norm_weight: jax.Array,  # [K]
     eps: float,
-    w_gate: jax.Array,  # [K, F]
-    w_up: jax.Array,  # [K, F]
+    w_gate: jax.Array,  # [F, K]
+    w_up: jax.Array,  # [F, K]
     *,
     x_parts: jax.Array | None = None,  # [S, B, K] float32
     config: MatvecConfig | None = None,

@@ -1,14 +1,13 @@
 """Kernel configurations per shape: measured entries first (kernels/tuning.json, written from the GPU tuning run
 scripts/gpu/tune_kernels.py; a file named by $TILERT_TUNING overrides it), a heuristic otherwise.
 
-Keys: "<op>:B<batch>:K<k>:N<n>" for the matrix-vector ops (op: qkv, o, gate_up, down, lm_head, lm_head_t; and
-mlp_gate_up, mlp_down for the tiles of the phased MLP) and "attention:B<batch>:H<kv heads>:L<max_len>:D<head_dim>"
-for decode attention.
+Keys: "<op>:B<batch>:K<k>:N<n>" for the matrix-vector ops of the dense decode, weights [N, K] (op: qkv, o, gate_up,
+down, lm_head; and mlp_gate_up, mlp_down for the tiles of the phased MLP) and
+"attention:B<batch>:H<kv heads>:L<max_len>:D<head_dim>" for decode attention.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -79,12 +78,11 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
 
 def mlp_block_configs(batch: int, hidden: int, ffn: int) -> tuple[MatvecConfig, MatvecConfig]:
     """(gate/up, down) tile configs of kernels/mlp_block.py: the table's "mlp_gate_up:..." and "mlp_down:..." entries
-    (measured with scripts/gpu/tune_mlp_block.py), else the standalone ops' configs in "dot" mode."""
+    (measured with scripts/gpu/tune_mlp_block.py), else the standalone ops' configs."""
     out = []
     for op, k, ns in (("gate_up", hidden, (ffn, ffn)), ("down", ffn, (hidden,))):
         entry = _table().get(matvec_key("mlp_" + op, batch, k, ns[0]))
-        out.append(MatvecConfig(**entry) if entry is not None
-                   else dataclasses.replace(matvec_config(op, batch, k, ns), mode="dot"))
+        out.append(MatvecConfig(**entry) if entry is not None else matvec_config(op, batch, k, ns))
     return out[0], out[1]
 
 

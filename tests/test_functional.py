@@ -67,9 +67,9 @@ def plain_forward(hf, params, tokens):
     for layer in params.layers:
         a = layer.attn
         h = _rms(x, layer.attn_norm, eps)
-        q = jnp.einsum("bth,hnd->btnd", h, a.wq)
-        k = jnp.einsum("bth,hnd->btnd", h, a.wk)
-        v = jnp.einsum("bth,hnd->btnd", h, a.wv)
+        q = jnp.einsum("bth,ndh->btnd", h, a.wq)
+        k = jnp.einsum("bth,ndh->btnd", h, a.wk)
+        v = jnp.einsum("bth,ndh->btnd", h, a.wv)
         if hf["model_type"] == "qwen3":
             q, k = _rms(q, a.q_norm, eps), _rms(k, a.k_norm, eps)
         q, k = _rope(q, theta), _rope(k, theta)
@@ -78,12 +78,12 @@ def plain_forward(hf, params, tokens):
         s = jnp.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(q.shape[-1])
         s = jnp.where(mask, s, -jnp.inf)
         o = jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v)
-        x = x + jnp.einsum("btnd,ndh->bth", o, a.wo)
+        x = x + jnp.einsum("btnd,hnd->bth", o, a.wo)
         h = _rms(x, layer.mlp_norm, eps)
         m = layer.mlp
-        x = x + (jax.nn.silu(h @ m.w_gate) * (h @ m.w_up)) @ m.w_down
+        x = x + (jax.nn.silu(h @ m.w_gate.T) * (h @ m.w_up.T)) @ m.w_down.T
     x = _rms(x, params.final_norm, eps)
-    return x @ (params.embed.T if params.lm_head is None else params.lm_head)
+    return x @ (params.embed if params.lm_head is None else params.lm_head).T
 
 
 # ------------------------------------------------------------------------------------------------------------ tests

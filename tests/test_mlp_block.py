@@ -32,17 +32,20 @@ def make(batch, hidden, ffn, dtype, parts):
     x = rnd(keys[0], (batch, hidden), 1.0)
     x_parts = (0.5 * jax.random.normal(keys[1], (parts, batch, hidden), F32)) if parts else None
     nw = 1 + rnd(keys[2], (hidden,), 0.1)
-    return (x, nw, rnd(keys[3], (hidden, ffn), 0.05), rnd(keys[4], (hidden, ffn), 0.05),
-            rnd(keys[5], (ffn, hidden), 0.05), x_parts)
+    return (x, nw, rnd(keys[3], (ffn, hidden), 0.05), rnd(keys[4], (ffn, hidden), 0.05),
+            rnd(keys[5], (hidden, ffn), 0.05), x_parts)
 
 
-@pytest.mark.parametrize("batch,parts,dtype,programs", [
-    (1, 2, F32, 8), (3, 0, F32, 8), (1, 0, BF16, 8), (2, 3, BF16, 6),  # 6 programs: tiles left over
+@pytest.mark.parametrize("batch,parts,dtype,programs,mode", [
+    (1, 2, F32, 8, "dot"), (3, 0, F32, 8, "dot"), (1, 0, BF16, 8, "dot"),
+    (2, 3, BF16, 6, "dot"),  # 6 programs: tiles left over
+    (1, 2, BF16, 8, "fma"),  # batch 1: multiply-adds in registers
 ])
-def test_mlp_block_matches_reference(batch, parts, dtype, programs):
+def test_mlp_block_matches_reference(batch, parts, dtype, programs, mode):
     x, nw, wg, wu, wd, x_parts = make(batch, 128, 256, dtype, parts)
     out, x_new = mlp_block(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, programs=programs,
-                           gate_up=MatvecConfig(bn=16, bk=32), down=MatvecConfig(bn=16, bk=64, split=2))
+                           gate_up=MatvecConfig(bn=16, bk=32, mode=mode),
+                           down=MatvecConfig(bn=16, bk=64, split=2, mode=mode))
     ref, ref_x = mlp_block_reference(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts)
     tol = 1e-5 if dtype == F32 else 2e-2
     assert out.shape == (2, batch, 128)
@@ -53,7 +56,7 @@ def test_mlp_block_matches_reference(batch, parts, dtype, programs):
 def test_mlp_block_rejects_bad_shapes():
     x, nw, wg, wu, wd, _ = make(1, 128, 256, F32, 0)
     with pytest.raises(ValueError, match="do not fit"):
-        mlp_block(x, nw, 1e-5, wg, wu, wd[:128], programs=8)
+        mlp_block(x, nw, 1e-5, wg, wu, wd[:64], programs=8)
     with pytest.raises(ValueError, match="unsplit gate/up"):
         mlp_block(x, nw, 1e-5, wg, wu, wd, gate_up=MatvecConfig(split=2), programs=8)
 

@@ -37,8 +37,8 @@ def single(checkpoint):
 def test_tensor_parallel_matches_one_device(checkpoint, single, tp):
     _, ref_logits, ref_tokens = single
     model = tilert_jax.load(checkpoint, mesh=make_mesh(tp=tp))
-    wq = model.params.layers[0].attn.wq  # [hidden, heads, head_dim]
-    assert {s.data.shape[1] for s in wq.addressable_shards} == {8 // tp}
+    wq = model.params.layers[0].attn.wq  # [heads, head_dim, hidden]
+    assert {s.data.shape[0] for s in wq.addressable_shards} == {8 // tp}
     assert {s.data.shape[0] for s in model.params.embed.addressable_shards} == {160 // tp}
     logits = np.asarray(model.logits(PROMPT))
     # float32: a sharded reduction sums in another order, so logits move by rounding only (~1e-7 relative).
@@ -79,7 +79,7 @@ def test_fused_pallas_decode_under_tensor_parallelism(tp, tied, monkeypatch):
     _, cache = dense.prefill(config, params, prompt, dense.init_cache(config, 1, 64, jnp.float32), 0, jnp.int32(11))
     cache_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), sharded.cache_specs)
     tp_params, tp_cache = jax.device_put(params, sharded.param_shardings), jax.device_put(cache, cache_shardings)
-    assert {s.data.shape[1] for s in tp_params.layers[0].attn.wk.addressable_shards} == {4 // tp}
+    assert {s.data.shape[0] for s in tp_params.layers[0].attn.wk.addressable_shards} == {4 // tp}
 
     def step(family, impl):
         return jax.jit(lambda p, t, c, pos: family.decode_step(config, p, t, c, pos, impl=impl))

@@ -59,8 +59,8 @@ def main():
     h, f = c.hidden_size, c.intermediate_size
     keys = jax.random.split(jax.random.key(0), 4 * args.layers + 1)
     rnd = lambda k, shape, s=0.02: (s * jax.random.normal(k, shape, F32)).astype(BF16)  # noqa: E731
-    weights = [(1 + rnd(keys[4 * i], (h,), 0.1), rnd(keys[4 * i + 1], (h, f)), rnd(keys[4 * i + 2], (h, f)),
-                rnd(keys[4 * i + 3], (f, h))) for i in range(args.layers)]
+    weights = [(1 + rnd(keys[4 * i], (h,), 0.1), rnd(keys[4 * i + 1], (f, h)), rnd(keys[4 * i + 2], (f, h)),
+                rnd(keys[4 * i + 3], (h, f))) for i in range(args.layers)]
     x = rnd(keys[-1], (1, h), 1.0)
     eps = c.rms_norm_eps
     down_std = tuning.matvec_config("down", 1, f, (h,))

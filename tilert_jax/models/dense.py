@@ -1,7 +1,9 @@
 """Dense decoder-only transformers (Llama 3.x, Qwen2.5, Qwen3, Mistral) as pure functions.
 
 Layers are unrolled in Python rather than scanned: a scan pays one XLA while-loop iteration per layer in every
-decode step, and per-layer parameters let each matmul read its weight in place.
+decode step, and per-layer parameters let each matmul read its weight in place. Projection weights are stored [out,
+in] as torch's Linear stores them (the input dimension contiguous, heads split out of the output one): the decode
+kernels stream them fastest that way (kernels/matvec.py), and cuBLAS takes them as they are for prefill.
 
 With impl="pallas", a decode step (one token per row, batch <= 16) is written as five fused ops per layer
 (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
@@ -34,10 +36,10 @@ from tilert_jax.sharding import collectives
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Attention:
-    wq: jax.Array  # [hidden, num_heads, head_dim]
-    wk: jax.Array  # [hidden, num_kv_heads, head_dim]
-    wv: jax.Array  # [hidden, num_kv_heads, head_dim]
-    wo: jax.Array  # [num_heads, head_dim, hidden]
+    wq: jax.Array  # [num_heads, head_dim, hidden]
+    wk: jax.Array  # [num_kv_heads, head_dim, hidden]
+    wv: jax.Array  # [num_kv_heads, head_dim, hidden]
+    wo: jax.Array  # [hidden, num_heads, head_dim]
     bq: jax.Array | None = None  # [num_heads, head_dim]
     bk: jax.Array | None = None  # [num_kv_heads, head_dim]
     bv: jax.Array | None = None  # [num_kv_heads, head_dim]
@@ -49,9 +51,9 @@ class Attention:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class MLP:
-    w_gate: jax.Array  # [hidden, intermediate]
-    w_up: jax.Array  # [hidden, intermediate]
-    w_down: jax.Array  # [intermediate, hidden]
+    w_gate: jax.Array  # [intermediate, hidden]
+    w_up: jax.Array  # [intermediate, hidden]
+    w_down: jax.Array  # [hidden, intermediate]
 
 
 @jax.tree_util.register_dataclass
@@ -69,7 +71,7 @@ class DenseParams:
     embed: jax.Array  # [vocab, hidden]
     layers: tuple[Layer, ...]
     final_norm: jax.Array  # [hidden]
-    lm_head: jax.Array | None  # [hidden, vocab]; None when tied to embed
+    lm_head: jax.Array | None  # [vocab, hidden]; None when tied to embed
 
 
 def param_specs(config: DenseConfig) -> DenseParams:
@@ -81,10 +83,10 @@ def param_specs(config: DenseConfig) -> DenseParams:
 
     def layer() -> Layer:
         attn = Attention(
-            wq=ParamSpec((h, n, d), ("embed", "heads", "head_dim")),
-            wk=ParamSpec((h, kvh, d), ("embed", "kv_heads", "head_dim")),
-            wv=ParamSpec((h, kvh, d), ("embed", "kv_heads", "head_dim")),
-            wo=ParamSpec((n, d, h), ("heads", "head_dim", "embed")),
+            wq=ParamSpec((n, d, h), ("heads", "head_dim", "embed")),
+            wk=ParamSpec((kvh, d, h), ("kv_heads", "head_dim", "embed")),
+            wv=ParamSpec((kvh, d, h), ("kv_heads", "head_dim", "embed")),
+            wo=ParamSpec((h, n, d), ("embed", "heads", "head_dim")),
             bq=bias((n, "heads"), (d, "head_dim")) if config.qkv_bias else None,
             bk=bias((kvh, "kv_heads"), (d, "head_dim")) if config.qkv_bias else None,
             bv=bias((kvh, "kv_heads"), (d, "head_dim")) if config.qkv_bias else None,
@@ -92,8 +94,8 @@ def param_specs(config: DenseConfig) -> DenseParams:
             q_norm=ParamSpec((d,), ("head_dim",), init="ones") if config.qk_norm else None,
             k_norm=ParamSpec((d,), ("head_dim",), init="ones") if config.qk_norm else None,
         )
-        mlp = MLP(w_gate=ParamSpec((h, f), ("embed", "mlp")), w_up=ParamSpec((h, f), ("embed", "mlp")),
-                  w_down=ParamSpec((f, h), ("mlp", "embed")))
+        mlp = MLP(w_gate=ParamSpec((f, h), ("mlp", "embed")), w_up=ParamSpec((f, h), ("mlp", "embed")),
+                  w_down=ParamSpec((h, f), ("embed", "mlp")))
         norm = ParamSpec((h,), ("embed",), init="ones")
         return Layer(attn_norm=norm, attn=attn, mlp_norm=norm, mlp=mlp)
 
@@ -101,7 +103,7 @@ def param_specs(config: DenseConfig) -> DenseParams:
         embed=ParamSpec((config.vocab_size, h), ("vocab", "embed")),
         layers=tuple(layer() for _ in range(config.num_layers)),
         final_norm=ParamSpec((h,), ("embed",), init="ones"),
-        lm_head=None if config.tie_word_embeddings else ParamSpec((h, config.vocab_size), ("embed", "vocab")),
+        lm_head=None if config.tie_word_embeddings else ParamSpec((config.vocab_size, h), ("vocab", "embed")),
     )
 
 
@@ -128,8 +130,8 @@ def cache_partition_specs(config: DenseConfig, tp_axis: str) -> kv.KVCache:
 
 
 def _project(x, w, b):
-    """x: [B, T, hidden]; w: [hidden, heads, head_dim] -> [B, T, heads, head_dim]."""
-    y = jnp.einsum("bth,hnd->btnd", x, w)
+    """x: [B, T, hidden]; w: [heads, head_dim, hidden] -> [B, T, heads, head_dim]."""
+    y = jnp.einsum("bth,ndh->btnd", x, w)
     return y if b is None else y + b
 
 
@@ -159,14 +161,14 @@ def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, i
         k_pos = jnp.arange(keys.shape[2], dtype=jnp.int32)
         out = ops.attention(q, keys, values, positions, k_pos, scale=scale, sliding_window=window,
                             implementation=impl)
-    y = jnp.einsum("btnd,ndh->bth", out, p.wo)
+    y = jnp.einsum("btnd,hnd->bth", out, p.wo)
     if p.bo is not None:
         y = y + p.bo
     return y, (keys, values)
 
 
 def _mlp(p: MLP, x):
-    return (jax.nn.silu(x @ p.w_gate) * (x @ p.w_up)) @ p.w_down
+    return (jax.nn.silu(x @ p.w_gate.T) * (x @ p.w_up.T)) @ p.w_down.T
 
 
 def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache, pos, impl, tp_axis):
@@ -189,8 +191,8 @@ def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache,
 
 def lm_head(config: DenseConfig, params: DenseParams, x, tp_axis=None) -> jax.Array:
     """x: [..., hidden] -> float32 logits [..., vocab] (gathered from the vocabulary shards under shard_map)."""
-    w = params.embed.T if params.lm_head is None else params.lm_head
-    logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    w = params.embed if params.lm_head is None else params.lm_head  # [vocab, hidden]
+    logits = jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
     return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
 
 
@@ -218,36 +220,32 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
     """Shapes are the ones this device holds (under shard_map, its heads); a KV head replicated over a mesh wider
     than the number of KV heads takes the XLA path."""
     d = config.head_dim
-    heads, kv_heads = params.layers[0].attn.wq.shape[1], params.layers[0].attn.wk.shape[1]
+    heads, kv_heads = params.layers[0].attn.wq.shape[0], params.layers[0].attn.wk.shape[0]
     return (tokens.shape[0] <= 16 and d >= 32 and d & (d - 1) == 0 and heads % kv_heads == 0
             and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp")  # mlp: gate_up + down in one launch
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the fused-decode ops that run in Pallas (see `pallas_ops`)
-# The ops the fused decode runs in Pallas by default: those measured faster end to end than their XLA versions on
-# the H200 (docs/PERF.md). The fused Q/K/V projection and the attention kernel win at every size measured; the
-# output and down projections (split-K) win where the hidden size is small (2048: XLA's own product of that width
-# is slow) and lose at 4096; gate/up and the LM head stay on XLA's product.
-DEFAULT_PALLAS_OPS = ("qkv", "attention")
-NARROW_PALLAS_OPS = ("o", "down")  # added when hidden_size <= NARROW_HIDDEN
-NARROW_HIDDEN = 2048
+# The ops the fused decode runs in Pallas by default: the set measured fastest end to end on the H200 with the
+# [out, in] weights (docs/PERF.md, session 8: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.339 ms). The LM head and the
+# phased MLP stay opt-in.
+DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down")
 
 
-def pallas_ops(config: DenseConfig | None = None) -> tuple[str, ...]:
+def pallas_ops() -> tuple[str, ...]:
     """The fused-decode ops in Pallas: $TILERT_PALLAS_OPS (comma-separated FUSED_OPS names, or "all"; read at
-    trace time), else the measured default for this config. The others run their XLA reference; the bench uses
-    the variable to show each kernel's share."""
+    trace time), else the measured default. The others run their XLA reference; the bench uses the variable to show
+    each kernel's share."""
     only = os.environ.get(PALLAS_OPS_ENV)
     if only:
         return FUSED_OPS if only == "all" else tuple(op for op in FUSED_OPS if op in only.split(","))
-    narrow = config is not None and config.hidden_size <= NARROW_HIDDEN
-    return DEFAULT_PALLAS_OPS + (NARROW_PALLAS_OPS if narrow else ())
+    return DEFAULT_PALLAS_OPS
 
 
-def _op_impl(op: str, impl: str, config: DenseConfig) -> str:
+def _op_impl(op: str, impl: str) -> str:
     """The implementation of one fused-decode op under impl="pallas" (see pallas_ops)."""
-    return impl if impl != "pallas" or op in pallas_ops(config) else "xla"
+    return impl if impl != "pallas" or op in pallas_ops() else "xla"
 
 
 def _stream(result, parts):
@@ -255,23 +253,23 @@ def _stream(result, parts):
     return result if parts is not None else (result, None)
 
 
-def _project_residual(config: DenseConfig, op: str, inp, w, x, bias, impl, tp_axis):
+def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
     """x + inp @ w -> the residual stream as (x, None), or (x, partial sums) when the config splits K or the
     product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N])."""
     batch, k = inp.shape
-    cfg = tuning.matvec_config(op, batch, k, (w.shape[1],))
-    if _op_impl(op, impl, config) == "xla":
+    cfg = tuning.matvec_config(op, batch, k, (w.shape[0],))
+    if _op_impl(op, impl) == "xla":
         cfg = dataclasses.replace(cfg, split=1)  # XLA's product: the plain residual form, no partial sums
     if tp_axis is not None:
-        y = ops.matvec(inp, w, out_dtype=jnp.float32, config=cfg, implementation=_op_impl(op, impl, config))
+        y = ops.matvec(inp, w, out_dtype=jnp.float32, config=cfg, implementation=_op_impl(op, impl))
         y = collectives.psum(jnp.sum(y, axis=0) if cfg.split > 1 else y, tp_axis)  # [B, N]
         return x, (y if bias is None else y + bias.astype(jnp.float32))[None]
     if bias is not None:
         cfg = dataclasses.replace(cfg, split=1)
-        return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl, config)) + bias), None
+        return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl)) + bias), None
     if cfg.split > 1:
-        return x, ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl, config))
-    return ops.matvec_residual(inp, w, x, config=cfg, implementation=_op_impl(op, impl, config)), None
+        return x, ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl))
+    return ops.matvec_residual(inp, w, x, config=cfg, implementation=_op_impl(op, impl)), None
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
@@ -279,7 +277,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     partial sums or None) and the updated cache. Every op here takes `implementation=impl`."""
     first = params.layers[0]
     h, d, eps = config.hidden_size, config.head_dim, config.rms_norm_eps
-    n, kvh, f = first.attn.wq.shape[1], first.attn.wk.shape[1], first.mlp.w_gate.shape[1]  # held by this device
+    n, kvh, f = first.attn.wq.shape[0], first.attn.wk.shape[0], first.mlp.w_gate.shape[0]  # held by this device
     batch = tokens.shape[0]
     x = collectives.embed_lookup(params.embed, tokens[:, None], tp_axis)[:, 0]  # [B, hidden]
     parts = None
@@ -288,14 +286,14 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     attn_cfg = tuning.attention_config(batch, kvh, cache.max_len, d)
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
     mlp_cfg = tuning.matvec_config("gate_up", batch, h, (f, f))
-    mlp_block = impl == "pallas" and "mlp" in pallas_ops(config)  # gate/up and down as one phased launch
+    mlp_block = impl == "pallas" and "mlp" in pallas_ops()  # gate/up and down as one phased launch
     block_cfgs = tuning.mlp_block_configs(batch, h, f) if mlp_block else None
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         a = layer.attn
-        weights = (a.wq.reshape(h, n * d), a.wk.reshape(h, kvh * d), a.wv.reshape(h, kvh * d))
+        weights = (a.wq.reshape(n * d, h), a.wk.reshape(kvh * d, h), a.wv.reshape(kvh * d, h))
         qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=qkv_cfg,
-                                             implementation=_op_impl("qkv", impl, config)), parts)
+                                             implementation=_op_impl("qkv", impl)), parts)
         x = x if x_new is None else x_new
         qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
         bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
@@ -303,11 +301,11 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         attn, k, v = ops.decode_attention(qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh,
                                           scale=d ** -0.5, eps=eps, bias=bias, qk_norm=qk_norm,
                                           sliding_window=config.sliding_window, config=attn_cfg,
-                                          implementation=_op_impl("attention", impl, config))
+                                          implementation=_op_impl("attention", impl))
         new_k.append(k)
         new_v.append(v)
         attn = attn.reshape(batch, n * d)
-        x, parts = _project_residual(config, "o", attn, a.wo.reshape(n * d, h), x, a.bo, impl, tp_axis)
+        x, parts = _project_residual("o", attn, a.wo.reshape(h, n * d), x, a.bo, impl, tp_axis)
         if mlp_block:
             parts, x = ops.mlp_block(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up, layer.mlp.w_down,
                                      x_parts=parts, configs=block_cfgs, implementation=impl)
@@ -315,22 +313,19 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
             continue
         mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
                                                x_parts=parts, config=mlp_cfg,
-                                               implementation=_op_impl("gate_up", impl, config)), parts)
+                                               implementation=_op_impl("gate_up", impl)), parts)
         x = x if x_new is None else x_new
-        x, parts = _project_residual(config, "down", mid, layer.mlp.w_down, x, None, impl, tp_axis)
+        x, parts = _project_residual("down", mid, layer.mlp.w_down, x, None, impl, tp_axis)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
 def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl, tp_axis) -> jax.Array:
     """Final RMSNorm + LM head in one launch -> float32 logits [B, vocab] (gathered from the vocabulary shards)."""
-    tied = params.lm_head is None
-    w = params.embed if tied else params.lm_head  # [vocab, hidden] when tied, else [hidden, vocab] (or a slice)
-    op = "lm_head_t" if tied else "lm_head"
-    cfg = tuning.matvec_config(op, x.shape[0], config.hidden_size, (w.shape[0] if tied else w.shape[1],))
-    cfg = dataclasses.replace(cfg, split=1)
+    w = params.embed if params.lm_head is None else params.lm_head  # [vocab, hidden] (or this device's slice)
+    cfg = dataclasses.replace(tuning.matvec_config("lm_head", x.shape[0], config.hidden_size, (w.shape[0],)), split=1)
     logits, _ = _stream(ops.norm_matvec(x, params.final_norm, config.rms_norm_eps, (w,), x_parts=parts,
-                                        transposed=tied, out_dtype=jnp.float32, config=cfg,
-                                        implementation=_op_impl("lm_head", impl, config)),
+                                        out_dtype=jnp.float32, config=cfg,
+                                        implementation=_op_impl("lm_head", impl)),
                         parts)
     return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
 
@@ -339,7 +334,7 @@ def _fused_decode_chosen(config: DenseConfig, params: DenseParams) -> bool:
     """impl="pallas" takes the fused decode on one device; on a mesh (this device holds a slice of the heads) only
     when $TILERT_PALLAS_OPS names its ops: at tp=4 on llama-3.1-8b it measured 5% slower than the XLA step there
     (its compute 7% faster, its reductions between Pallas kernels 25% dearer; docs/PERF.md, session 6)."""
-    sharded = params.layers[0].attn.wq.shape[1] != config.num_heads
+    sharded = params.layers[0].attn.wq.shape[0] != config.num_heads
     return not sharded or bool(os.environ.get(PALLAS_OPS_ENV))
 
 
