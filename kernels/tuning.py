@@ -41,23 +41,21 @@ def _divides(n: int, bn: int) -> bool:
 
 
 def heuristic_matvec(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecConfig:
-    """Enough programs to fill the GPU twice over, 16 KB weight tiles (4 stages: 64 KB of shared memory), K split
-    only where the output is too narrow and the op allows partial sums."""
+    """The shape of the measured winners at the llama shapes ([N, K] weights): 32 output rows per program, each
+    streaming 512-byte runs of K (256-wide steps; 128 for gate/up's two tiles), 16 KB of weight per pipeline stage;
+    K split (at most 4 ways, 2 above batch 1) only where the output is too narrow for two programs per
+    multiprocessor and the op allows partial sums."""
     n_total = ns[0] if op == "gate_up" else sum(ns)
-    bn = 64  # 128-byte weight rows at least; a narrow output is split over K instead
-    for cand in (256, 128):
-        if all(_divides(n, cand) for n in ns) and n_total // cand >= 2 * SMS:
-            bn = cand
-            break
+    bn = 32
     while bn > 16 and not all(_divides(n, bn) for n in ns):
         bn //= 2
-    bk = max(16, 8192 // (bn * (2 if op == "gate_up" else 1)))
+    bk = 128 if op == "gate_up" else 256
     while bk > 16 and k % bk:
         bk //= 2
     split = 1
     if op in ("qkv", "o", "down"):
-        while ((n_total // bn) * split < 2 * SMS and (batch == 1 or split < 2) and k % (2 * split * bk) == 0
-               and k // (2 * split) >= 4 * bk):
+        while ((n_total // bn) * split < 2 * SMS and split < (4 if batch == 1 else 2)
+               and k % (2 * split * bk) == 0 and k // (2 * split) >= 2 * bk):
             split *= 2
     return MatvecConfig(bn=bn, bk=bk, split=split, num_warps=4, num_stages=4, mode="dot")
 

@@ -266,7 +266,7 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
         "achieved_gbps": wbytes / p50 / 1e9, "copy_gbps": env["copy_gbps"], "floor_ms": 1e3 * floor_s,
         "frac_of_floor": floor_s / p50, "mm_tflops": env["mm_tflops"],
         "compile_prefill_s": prefill_compile_s, "compile_decode_s": decode_compile_s,
-        **checked, "pallas_ops": list(pallas_ops()) if impl == "pallas" and config.family == "dense" else [],
+        **checked, "pallas_ops": list(pallas_ops(batch)) if impl == "pallas" and config.family == "dense" else [],
         "tokens": first_tokens[0, :8].tolist(), "_all_tokens": first_tokens,
         "device": env["device"], "platform": env["platform"], "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": env["commit"],

@@ -227,25 +227,28 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp")  # mlp: gate_up + down in one launch
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the fused-decode ops that run in Pallas (see `pallas_ops`)
-# The ops the fused decode runs in Pallas by default: the set measured fastest end to end on the H200 with the
-# [out, in] weights (docs/PERF.md, session 8: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.339 ms). The LM head and the
-# phased MLP stay opt-in.
+# The ops the fused decode runs in Pallas by default: the sets measured fastest end to end on the H200 with the
+# [out, in] weights (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1
+# the Q/K/V, output and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products:
+# llama-3.1-8b batch 8 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP
+# stay opt-in.
 DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down")
+BATCHED_PALLAS_OPS = ("attention", "gate_up")
 
 
-def pallas_ops() -> tuple[str, ...]:
+def pallas_ops(batch: int = 1) -> tuple[str, ...]:
     """The fused-decode ops in Pallas: $TILERT_PALLAS_OPS (comma-separated FUSED_OPS names, or "all"; read at
-    trace time), else the measured default. The others run their XLA reference; the bench uses the variable to show
-    each kernel's share."""
+    trace time), else the measured default for this batch size. The others run their XLA reference; the bench uses
+    the variable to show each kernel's share."""
     only = os.environ.get(PALLAS_OPS_ENV)
     if only:
         return FUSED_OPS if only == "all" else tuple(op for op in FUSED_OPS if op in only.split(","))
-    return DEFAULT_PALLAS_OPS
+    return DEFAULT_PALLAS_OPS if batch == 1 else BATCHED_PALLAS_OPS
 
 
-def _op_impl(op: str, impl: str) -> str:
+def _op_impl(op: str, impl: str, batch: int) -> str:
     """The implementation of one fused-decode op under impl="pallas" (see pallas_ops)."""
-    return impl if impl != "pallas" or op in pallas_ops() else "xla"
+    return impl if impl != "pallas" or op in pallas_ops(batch) else "xla"
 
 
 def _stream(result, parts):
@@ -258,18 +261,19 @@ def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
     product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N])."""
     batch, k = inp.shape
     cfg = tuning.matvec_config(op, batch, k, (w.shape[0],))
-    if _op_impl(op, impl) == "xla":
+    impl = _op_impl(op, impl, batch)
+    if impl == "xla":
         cfg = dataclasses.replace(cfg, split=1)  # XLA's product: the plain residual form, no partial sums
     if tp_axis is not None:
-        y = ops.matvec(inp, w, out_dtype=jnp.float32, config=cfg, implementation=_op_impl(op, impl))
+        y = ops.matvec(inp, w, out_dtype=jnp.float32, config=cfg, implementation=impl)
         y = collectives.psum(jnp.sum(y, axis=0) if cfg.split > 1 else y, tp_axis)  # [B, N]
         return x, (y if bias is None else y + bias.astype(jnp.float32))[None]
     if bias is not None:
         cfg = dataclasses.replace(cfg, split=1)
-        return x + (ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl)) + bias), None
+        return x + (ops.matvec(inp, w, config=cfg, implementation=impl) + bias), None
     if cfg.split > 1:
-        return x, ops.matvec(inp, w, config=cfg, implementation=_op_impl(op, impl))
-    return ops.matvec_residual(inp, w, x, config=cfg, implementation=_op_impl(op, impl)), None
+        return x, ops.matvec(inp, w, config=cfg, implementation=impl)
+    return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
@@ -286,14 +290,14 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     attn_cfg = tuning.attention_config(batch, kvh, cache.max_len, d)
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
     mlp_cfg = tuning.matvec_config("gate_up", batch, h, (f, f))
-    mlp_block = impl == "pallas" and "mlp" in pallas_ops()  # gate/up and down as one phased launch
+    mlp_block = impl == "pallas" and "mlp" in pallas_ops(batch)  # gate/up and down as one phased launch
     block_cfgs = tuning.mlp_block_configs(batch, h, f) if mlp_block else None
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         a = layer.attn
         weights = (a.wq.reshape(n * d, h), a.wk.reshape(kvh * d, h), a.wv.reshape(kvh * d, h))
         qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=qkv_cfg,
-                                             implementation=_op_impl("qkv", impl)), parts)
+                                             implementation=_op_impl("qkv", impl, batch)), parts)
         x = x if x_new is None else x_new
         qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
         bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
@@ -301,7 +305,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         attn, k, v = ops.decode_attention(qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh,
                                           scale=d ** -0.5, eps=eps, bias=bias, qk_norm=qk_norm,
                                           sliding_window=config.sliding_window, config=attn_cfg,
-                                          implementation=_op_impl("attention", impl))
+                                          implementation=_op_impl("attention", impl, batch))
         new_k.append(k)
         new_v.append(v)
         attn = attn.reshape(batch, n * d)
@@ -313,7 +317,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
             continue
         mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
                                                x_parts=parts, config=mlp_cfg,
-                                               implementation=_op_impl("gate_up", impl)), parts)
+                                               implementation=_op_impl("gate_up", impl, batch)), parts)
         x = x if x_new is None else x_new
         x, parts = _project_residual("down", mid, layer.mlp.w_down, x, None, impl, tp_axis)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
@@ -322,10 +326,11 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
 def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl, tp_axis) -> jax.Array:
     """Final RMSNorm + LM head in one launch -> float32 logits [B, vocab] (gathered from the vocabulary shards)."""
     w = params.embed if params.lm_head is None else params.lm_head  # [vocab, hidden] (or this device's slice)
-    cfg = dataclasses.replace(tuning.matvec_config("lm_head", x.shape[0], config.hidden_size, (w.shape[0],)), split=1)
+    batch = x.shape[0]
+    cfg = dataclasses.replace(tuning.matvec_config("lm_head", batch, config.hidden_size, (w.shape[0],)), split=1)
     logits, _ = _stream(ops.norm_matvec(x, params.final_norm, config.rms_norm_eps, (w,), x_parts=parts,
                                         out_dtype=jnp.float32, config=cfg,
-                                        implementation=_op_impl("lm_head", impl)),
+                                        implementation=_op_impl("lm_head", impl, batch)),
                         parts)
     return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
 
