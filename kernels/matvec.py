@@ -188,6 +188,25 @@ def matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, *, batch, k_d
             start += blocks
 
 
+def tile_rows(cfg: MatvecConfig, batch: int) -> int:
+    """Rows a tile computes: one in mode "fma" (batch 1), else the batch padded to the 16-row tensor-core dot."""
+    return 1 if cfg.mode == "fma" else max(ROWS, next_pow2(batch))
+
+
+def check_tiling(cfg: MatvecConfig, batch: int, k_dim: int, ns: tuple[int, ...]) -> None:
+    """Raises ValueError unless `cfg` tiles [N_i, K] weights (each N_i in ns) for `batch` rows of input."""
+    if cfg.mode == "fma" and batch != 1:
+        raise ValueError("mode 'fma' needs batch 1")
+    if batch > ROWS:
+        raise ValueError(f"batch {batch} > {ROWS}: use the XLA path")
+    if not (is_pow2(cfg.bn) and is_pow2(cfg.bk)):
+        raise ValueError(f"bn and bk must be powers of 2, got {cfg}")
+    if any(n % cfg.bn for n in ns):
+        raise ValueError(f"every N in {ns} must be a multiple of bn={cfg.bn}")
+    if k_dim % (cfg.split * cfg.bk):
+        raise ValueError(f"K={k_dim} must be a multiple of split*bk={cfg.split}*{cfg.bk}")
+
+
 def fused_matvec(
     x: jax.Array,  # [B, K]: the input (the residual stream when x_parts is given)
     weights: tuple[jax.Array, ...],  # each [N_i, K]; outputs side by side
@@ -212,17 +231,8 @@ def fused_matvec(
     for w in weights:
         if w.ndim != 2 or w.shape[1] != k_dim:
             raise ValueError(f"weight {w.shape} is not [N, K] for x {x.shape}")
-    if cfg.mode == "fma" and batch != 1:
-        raise ValueError("mode 'fma' needs batch 1")
-    rows = 1 if cfg.mode == "fma" else max(ROWS, next_pow2(batch))
-    if batch > ROWS:
-        raise ValueError(f"batch {batch} > {ROWS}: use the XLA path")
-    if not (is_pow2(cfg.bn) and is_pow2(cfg.bk)):
-        raise ValueError(f"bn and bk must be powers of 2, got {cfg}")
-    if any(n % cfg.bn for n in ns):
-        raise ValueError(f"every N in {ns} must be a multiple of bn={cfg.bn}")
-    if k_dim % (cfg.split * cfg.bk):
-        raise ValueError(f"K={k_dim} must be a multiple of split*bk={cfg.split}*{cfg.bk}")
+    check_tiling(cfg, batch, k_dim, ns)
+    rows = tile_rows(cfg, batch)
     if swiglu and (len(weights) != 2 or ns[0] != ns[1]):
         raise ValueError("swiglu needs two weights of one shape (gate, up)")
     if cfg.split > 1 and (swiglu or residual is not None):

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tilert_jax.kernels.common import ROWS, interpret_default, is_pow2, next_pow2, norm_chunk, rms_apply, rms_inverse, store_rows, \
-    stream_rows
+from tilert_jax.kernels.common import (ROWS, interpret_default, next_pow2, norm_chunk, rms_apply, rms_inverse,
+                                       store_rows, stream_rows)
 from tilert_jax.kernels.grid_sync import RESIDENT_PROGRAMS, phased_call
-from tilert_jax.kernels.matvec import MatvecConfig, combine_reference, matvec_tile
+from tilert_jax.kernels.matvec import MatvecConfig, check_tiling, combine_reference, matvec_tile, tile_rows
 from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
 
 f32 = jnp.float32
@@ -75,19 +75,15 @@ def mlp_block(
         raise ValueError(f"MLP weights {w_gate.shape}/{w_up.shape}/{w_down.shape} do not fit x {x.shape}")
     if norm_weight.shape != (hidden,):
         raise ValueError(f"norm_weight must be [{hidden}], got {norm_weight.shape}")
-    if batch > ROWS or gate_up.split != 1 or (batch > 1 and "fma" in (gate_up.mode, down.mode)):
-        raise ValueError(f"mlp_block needs batch <= {ROWS}, an unsplit gate/up and mode 'fma' only at batch 1: "
-                         f"{gate_up}, {down}")
-    for cfg, k, n in ((gate_up, hidden, ffn), (down, ffn, hidden)):
-        if not (is_pow2(cfg.bn) and is_pow2(cfg.bk)) or n % cfg.bn or k % (cfg.split * cfg.bk):
-            raise ValueError(f"config {cfg} does not tile a [{n}, {k}] weight")
+    if gate_up.split != 1:
+        raise ValueError(f"mlp_block needs an unsplit gate/up: {gate_up}")
+    check_tiling(gate_up, batch, hidden, (ffn,))
+    check_tiling(down, batch, ffn, (hidden,))
     if x_parts is not None and (x_parts.ndim != 3 or x_parts.shape[1:] != (batch, hidden)):
         raise ValueError(f"x_parts must be [S, {batch}, {hidden}], got {x_parts.shape}")
     dtype = x.dtype
     interpret = interpret_default() if interpret is None else interpret
-    rows = max(ROWS, next_pow2(batch))
-    prow = 1 if batch == 1 else rows
-    tile_rows = {cfg: 1 if cfg.mode == "fma" else rows for cfg in (gate_up, down)}  # matvec.py's rows per mode
+    prow = 1 if batch == 1 else max(ROWS, next_pow2(batch))  # rows phase 0 reads: batch 1 reads one and broadcasts
     slice_k = max(16, 1 << (max(hidden // programs, 1).bit_length() - 1))  # phase 0: columns per slice written
     if hidden % slice_k:
         raise ValueError(f"hidden size {hidden} is not a multiple of {slice_k}")
@@ -118,11 +114,11 @@ def mlp_block(
         elif phase == 1:
             _tiles(ffn // gate_up.bn, programs, lambda t: matvec_tile(
                 t, 0, h_ref, None, None, [wg_ref, wu_ref], None, mid_ref, k_dim=hidden, ns=(ffn, ffn), cfg=gate_up,
-                rows=tile_rows[gate_up], swiglu=True, out_dtype=dtype, **tile))
+                rows=tile_rows(gate_up, batch), swiglu=True, out_dtype=dtype, **tile))
         else:
             _tiles(hidden // down.bn * down.split, programs, lambda t: matvec_tile(
                 t // down.split, t % down.split, mid_ref, None, None, [wd_ref], None, parts_ref, k_dim=ffn,
-                ns=(hidden,), cfg=down, rows=tile_rows[down], swiglu=False, out_dtype=f32, **tile))
+                ns=(hidden,), cfg=down, rows=tile_rows(down, batch), swiglu=False, out_dtype=f32, **tile))
 
     inputs = [x] + ([x_parts.astype(f32)] if has_parts else []) + [norm_weight, w_gate, w_up, w_down]
     out_shape = [jax.ShapeDtypeStruct((down.split, batch, hidden), f32),  # the MLP's output (partial sums)

@@ -257,7 +257,7 @@ def _stream(result, parts):
 
 
 def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
-    """x + inp @ w -> the residual stream as (x, None), or (x, partial sums) when the config splits K or the
+    """x + inp @ w^T (w [N, K]) -> the residual stream as (x, None), or (x, partial sums) when the config splits K or the
     product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N])."""
     batch, k = inp.shape
     cfg = tuning.matvec_config(op, batch, k, (w.shape[0],))
