@@ -200,7 +200,7 @@ def refine(shape: Shape, best: list[MatvecConfig]) -> list[MatvecConfig]:
 
 def pick(results: list[tuple[float, MatvecConfig]]) -> tuple[float, MatvecConfig]:
     """The fastest configuration, except that one with fewer K splits within 3% of it wins: every split is a float32
-    partial sum that each program of the next op reads again (16 of them made the next Q/K/V 2.5x slower)."""
+    partial sum that each program of the next op reads again (16 of them made the next Q/K/V 1.5x slower)."""
     best = min(t for t, _ in results)
     return min((r for r in results if r[0] <= 1.03 * best), key=lambda r: (r[1].split, r[0]))
 
