@@ -5,8 +5,12 @@ rope applied to q and k, the new k and v written into the cache in place, and at
 
 Split-sequence (flash-decoding): the grid is (batch, kv head, split); split p covers its share of [0, pos) (blocks
 past pos are never read), and the last split also takes the new token from registers and writes it to the cache.
-With one split the kernel normalises and writes the output itself; with more, each split writes its unnormalised
-accumulator and its running max and sum, and `combine_splits` merges them (a small XLA fusion).
+With one split the program normalises and writes the output itself. With more, each split writes its unnormalised
+accumulator and its running max and sum to a float32 workspace and counts its arrival on an int32 counter of its
+(batch, kv head); the split that arrives last merges the workspace and writes the output (the "last block" pattern
+of a split-K reduction). That replaces the two XLA fusions that merged the splits after the launch (3.2 us per
+layer on llama-3.2-1b, docs/PERF.md session 9). The counters are never reset: each launch adds `splits` to every
+one, so one zeroed array serves a whole decode step's layers in turn (`arrivals`).
 
 Rope without slicing registers: the rotate-half layout pairs channel c with c + d/2, so q and k are loaded as a
 low and a high half and the score is q_lo . k_lo + q_hi . k_hi (two 16-row tensor-core dots).
@@ -78,15 +82,21 @@ def decode_attention_reference(
     return out[:, 0], k_cache, v_cache
 
 
-def combine_splits(
-    o: jax.Array,  # [P, B, n, d] float32 unnormalised accumulators
-    m: jax.Array,  # [P, B, n, 1] float32 running maxima
-    l: jax.Array,  # [P, B, n, 1] float32 running sums
-    dtype,
-) -> jax.Array:  # [B, n, d]
-    mx = jnp.max(m, axis=0)
-    w = jnp.exp(m - mx)
-    return (jnp.sum(w * o, axis=0) / jnp.sum(w * l, axis=0)).astype(dtype)
+def _merge_splits(o_ws, m_ws, l_ws, b, h, splits: int, rows: int, head_dim: int) -> jax.Array:
+    """The splits' softmax states of (batch b, kv head h) merged -> the normalised output [rows, d] float32.
+
+    The loads are volatile (never served from L1): other programs of this launch wrote the workspace."""
+    def state(p):  # m [rows, 1], l [rows, 1], acc [rows, d] of split p
+        return tuple(plt.load(ref.at[b, h, jnp.int32(p), pl.ds(0, rows), pl.ds(0, width)], volatile=True)
+                     for ref, width in ((m_ws, 1), (l_ws, 1), (o_ws, head_dim)))
+
+    m, l, acc = state(0)
+    for p in range(1, splits):  # unrolled: the loads are independent and issue together
+        m_p, l_p, acc_p = state(p)
+        mx = jnp.maximum(m, m_p)
+        a, c = jnp.exp(m - mx), jnp.exp(m_p - mx)
+        m, l, acc = mx, l * a + l_p * c, acc * a + acc_p * c
+    return acc / l
 
 
 def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, num_kv_heads, head_dim, rows,
@@ -99,9 +109,12 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
     qn_ref, kn_ref = (next(it), next(it)) if qk_norm else (None, None)  # [d], [d]
     cos_ref, sin_ref = next(it), next(it)  # [d], [d]
     pos_ref = next(it)  # [1] int32
+    if splits > 1:
+        next(it)  # the arrival counters [B, kvh] (aliased to `arrived`)
     kc_ref, vc_ref = next(it), next(it)  # [B, kvh, max_len, d] (aliased to the two cache outputs)
-    o_ref = next(it)  # [B, n, d] (one split) or [P, B, n, d] float32
-    m_ref, l_ref = (next(it), next(it)) if splits > 1 else (None, None)  # [P, B, n, 1] float32
+    o_ref = next(it)  # [B, n, d]
+    if splits > 1:  # the workspace [B, kvh, P, rows, d | 1] float32 (acc, m, l) and the counters
+        o_ws, m_ws, l_ws, arrived = next(it), next(it), next(it), next(it)
     kc_out, vc_out = next(it), next(it)  # [B, kvh, max_len, d]
 
     b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -182,12 +195,19 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         plt.store(kc_out.at[b, h, pl.ds(pos, 1), pl.ds(half, half)], k_hi.astype(kc_out.dtype))
         plt.store(vc_out.at[b, h, pl.ds(pos, 1), pl.ds(0, head_dim)], v_new.astype(vc_out.dtype))
 
+    out = o_ref.at[b, pl.ds(h * groups, rows), pl.ds(0, head_dim)]
     if splits == 1:
-        store_rows(o_ref.at[b, pl.ds(h * groups, rows), pl.ds(0, head_dim)], (acc / l).astype(dtype), groups)
-    else:
-        store_rows(o_ref.at[p, b, pl.ds(h * groups, rows), pl.ds(0, head_dim)], acc, groups)
-        store_rows(m_ref.at[p, b, pl.ds(h * groups, rows), pl.ds(0, 1)], m, groups)
-        store_rows(l_ref.at[p, b, pl.ds(h * groups, rows), pl.ds(0, 1)], l, groups)
+        store_rows(out, (acc / l).astype(dtype), groups)
+        return
+    for ref, value in ((o_ws, acc), (m_ws, m), (l_ws, l)):
+        plt.store(ref.at[b, h, p, pl.ds(0, rows), pl.ds(0, value.shape[1])], value)
+    if not interpret:  # (interpreted programs run one after another)
+        plt.debug_barrier()  # every thread's stores precede the arrival (acquire-release at GPU scope, one thread)
+    seen = plt.atomic_add(arrived, (b, h), jnp.int32(1))
+
+    @pl.when(seen % splits == splits - 1)  # the last split of this launch to arrive
+    def _():
+        store_rows(out, _merge_splits(o_ws, m_ws, l_ws, b, h, splits, rows, head_dim).astype(dtype), groups)
 
 
 def decode_attention(
@@ -209,9 +229,11 @@ def decode_attention(
     block: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    arrivals: jax.Array | None = None,  # int32 [B, kvh], each a multiple of splits (None: zeros)
     interpret: bool | None = None,
 ):
-    """-> out [B, n, d], k_cache, v_cache. See decode_attention_reference for the meaning."""
+    """-> out [B, n, d], k_cache, v_cache, arrivals (the counters after this launch, for the next layer's launch; as
+    given with one split). See decode_attention_reference for the meaning of the rest."""
     batch, kvh, max_len, head_dim = k_cache.shape
     n_parts = qkv.shape[0] if qkv.ndim == 4 else 0
     nh = num_heads + 2 * num_kv_heads
@@ -233,15 +255,22 @@ def decode_attention(
         inputs += [bias[0], bias[1], bias[2]]
     if qk_norm is not None:
         inputs += [qk_norm[0], qk_norm[1]]
-    inputs += [cos, sin, jnp.reshape(pos, (1,)).astype(jnp.int32), k_cache, v_cache]
-    if splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((splits, batch, num_heads, head_dim), f32),
-                     jax.ShapeDtypeStruct((splits, batch, num_heads, 1), f32),
-                     jax.ShapeDtypeStruct((splits, batch, num_heads, 1), f32)]
+    inputs += [cos, sin, jnp.reshape(pos, (1,)).astype(jnp.int32)]
+    out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
+    aliases = {}
+    if splits > 1:
+        if arrivals is None:
+            arrivals = jnp.zeros((batch, kvh), jnp.int32)
+        if arrivals.shape != (batch, kvh) or arrivals.dtype != jnp.int32:
+            raise ValueError(f"arrivals must be int32 {(batch, kvh)}, got {arrivals.dtype} {arrivals.shape}")
+        aliases[len(inputs)] = 4
+        inputs.append(arrivals)
+        out_shape += [jax.ShapeDtypeStruct((batch, kvh, splits, rows, width), f32) for width in (head_dim, 1, 1)]
+        out_shape.append(jax.ShapeDtypeStruct((batch, kvh), jnp.int32))
+    inputs += [k_cache, v_cache]
     out_shape += [jax.ShapeDtypeStruct(k_cache.shape, dtype), jax.ShapeDtypeStruct(v_cache.shape, dtype)]
     n_in, n_out = len(inputs), len(out_shape)
+    aliases.update({n_in - 2: n_out - 2, n_in - 1: n_out - 1})
     kernel = lambda *refs: _kernel(  # noqa: E731
         *refs, batch=batch, n_parts=n_parts, has_bias=bias is not None, qk_norm=qk_norm is not None,
         splits=splits, block=block, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rows=rows,
@@ -250,14 +279,11 @@ def decode_attention(
         kernel,
         out_shape=out_shape,
         grid=(batch, kvh, splits),
-        input_output_aliases={n_in - 2: n_out - 2, n_in - 1: n_out - 1},
+        input_output_aliases=aliases,
         compiler_params=triton_params(num_warps, num_stages),
         interpret=interpret,
         name="decode_attention",
     )(*inputs)
     if splits == 1:
-        out, k_cache, v_cache = outs
-    else:
-        o, m, l, k_cache, v_cache = outs
-        out = combine_splits(o, m, l, dtype)
-    return out, k_cache, v_cache
+        return outs[0], outs[1], outs[2], arrivals
+    return outs[0], outs[-2], outs[-1], outs[4]

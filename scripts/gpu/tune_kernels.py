@@ -260,9 +260,9 @@ def tune_attention(config, batch, max_len, pos, deadline, log) -> dict | None:
     def run_with(fn):
         @functools_partial_jit
         def run(qkv, caches):
-            outs, new = [], []
+            outs, new, arrivals = [], [], None  # the split counters go from layer to layer, as in the model
             for kc, vc in caches:
-                o, kc, vc = fn(qkv, kc, vc)
+                o, kc, vc, arrivals = fn(qkv, kc, vc, arrivals)
                 outs.append(o)
                 new.append((kc, vc))
             return outs, new
@@ -278,7 +278,7 @@ def tune_attention(config, batch, max_len, pos, deadline, log) -> dict | None:
 
     kw = dict(num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, qk_norm=None)
     p = jnp.int32(pos)
-    xla_s = run_with(lambda q, kc, vc: decode_attention_reference(q, kc, vc, p, cos, sin, **kw))
+    xla_s = run_with(lambda q, kc, vc, arrivals: (*decode_attention_reference(q, kc, vc, p, cos, sin, **kw), None))
     log({"kind": "attention", "key": key, "impl": "xla", "us": 1e6 * xla_s, "kv_bytes": kv_bytes})
     results = []
     cands = [dict(splits=s, block=64) for s in (1, 2, 4, 8, 16)]
@@ -289,8 +289,8 @@ def tune_attention(config, batch, max_len, pos, deadline, log) -> dict | None:
         if time.time() > deadline and results:
             break
         try:
-            t = run_with(lambda q, kc, vc, c=c: decode_attention(q, kc, vc, p, cos, sin, **kw, **c,
-                                                                  interpret=INTERPRET))
+            t = run_with(lambda q, kc, vc, arrivals, c=c: decode_attention(
+                q, kc, vc, p, cos, sin, **kw, **c, arrivals=arrivals, interpret=INTERPRET))
         except Exception as e:  # noqa: BLE001
             log({"kind": "attention", "key": key, "impl": "pallas", "config": c, "error": repr(e)[:500]})
             continue

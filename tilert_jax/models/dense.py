@@ -175,6 +175,7 @@ def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache,
     """tokens: [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one)."""
     x = collectives.embed_lookup(params.embed, tokens, tp_axis)  # [B, T, hidden]
     new_k, new_v = [], []
+    arrivals = None  # the attention kernel's split counters, one array through every layer
     for i, layer in enumerate(params.layers):
         layer_cache = None if cache is None else (cache.k[i], cache.v[i])
         h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
@@ -293,6 +294,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     mlp_block = impl == "pallas" and "mlp" in pallas_ops(batch)  # gate/up and down as one phased launch
     block_cfgs = tuning.mlp_block_configs(batch, h, f) if mlp_block else None
     new_k, new_v = [], []
+    arrivals = None  # the attention kernel's split counters, one array through every layer
     for i, layer in enumerate(params.layers):
         a = layer.attn
         weights = (a.wq.reshape(n * d, h), a.wk.reshape(kvh * d, h), a.wv.reshape(kvh * d, h))
@@ -302,10 +304,10 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
         bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
         qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
-        attn, k, v = ops.decode_attention(qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh,
-                                          scale=d ** -0.5, eps=eps, bias=bias, qk_norm=qk_norm,
-                                          sliding_window=config.sliding_window, config=attn_cfg,
-                                          implementation=_op_impl("attention", impl, batch))
+        attn, k, v, arrivals = ops.decode_attention(
+            qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, eps=eps,
+            bias=bias, qk_norm=qk_norm, sliding_window=config.sliding_window, config=attn_cfg, arrivals=arrivals,
+            implementation=_op_impl("attention", impl, batch))
         new_k.append(k)
         new_v.append(v)
         attn = attn.reshape(batch, n * d)
