@@ -24,6 +24,8 @@ a Mosaic GPU version was not measured.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -82,21 +84,22 @@ def decode_attention_reference(
     return out[:, 0], k_cache, v_cache
 
 
-def _merge_splits(o_ws, m_ws, l_ws, b, h, splits: int, rows: int, head_dim: int) -> jax.Array:
+def _merge_splits(acc_ws, ml_ws, b, h, splits: int, rows: int, head_dim: int) -> jax.Array:
     """The splits' softmax states of (batch b, kv head h) merged -> the normalised output [rows, d] float32.
 
-    The loads are volatile (never served from L1): other programs of this launch wrote the workspace."""
-    def state(p):  # m [rows, 1], l [rows, 1], acc [rows, d] of split p
-        return tuple(plt.load(ref.at[b, h, jnp.int32(p), pl.ds(0, rows), pl.ds(0, width)], volatile=True)
-                     for ref, width in ((m_ws, 1), (l_ws, 1), (o_ws, head_dim)))
+    Every load is issued before the arithmetic that uses it (all maxima and sums, then all accumulators), so their
+    latencies overlap. Plain loads are safe: no other program of this launch read these lines (each (b, h) owns
+    whole 128-byte lines of both workspaces), and L1 starts each launch empty."""
+    def at(ref, p, c0, width):
+        return plt.load(ref.at[b, h, jnp.int32(p), pl.ds(0, rows), pl.ds(c0, width)])
 
-    m, l, acc = state(0)
-    for p in range(1, splits):  # unrolled: the loads are independent and issue together
-        m_p, l_p, acc_p = state(p)
-        mx = jnp.maximum(m, m_p)
-        a, c = jnp.exp(m - mx), jnp.exp(m_p - mx)
-        m, l, acc = mx, l * a + l_p * c, acc * a + acc_p * c
-    return acc / l
+    ms = [at(ml_ws, p, 0, 1) for p in range(splits)]  # [rows, 1] each
+    ls = [at(ml_ws, p, 1, 1) for p in range(splits)]
+    mx = functools.reduce(jnp.maximum, ms)
+    weights = [jnp.exp(m - mx) for m in ms]
+    total = sum(w * l for w, l in zip(weights, ls))
+    acc = sum(w * at(acc_ws, p, 0, head_dim) for p, w in enumerate(weights))  # [rows, d]
+    return acc / total
 
 
 def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, num_kv_heads, head_dim, rows,
@@ -113,8 +116,8 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         next(it)  # the arrival counters [B, kvh] (aliased to `arrived`)
     kc_ref, vc_ref = next(it), next(it)  # [B, kvh, max_len, d] (aliased to the two cache outputs)
     o_ref = next(it)  # [B, n, d]
-    if splits > 1:  # the workspace [B, kvh, P, rows, d | 1] float32 (acc, m, l) and the counters
-        o_ws, m_ws, l_ws, arrived = next(it), next(it), next(it), next(it)
+    if splits > 1:  # the workspace: float32 acc [B, kvh, P, rows, d] and (m, l) [B, kvh, P, rows, 2]; the counters
+        acc_ws, ml_ws, arrived = next(it), next(it), next(it)
     kc_out, vc_out = next(it), next(it)  # [B, kvh, max_len, d]
 
     b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -199,15 +202,15 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
     if splits == 1:
         store_rows(out, (acc / l).astype(dtype), groups)
         return
-    for ref, value in ((o_ws, acc), (m_ws, m), (l_ws, l)):
-        plt.store(ref.at[b, h, p, pl.ds(0, rows), pl.ds(0, value.shape[1])], value)
+    for ref, c0, value in ((acc_ws, 0, acc), (ml_ws, 0, m), (ml_ws, 1, l)):
+        plt.store(ref.at[b, h, p, pl.ds(0, rows), pl.ds(c0, value.shape[1])], value)
     if not interpret:  # (interpreted programs run one after another)
         plt.debug_barrier()  # every thread's stores precede the arrival (acquire-release at GPU scope, one thread)
     seen = plt.atomic_add(arrived, (b, h), jnp.int32(1))
 
     @pl.when(seen % splits == splits - 1)  # the last split of this launch to arrive
     def _():
-        store_rows(out, _merge_splits(o_ws, m_ws, l_ws, b, h, splits, rows, head_dim).astype(dtype), groups)
+        store_rows(out, _merge_splits(acc_ws, ml_ws, b, h, splits, rows, head_dim).astype(dtype), groups)
 
 
 def decode_attention(
@@ -263,9 +266,9 @@ def decode_attention(
             arrivals = jnp.zeros((batch, kvh), jnp.int32)
         if arrivals.shape != (batch, kvh) or arrivals.dtype != jnp.int32:
             raise ValueError(f"arrivals must be int32 {(batch, kvh)}, got {arrivals.dtype} {arrivals.shape}")
-        aliases[len(inputs)] = 4
+        aliases[len(inputs)] = 3
         inputs.append(arrivals)
-        out_shape += [jax.ShapeDtypeStruct((batch, kvh, splits, rows, width), f32) for width in (head_dim, 1, 1)]
+        out_shape += [jax.ShapeDtypeStruct((batch, kvh, splits, rows, width), f32) for width in (head_dim, 2)]
         out_shape.append(jax.ShapeDtypeStruct((batch, kvh), jnp.int32))
     inputs += [k_cache, v_cache]
     out_shape += [jax.ShapeDtypeStruct(k_cache.shape, dtype), jax.ShapeDtypeStruct(v_cache.shape, dtype)]
@@ -286,4 +289,4 @@ def decode_attention(
     )(*inputs)
     if splits == 1:
         return outs[0], outs[1], outs[2], arrivals
-    return outs[0], outs[-2], outs[-1], outs[4]
+    return outs[0], outs[-2], outs[-1], outs[3]
