@@ -95,6 +95,20 @@ def test_group_limited_greedy_masks_other_groups():
     np.testing.assert_allclose(weights[0], 2.0 * jax.lax.top_k(jax.nn.softmax(logits[0]), 3)[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape, k", [((3, 64), 6), ((2, 8, 32), 2), ((1, 256), 8), ((5, 8), 8), ((1100, 64), 6)])
+def test_ranked_top_k_is_lax_top_k(shape, k):
+    """Values and indices exactly as jax.lax.top_k's, ties (few distinct values) and -inf included; the last shape
+    is past RANKED_TOP_K_ELEMENTS and takes the sort."""
+    rng = np.random.default_rng()
+    x = rng.integers(-4, 5, size=shape).astype(np.float32) + rng.choice([0.0, 0.5], size=shape)
+    x[rng.random(shape) < 0.1] = -np.inf
+    values, index = moe.ranked_top_k(jnp.asarray(x), k)
+    ref_values, ref_index = jax.lax.top_k(jnp.asarray(x), k)
+    assert index.dtype == jnp.int32
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_array_equal(values, ref_values)
+
+
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8_swiglu", "fp8_packed", "fp8_swiglu_packed"])
 def test_grouped_matvec_kernel_matches_reference(kind, split):

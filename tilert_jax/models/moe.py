@@ -33,6 +33,28 @@ def router_logits(x: jnp.ndarray,  # [N, hidden]
     return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))
 
 
+RANKED_TOP_K_ELEMENTS = 1 << 22  # the largest comparison tensor [..., E, E] `ranked_top_k` builds; a sort beyond it
+
+
+def ranked_top_k(x: jnp.ndarray,  # [..., E]
+                 k: int) -> tuple[jnp.ndarray, jnp.ndarray]:  # values [..., k], indices [..., k] int32
+    """jax.lax.top_k's result (ties to the lower index), by ranking for the few rows of a decode step: an element's
+    rank is the count of elements ahead of it (greater, or equal at a lower index), and slot r takes the element of
+    rank r. On a GPU that is two small fusions, where a sort costs a sort kernel and two slice copies (4.7 us per
+    DeepSeek-V2-Lite layer, docs/PERF.md session 9). Larger inputs (prefill) keep the sort."""
+    e = x.shape[-1]
+    if x.size * e > RANKED_TOP_K_ELEMENTS:
+        values, index = jax.lax.top_k(x, k)
+        return values, index.astype(jnp.int32)
+    i = jnp.arange(e, dtype=jnp.int32)
+    xi, xj = x[..., :, None], x[..., None, :]  # [..., E, 1], [..., 1, E]
+    ahead = (xj > xi) | ((xj == xi) & (i[None, :] < i[:, None]))  # [..., E, E]: element j ahead of element i
+    rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # [..., E]
+    slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]
+    index = jnp.sum(jnp.where(slot, i, 0), axis=-1)
+    return jnp.take_along_axis(x, index, axis=-1), index
+
+
 def route_softmax(logits: jnp.ndarray,  # [N, E] float32 router logits
                   top_k: int, method: str, n_group: int | None, topk_group: int | None,
                   routed_scaling_factor: float) -> tuple[jnp.ndarray, jnp.ndarray]:  # weights [N, k], index [N, k]
@@ -45,8 +67,8 @@ def route_softmax(logits: jnp.ndarray,  # [N, E] float32 router logits
         group_scores = scores.reshape(n, n_group, e // n_group).max(axis=-1)  # [N, G]
         keep = _top_groups(group_scores, topk_group)  # [N, G]
         scores = jnp.where(jnp.repeat(keep, e // n_group, axis=-1), scores, 0.0)
-    weights, index = jax.lax.top_k(scores, top_k)
-    return weights * routed_scaling_factor, index.astype(jnp.int32)
+    weights, index = ranked_top_k(scores, top_k)
+    return weights * routed_scaling_factor, index
 
 
 def route_sigmoid(logits: jnp.ndarray,  # [N, E] float32
@@ -59,18 +81,18 @@ def route_sigmoid(logits: jnp.ndarray,  # [N, E] float32
     choice = scores if bias is None else scores + bias.astype(jnp.float32)
     n, e = choice.shape
     per_group = choice.reshape(n, n_group, e // n_group)
-    group_scores = jax.lax.top_k(per_group, 2)[0].sum(axis=-1)  # [N, G]
+    group_scores = ranked_top_k(per_group, 2)[0].sum(axis=-1)  # [N, G]
     keep = _top_groups(group_scores, topk_group)
     choice = jnp.where(jnp.repeat(keep, e // n_group, axis=-1), choice, -jnp.inf)
-    index = jax.lax.top_k(choice, top_k)[1]
+    index = ranked_top_k(choice, top_k)[1]
     weights = jnp.take_along_axis(scores, index, axis=-1)
     if norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return weights * routed_scaling_factor, index.astype(jnp.int32)
+    return weights * routed_scaling_factor, index
 
 
 def _top_groups(group_scores: jnp.ndarray, topk_group: int) -> jnp.ndarray:  # [N, G] bool
-    idx = jax.lax.top_k(group_scores, topk_group)[1]
+    idx = ranked_top_k(group_scores, topk_group)[1]
     return jnp.any(jax.nn.one_hot(idx, group_scores.shape[-1], dtype=jnp.int32) > 0, axis=-2)
 
 
