@@ -50,9 +50,10 @@ def ranked_top_k(x: jnp.ndarray,  # [..., E]
     xi, xj = x[..., :, None], x[..., None, :]  # [..., E, 1], [..., 1, E]
     ahead = (xj > xi) | ((xj == xi) & (i[None, :] < i[:, None]))  # [..., E, E]: element j ahead of element i
     rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # [..., E]
-    slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]
-    index = jnp.sum(jnp.where(slot, i, 0), axis=-1)
-    return jnp.take_along_axis(x, index, axis=-1), index
+    slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]: one element per slot
+    # Both as sums over the slot (one fusion; a gather would be another): exact, as every other term is zero.
+    values = jnp.sum(jnp.where(slot, x[..., None, :], jnp.zeros((), x.dtype)), axis=-1)
+    return values, jnp.sum(jnp.where(slot, i, 0), axis=-1)
 
 
 def route_softmax(logits: jnp.ndarray,  # [N, E] float32 router logits
