@@ -175,7 +175,6 @@ def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache,
     """tokens: [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one)."""
     x = collectives.embed_lookup(params.embed, tokens, tp_axis)  # [B, T, hidden]
     new_k, new_v = [], []
-    arrivals = None  # the attention kernel's split counters, one array through every layer
     for i, layer in enumerate(params.layers):
         layer_cache = None if cache is None else (cache.k[i], cache.v[i])
         h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
