@@ -8,9 +8,7 @@ the tile's partial product.
 With `w2` (gate and up) the epilogue is silu(x @ W) * (x @ W2), one launch for both.
 
 A plain Linear at decode (bf16 or FP8) is the one-group case (ids = [0], the weight viewed as a stack of one); a
-narrow output splits K into float32 partial sums so that the grid fills the GPU (`default_config`; a gate/up pair's
-last split to arrive at an output tile adds the sums and applies the SwiGLU, as decode_attention merges its
-splits), and FP8 stacks
+narrow output splits K into float32 partial sums so that the grid fills the GPU (`default_config`), and FP8 stacks
 of 2**31 elements or more are read as uint16 pairs (see `grouped_matvecs`, which also runs several products in one
 launch).
 
@@ -49,7 +47,7 @@ f32 = jnp.float32
 class GroupedConfig:
     bn: int = 64  # output columns per program (a power of 2; clipped to divide N and the scale block)
     bk: int = 128  # weight rows per loop step (a power of 2; clipped to divide K and the scale block)
-    split: int = 1  # K splits: programs write float32 partial sums, added by XLA after (gate/up: by the last split)
+    split: int = 1  # K splits: programs write float32 partial sums, added (and the SwiGLU applied) by XLA after
     num_warps: int = 4
     num_stages: int = 4
     f16: bool = True  # bf16 x with FP8 weights: multiply in float16 (see `_to_f16`), 15% to 30% faster (H200)
@@ -200,16 +198,12 @@ class _Plan:
         return self.groups * (self.n_dim // self.bn) * self.split
 
     @property
-    def merged(self) -> bool:  # a split gate/up pair: the last split of each output tile applies the SwiGLU
-        return self.swiglu and self.split > 1
+    def num_inputs(self) -> int:  # ids, x, w [, scale] [, w2 [, scale2]] [, group weights]
+        return 3 + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
 
     @property
-    def num_inputs(self) -> int:  # ids, x, w [, scale] [, w2 [, scale2]] [, group weights] [, arrival counters]
-        return 3 + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted + self.merged
-
-    @property
-    def num_outputs(self) -> int:  # y; or the partial sums of w; merged: those of w and w2, y, the counters
-        return 4 if self.merged else 1
+    def num_outputs(self) -> int:  # y, or the partial sums of w (and of w2)
+        return 1 + (self.swiglu and self.split > 1)
 
 
 def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
@@ -222,7 +216,7 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
     s2_ref = next(it) if plan.swiglu and plan.fp8 else None
     gw_ref = next(it) if plan.weighted else None  # [G] float32
     o_ref = out_refs[0]  # [G, B, N], or [split, G, B, N] float32 partial sums
-    o2_ref, y_ref, arrived = out_refs[1:] if plan.merged else (None,) * 3  # up's sums, [G, B, N], [G * N / bn]
+    o2_ref = out_refs[1] if len(out_refs) > 1 else None  # the up projection's partial sums
 
     batch, bk, bn, split, packed = plan.batch, plan.bk, plan.bn, plan.split, plan.packed
     rows = max(ROWS, next_pow2(batch))
@@ -277,21 +271,6 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
             continue
         y = _swiglu(accs[0][phase], accs[1][phase], plan.in_dtype) if plan.swiglu else accs[0][phase]
         store_rows(window(o_ref, phase), y.astype(plan.out_dtype), batch)
-    if not plan.merged:
-        return
-    # The split that arrives last at this output tile adds the splits' sums and applies the SwiGLU. Plain loads
-    # are safe: each tile owns whole 128-byte lines of the partial sums (bn / phases >= 32 float32 columns), no
-    # other program reads them, and L1 starts each launch empty.
-    if not interpret:  # (interpreted programs run one after another)
-        plt.debug_barrier()  # every thread's stores precede the arrival (acquire-release at GPU scope, one thread)
-    seen = plt.atomic_add(arrived, g * n_tiles + (local // split) % n_tiles, jnp.int32(1))
-
-    @pl.when(seen % split == split - 1)
-    def _():
-        for phase in range(phases):
-            gate, up = (sum(load_rows(window(ref, phase, jnp.int32(i)), batch) for i in range(split))
-                        for ref in (o_ref, o2_ref))
-            store_rows(window(y_ref, phase), _swiglu(gate, up, plan.in_dtype).astype(plan.out_dtype), batch)
 
 
 def _kernel(*refs, plans, block, interpret):
@@ -346,7 +325,7 @@ def grouped_matvecs(
     shapes = [_check(p, block) for p in products]
     cfg = config or default_config(shapes, block)
     interpret = interpret_default() if interpret is None else interpret
-    plans, inputs, out_shapes, aliases, first = [], [], [], {}, 0
+    plans, inputs, out_shapes, first = [], [], [], 0
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
         picked = tiles(k_dim, n_dim, block if fp8 else None, cfg)
         if picked is None:
@@ -380,32 +359,27 @@ def grouped_matvecs(
         columns = (2, n_dim // 2) if is_packed else (n_dim,)
         if split == 1:
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
-        elif not plan.merged:
-            out_shapes.append(jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32))
-        else:  # both partial sums, the SwiGLU output, the arrival counters (zeros in, aliased)
-            counters = jax.ShapeDtypeStruct((groups * (n_dim // bn),), jnp.int32)
-            aliases[len(inputs)] = len(out_shapes) + 3
-            inputs.append(jnp.zeros(counters.shape, counters.dtype))
-            out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * 2
-            out_shapes += [jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype), counters]
+        else:
+            out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * plan.num_outputs
     outs = iter(pl.pallas_call(
         functools.partial(_kernel, plans=tuple(plans), block=block, interpret=interpret),
         out_shape=out_shapes,
         grid=(first,),
         compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
-        input_output_aliases=aliases,
         interpret=interpret,
         name="moe_grouped_matvec",
     )(*inputs))
     results = []
     for plan in plans:
-        out = [next(outs) for _ in range(plan.num_outputs)][:3]  # (a merged plan's counters are done with)
+        out = [next(outs) for _ in range(plan.num_outputs)]
         if plan.packed:  # [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
             out = [jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], plan.n_dim) for a in out]
-        if plan.split == 1 or (not finish and not plan.swiglu):
+        if plan.split == 1:
             results.append(out[0])
-        elif plan.merged:
-            results.append(out[2])
+        elif not finish and not plan.swiglu:
+            results.append(out[0])
+        elif plan.swiglu:
+            results.append(_swiglu(out[0].sum(0), out[1].sum(0), plan.in_dtype).astype(plan.out_dtype))
         else:
             results.append(out[0].sum(0).astype(plan.out_dtype))
     return results
