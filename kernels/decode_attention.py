@@ -8,9 +8,10 @@ past pos are never read), and the last split also takes the new token from regis
 With one split the program normalises and writes the output itself. With more, each split writes its unnormalised
 accumulator and its running max and sum to a float32 workspace and counts its arrival on an int32 counter of its
 (batch, kv head); the split that arrives last merges the workspace and writes the output (the "last block" pattern
-of a split-K reduction). That replaces the two XLA fusions that merged the splits after the launch (3.2 us per
-layer on llama-3.2-1b, docs/PERF.md session 9). The counters are never reset: each launch adds `splits` to every
-one, so one zeroed array serves a whole decode step's layers in turn (`arrivals`).
+of a split-K reduction). That replaces the two XLA fusions that merged the splits after the launch: attention
+took 7.6 us per llama-3.2-1b layer against 5.2 + 3.2 before (docs/PERF.md, session 9). The counters are never
+reset: each launch adds `splits` to every one, so one zeroed array serves a whole decode step's layers in turn
+(`arrivals`).
 
 Rope without slicing registers: the rotate-half layout pairs channel c with c + d/2, so q and k are loaded as a
 low and a high half and the score is q_lo . k_lo + q_hi . k_hi (two 16-row tensor-core dots).
