@@ -149,13 +149,8 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         s_lo, s_hi = sin_ref[pl.ds(0, half)].astype(f32)[None, :], sin_ref[pl.ds(half, half)].astype(f32)[None, :]
         return rnd(lo * c_lo - hi * s_lo), rnd(hi * c_hi + lo * s_hi)
 
-    q_lo, q_hi = prepare(h * groups, rows, groups, bq_ref, h * groups, qn_ref)  # [rows, half]
-    k_lo, k_hi = prepare(num_heads + h, 1, 1, bk_ref, h, kn_ref)  # [1, half]
-    v_new = load_qkv(num_heads + num_kv_heads + h, 1, 1, 0, head_dim)  # [1, d]
-    if has_bias:
-        v_new = rnd(v_new + bv_ref[pl.ds(h, 1), :].astype(f32))
-    q_lo_b, q_hi_b = q_lo.astype(dtype), q_hi.astype(dtype)
-
+    # This split's share of the cache, and its first block requested before q and k are formed (the two sets of
+    # loads overlap); each loop step then requests the next block before its arithmetic.
     lo_pos = 0 if window is None else jnp.maximum(pos - window + 1, 0)
     span = pos - lo_pos
     if splits > 1:
@@ -166,22 +161,29 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         start, end = lo_pos, pos
     nblocks = (jnp.maximum(end - start, 0) + block - 1) // block
 
-    def body(t, carry):
-        m, l, acc = carry  # [rows, 1], [rows, 1], [rows, d]
-        t0 = start + t * block
-        kpos = t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0)  # [block, 1]
-        valid = kpos < end
-        kb_lo = plt.load(kc_ref.at[b, h, pl.ds(t0, block), pl.ds(0, half)],
-                         mask=jnp.broadcast_to(valid, (block, half)), other=0)  # [block, half]
-        kb_hi = plt.load(kc_ref.at[b, h, pl.ds(t0, block), pl.ds(half, half)],
-                         mask=jnp.broadcast_to(valid, (block, half)), other=0)
-        vb = plt.load(vc_ref.at[b, h, pl.ds(t0, block), pl.ds(0, head_dim)],
-                      mask=jnp.broadcast_to(valid, (block, head_dim)), other=0)  # [block, d]
-        s = (dot(q_lo_b, kb_lo, NT, interpret) + dot(q_hi_b, kb_hi, NT, interpret)) * scale  # [rows, block]
-        return online_softmax_step(m, l, acc, s, valid, vb, dtype, interpret)
+    def cache_block(t0):  # -> valid [block, 1], k_lo, k_hi [block, half], v [block, d] (zeros past `end`)
+        valid = t0 + lax.broadcasted_iota(jnp.int32, (block, 1), 0) < end
+        k_lo, k_hi, v = (plt.load(ref.at[b, h, pl.ds(t0, block), pl.ds(c0, width)],
+                                  mask=jnp.broadcast_to(valid, (block, width)), other=0)
+                         for ref, c0, width in ((kc_ref, 0, half), (kc_ref, half, half), (vc_ref, 0, head_dim)))
+        return valid, k_lo, k_hi, v
 
-    init = (jnp.full((rows, 1), NEG, f32), jnp.zeros((rows, 1), f32), jnp.zeros((rows, head_dim), f32))
-    m, l, acc = lax.fori_loop(0, nblocks, body, init)
+    first = cache_block(start)
+    q_lo, q_hi = prepare(h * groups, rows, groups, bq_ref, h * groups, qn_ref)  # [rows, half]
+    k_lo, k_hi = prepare(num_heads + h, 1, 1, bk_ref, h, kn_ref)  # [1, half]
+    v_new = load_qkv(num_heads + num_kv_heads + h, 1, 1, 0, head_dim)  # [1, d]
+    if has_bias:
+        v_new = rnd(v_new + bv_ref[pl.ds(h, 1), :].astype(f32))
+    q_lo_b, q_hi_b = q_lo.astype(dtype), q_hi.astype(dtype)
+
+    def body(t, carry):
+        m, l, acc, (valid, kb_lo, kb_hi, vb) = carry  # [rows, 1], [rows, 1], [rows, d]; block t's tiles
+        following = cache_block(start + (t + 1) * block)  # requested before block t's arithmetic
+        s = (dot(q_lo_b, kb_lo, NT, interpret) + dot(q_hi_b, kb_hi, NT, interpret)) * scale  # [rows, block]
+        return (*online_softmax_step(m, l, acc, s, valid, vb, dtype, interpret), following)
+
+    init = (jnp.full((rows, 1), NEG, f32), jnp.zeros((rows, 1), f32), jnp.zeros((rows, head_dim), f32), first)
+    m, l, acc, _ = lax.fori_loop(0, nblocks, body, init)
 
     # The new token (its key and value are still in registers), taken by the last split.
     last = p == splits - 1
