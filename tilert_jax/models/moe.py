@@ -42,7 +42,7 @@ def ranked_top_k(x: jnp.ndarray,  # [..., E]
     rank is the count of elements ahead of it (greater, or equal at a lower index), and slot r takes the element of
     rank r. On a GPU that is two small fusions, where a sort costs a sort kernel and two slice copies (4.7 us per
     DeepSeek-V2-Lite layer, docs/PERF.md session 9). Larger inputs (prefill) keep the sort. x must be free of NaN
-    (a NaN ranks beside the first element instead of first, as the sort ranks it)."""
+    (a NaN compares false with everything, so two elements could share a rank)."""
     e = x.shape[-1]
     if x.size * e > RANKED_TOP_K_ELEMENTS:
         values, index = jax.lax.top_k(x, k)
