@@ -83,7 +83,7 @@ def _kernel(*refs, batch, k_dim, ns, cfg: MatvecConfig, rows, n_parts, norm, eps
     matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, batch=batch, k_dim=k_dim, ns=ns, cfg=cfg,
                 rows=rows, eps=eps, swiglu=swiglu, out_dtype=out_dtype, in_dtype=in_dtype, interpret=interpret)
     if n_parts:
-        prow = 1 if batch == 1 else rows
+        prow = input_rows(batch)
         chunk = norm_chunk(k_dim, prow)
 
         @pl.when((j == 0) & (s == 0))
@@ -102,7 +102,7 @@ def matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, *, batch, k_d
     bn, bk, splits = cfg.bn, cfg.bk, cfg.split
     norm, residual = nw_ref is not None, r_ref is not None
     evict = "evict_first" if cfg.evict_first else None
-    prow = 1 if batch == 1 else rows  # rows the input is read with: batch 1 reads one row and broadcasts it
+    prow = input_rows(batch)
     chunk = norm_chunk(k_dim, prow)
     part_refs = (xp_ref,) if xp_ref is not None else ()
 
@@ -186,6 +186,12 @@ def matvec_tile(j, s, x_ref, xp_ref, nw_ref, w_refs, r_ref, o_ref, *, batch, k_d
                 run([w_refs[i]], pl.multiple_of((j - start) * bn, bn), pl.multiple_of(j * bn, bn))
 
             start += blocks
+
+
+def input_rows(batch: int) -> int:
+    """Rows the input stream is read with: batch 1 reads one row (broadcast where a tile needs more), else the batch
+    padded to the 16-row tensor-core dot."""
+    return 1 if batch == 1 else max(ROWS, next_pow2(batch))
 
 
 def tile_rows(cfg: MatvecConfig, batch: int) -> int:

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tilert_jax.kernels.common import (ROWS, interpret_default, next_pow2, norm_chunk, rms_apply, rms_inverse,
-                                       store_rows, stream_rows)
+from tilert_jax.kernels.common import interpret_default, norm_chunk, rms_apply, rms_inverse, store_rows, stream_rows
 from tilert_jax.kernels.grid_sync import RESIDENT_PROGRAMS, phased_call
-from tilert_jax.kernels.matvec import MatvecConfig, check_tiling, combine_reference, matvec_tile, tile_rows
+from tilert_jax.kernels.matvec import (MatvecConfig, check_tiling, combine_reference, input_rows, matvec_tile,
+                                       tile_rows)
 from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
 
 f32 = jnp.float32
@@ -83,7 +83,7 @@ def mlp_block(
         raise ValueError(f"x_parts must be [S, {batch}, {hidden}], got {x_parts.shape}")
     dtype = x.dtype
     interpret = interpret_default() if interpret is None else interpret
-    prow = 1 if batch == 1 else max(ROWS, next_pow2(batch))  # rows phase 0 reads: batch 1 reads one and broadcasts
+    prow = input_rows(batch)  # rows phase 0 reads
     slice_k = max(16, 1 << (max(hidden // programs, 1).bit_length() - 1))  # phase 0: columns per slice written
     if hidden % slice_k:
         raise ValueError(f"hidden size {hidden} is not a multiple of {slice_k}")

@@ -257,8 +257,8 @@ def _stream(result, parts):
 
 
 def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
-    """x + inp @ w^T (w [N, K]) -> the residual stream as (x, None), or (x, partial sums) when the config splits K or the
-    product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N])."""
+    """x + inp @ w^T (w [N, K]) -> the residual stream as (x, None), or (x, partial sums) when the config splits K or
+    the product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N])."""
     batch, k = inp.shape
     cfg = tuning.matvec_config(op, batch, k, (w.shape[0],))
     impl = _op_impl(op, impl, batch)
