@@ -2,7 +2,8 @@
 
 Each program streams matching tiles (the same output columns) of the gate and up weights, so silu(gate) * up is
 formed in registers and only h [B, intermediate] is written. No K split here (silu needs the whole sum); the
-intermediate size is wide enough to fill the GPU without one. Lowering: Triton, the kernel body is `fused_matvec` in matvec.py.
+intermediate size is wide enough to fill the GPU without one. Lowering: Triton, the kernel body is `fused_matvec` in
+matvec.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 The check is grid_sync.neighbour_exchange: each phase, every program writes one value and then reads the value a
 neighbour wrote in the previous phase; a wrong value counts as a failure. Timed as one phased launch (barriers
 between phases) and as the same phases launched separately inside one jitted function (kernel boundaries between
-them); per-phase cost = the slope over phase counts of the median time per call of back-to-back calls. JSON lines on stdout.
+them); per-phase cost = the slope over phase counts of the median time per call of back-to-back calls. JSON lines on
+stdout.
 """
 
 import argparse
