@@ -1,24 +1,33 @@
-"""One decode step of multi-head latent attention (DeepSeek V2 / V3) over the latent cache, absorbed form.
+"""One decode step of multi-head latent attention (DeepSeek V2 / V3) over the latent cache, absorbed form, from the
+query and kv_a projections' outputs as they leave their launch (float32 partial sums of a split-K product, or
+finished) to the heads' outputs, the new token's cache entry written on the way.
 
 Per token the cache holds [latent (r = kv_lora_rank), rope key (dr)]; kv_b_proj's weight [r, H, dn + dv] is W_UK
-(its first dn columns per head) beside W_UV (the last dv). With q = [q_nope, q_pe] per head:
+(its first dn columns per head) beside W_UV (the last dv). With q = [q_nope, q_pe] per head and kv_a's output
+[c_lat, c_pe]:
 
-    q_lat[h]  = W_UK[:, h, :] @ q_nope[h]                           absorb_query      grid (B, H, r / br)
+    cache[pos] = [rmsnorm(c_lat), rope(c_pe)], q_pe = rope(q_pe)       absorb_query      grid (B, H, r / br)
+    q_lat[h]  = W_UK[:, h, :] @ q_nope[h]
     p[h, s]   = softmax_s(scale * (q_lat[h] . c_lat[s] + q_pe[h] . c_pe[s]))   for s <= pos
     o_lat[h]  = sum_s p[h, s] c_lat[s]                              latent_attention  grid (B, H / bh, P)
     out[h]    = o_lat[h] @ W_UV[:, h, :]                            absorb_output     grid (B, H, dv / bd)
 
-Three launches in place of XLA's dozen (the absorbed einsums as multiply-reduce fusions, softmax pieces, casts):
-- absorb_query reads each head's W_UK tile in place from the kv_b weight (strided, no slice copy), FP8 tiles
-  dequantized in registers;
+Three launches in place of XLA's dozen (the absorbed einsums as multiply-reduce fusions, softmax pieces, casts, and
+the split sums, rope, latent norm and cache write before them: four more kernels per layer on a GPU):
+- absorb_query adds each head's partial sums as it loads them and reads each head's W_UK tile in place from the kv_b
+  weight (strided, no slice copy), FP8 tiles dequantized in registers. The first program of each head also ropes the
+  head's q_pe, and the first program of the launch normalises the latent, ropes the rope key and writes both into
+  the cache (aliased: in place), which the next launch reads;
 - latent_attention is split-sequence (flash-decoding): all heads of a block share each cache tile (a 16-row
   tensor-core dot per tile: the latent cache is one key/value "head" for every query head), and each of the P splits
   writes its unnormalised accumulator with its running max and sum;
 - absorb_output merges the P splits in its prologue, then multiplies by the head's W_UV tile.
 
+Rope pairs channel i with i + dr/2 (rotate-half) or, DeepSeek's default, channel 2i with 2i + 1 (interleaved): both
+halves are loaded by index (a gather of dr/2 values), so the kernel needs no register shuffle for either layout.
+
 Lowering: Triton, for the reasons of decode_attention.py (dynamically bounded, masked loops over the cache and
-16-row dots; matrix-vector products for the absorptions). The latent cache holds the new token already (the caller
-writes it); positions past `pos` are never read.
+16-row dots; matrix-vector products for the absorptions). Positions past `pos` are never read.
 """
 
 from __future__ import annotations
@@ -31,34 +40,77 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import (NEG, NT, ROWS, dot, interpret_default, is_pow2, load_rows,
-                                       online_softmax_step, store_rows, triton_params)
+                                       online_softmax_step, rms_apply, rms_inverse, store_rows, triton_params)
+from tilert_jax.kernels.rms_norm import rms_norm_reference
+from tilert_jax.rope import apply_rope, apply_rope_interleaved
 
 f32 = jnp.float32
 
 
+def _finish(parts: jax.Array, dtype) -> jax.Array:
+    """A projection's output from its float32 partial sums [S, ...] (or [1, ...] finished), as the product's own
+    epilogue rounds it: the float32 sum in order, then dtype."""
+    total = parts[0].astype(f32)
+    for i in range(1, parts.shape[0]):
+        total = total + parts[i].astype(f32)
+    return total.astype(dtype)
+
+
+def prepare_reference(
+    q: jax.Array,  # [S, B, H, dn + dr] partial sums of the query projection (S = 1: finished)
+    compressed: jax.Array,  # [S, B, r + dr] partial sums of kv_a: [latent before its norm, rope key before rope]
+    kv_norm: jax.Array,  # [r] the latent's RMSNorm weight
+    cos: jax.Array,  # [dr] float32 rope table at pos (cat(freqs, freqs) layout, attention scaling applied)
+    sin: jax.Array,  # [dr]
+    cache: jax.Array,  # [B, S_max, r + dr]
+    pos: jax.Array,  # int32 scalar: the new token's position
+    *,
+    interleaved: bool,  # DeepSeek's interleaved rope pairs (2i, 2i + 1); else rotate-half pairs (i, i + dr / 2)
+    eps: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # q_nope [B, H, dn], q_pe [B, H, dr] roped, the cache with the entry
+    dtype = cache.dtype
+    dr = cos.shape[-1]
+    q, c = _finish(q, dtype), _finish(compressed, dtype)  # [B, H, dn + dr], [B, r + dr]
+    r = c.shape[-1] - dr
+    rotate = apply_rope_interleaved if interleaved else apply_rope
+    cs, sn = cos[None, None], sin[None, None]  # [1, 1, dr]
+    q_pe = rotate(q[:, None, :, -dr:], cs, sn)[:, 0].astype(dtype)
+    k_pe = rotate(c[:, None, None, r:], cs, sn)[:, 0, 0].astype(dtype)
+    latent = rms_norm_reference(c[:, :r], kv_norm, eps).astype(dtype)
+    entry = jnp.concatenate([latent, k_pe], axis=-1)[:, None]  # [B, 1, r + dr]
+    return q[..., :-dr], q_pe, lax.dynamic_update_slice(cache, entry, (0, pos, 0))
+
+
 def mla_decode_reference(
-    q_nope: jax.Array,  # [B, H, dn]
-    q_pe: jax.Array,  # [B, H, dr] (rope applied)
+    q: jax.Array,  # [S, B, H, dn + dr] (see prepare_reference)
+    compressed: jax.Array,  # [S, B, r + dr]
+    kv_norm: jax.Array,  # [r]
+    cos: jax.Array,  # [dr]
+    sin: jax.Array,  # [dr]
     w: jax.Array,  # [r, H * (dn + dv)] kv_b_proj weight (float8_e4m3fn with `w_scale`)
     w_scale: jax.Array | None,  # [ceil(r / block_in), ceil(H * (dn + dv) / block_out)] float32
     block: tuple[int, int] | None,  # (block_out, block_in)
-    cache: jax.Array,  # [B, S, r + dr]: [latent, rope key] per token, the new token already written
-    pos: jax.Array,  # int32 scalar: attend to positions 0..pos
+    cache: jax.Array,  # [B, S_max, r + dr]
+    pos: jax.Array,  # int32 scalar: the new token's position; attend to positions 0..pos
     *,
     softmax_scale: float,
-) -> jax.Array:  # [B, H, dv] in q_nope's dtype
-    dtype = q_nope.dtype
+    interleaved: bool,
+    eps: float,
+) -> tuple[jax.Array, jax.Array]:  # out [B, H, dv] in the cache's dtype, the cache with the new entry
+    q_nope, q_pe, cache = prepare_reference(q, compressed, kv_norm, cos, sin, cache, pos, interleaved=interleaved,
+                                            eps=eps)
+    dtype = cache.dtype
     batch, heads, dn = q_nope.shape
     r = cache.shape[-1] - q_pe.shape[-1]
     wkv = w.astype(dtype) if w_scale is None else fp8_matmul.dequantize(w, w_scale, block, dtype)
     wkv = wkv.reshape(r, heads, -1)
     q_lat = jnp.einsum("bhd,rhd->bhr", q_nope, wkv[..., :dn])
-    q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(cache.dtype)
+    q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(dtype)
     scores = jnp.einsum("bhc,bsc->bhs", q_cat, cache, preferred_element_type=f32) * softmax_scale
     visible = jnp.arange(cache.shape[1]) <= pos
-    probs = jax.nn.softmax(jnp.where(visible[None, None, :], scores, -jnp.inf), axis=-1).astype(cache.dtype)
-    o_lat = jnp.einsum("bhs,bsr->bhr", probs, cache[..., :r], preferred_element_type=f32).astype(cache.dtype)
-    return jnp.einsum("bhr,rhd->bhd", o_lat.astype(dtype), wkv[..., dn:])
+    probs = jax.nn.softmax(jnp.where(visible[None, None, :], scores, -jnp.inf), axis=-1).astype(dtype)
+    o_lat = jnp.einsum("bhs,bsr->bhr", probs, cache[..., :r], preferred_element_type=f32).astype(dtype)
+    return jnp.einsum("bhr,rhd->bhd", o_lat, wkv[..., dn:]), cache
 
 
 def _w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width):
@@ -71,17 +123,53 @@ def _w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width):
     return t
 
 
-def _absorb_query_kernel(q_ref, w_ref, *refs, dn, br, block, row_width, dtype):
-    s_ref = refs[0] if len(refs) == 2 else None
-    o_ref = refs[-1]  # [B, H, r]
+def _load_sum(ref, *index):
+    """float32: ref[s, *index] summed over the partial sums s in order (a projection's split-K outputs)."""
+    total = plt.load(ref.at[(jnp.int32(0), *index)]).astype(f32)
+    for part in range(1, ref.shape[0]):
+        total = total + plt.load(ref.at[(jnp.int32(part), *index)]).astype(f32)
+    return total
+
+
+def _rope(ref, index, base, half, interleaved, cos_ref, sin_ref, dtype):
+    """The two halves float32 [dr / 2] of the rope of ref[:, *index, base:base + dr] (summed, rounded to dtype):
+    pairs (2i, 2i + 1) interleaved, else (i, i + dr / 2), each half gathered by its channel indices."""
+    i = lax.broadcasted_iota(jnp.int32, (half,), 0)
+    first = base + (2 * i if interleaved else i)
+    second = first + (1 if interleaved else half)
+    x1, x2 = (_load_sum(ref, *index, cols).astype(dtype).astype(f32) for cols in (first, second))
+    c, s = plt.load(cos_ref.at[pl.ds(0, half)]), plt.load(sin_ref.at[pl.ds(0, half)])
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+def _absorb_query_kernel(q_ref, c_ref, nw_ref, cos_ref, sin_ref, pos_ref, w_ref, *refs, dn, r, dr, br, block,
+                         row_width, interleaved, eps, dtype):
+    s_ref = refs[0] if len(refs) == 5 else None  # then the cache (aliased, not read) and the outputs:
+    ql_ref, qp_ref, cache_ref = refs[-3:]  # [B, H, r], [B, H, dr], [B, S_max, r + dr]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r0 = pl.multiple_of(j * br, br)
     width = dn if s_ref is None else min(dn, block[0])
     acc = jnp.zeros((br,), f32)
     for c0 in range(0, dn, width):  # FP8: one scale block of columns at a time
-        q = plt.load(q_ref.at[b, pl.ds(h, 1), pl.ds(c0, width)]).astype(f32)  # [1, width]
+        q = _load_sum(q_ref, b, pl.ds(h, 1), pl.ds(c0, width)).astype(dtype).astype(f32)  # [1, width]
         acc += jnp.sum(_w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width) * q, axis=1)
-    plt.store(o_ref.at[b, h, pl.ds(r0, br)], acc.astype(dtype))
+    plt.store(ql_ref.at[b, h, pl.ds(r0, br)], acc.astype(dtype))
+    half = dr // 2
+
+    @pl.when(j == 0)  # the head's rope query
+    def _():
+        for k, y in enumerate(_rope(q_ref, (b, h), dn, half, interleaved, cos_ref, sin_ref, dtype)):
+            plt.store(qp_ref.at[b, h, pl.ds(k * half, half)], y.astype(dtype))
+
+    @pl.when((h == 0) & (j == 0))  # the new token's cache entry: the normed latent and the roped key
+    def _():
+        pos = pos_ref[0]
+        latent = _load_sum(c_ref, pl.ds(b, 1), pl.ds(0, r)).astype(dtype).astype(f32)  # [1, r]
+        rinv = rms_inverse(lambda k0, size: latent, r, r, eps)
+        normed = rms_apply(latent, rinv, plt.load(nw_ref.at[pl.ds(0, r)]), dtype)
+        plt.store(cache_ref.at[b, pl.ds(pos, 1), pl.ds(0, r)], normed.astype(cache_ref.dtype))
+        for k, y in enumerate(_rope(c_ref, (b,), r, half, interleaved, cos_ref, sin_ref, dtype)):
+            plt.store(cache_ref.at[b, pos, pl.ds(r + k * half, half)], y.astype(cache_ref.dtype))
 
 
 def _attention_kernel(ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *, heads, rows, r, dr, splits, bs,
@@ -113,8 +201,7 @@ def _attention_kernel(ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *, he
     store_rows(l_ref.at[p, b, pl.ds(h0, rows), pl.ds(0, 1)], l, valid_heads)
 
 
-def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, splits, block, row_width, cache_dtype,
-                          dtype):
+def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, splits, block, row_width, dtype):
     s_ref = refs[0] if len(refs) == 2 else None
     out_ref = refs[-1]  # [B, H, dv]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -125,7 +212,7 @@ def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, spli
     acc = jnp.zeros((bd,), f32)
     for r0 in range(0, r, br):
         parts = plt.load(o_ref.at[pl.ds(0, splits), b, h, pl.ds(r0, br)])  # [P, br] float32
-        o_lat = (jnp.sum(weight * parts, axis=0, keepdims=True) / norm).astype(cache_dtype).astype(dtype)  # [1, br]
+        o_lat = (jnp.sum(weight * parts, axis=0, keepdims=True) / norm).astype(dtype)  # [1, br]
         tile = _w_tile(w_ref, s_ref, r0, h, c0, br, bd, block, row_width)  # [br, bd]
         acc += jnp.sum(tile * jnp.transpose(o_lat.astype(f32)), axis=0)
     plt.store(out_ref.at[b, h, pl.ds(j * bd, bd)], acc.astype(dtype))
@@ -146,45 +233,55 @@ def supported(heads: int, dn: int, dr: int, dv: int, r: int, block: tuple[int, i
 
 
 def mla_decode(
-    q_nope: jax.Array,  # [B, H, dn]
-    q_pe: jax.Array,  # [B, H, dr]
+    q: jax.Array,  # [S, B, H, dn + dr] float32 partial sums of the query projection, or [1, ...] finished
+    compressed: jax.Array,  # [S, B, r + dr] the same of kv_a
+    kv_norm: jax.Array,  # [r]
+    cos: jax.Array,  # [dr] float32
+    sin: jax.Array,  # [dr] float32
     w: jax.Array,  # [r, H * (dn + dv)]
     w_scale: jax.Array | None,
     block: tuple[int, int] | None,
-    cache: jax.Array,  # [B, S, r + dr]
+    cache: jax.Array,  # [B, S_max, r + dr] (donate it: the new entry is written in place)
     pos: jax.Array,  # int32 scalar
     *,
     softmax_scale: float,
+    interleaved: bool,
+    eps: float,
     splits: int | None = None,  # sequence splits of latent_attention (default: about 128 programs, <= 32 splits)
     bs: int = 64,  # cache tokens per loop step
     num_warps: int = 4,
     interpret: bool | None = None,
-) -> jax.Array:  # [B, H, dv]
+) -> tuple[jax.Array, jax.Array]:  # out [B, H, dv] in the cache's dtype, the cache with the new entry
     """See mla_decode_reference for the meaning; the three launches are described at the top of this file."""
-    batch, heads, dn = q_nope.shape
-    dr = q_pe.shape[-1]
-    length, r = cache.shape[1], cache.shape[2] - dr
+    parts, batch, heads, q_width = q.shape
+    length, dr = cache.shape[1], cos.shape[-1]
+    r, dn = cache.shape[2] - dr, q_width - dr
     row_width = w.shape[1] // heads
     dv = row_width - dn
-    if q_pe.shape[:2] != (batch, heads) or cache.shape[0] != batch or w.shape != (r, heads * row_width):
-        raise ValueError(f"shapes q_nope {q_nope.shape}, q_pe {q_pe.shape}, w {w.shape}, cache {cache.shape} "
-                         "do not form one MLA decode step")
+    if (compressed.shape[1:] != (batch, r + dr) or cache.shape[0] != batch or w.shape != (r, heads * row_width)
+            or kv_norm.shape != (r,) or cos.shape != (dr,) or sin.shape != (dr,)):
+        raise ValueError(f"shapes q {q.shape}, compressed {compressed.shape}, w {w.shape}, cache {cache.shape}, "
+                         f"kv_norm {kv_norm.shape}, cos {cos.shape} do not form one MLA decode step")
     if (w_scale is None) != (block is None) or not supported(heads, dn, dr, dv, r, block):
         raise ValueError(f"unsupported MLA shapes dn={dn} dr={dr} dv={dv} r={r} block={block}")
-    dtype = q_nope.dtype
+    dtype = cache.dtype
     interpret = interpret_default() if interpret is None else interpret
     params = triton_params(num_warps, 2)
     w3 = w.reshape(r, heads, row_width)
     scale_in = [] if w_scale is None else [w_scale.astype(f32)]
     br = min(r, 128) if block is None else min(r, 128, block[1])  # latent rows per weight tile (one scale block)
 
-    q_lat = pl.pallas_call(
-        lambda *refs: _absorb_query_kernel(*refs, dn=dn, br=br, block=block, row_width=row_width,
-                                           dtype=dtype),
-        out_shape=jax.ShapeDtypeStruct((batch, heads, r), dtype),
+    pos1 = jnp.reshape(pos, (1,)).astype(jnp.int32)
+    inputs = [q, compressed, kv_norm, cos.astype(f32), sin.astype(f32), pos1, w3, *scale_in, cache]
+    q_lat, q_pe, cache = pl.pallas_call(
+        lambda *refs: _absorb_query_kernel(*refs, dn=dn, r=r, dr=dr, br=br, block=block, row_width=row_width,
+                                           interleaved=interleaved, eps=float(eps), dtype=dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, r), dtype), jax.ShapeDtypeStruct((batch, heads, dr), dtype),
+                   jax.ShapeDtypeStruct(cache.shape, dtype)],
         grid=(batch, heads, r // br),
+        input_output_aliases={len(inputs) - 1: 2},
         compiler_params=params, interpret=interpret, name="mla_absorb_query",
-    )(q_nope, w3, *scale_in)
+    )(*inputs)
 
     rows = ROWS  # heads per latent_attention program: one 16-row dot per cache tile
     head_blocks = -(-heads // rows)
@@ -197,17 +294,18 @@ def mla_decode(
     stat = jax.ShapeDtypeStruct((splits, batch, heads, 1), f32)
     o, m, l = pl.pallas_call(
         lambda *refs: _attention_kernel(*refs, heads=heads, rows=rows, r=r, dr=dr, splits=splits, bs=bs,
-                                        scale=float(softmax_scale), dtype=cache.dtype, interpret=interpret),
+                                        scale=float(softmax_scale), dtype=dtype, interpret=interpret),
         out_shape=[part, stat, stat],
         grid=(batch, head_blocks, splits),
         compiler_params=params, interpret=interpret, name="mla_latent_attention",
-    )(q_lat.astype(cache.dtype), q_pe.astype(cache.dtype), cache, jnp.reshape(pos, (1,)).astype(jnp.int32))
+    )(q_lat, q_pe, cache, pos1)
 
     bd = min(dv, 64) if block is None else min(dv, 64, block[0])
-    return pl.pallas_call(
+    out = pl.pallas_call(
         lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=br, bd=bd, splits=splits, block=block,
-                                            row_width=row_width, cache_dtype=cache.dtype, dtype=dtype),
+                                            row_width=row_width, dtype=dtype),
         out_shape=jax.ShapeDtypeStruct((batch, heads, dv), dtype),
         grid=(batch, heads, dv // bd),
         compiler_params=params, interpret=interpret, name="mla_absorb_output",
     )(o, m, l, w3, *scale_in)
+    return out, cache

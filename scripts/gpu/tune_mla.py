@@ -34,9 +34,11 @@ def make_layers(heads, block, layers, length, key):
         w, scale = (w.astype(jnp.bfloat16), None) if block is None else fp8_matmul.quantize(w, block)
         cache = jax.random.normal(k[1], (1, length, r + dr)).astype(jnp.bfloat16)
         out.append((w, scale, cache))
-    q_nope = jax.random.normal(key, (1, heads, dn)).astype(jnp.bfloat16)
-    q_pe = jax.random.normal(jax.random.fold_in(key, 99), (1, heads, dr)).astype(jnp.bfloat16)
-    return q_nope, q_pe, out
+    q = jax.random.normal(key, (1, 1, heads, dn + dr)).astype(jnp.bfloat16)  # the query projection, finished
+    compressed = jax.random.normal(jax.random.fold_in(key, 99), (1, 1, r + dr)).astype(jnp.bfloat16)
+    angles = jnp.tile(jnp.linspace(0.0, 6.0, dr // 2), 2)
+    latent_in = (q, compressed, jnp.ones((r,), jnp.bfloat16), jnp.cos(angles), jnp.sin(angles))
+    return latent_in, out
 
 
 def main(argv=None) -> int:
@@ -49,19 +51,19 @@ def main(argv=None) -> int:
     pos = jnp.int32(args.pos)
     sink = open(args.out, "a") if args.out else None
     for name, (heads, block) in SHAPES.items():
-        q_nope, q_pe, layers = make_layers(heads, block, args.layers, args.length, jax.random.key(0))
+        latent_in, layers = make_layers(heads, block, args.layers, args.length, jax.random.key(0))
         w0, s0, c0 = layers[0]
-        ref = mla_decode.mla_decode_reference(q_nope, q_pe, w0, s0, block, c0, pos, softmax_scale=0.1)
-        ref = ref.astype(jnp.float32)
+        kw = dict(softmax_scale=0.1, interleaved=True, eps=1e-6)
+        ref = mla_decode.mla_decode_reference(*latent_in, w0, s0, block, c0, pos, **kw)[0].astype(jnp.float32)
         for splits, bs, warps in itertools.product((8, 16, 32, 64), (16, 32, 64), (4,)):
-            def run(q_nope, q_pe, layers, splits=splits, bs=bs, warps=warps):
-                return [mla_decode.mla_decode(q_nope, q_pe, w, s, block, c, pos, softmax_scale=0.1, splits=splits,
+            def run(latent_in, layers, splits=splits, bs=bs, warps=warps):
+                return [mla_decode.mla_decode(*latent_in, w, s, block, c, pos, **kw, splits=splits,
                                               bs=bs, num_warps=warps) for w, s, c in layers]
             try:
                 fn = jax.jit(run)
-                out = fn(q_nope, q_pe, layers)
-                err = float(jnp.max(jnp.abs(out[0].astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
-                summary = trace_gpu_kernels(lambda: [jax.block_until_ready(fn(q_nope, q_pe, layers))
+                out = fn(latent_in, layers)
+                err = float(jnp.max(jnp.abs(out[0][0].astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+                summary = trace_gpu_kernels(lambda: [jax.block_until_ready(fn(latent_in, layers))
                                                      for _ in range(5)], 5 * args.layers)
                 per_kernel = {k["name"]: k["us_per_step"] for k in summary["kernels"] if k["name"].startswith("mla_")}
                 row = {"shape": name, "splits": splits, "bs": bs, "num_warps": warps,

@@ -22,7 +22,7 @@ from tilert_jax.kernels import index_scores, mla_decode, ops
 from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, linears, swiglu, weight
 from tilert_jax.params import ParamSpec
-from tilert_jax.rope import RopeConfig, apply_rope, rope_tables, yarn_mscale
+from tilert_jax.rope import RopeConfig, apply_rope, apply_rope_interleaved, rope_tables, yarn_mscale
 from tilert_jax.sharding import collectives
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
@@ -414,7 +414,7 @@ def cache_bytes_per_token(config: DeepseekConfig, dtype) -> int:
 
 def _rope(config: DeepseekConfig, x, cos, sin):
     """The MLA rope: x [B, T, heads, rope_dim]."""
-    return mla.rope_interleaved(x, cos, sin) if config.rope_interleave else apply_rope(x, cos, sin)
+    return apply_rope_interleaved(x, cos, sin) if config.rope_interleave else apply_rope(x, cos, sin)
 
 
 def _indexer_qk(config: DeepseekConfig, p: Indexer, x, q_resid, cos, sin, impl: str = "xla"):
@@ -446,6 +446,40 @@ def query_first(p: MLA) -> Linear:
     return p.q_proj if p.q_proj is not None else p.q_a
 
 
+def query(config: DeepseekConfig, p: MLA, q_first, impl):
+    """The query [B, T, H * (dn + dr)] from the query's first projection, and the normed q_a under the query LoRA (the
+    indexer reads it; None without the LoRA)."""
+    if p.q_proj is not None:
+        return q_first, None
+    q_resid = ops.rms_norm(q_first, p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
+    return linear(q_resid, p.q_b, config.fp8_block, impl), q_resid
+
+
+def _heads(config: DeepseekConfig, p: MLA) -> int:
+    """The heads this device holds (all of them without a mesh)."""
+    return p.kv_b.w.shape[-1] // (config.qk_nope_head_dim + config.v_head_dim)
+
+
+def decode_kernel_fits(config: DeepseekConfig, p: MLA) -> bool:
+    """Whether `attend_decode_kernel` tiles this layer's shapes."""
+    return mla_decode.supported(_heads(config, p), config.qk_nope_head_dim, config.qk_rope_head_dim,
+                                config.v_head_dim, config.kv_lora_rank, None if p.kv_b.scale is None else
+                                config.fp8_block)
+
+
+def attend_decode_kernel(config: DeepseekConfig, p: MLA, q, compressed, kv_cache, pos):
+    """One decode token of multi-head latent attention through kernels/mla_decode.py, from its projections as they
+    leave their launch: q [S, B, H * (dn + dr)] and compressed = kv_a(x) [S, B, r + dr] as S float32 partial sums
+    (S = 1: finished). The rope is taken in float32 (V3's XLA path rounds it to bf16 first). Returns the heads'
+    outputs [B, H, dv] and the latent cache with the token's entry at pos."""
+    parts, b = q.shape[:2]
+    cos, sin = rope_tables(config.rope, jnp.reshape(pos, (1,)), jnp.float32)  # [1, dr]
+    return mla_decode.mla_decode(q.reshape(parts, b, _heads(config, p), -1), compressed, p.kv_a_norm, cos[0], sin[0],
+                                 p.kv_b.w, p.kv_b.scale, None if p.kv_b.scale is None else config.fp8_block, kv_cache,
+                                 pos, softmax_scale=config.attn_scale, interleaved=config.rope_interleave,
+                                 eps=LATENT_NORM_EPS)
+
+
 def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache, index_cache, pos, impl):
     """Multi-head latent attention from the projections of the normed x [B, T, hidden] (x itself is read by the
     sparse-attention indexer only): q = query_first(p)(x) [B, T, *], compressed = kv_a(x) [B, T, r + dr]. Returns the
@@ -453,23 +487,34 @@ def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache
     b, t = q.shape[:2]
     r = config.kv_lora_rank
     dn, dr, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
-    n = p.kv_b.w.shape[-1] // (dn + dv)  # the heads this device holds (all of them without a mesh)
+    n = _heads(config, p)
     blk = config.fp8_block
-    q_resid = None
-    if p.q_proj is None:
-        q_resid = ops.rms_norm(q, p.q_a_norm, LATENT_NORM_EPS, implementation=impl)
-        q = linear(q_resid, p.q_b, blk, impl)
-    q = q.reshape(b, t, n, dn + dr)
-    q_nope, q_pe = q[..., :dn], q[..., dn:]  # compressed: [B, T, r + dr]
-    latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
+    q, q_resid = query(config, p, q, impl)
     # V2 rotates in float32 (complex arithmetic); V3 in the activation dtype. Identical in float32.
     rope_dtype = jnp.float32 if config.model_type == "deepseek_v2" else q.dtype
     cos, sin = rope_tables(config.rope, positions[None, :], rope_dtype)  # [1, T, dr]
-    q_pe = _rope(config, q_pe, cos, sin)
-    k_pe = _rope(config, compressed[..., None, r:], cos, sin)[:, :, 0]  # [B, T, dr]
     if p.indexer is not None:
         icos, isin = (cos, sin) if rope_dtype == q.dtype else rope_tables(config.rope, positions[None, :], q.dtype)
+    new_index, top = index_cache, None
+    if kv_cache is not None and p.indexer is not None and kv_cache.shape[1] > config.index_topk:
+        iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
+        new_index = jax.lax.dynamic_update_slice(index_cache, ik.astype(index_cache.dtype), (0, pos, 0))
+        if impl == "pallas" and t == 1 and index_scores.supported(kv_cache.shape[1], config.index_head_dim):
+            scores = index_scores.index_scores(iq[:, 0], new_index, hw[:, 0], positions[0])[:, None]  # [B, 1, S]
+        else:
+            visible = positions[None, :, None] >= jnp.arange(kv_cache.shape[1], dtype=jnp.int32)[None, None, :]
+            scores = mla.index_scores(iq, new_index, hw, visible)
+        top = mla.select_top(scores, config.index_topk)  # [B, T, K]
+    if (kv_cache is not None and impl == "pallas" and t == 1 and top is None and decode_kernel_fits(config, p)):
+        out, new_kv = attend_decode_kernel(config, p, jnp.swapaxes(q, 0, 1), jnp.swapaxes(compressed, 0, 1),
+                                           kv_cache, pos)
+        return out[:, None], new_kv, new_index  # [B, 1, H, dv]
 
+    q = q.reshape(b, t, n, dn + dr)
+    q_nope, q_pe = q[..., :dn], q[..., dn:]  # compressed: [B, T, r + dr]
+    latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
+    q_pe = _rope(config, q_pe, cos, sin)
+    k_pe = _rope(config, compressed[..., None, r:], cos, sin)[:, :, 0]  # [B, T, dr]
     if kv_cache is None:  # whole sequence, expanded per-head keys and values
         visible = positions[None, :, None] >= positions[None, None, :]  # [1, T, T]
         if p.indexer is not None and t > config.index_topk:
@@ -480,38 +525,22 @@ def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache
         keys = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_pe[:, :, None, :], (b, t, n, dr))], axis=-1)
         out = mla.attend_expanded(jnp.concatenate([q_nope, q_pe], axis=-1), keys, kv[..., dn:], visible,
                                   config.attn_scale)
-        new_kv, new_index = None, None
-    else:  # absorbed attention over the latent cache
-        entry = jnp.concatenate([latent, k_pe], axis=-1).astype(kv_cache.dtype)  # [B, T, r + dr]
-        new_kv = jax.lax.dynamic_update_slice(kv_cache, entry, (0, pos, 0))
-        length = new_kv.shape[1]
-        visible = positions[None, :, None] >= jnp.arange(length, dtype=jnp.int32)[None, None, :]  # [1, T, S]
-        new_index, top = index_cache, None
-        if p.indexer is not None and length > config.index_topk:
-            iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
-            new_index = jax.lax.dynamic_update_slice(index_cache, ik.astype(index_cache.dtype), (0, pos, 0))
-            if impl == "pallas" and t == 1 and index_scores.supported(length, config.index_head_dim):
-                scores = index_scores.index_scores(iq[:, 0], new_index, hw[:, 0], positions[0])[:, None]  # [B, 1, S]
-            else:
-                scores = mla.index_scores(iq, new_index, hw, visible)
-            top = mla.select_top(scores, config.index_topk)  # [B, T, K]
-        fp8_blk = None if p.kv_b.scale is None else blk
-        if impl == "pallas" and t == 1 and top is None and mla_decode.supported(n, dn, dr, dv, r, fp8_blk):
-            out = mla_decode.mla_decode(q_nope[:, 0], q_pe[:, 0], p.kv_b.w, p.kv_b.scale, fp8_blk, new_kv,
-                                        positions[0], softmax_scale=config.attn_scale)[:, None]  # [B, 1, H, dv]
-        else:
-            w_kv = weight(p.kv_b, blk, q.dtype).reshape(r, n, dn + dv)
-            q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
-            q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
-            if top is None:
-                o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
-            elif t == 1:  # decode: read only the selected tokens
-                o_lat = mla.attend_latent_selected(q_cat, new_kv, top, top <= positions[None, :, None],
-                                                   config.attn_scale, r)
-            else:
-                o_lat = mla.attend_latent(q_cat, new_kv, visible & mla.selection_mask(top, length),
-                                          config.attn_scale, r)
-            out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(q.dtype), w_kv[..., dn:])
+        return out, None, None
+    # absorbed attention over the latent cache
+    entry = jnp.concatenate([latent, k_pe], axis=-1).astype(kv_cache.dtype)  # [B, T, r + dr]
+    new_kv = jax.lax.dynamic_update_slice(kv_cache, entry, (0, pos, 0))
+    length = new_kv.shape[1]
+    visible = positions[None, :, None] >= jnp.arange(length, dtype=jnp.int32)[None, None, :]  # [1, T, S]
+    w_kv = weight(p.kv_b, blk, q.dtype).reshape(r, n, dn + dv)
+    q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
+    q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
+    if top is None:
+        o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
+    elif t == 1:  # decode: read only the selected tokens
+        o_lat = mla.attend_latent_selected(q_cat, new_kv, top, top <= positions[None, :, None], config.attn_scale, r)
+    else:
+        o_lat = mla.attend_latent(q_cat, new_kv, visible & mla.selection_mask(top, length), config.attn_scale, r)
+    out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(q.dtype), w_kv[..., dn:])
     return out, new_kv, new_index
 
 

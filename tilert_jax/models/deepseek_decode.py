@@ -4,7 +4,8 @@ K-split partial sums, the residual adds, the RMSNorms, the SwiGLU, the routing) 
 The residual stream travels between launches as x plus a tuple of pending partial sums (kernels/stream_norm.py:
 `Stream`). Per layer:
   1. the stream combined and attn_norm applied (stream_norm), then the query's first projection beside kv_a;
-  2. multi-head latent attention (deepseek.attend: rope, the latent norm, the cache write, three MLA kernels);
+  2. multi-head latent attention (deepseek.attend_decode_kernel: three MLA kernels, the first adding q's and kv_a's
+     partial sums, roping, normalising the latent and writing the cache);
   3. o_proj, its K-split sums left pending on the stream;
   4. MoE: the stream combined and mlp_norm applied, the router (grouped kernel) and its routing (XLA), then the routed
      experts' gate/up beside the shared expert's (every routed group reading the token's one row), then down with
@@ -26,11 +27,12 @@ from tilert_jax.models.deepseek_linear import SINGLE, stacked
 
 
 def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens) -> bool:
-    """Whether `decode_step` fits: a batch of at most 16 rows, no sparse-attention indexer, no biases, and every
-    weight tiles the grouped kernel."""
+    """Whether `decode_step` fits: a batch of at most 16 rows, no sparse-attention indexer, no biases, attention the
+    MLA kernels tile, and every weight tiles the grouped kernel."""
     n = tokens.shape[0]
     blk = config.fp8_block
-    if n > 16 or any(layer.attn.indexer is not None for layer in params.layers):
+    if n > 16 or any(layer.attn.indexer is not None or not ds.decode_kernel_fits(config, layer.attn)
+                     for layer in params.layers):
         return False
     for layer in params.layers:
         a, mlp = layer.attn, layer.mlp
@@ -50,11 +52,16 @@ def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens) -> b
     return True
 
 
+def _parts(y, n: int) -> jax.Array:
+    """A one-group product's output [1, n, N], or its partial sums [S, 1, n, N], as partial sums [S', n, N]."""
+    return y.reshape(-1, n, y.shape[-1])
+
+
 def _pending(y, n: int) -> jax.Array:
     """A product's output [G, B, N] or its partial sums [S, G, B, N] as pending sums on the stream [S', n, hidden]:
     one group of n rows, or (routed) n * k groups of one row, token-major."""
     if y.shape[-3] == 1:  # [..., 1, n, h]
-        return y.reshape(-1, n, y.shape[-1])
+        return _parts(y, n)
     k = y.shape[-3] // n
     return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
 
@@ -84,16 +91,17 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache (see `supported`)."""
     n = tokens.shape[0]
     blk, eps = config.fp8_block, config.rms_norm_eps
-    positions = pos + jnp.zeros((1,), jnp.int32)
     x, parts = params.embed[tokens], ()  # the stream [n, hidden] and its pending sums
     new_kv = []
     for i, layer in enumerate(params.layers):
         a = layer.attn
         x, h = sn.stream_norm(sn.Stream(x, parts, layer.attn_norm, eps))
-        ys = gm.grouped_matvecs([gm.Product(x=h[None], ids=SINGLE, **stacked(ds.query_first(a))),
-                                 gm.Product(x=h[None], ids=SINGLE, **stacked(a.kv_a))], block=blk)
-        q, compressed = (y[0][:, None, :] for y in ys)  # [n, 1, *]
-        out, kv_i, _ = ds.attend(config, a, None, q, compressed, positions, cache.kv[i], None, pos, "pallas")
+        q, compressed = (_parts(y, n) for y in gm.grouped_matvecs(
+            [gm.Product(x=h[None], ids=SINGLE, **stacked(lin)) for lin in (ds.query_first(a), a.kv_a)], block=blk,
+            finish=False))  # [S, n, *] each
+        if a.q_proj is None:  # the query LoRA: q_b reads the normed q_a
+            q = ds.query(config, a, q.sum(0).astype(h.dtype), "pallas")[0][None]
+        out, kv_i = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos)  # [n, H, dv]
         o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))], block=blk,
                                finish=False)[0]
         stream = sn.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)

@@ -17,21 +17,6 @@ import jax
 import jax.numpy as jnp
 
 
-def rope_interleaved(x: jnp.ndarray,  # [B, T, heads, rope_dim], channels in (x0, x1), (x2, x3), ... pairs
-                     cos: jnp.ndarray,  # [B or 1, T, rope_dim] (cat(freqs, freqs) layout, attention scaling applied)
-                     sin: jnp.ndarray,  # [B or 1, T, rope_dim]
-                     ) -> jnp.ndarray:  # [B, T, heads, rope_dim] in x's dtype, laid out [even outputs, odd outputs]
-    """DeepSeek's interleaved rope. The output layout is transformers' `apply_rotary_pos_emb_interleave` (evens, then
-    odds); V2's complex form returns the pairs interleaved instead, which is the same vector up to one fixed
-    permutation applied to both queries and keys, so every score is the same. Computed in cos's dtype."""
-    half = x.shape[-1] // 2
-    c = cos[..., :half][:, :, None, :]
-    s = sin[..., :half][:, :, None, :]
-    xc = x.astype(cos.dtype)
-    x1, x2 = xc[..., 0::2], xc[..., 1::2]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
-
-
 def attend_expanded(q: jnp.ndarray,  # [B, T, H, dn + dr]
                     k: jnp.ndarray,  # [B, S, H, dn + dr]
                     v: jnp.ndarray,  # [B, S, H, dv]
