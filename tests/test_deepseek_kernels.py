@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tilert_jax.kernels import fp8_matmul
+from tilert_jax.kernels import fp8_matmul, moe_routing
 from tilert_jax.models import moe
 from tilert_jax.models.deepseek_linear import Linear
 
@@ -79,7 +79,7 @@ def test_gathered_and_sorted_experts_agree(fp8):
 def test_noaux_tc_bias_chooses_but_does_not_weigh():
     logits = jnp.array([[2.0, 1.0, 0.0, -1.0, 0.5, 0.4, 0.3, 0.2]])
     bias = jnp.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0])  # pushes expert 7 (and its group) in
-    weights, index = moe.route_sigmoid(logits, bias, top_k=2, n_group=4, topk_group=2, norm_topk_prob=False,
+    weights, index = moe_routing.route_sigmoid(logits, bias, top_k=2, n_group=4, topk_group=2, norm_topk_prob=False,
                                        routed_scaling_factor=1.0)
     assert sorted(index[0].tolist()) == [0, 7]  # groups {0, 1} and {6, 7} win; 7 by its bias, 0 by its score
     chosen = dict(zip(index[0].tolist(), weights[0].tolist()))
@@ -88,9 +88,9 @@ def test_noaux_tc_bias_chooses_but_does_not_weigh():
 
 def test_group_limited_greedy_masks_other_groups():
     logits = jnp.array([[3.0, 2.9, 0.0, 0.0, 2.8, 0.0, 0.0, 0.0]])
-    weights, index = moe.route_softmax(logits, 2, "group_limited_greedy", 4, 1, 1.0)
+    weights, index = moe_routing.route_softmax(logits, 2, "group_limited_greedy", 4, 1, 1.0)
     assert sorted(index[0].tolist()) == [0, 1]
-    weights, index = moe.route_softmax(logits, 3, "greedy", None, None, 2.0)
+    weights, index = moe_routing.route_softmax(logits, 3, "greedy", None, None, 2.0)
     assert sorted(index[0].tolist()) == [0, 1, 4]
     np.testing.assert_allclose(weights[0], 2.0 * jax.lax.top_k(jax.nn.softmax(logits[0]), 3)[0], rtol=1e-6)
 
@@ -98,11 +98,11 @@ def test_group_limited_greedy_masks_other_groups():
 @pytest.mark.parametrize("shape, k", [((3, 64), 6), ((2, 8, 32), 2), ((1, 256), 8), ((5, 8), 8), ((1100, 64), 6)])
 def test_ranked_top_k_is_lax_top_k(shape, k):
     """Values and indices exactly as jax.lax.top_k's, ties (few distinct values) and -inf included; the last shape
-    is past RANKED_TOP_K_ELEMENTS and takes the sort."""
+    is past moe_routing.RANKED_TOP_K_ELEMENTS and takes the sort."""
     rng = np.random.default_rng()
     x = rng.integers(-4, 5, size=shape).astype(np.float32) + rng.choice([0.0, 0.5], size=shape)
     x[rng.random(shape) < 0.1] = -np.inf
-    values, index = moe.ranked_top_k(jnp.asarray(x), k)
+    values, index = moe_routing.ranked_top_k(jnp.asarray(x), k)
     ref_values, ref_index = jax.lax.top_k(jnp.asarray(x), k)
     assert index.dtype == jnp.int32
     np.testing.assert_array_equal(index, ref_index)

@@ -552,12 +552,8 @@ def _mlp(config: DeepseekConfig, p: MLP, x, impl: str = "xla"):
 
 def route(config: DeepseekConfig, p: MoE, x, impl: str = "xla"):
     """The normed hidden rows x [N, hidden] -> routing weights [N, k] float32 and expert ids [N, k] int32."""
-    logits = moe.router_logits(x, p.router, impl)  # [N, E] float32
-    if config.router == "softmax":
-        return moe.route_softmax(logits, config.num_experts_per_tok, config.topk_method, config.n_group,
-                                 config.topk_group, config.routed_scaling_factor)
-    return moe.route_sigmoid(logits, p.e_bias, config.num_experts_per_tok, config.n_group, config.topk_group,
-                             config.norm_topk_prob, config.routed_scaling_factor)
+    parts = moe.router_partials(x, p.router, impl)  # [S, N, E] float32: the logits as partial sums
+    return moe.route(parts, p.e_bias, moe.routing_rule(config), impl)
 
 
 def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):

@@ -7,10 +7,10 @@ The residual stream travels between launches as x plus a tuple of pending partia
   2. multi-head latent attention (deepseek.attend_decode_kernel: three MLA kernels, the first adding q's and kv_a's
      partial sums, roping, normalising the latent and writing the cache);
   3. o_proj, its K-split sums left pending on the stream;
-  4. MoE: the stream combined and mlp_norm applied, the router (grouped kernel) and its routing (XLA), then the routed
-     experts' gate/up beside the shared expert's (every routed group reading the token's one row), then down with
-     each routed output weighed by its routing weight, all left pending on the stream. A dense layer: the same
-     without routing.
+  4. MoE: the stream combined and mlp_norm applied, the router (grouped kernel, its split sums left pending) and
+     the routing kernel (adding them, kernels/moe_routing.py), then the routed experts' gate/up beside the shared
+     expert's (every routed group reading the token's one row), then down with each routed output weighed by its
+     routing weight, all left pending on the stream. A dense layer: the same without routing.
 The final norm and the LM head read the last layer's stream in XLA.
 """
 

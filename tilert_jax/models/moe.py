@@ -1,5 +1,6 @@
-"""DeepSeek mixture of experts: the routers (V2 softmax greedy / group-limited greedy, V3 sigmoid "noaux_tc") and
-the routed experts as a grouped matmul over the selected experts only.
+"""DeepSeek mixture of experts: the routers (V2 softmax greedy / group-limited greedy, V3 sigmoid "noaux_tc"; with
+impl="pallas" at decode one routing kernel adds the router's partial sums and picks the experts,
+kernels/moe_routing.py) and the routed experts as a grouped matmul over the selected experts only.
 
 Ways to run the selected experts, each reading only the experts some token chose:
 - gather (decode, few token-expert pairs): the k selected experts' weights are gathered per token and multiplied;
@@ -17,85 +18,46 @@ import jax.numpy as jnp
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels import moe_grouped_matvec as gm
+from tilert_jax.kernels import moe_routing
+from tilert_jax.kernels.moe_routing import RoutingRule, route_reference, sum_parts
 from tilert_jax.models.deepseek_linear import SINGLE, Linear, linear, stacked, swiglu, weight
 
 
-def router_logits(x: jnp.ndarray,  # [N, hidden]
-                  router: jnp.ndarray,  # [hidden, E]
-                  impl: str = "xla") -> jnp.ndarray:  # [N, E] float32
-    """The router's logits in float32, as transformers computes them. Products of two bf16 values are exact in
-    float32, so at decode size the Pallas path multiplies the stored values in the grouped kernel with float32
-    accumulation (XLA makes this narrow product a slow multiply-reduce)."""
+ROUTE_ROWS = 16  # decode: up to this many token rows the router and the routing run as Pallas kernels
+
+
+def router_partials(x: jnp.ndarray,  # [N, hidden]
+                    router: jnp.ndarray,  # [hidden, E]
+                    impl: str = "xla") -> jnp.ndarray:  # [S, N, E] float32: the logits as S >= 1 partial sums
+    """The router's logits in float32, as transformers computes them, left as the partial sums of a split launch.
+    Products of two bf16 values are exact in float32, so at decode size the Pallas path multiplies the stored values
+    in the grouped kernel with float32 accumulation (XLA makes this narrow product a slow multiply-reduce), and its
+    K-split sums are added by the routing kernel (`route`); the XLA path is one sum, S = 1."""
     n, h = x.shape
-    if (impl == "pallas" and n <= 16 and router.dtype == x.dtype
-            and gm.tiles(h, router.shape[1], None) is not None):
-        return gm.grouped_matvec(x[None], router[None], SINGLE, out_dtype=jnp.float32)[0]
-    return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))
+    e = router.shape[1]
+    if (impl == "pallas" and n <= ROUTE_ROWS and router.dtype == x.dtype
+            and gm.tiles(h, e, None) is not None):
+        product = gm.Product(x=x[None], w=router[None], ids=SINGLE, out_dtype=jnp.float32)
+        return gm.grouped_matvecs([product], finish=False)[0].reshape(-1, n, e)  # [S, 1, N, E] or [1, N, E]
+    return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))[None]
 
 
-RANKED_TOP_K_ELEMENTS = 1 << 22  # the largest comparison tensor [..., E, E] `ranked_top_k` builds; a sort beyond it
+def routing_rule(config) -> RoutingRule:
+    """The routing rule of a DeepseekConfig: V2's softmax router with its topk_method, V3's sigmoid "noaux_tc"."""
+    method = config.topk_method if config.router == "softmax" else "noaux_tc"
+    return RoutingRule(top_k=config.num_experts_per_tok, method=method, n_group=config.n_group,
+                       topk_group=config.topk_group, norm_topk_prob=config.norm_topk_prob,
+                       routed_scaling_factor=config.routed_scaling_factor)
 
 
-def ranked_top_k(x: jnp.ndarray,  # [..., E]
-                 k: int) -> tuple[jnp.ndarray, jnp.ndarray]:  # values [..., k], indices [..., k] int32
-    """jax.lax.top_k's result (ties to the lower index), by ranking for the few rows of a decode step: an element's
-    rank is the count of elements ahead of it (greater, or equal at a lower index), and slot r takes the element of
-    rank r. On a GPU that is two small fusions, where a sort costs a sort kernel and two slice copies (4.7 us per
-    DeepSeek-V2-Lite layer, docs/PERF.md session 9). Larger inputs (prefill) keep the sort. x must be free of NaN
-    (a NaN compares false with everything, so two elements could share a rank)."""
-    e = x.shape[-1]
-    if x.size * e > RANKED_TOP_K_ELEMENTS:
-        values, index = jax.lax.top_k(x, k)
-        return values, index.astype(jnp.int32)
-    i = jnp.arange(e, dtype=jnp.int32)
-    xi, xj = x[..., :, None], x[..., None, :]  # [..., E, 1], [..., 1, E]
-    ahead = (xj > xi) | ((xj == xi) & (i[None, :] < i[:, None]))  # [..., E, E]: element j ahead of element i
-    rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # [..., E]
-    slot = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, E]: one element per slot
-    # Both as sums over the slot (one fusion; a gather would be another): exact, as every other term is zero.
-    values = jnp.sum(jnp.where(slot, x[..., None, :], jnp.zeros((), x.dtype)), axis=-1)
-    return values, jnp.sum(jnp.where(slot, i, 0), axis=-1)
-
-
-def route_softmax(logits: jnp.ndarray,  # [N, E] float32 router logits
-                  top_k: int, method: str, n_group: int | None, topk_group: int | None,
-                  routed_scaling_factor: float) -> tuple[jnp.ndarray, jnp.ndarray]:  # weights [N, k], index [N, k]
-    """DeepSeek V2: softmax scores; "greedy" top-k, or "group_limited_greedy" (top-k inside the topk_group groups with
-    the highest max score). The weights are the softmax scores times routed_scaling_factor (no renormalisation, as
-    transformers' DeepseekV2TopkRouter)."""
-    scores = jax.nn.softmax(logits, axis=-1)
-    if method == "group_limited_greedy":
-        n, e = scores.shape
-        group_scores = scores.reshape(n, n_group, e // n_group).max(axis=-1)  # [N, G]
-        keep = _top_groups(group_scores, topk_group)  # [N, G]
-        scores = jnp.where(jnp.repeat(keep, e // n_group, axis=-1), scores, 0.0)
-    weights, index = ranked_top_k(scores, top_k)
-    return weights * routed_scaling_factor, index
-
-
-def route_sigmoid(logits: jnp.ndarray,  # [N, E] float32
-                  bias: jnp.ndarray | None,  # [E] float32 e_score_correction_bias: used to choose, not to weigh
-                  top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
-                  routed_scaling_factor: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """DeepSeek V3 "noaux_tc": sigmoid scores; groups ranked by the sum of their two best biased scores; top-k of the
-    biased scores inside the topk_group best groups; weights are the unbiased scores, optionally renormalised."""
-    scores = jax.nn.sigmoid(logits)
-    choice = scores if bias is None else scores + bias.astype(jnp.float32)
-    n, e = choice.shape
-    per_group = choice.reshape(n, n_group, e // n_group)
-    group_scores = ranked_top_k(per_group, 2)[0].sum(axis=-1)  # [N, G]
-    keep = _top_groups(group_scores, topk_group)
-    choice = jnp.where(jnp.repeat(keep, e // n_group, axis=-1), choice, -jnp.inf)
-    index = ranked_top_k(choice, top_k)[1]
-    weights = jnp.take_along_axis(scores, index, axis=-1)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-    return weights * routed_scaling_factor, index
-
-
-def _top_groups(group_scores: jnp.ndarray, topk_group: int) -> jnp.ndarray:  # [N, G] bool
-    idx = ranked_top_k(group_scores, topk_group)[1]
-    return jnp.any(jax.nn.one_hot(idx, group_scores.shape[-1], dtype=jnp.int32) > 0, axis=-2)
+def route(parts: jnp.ndarray,  # [S, N, E] float32 router logits as partial sums (router_partials)
+          bias: jnp.ndarray | None,  # [E] float32 e_score_correction_bias (noaux_tc) or None
+          rule: RoutingRule, impl: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray]:  # weights [N, k], ids [N, k]
+    """The routing weights (float32) and expert ids (int32): with impl="pallas" at decode size one routing kernel
+    (kernels/moe_routing.py), else the same math in XLA on the summed logits."""
+    if impl == "pallas" and parts.shape[1] <= ROUTE_ROWS:
+        return moe_routing.route(parts, bias, rule)
+    return route_reference(sum_parts(parts), bias, rule)
 
 
 def experts_gathered(x: jnp.ndarray,  # [N, hidden]
