@@ -6,7 +6,7 @@ Per token the cache holds [latent (r = kv_lora_rank), rope key (dr)]; kv_b_proj'
 (its first dn columns per head) beside W_UV (the last dv). With q = [q_nope, q_pe] per head and kv_a's output
 [c_lat, c_pe]:
 
-    cache[pos] = [rmsnorm(c_lat), rope(c_pe)], q_pe = rope(q_pe)       absorb_query      grid (B, H, r / br)
+    cache[pos] = [rmsnorm(c_lat), rope(c_pe)], q_pe = rope(q_pe)       absorb_query      grid (B, H, r / br + 1)
     q_lat[h]  = W_UK[:, h, :] @ q_nope[h]
     p[h, s]   = softmax_s(scale * (q_lat[h] . c_lat[s] + q_pe[h] . c_pe[s]))   for s <= pos
     o_lat[h]  = sum_s p[h, s] c_lat[s]                              latent_attention  grid (B, H / bh, P)
@@ -15,9 +15,10 @@ Per token the cache holds [latent (r = kv_lora_rank), rope key (dr)]; kv_b_proj'
 Three launches in place of XLA's dozen (the absorbed einsums as multiply-reduce fusions, softmax pieces, casts, and
 the split sums, rope, latent norm and cache write before them: four more kernels per layer on a GPU):
 - absorb_query adds each head's partial sums as it loads them and reads each head's W_UK tile in place from the kv_b
-  weight (strided, no slice copy), FP8 tiles dequantized in registers. The first program of each head also ropes the
-  head's q_pe, and the first program of the launch normalises the latent, ropes the rope key and writes both into
-  the cache (aliased: in place), which the next launch reads;
+  weight (strided, no slice copy), FP8 tiles dequantized in registers. One more program per head ropes the head's
+  q_pe, and the first of them also normalises the latent, ropes the rope key and writes both into the cache
+  (aliased: in place), which the next launch reads. (Done at the end of a weight-streaming program instead, they
+  made the launch 4.6 us per DeepSeek-V2-Lite layer against 2.9 without them: docs/PERF.md, session 10.);
 - latent_attention is split-sequence (flash-decoding): all heads of a block share each cache tile (a 16-row
   tensor-core dot per tile: the latent cache is one key/value "head" for every query head), and each of the P splits
   writes its unnormalised accumulator with its running max and sum;
@@ -147,21 +148,24 @@ def _absorb_query_kernel(q_ref, c_ref, nw_ref, cos_ref, sin_ref, pos_ref, w_ref,
     s_ref = refs[0] if len(refs) == 5 else None  # then the cache (aliased, not read) and the outputs:
     ql_ref, qp_ref, cache_ref = refs[-3:]  # [B, H, r], [B, H, dr], [B, S_max, r + dr]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    r0 = pl.multiple_of(j * br, br)
-    width = dn if s_ref is None else min(dn, block[0])
-    acc = jnp.zeros((br,), f32)
-    for c0 in range(0, dn, width):  # FP8: one scale block of columns at a time
-        q = _load_sum(q_ref, b, pl.ds(h, 1), pl.ds(c0, width)).astype(dtype).astype(f32)  # [1, width]
-        acc += jnp.sum(_w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width) * q, axis=1)
-    plt.store(ql_ref.at[b, h, pl.ds(r0, br)], acc.astype(dtype))
     half = dr // 2
 
-    @pl.when(j == 0)  # the head's rope query
+    @pl.when(j < r // br)  # a [br] slice of the head's q_lat
+    def _():
+        r0 = pl.multiple_of(j * br, br)
+        width = dn if s_ref is None else min(dn, block[0])
+        acc = jnp.zeros((br,), f32)
+        for c0 in range(0, dn, width):  # FP8: one scale block of columns at a time
+            q = _load_sum(q_ref, b, pl.ds(h, 1), pl.ds(c0, width)).astype(dtype).astype(f32)  # [1, width]
+            acc += jnp.sum(_w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width) * q, axis=1)
+        plt.store(ql_ref.at[b, h, pl.ds(r0, br)], acc.astype(dtype))
+
+    @pl.when(j == r // br)  # the head's rope query, beside the weight streams
     def _():
         for k, y in enumerate(_rope(q_ref, (b, h), dn, half, interleaved, cos_ref, sin_ref, dtype)):
             plt.store(qp_ref.at[b, h, pl.ds(k * half, half)], y.astype(dtype))
 
-    @pl.when((h == 0) & (j == 0))  # the new token's cache entry: the normed latent and the roped key
+    @pl.when((j == r // br) & (h == 0))  # and the new token's cache entry: the normed latent and the roped key
     def _():
         pos = pos_ref[0]
         latent = _load_sum(c_ref, pl.ds(b, 1), pl.ds(0, r)).astype(dtype).astype(f32)  # [1, r]
@@ -278,7 +282,7 @@ def mla_decode(
                                            interleaved=interleaved, eps=float(eps), dtype=dtype),
         out_shape=[jax.ShapeDtypeStruct((batch, heads, r), dtype), jax.ShapeDtypeStruct((batch, heads, dr), dtype),
                    jax.ShapeDtypeStruct(cache.shape, dtype)],
-        grid=(batch, heads, r // br),
+        grid=(batch, heads, r // br + 1),  # the last column ropes (and writes the cache entry)
         input_output_aliases={len(inputs) - 1: 2},
         compiler_params=params, interpret=interpret, name="mla_absorb_query",
     )(*inputs)
