@@ -8,7 +8,7 @@ stream and its norm. No loop: Triton pipelines only loads that feed a dot, so a 
 memory round trip per step. A consumer launch that formed the norm in every program's prologue would read the
 pieces once per program (hundreds of times) and lose more than it saves.
 
-Lowering: Triton, one program per row, the row held in registers (hidden sizes up to 16K).
+Lowering: Triton, one program per row, the row held in registers (hidden sizes up to 16K) over up to 16 warps.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tilert_jax.kernels.common import (interpret_default, norm_chunk, rms_apply, rms_inverse, stream_rows,
-                                       triton_params)
+from tilert_jax.kernels.common import (interpret_default, next_pow2, norm_chunk, rms_apply, rms_inverse,
+                                       stream_rows, triton_params)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 
 f32 = jnp.float32
@@ -60,9 +60,17 @@ def _kernel(x_ref, *refs, n_parts, k_dim, dtype, eps):
                   rms_apply(xm, rinv, nw_ref[pl.ds(k0, chunk)], dtype).astype(dtype))
 
 
-def stream_norm(stream: Stream, *, num_warps: int = 4, interpret: bool | None = None
+def default_warps(stream: Stream) -> int:
+    """About 64 float32 values a thread over the row's pieces (x and every partial sum), 4 to 16 warps: with fewer
+    threads each holds more loads in flight than its registers allow (DeepSeek-V2-Lite, 9 pieces of 2048: 3.9 us a
+    launch at 4 warps; the decode step 2.255 -> 2.195 ms at 16, docs/PERF.md session 10)."""
+    pieces = 1 + sum(a.shape[0] for a in stream.parts)
+    return min(16, max(4, next_pow2(-(-pieces * stream.x.shape[1] // (64 * 32)))))
+
+
+def stream_norm(stream: Stream, *, num_warps: int | None = None, interpret: bool | None = None
                 ) -> tuple[jax.Array, jax.Array]:
-    """-> (the combined stream [N, K], its RMSNorm [N, K]) (see `stream_reference`)."""
+    """-> (the combined stream [N, K], its RMSNorm [N, K]) (see `stream_reference`); num_warps: `default_warps`."""
     n, k_dim = stream.x.shape
     if any(a.ndim != 3 or a.shape[1:] != stream.x.shape for a in stream.parts):
         raise ValueError(f"stream parts {[a.shape for a in stream.parts]} do not match the stream {stream.x.shape}")
@@ -74,7 +82,7 @@ def stream_norm(stream: Stream, *, num_warps: int = 4, interpret: bool | None = 
         functools.partial(_kernel, n_parts=len(stream.parts), k_dim=k_dim, dtype=dtype, eps=float(stream.eps)),
         out_shape=[jax.ShapeDtypeStruct((n, k_dim), dtype)] * 2,
         grid=(n,),
-        compiler_params=triton_params(num_warps, 1),
+        compiler_params=triton_params(num_warps or default_warps(stream), 1),
         interpret=interpret_default() if interpret is None else interpret,
         name="stream_norm",
     )(stream.x, *stream.parts, stream.norm))
