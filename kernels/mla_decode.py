@@ -253,6 +253,7 @@ def mla_decode(
     eps: float,
     splits: int | None = None,  # sequence splits of latent_attention (default: about 128 programs, <= 32 splits)
     bs: int = 64,  # cache tokens per loop step
+    bd: int = 64,  # output columns per absorb_output program (clipped to dv and the FP8 scale block)
     num_warps: int = 4,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # out [B, H, dv] in the cache's dtype, the cache with the new entry
@@ -304,7 +305,7 @@ def mla_decode(
         compiler_params=params, interpret=interpret, name="mla_latent_attention",
     )(q_lat, q_pe, cache, pos1)
 
-    bd = min(dv, 64) if block is None else min(dv, 64, block[0])
+    bd = min(dv, bd) if block is None else min(dv, bd, block[0])
     out = pl.pallas_call(
         lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=br, bd=bd, splits=splits, block=block,
                                             row_width=row_width, dtype=dtype),

@@ -1,6 +1,6 @@
 """Sweeps the MLA decode kernels' launch parameters (kernels/mla_decode.py) at real DeepSeek shapes.
 
-    python scripts/gpu/tune_mla.py [--out FILE]
+    python scripts/gpu/tune_mla.py [--shapes deepseek-v2-lite] [--splits 16,32] [--bs 64] [--bd 16,32,64] [--out FILE]
 
 One jitted call runs the kernels over `layers` distinct weights and caches (more bytes than L2 holds, as in a decode
 step); the device time of the three kernels is read from a profiler trace of 5 such calls (a wall-clock timer of
@@ -46,19 +46,25 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=1280)
     parser.add_argument("--pos", type=int, default=1100)
     parser.add_argument("--layers", type=int, default=27)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
+    parser.add_argument("--splits", default="8,16,32,64")
+    parser.add_argument("--bs", default="16,32,64")
+    parser.add_argument("--bd", default="64", help="absorb_output columns per program")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    grid = [tuple(int(v) for v in getattr(args, name).split(",")) for name in ("splits", "bs", "bd")]
     pos = jnp.int32(args.pos)
     sink = open(args.out, "a") if args.out else None
-    for name, (heads, block) in SHAPES.items():
+    for name in args.shapes.split(","):
+        heads, block = SHAPES[name]
         latent_in, layers = make_layers(heads, block, args.layers, args.length, jax.random.key(0))
         w0, s0, c0 = layers[0]
         kw = dict(softmax_scale=0.1, interleaved=True, eps=1e-6)
         ref = mla_decode.mla_decode_reference(*latent_in, w0, s0, block, c0, pos, **kw)[0].astype(jnp.float32)
-        for splits, bs, warps in itertools.product((8, 16, 32, 64), (16, 32, 64), (4,)):
-            def run(latent_in, layers, splits=splits, bs=bs, warps=warps):
-                return [mla_decode.mla_decode(*latent_in, w, s, block, c, pos, **kw, splits=splits,
-                                              bs=bs, num_warps=warps) for w, s, c in layers]
+        for splits, bs, bd in itertools.product(*grid):
+            def run(latent_in, layers, splits=splits, bs=bs, bd=bd):
+                return [mla_decode.mla_decode(*latent_in, w, s, block, c, pos, **kw, splits=splits, bs=bs, bd=bd)
+                        for w, s, c in layers]
             try:
                 fn = jax.jit(run)
                 out = fn(latent_in, layers)
@@ -66,10 +72,10 @@ def main(argv=None) -> int:
                 summary = trace_gpu_kernels(lambda: [jax.block_until_ready(fn(latent_in, layers))
                                                      for _ in range(5)], 5 * args.layers)
                 per_kernel = {k["name"]: k["us_per_step"] for k in summary["kernels"] if k["name"].startswith("mla_")}
-                row = {"shape": name, "splits": splits, "bs": bs, "num_warps": warps,
+                row = {"shape": name, "splits": splits, "bs": bs, "bd": bd,
                        "us_per_layer": sum(per_kernel.values()), **per_kernel, "rel_err": err, "ok": err <= 2e-2}
             except Exception as e:  # a configuration that does not compile (shared memory, registers)
-                row = {"shape": name, "splits": splits, "bs": bs, "num_warps": warps, "error": str(e)[:200]}
+                row = {"shape": name, "splits": splits, "bs": bs, "bd": bd, "error": str(e)[:200]}
             emit(row, sink)
     return 0
 
