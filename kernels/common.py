@@ -72,6 +72,15 @@ def dot(a, b, dims, interpret: bool):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def sum_parts(parts: jax.Array) -> jax.Array:
+    """float32 [...]: partial sums [S, ...] (a split-K product's outputs) added in order s = 0, 1, ..., as the kernels
+    that read them add them."""
+    total = parts[0].astype(jnp.float32)
+    for s in range(1, parts.shape[0]):
+        total = total + parts[s].astype(jnp.float32)
+    return total
+
+
 def stream_rows(x_ref, part_refs, row0, rows: int, valid: int, k0, size: int, dtype):
     """float32 [rows, size]: rows row0.. of the residual stream x [N, K] plus the float32 partial sums still pending
     on it (each part ref [S, N, K], any float dtype), rounded to `dtype` as the residual add rounds; rows past

@@ -41,20 +41,12 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import (NEG, NT, ROWS, dot, interpret_default, is_pow2, load_rows,
-                                       online_softmax_step, rms_apply, rms_inverse, store_rows, triton_params)
+                                       online_softmax_step, rms_apply, rms_inverse, store_rows, sum_parts,
+                                       triton_params)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope, apply_rope_interleaved
 
 f32 = jnp.float32
-
-
-def _finish(parts: jax.Array, dtype) -> jax.Array:
-    """A projection's output from its float32 partial sums [S, ...] (or [1, ...] finished), as the product's own
-    epilogue rounds it: the float32 sum in order, then dtype."""
-    total = parts[0].astype(f32)
-    for i in range(1, parts.shape[0]):
-        total = total + parts[i].astype(f32)
-    return total.astype(dtype)
 
 
 def prepare_reference(
@@ -71,7 +63,8 @@ def prepare_reference(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # q_nope [B, H, dn], q_pe [B, H, dr] roped, the cache with the entry
     dtype = cache.dtype
     dr = cos.shape[-1]
-    q, c = _finish(q, dtype), _finish(compressed, dtype)  # [B, H, dn + dr], [B, r + dr]
+    # the projections' outputs as their own epilogue rounds them: [B, H, dn + dr], [B, r + dr]
+    q, c = sum_parts(q).astype(dtype), sum_parts(compressed).astype(dtype)
     r = c.shape[-1] - dr
     rotate = apply_rope_interleaved if interleaved else apply_rope
     cs, sn = cos[None, None], sin[None, None]  # [1, 1, dr]

@@ -10,19 +10,20 @@ top-k experts and their weights.
 On a GPU the XLA path costs four small kernels a layer after the router (the softmax or sigmoid, the two reduce
 fusions of `ranked_top_k`, a select for the weights: about 5.4 us per layer), and one more adding the router's
 split-K partial sums; here one program per token row adds those partial sums itself (in order s = 0, 1, ..., as
-`sum_parts`), so nothing runs between the router launch and this one, and ranks its experts in registers. The row is
-read as a 2-D block [G, E / G] (G = n_group, 1 without groups) padded to powers of 2 by masked loads (DeepSeek-V2's
-160 experts are 8 groups of 20); a padded entry is never chosen. Group scores are row reductions of the block; the
-top-k runs on the row flattened to 1-D, as k rounds of one argmax over order-preserving int32 keys of the values
-(ties to the lower position, which orders as the expert id: jax.lax.top_k's ties), the chosen key then set below
-every float's (so an expert is never chosen twice, even among -inf values). The weights are gathered after the
-rounds, in one reduction. The plain-jnp routing below (`route_reference`, with `ranked_top_k` for its top-k) is the
-XLA path and the kernel's reference.
+`common.sum_parts`), so nothing runs between the router launch and this one, and ranks its experts in registers. The
+row is read as a 2-D block [G, E / G] (G = n_group, 1 without groups) padded to powers of 2 by masked loads
+(DeepSeek-V2's 160 experts are 8 groups of 20); a padded entry is never chosen. Group scores are row reductions of
+the block; the top-k runs on the row flattened to 1-D, as k rounds of one argmax over order-preserving int32 keys of
+the values (ties to the lower position, which orders as the expert id: jax.lax.top_k's ties), the chosen key then
+set below every float's (so an expert is never chosen twice, even among -inf values). The weights are gathered after
+the rounds, in one reduction. The plain-jnp routing below (`route_reference`, with `ranked_top_k` for its top-k) is
+the XLA path and the kernel's reference.
 
 Measured on an H200 with ncu (which adds about 2 us to any kernel: its 8-element XLA kernels read 2.0 us), single
 samples that vary by up to 0.7 us between runs: DeepSeek-V3 (256 experts, S = 8, one row) 4.5 to 5.2 us, V2 (160
 experts) 4.0 to 4.4 us, V2-Lite (64 experts) 2.9 to 3.0 us with 1 warp but 3.4 with 4; the XLA path for V3 is nine
-kernels of 2.2 to 2.9 us each under ncu. Default: 4 warps from 256 (padded) entries a row, else 1 (`route`).
+kernels of 2.2 to 2.9 us each under ncu. Default: 4 warps from 256 (padded) entries a row, else 1 (`route`). In the
+V2-Lite decode step's profile (no ncu) it takes 2.07 us a layer against the XLA path's 4.2 (docs/PERF.md, session 10).
 
 Lowering: Triton, as the other decode kernels here: a few hundred elements per row, reductions within a warp or a
 few, masked loads for block shapes that are not powers of 2. Pallas' Triton lowering has no sort, top_k or reduce_or
@@ -141,10 +142,6 @@ class RoutingRule:
         if self.method == "noaux_tc" and num_experts // self.n_group < 2:
             raise ValueError(f"noaux_tc ranks groups by their two best experts: {num_experts} experts in "
                              f"{self.n_group} groups leave fewer than 2 per group")
-
-
-def sum_parts(parts: jnp.ndarray) -> jnp.ndarray:  # [S, N, E] -> [N, E], added in order s = 0, 1, ... as the kernel
-    return functools.reduce(lambda a, b: a + b, [parts[s] for s in range(parts.shape[0])])
 
 
 def route_reference(logits: jnp.ndarray,  # [N, E] float32

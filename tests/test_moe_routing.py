@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tilert_jax.kernels import moe_routing as mr
+from tilert_jax.kernels.common import sum_parts
 from tilert_jax.models import moe
 
 V2_LITE = mr.RoutingRule(top_k=6, method="greedy")  # 64 experts
@@ -39,7 +40,7 @@ def _rng():
 
 def _check(parts, bias, rule, seed, interpret=True):
     weights, index = jax.jit(lambda p, b: mr.route(p, b, rule, interpret=interpret))(parts, bias)
-    ref_weights, ref_index = mr.route_reference(mr.sum_parts(parts), bias, rule)
+    ref_weights, ref_index = mr.route_reference(sum_parts(parts), bias, rule)
     assert weights.dtype == jnp.float32 and index.dtype == jnp.int32
     np.testing.assert_array_equal(index, ref_index, err_msg=f"seed {seed}")
     np.testing.assert_allclose(weights, ref_weights, rtol=2e-6, atol=0, err_msg=f"seed {seed}")
@@ -123,7 +124,7 @@ def test_moe_route_and_router_partials():
     parts = moe.router_partials(x, router, "pallas")
     assert parts.shape[0] > 1 and parts.shape[1:] == (3, 256) and parts.dtype == jnp.float32
     logits = jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))
-    np.testing.assert_allclose(mr.sum_parts(parts), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sum_parts(parts), logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(moe.router_partials(x, router, "xla")[0], logits)
     bias = jnp.asarray(rng.normal(size=(256,)) * 0.1, jnp.float32)
     pallas, xla = moe.route(parts, bias, V3, "pallas"), moe.route(parts, bias, V3, "xla")

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels import moe_routing
-from tilert_jax.kernels.moe_routing import RoutingRule, route_reference, sum_parts
+from tilert_jax.kernels.common import sum_parts
+from tilert_jax.kernels.moe_routing import RoutingRule, route_reference
 from tilert_jax.models.deepseek_linear import SINGLE, Linear, linear, stacked, swiglu, weight
 
 
