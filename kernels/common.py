@@ -81,6 +81,15 @@ def sum_parts(parts: jax.Array) -> jax.Array:
     return total
 
 
+def load_sum(ref, *index, **kwargs):
+    """Inside a kernel: float32 ref[s, *index] summed over the partial sums s in order (a split-K product's outputs,
+    as `sum_parts` adds them); kwargs go to each load (a mask)."""
+    total = plt.load(ref.at[(jnp.int32(0), *index)], **kwargs).astype(jnp.float32)
+    for s in range(1, ref.shape[0]):
+        total = total + plt.load(ref.at[(jnp.int32(s), *index)], **kwargs).astype(jnp.float32)
+    return total
+
+
 def stream_rows(x_ref, part_refs, row0, rows: int, valid: int, k0, size: int, dtype):
     """float32 [rows, size]: rows row0.. of the residual stream x [N, K] plus the float32 partial sums still pending
     on it (each part ref [S, N, K], any float dtype), rounded to `dtype` as the residual add rounds; rows past

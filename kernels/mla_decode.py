@@ -41,8 +41,8 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import (NEG, NT, ROWS, dot, interpret_default, is_pow2, load_rows,
-                                       online_softmax_step, rms_apply, rms_inverse, store_rows, sum_parts,
-                                       triton_params)
+                                       load_sum, online_softmax_step, rms_apply, rms_inverse, store_rows,
+                                       sum_parts, triton_params)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope, apply_rope_interleaved
 
@@ -117,21 +117,13 @@ def _w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width):
     return t
 
 
-def _load_sum(ref, *index):
-    """float32: ref[s, *index] summed over the partial sums s in order (a projection's split-K outputs)."""
-    total = plt.load(ref.at[(jnp.int32(0), *index)]).astype(f32)
-    for part in range(1, ref.shape[0]):
-        total = total + plt.load(ref.at[(jnp.int32(part), *index)]).astype(f32)
-    return total
-
-
 def _rope(ref, index, base, half, interleaved, cos_ref, sin_ref, dtype):
     """The two halves float32 [dr / 2] of the rope of ref[:, *index, base:base + dr] (summed, rounded to dtype):
     pairs (2i, 2i + 1) interleaved, else (i, i + dr / 2), each half gathered by its channel indices."""
     i = lax.broadcasted_iota(jnp.int32, (half,), 0)
     first = base + (2 * i if interleaved else i)
     second = first + (1 if interleaved else half)
-    x1, x2 = (_load_sum(ref, *index, cols).astype(dtype).astype(f32) for cols in (first, second))
+    x1, x2 = (load_sum(ref, *index, cols).astype(dtype).astype(f32) for cols in (first, second))
     c, s = plt.load(cos_ref.at[pl.ds(0, half)]), plt.load(sin_ref.at[pl.ds(0, half)])
     return x1 * c - x2 * s, x2 * c + x1 * s
 
@@ -149,7 +141,7 @@ def _absorb_query_kernel(q_ref, c_ref, nw_ref, cos_ref, sin_ref, pos_ref, w_ref,
         width = dn if s_ref is None else min(dn, block[0])
         acc = jnp.zeros((br,), f32)
         for c0 in range(0, dn, width):  # FP8: one scale block of columns at a time
-            q = _load_sum(q_ref, b, pl.ds(h, 1), pl.ds(c0, width)).astype(dtype).astype(f32)  # [1, width]
+            q = load_sum(q_ref, b, pl.ds(h, 1), pl.ds(c0, width)).astype(dtype).astype(f32)  # [1, width]
             acc += jnp.sum(_w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width) * q, axis=1)
         plt.store(ql_ref.at[b, h, pl.ds(r0, br)], acc.astype(dtype))
 
@@ -161,7 +153,7 @@ def _absorb_query_kernel(q_ref, c_ref, nw_ref, cos_ref, sin_ref, pos_ref, w_ref,
     @pl.when((j == r // br) & (h == 0))  # and the new token's cache entry: the normed latent and the roped key
     def _():
         pos = pos_ref[0]
-        latent = _load_sum(c_ref, pl.ds(b, 1), pl.ds(0, r)).astype(dtype).astype(f32)  # [1, r]
+        latent = load_sum(c_ref, pl.ds(b, 1), pl.ds(0, r)).astype(dtype).astype(f32)  # [1, r]
         rinv = rms_inverse(lambda k0, size: latent, r, r, eps)
         normed = rms_apply(latent, rinv, plt.load(nw_ref.at[pl.ds(0, r)]), dtype)
         plt.store(cache_ref.at[b, pl.ds(pos, 1), pl.ds(0, r)], normed.astype(cache_ref.dtype))

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tilert_jax.kernels.common import interpret_default, next_pow2, triton_params
+from tilert_jax.kernels.common import interpret_default, load_sum, next_pow2, triton_params
 
 f32 = jnp.float32
 METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -195,7 +195,7 @@ def _best_two_sum(values, col):
     return best + second
 
 
-def _kernel(*refs, rule: RoutingRule, groups: int, width: int, parts: int, has_bias: bool):
+def _kernel(*refs, rule: RoutingRule, groups: int, width: int, has_bias: bool):
     x_ref = refs[0]  # [S, N, G, W] float32
     bias_ref = refs[1] if has_bias else None  # [G, W] float32
     w_ref, i_ref = refs[-2:]  # [N, k] float32, [N, k] int32
@@ -207,17 +207,13 @@ def _kernel(*refs, rule: RoutingRule, groups: int, width: int, parts: int, has_b
     valid = (grp < groups) & (col < width)  # [Gp, Wp]
     exact = gp == groups and wp == width
 
-    def load(ref, *lead):  # ref[*lead] [G, W] -> [Gp, Wp] float32, 0 on the padding
-        view = ref.at[(*lead, pl.ds(0, gp), pl.ds(0, wp))]
-        return plt.load(view) if exact else plt.load(view, mask=valid, other=0.0)
-
-    logits = load(x_ref, jnp.int32(0), row)
-    for s in range(1, parts):
-        logits = logits + load(x_ref, jnp.int32(s), row)
+    masked = {} if exact else dict(mask=valid, other=0.0)  # [G, W] read as [Gp, Wp], 0 on the padding
+    logits = load_sum(x_ref, row, pl.ds(0, gp), pl.ds(0, wp), **masked)  # [Gp, Wp] float32
 
     if rule.method == "noaux_tc":
         scores = lax.logistic(logits)
-        choice = jnp.where(valid, scores + load(bias_ref) if has_bias else scores, -jnp.inf)
+        bias = plt.load(bias_ref.at[pl.ds(0, gp), pl.ds(0, wp)], **masked) if has_bias else 0.0
+        choice = jnp.where(valid, scores + bias, -jnp.inf)
         keep = _kept_groups(_best_two_sum(choice, col), groups, rule.topk_group)  # [Gp]
         choice = jnp.where(keep[:, None], choice, -jnp.inf)
     else:  # jax.nn.softmax: exp(x - max) / sum, over the row (1-D: one reduction each)
@@ -269,7 +265,7 @@ def route(
         num_warps = 4 if next_pow2(groups) * next_pow2(width) >= 256 else 1
     inputs = [parts.reshape(s, n, groups, width)] + ([] if bias is None else [bias.astype(f32).reshape(groups, width)])
     return pl.pallas_call(
-        functools.partial(_kernel, rule=rule, groups=groups, width=width, parts=s, has_bias=bias is not None),
+        functools.partial(_kernel, rule=rule, groups=groups, width=width, has_bias=bias is not None),
         out_shape=(jax.ShapeDtypeStruct((n, rule.top_k), f32), jax.ShapeDtypeStruct((n, rule.top_k), jnp.int32)),
         grid=(n,),
         compiler_params=triton_params(num_warps, 1),
