@@ -127,6 +127,35 @@ def rms_apply(xm, rinv, norm_weight, dtype):
     return (xm * rinv).astype(dtype).astype(jnp.float32) * norm_weight.astype(jnp.float32)[None, :]
 
 
+def zero_counters(n: int) -> jax.Array:
+    """int32 [n] zeros: arrival counters for kernels that finish a split reduction in the launch (`arrive_last`).
+    Each such kernel takes them zero and leaves them zero, so one array serves a whole step's launches in turn
+    (passed from each launch's outputs to the next, aliased: no memset between launches)."""
+    return jnp.zeros((n,), jnp.int32)
+
+
+def check_counters(counters: jax.Array, needed: int, name: str) -> None:
+    if counters.ndim != 1 or counters.dtype != jnp.int32 or counters.shape[0] < needed:
+        raise ValueError(f"{name} needs int32 arrival counters [>= {needed}], got {counters.dtype} {counters.shape}")
+
+
+def arrive_last(counter_ref, index, arrivals: int, interpret: bool):
+    """Inside a kernel: counts this program's arrival on counter_ref[index] (int32) and returns whether it is the
+    last of the `arrivals` programs that count there in this launch (the "last block" of a split reduction: it
+    reads what the others stored and finishes). The stores each program made before arriving are visible to the
+    last (a CTA barrier, then one acquire-release atomic at GPU scope); the last sets the counter back to 0, so the
+    next launch finds its counters zero."""
+    if not interpret:  # (interpreted programs run one after another)
+        plt.debug_barrier()
+    last = plt.atomic_add(counter_ref, index, jnp.int32(1)) == arrivals - 1
+
+    @pl.when(last)
+    def _():
+        plt.atomic_add(counter_ref, index, jnp.int32(-arrivals))  # (interpret mode has no atomic exchange)
+
+    return last
+
+
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
 NT = (((1,), (1,)), ((), ()))  # [M, K] x [N, K]
 

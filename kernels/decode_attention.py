@@ -9,9 +9,9 @@ With one split the program normalises and writes the output itself. With more, e
 accumulator and its running max and sum to a float32 workspace and counts its arrival on an int32 counter of its
 (batch, kv head); the split that arrives last merges the workspace and writes the output (the "last block" pattern
 of a split-K reduction). That replaces the two XLA fusions that merged the splits after the launch: attention
-took 7.6 us per llama-3.2-1b layer against 5.2 + 3.2 before (docs/PERF.md, session 9). The counters are never
-reset: each launch adds `splits` to every one, so one zeroed array serves a whole decode step's layers in turn
-(`arrivals`).
+took 7.6 us per llama-3.2-1b layer against 5.2 + 3.2 before (docs/PERF.md, session 9). The last split sets its
+counter back to zero (kernels/common.py: `arrive_last`), so one zeroed array serves a whole decode step's layers in
+turn (`arrivals`).
 
 Rope without slicing registers: the rotate-half layout pairs channel c with c + d/2, so q and k are loaded as a
 low and a high half and the score is q_lo . k_lo + q_hi . k_hi (two 16-row tensor-core dots).
@@ -35,8 +35,8 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax import cache as kv
 from tilert_jax.kernels.attention import attention_reference
-from tilert_jax.kernels.common import (NEG, NT, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2,
-                                       online_softmax_step, store_rows, triton_params)
+from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, dot, interpret_default, is_pow2, load_rows,
+                                       next_pow2, online_softmax_step, store_rows, triton_params)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope
 
@@ -207,11 +207,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         return
     for ref, c0, value in ((acc_ws, 0, acc), (ml_ws, 0, m), (ml_ws, 1, l)):
         plt.store(ref.at[b, h, p, pl.ds(0, rows), pl.ds(c0, value.shape[1])], value)
-    if not interpret:  # (interpreted programs run one after another)
-        plt.debug_barrier()  # every thread's stores precede the arrival (acquire-release at GPU scope, one thread)
-    seen = plt.atomic_add(arrived, (b, h), jnp.int32(1))
-
-    @pl.when(seen % splits == splits - 1)  # the last split of this launch to arrive
+    @pl.when(arrive_last(arrived, (b, h), splits, interpret))  # the last split of this launch to arrive
     def _():
         store_rows(out, _merge_splits(acc_ws, ml_ws, b, h, splits, rows, head_dim).astype(dtype), groups)
 
@@ -235,7 +231,7 @@ def decode_attention(
     block: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-    arrivals: jax.Array | None = None,  # int32 [B, kvh], each a multiple of splits (None: zeros)
+    arrivals: jax.Array | None = None,  # int32 [B, kvh] zeros (None: fresh ones), returned zero
     interpret: bool | None = None,
 ):
     """-> out [B, n, d], k_cache, v_cache, arrivals (the counters after this launch, for the next layer's launch; as

@@ -10,7 +10,7 @@ Per token the cache holds [latent (r = kv_lora_rank), rope key (dr)]; kv_b_proj'
     q_lat[h]  = W_UK[:, h, :] @ q_nope[h]
     p[h, s]   = softmax_s(scale * (q_lat[h] . c_lat[s] + q_pe[h] . c_pe[s]))   for s <= pos
     o_lat[h]  = sum_s p[h, s] c_lat[s]                              latent_attention  grid (B, H / bh, P)
-    out[h]    = o_lat[h] @ W_UV[:, h, :]                            absorb_output     grid (B, H, dv / bd)
+    out[h]    = o_lat[h] @ W_UV[:, h, :]                            absorb_output     grid (B, H, dv / bd * R)
 
 Three launches in place of XLA's dozen (the absorbed einsums as multiply-reduce fusions, softmax pieces, casts, and
 the split sums, rope, latent norm and cache write before them: four more kernels per layer on a GPU):
@@ -22,7 +22,11 @@ the split sums, rope, latent norm and cache write before them: four more kernels
 - latent_attention is split-sequence (flash-decoding): all heads of a block share each cache tile (a 16-row
   tensor-core dot per tile: the latent cache is one key/value "head" for every query head), and each of the P splits
   writes its unnormalised accumulator with its running max and sum;
-- absorb_output merges the P splits in its prologue, then multiplies by the head's W_UV tile.
+- absorb_output merges the P splits in its prologue, then multiplies by the head's W_UV tile. With few heads
+  (DeepSeek-V2-Lite's 16) the latent rows are cut into R slices, so that about 128 programs share the work; each
+  slice's product goes to a float32 workspace and the last slice of a column tile to arrive (kernels/common.py:
+  `arrive_last`) adds them in order and writes the output: a single program per tile ran four merge-and-multiply
+  steps back to back (7.0 us a V2-Lite layer for 2 MB, docs/PERF.md session 10).
 
 Rope pairs channel i with i + dr/2 (rotate-half) or, DeepSeek's default, channel 2i with 2i + 1 (interleaved): both
 halves are loaded by index (a gather of dr/2 values), so the kernel needs no register shuffle for either layout.
@@ -40,9 +44,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
-from tilert_jax.kernels.common import (NEG, NT, ROWS, dot, interpret_default, is_pow2, load_rows,
-                                       load_sum, online_softmax_step, rms_apply, rms_inverse, store_rows,
-                                       sum_parts, triton_params)
+from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2,
+                                       load_rows, load_sum, online_softmax_step, rms_apply, rms_inverse, store_rows,
+                                       sum_parts, triton_params, zero_counters)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope, apply_rope_interleaved
 
@@ -190,21 +194,34 @@ def _attention_kernel(ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *, he
     store_rows(l_ref.at[p, b, pl.ds(h0, rows), pl.ds(0, 1)], l, valid_heads)
 
 
-def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, splits, block, row_width, dtype):
-    s_ref = refs[0] if len(refs) == 2 else None
-    out_ref = refs[-1]  # [B, H, dv]
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, column_tiles, r_parts, splits, block,
+                          row_width, dtype, interpret):
+    s_ref = refs[0] if len(refs) in (2, 5) else None
+    out_ref = refs[-1] if r_parts == 1 else refs[-3]  # [B, H, dv]
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    j, rp = i // r_parts, i % r_parts  # this program's column tile and slice of the latent rows
     c0 = dn + j * bd
     m = plt.load(m_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)])  # [P, 1]: the splits' running maxima and sums
     weight = jnp.exp(m - jnp.max(m, axis=0, keepdims=True))  # [P, 1]
     norm = jnp.sum(weight * plt.load(l_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)]), axis=0, keepdims=True)
     acc = jnp.zeros((bd,), f32)
-    for r0 in range(0, r, br):
+    rows = r // r_parts
+    for r0 in range(0, rows, br):
+        r0 = rp * rows + r0
         parts = plt.load(o_ref.at[pl.ds(0, splits), b, h, pl.ds(r0, br)])  # [P, br] float32
         o_lat = (jnp.sum(weight * parts, axis=0, keepdims=True) / norm).astype(dtype)  # [1, br]
         tile = _w_tile(w_ref, s_ref, r0, h, c0, br, bd, block, row_width)  # [br, bd]
         acc += jnp.sum(tile * jnp.transpose(o_lat.astype(f32)), axis=0)
-    plt.store(out_ref.at[b, h, pl.ds(j * bd, bd)], acc.astype(dtype))
+    out = out_ref.at[b, h, pl.ds(j * bd, bd)]
+    if r_parts == 1:
+        plt.store(out, acc.astype(dtype))
+        return
+    ws_ref, count_ref = refs[-2:]  # the workspace [R, B, H, dv] float32, the counters (aliased)
+    plt.store(ws_ref.at[rp, b, h, pl.ds(j * bd, bd)], acc)
+
+    @pl.when(arrive_last(count_ref, (b * out_ref.shape[1] + h) * column_tiles + j, r_parts, interpret))
+    def _():  # the last slice of the latent rows to arrive adds the slices' products in order
+        plt.store(out, load_sum(ws_ref, b, h, pl.ds(j * bd, bd)).astype(dtype))
 
 
 def supported(heads: int, dn: int, dr: int, dv: int, r: int, block: tuple[int, int] | None) -> bool:
@@ -239,10 +256,13 @@ def mla_decode(
     splits: int | None = None,  # sequence splits of latent_attention (default: about 128 programs, <= 32 splits)
     bs: int = 64,  # cache tokens per loop step
     bd: int = 64,  # output columns per absorb_output program (clipped to dv and the FP8 scale block)
+    r_parts: int | None = None,  # absorb_output's slices of the latent rows (default: about 128 programs)
+    counters: jax.Array | None = None,  # int32 arrival counters, zero (see kernels/common.py: arrive_last)
     num_warps: int = 4,
     interpret: bool | None = None,
-) -> tuple[jax.Array, jax.Array]:  # out [B, H, dv] in the cache's dtype, the cache with the new entry
-    """See mla_decode_reference for the meaning; the three launches are described at the top of this file."""
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # out [B, H, dv] in the cache's dtype, the cache, counters
+    """See mla_decode_reference for the meaning; the three launches are described at the top of this file. Returns
+    the counters zero again (for the next launch that counts arrivals; as given when absorb_output needs none)."""
     parts, batch, heads, q_width = q.shape
     length, dr = cache.shape[1], cos.shape[-1]
     r, dn = cache.shape[2] - dr, q_width - dr
@@ -291,11 +311,27 @@ def mla_decode(
     )(q_lat, q_pe, cache, pos1)
 
     bd = min(dv, bd) if block is None else min(dv, bd, block[0])
-    out = pl.pallas_call(
-        lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=br, bd=bd, splits=splits, block=block,
-                                            row_width=row_width, dtype=dtype),
-        out_shape=jax.ShapeDtypeStruct((batch, heads, dv), dtype),
-        grid=(batch, heads, dv // bd),
+    column_tiles = dv // bd
+    if r_parts is None:  # split the latent rows until the launch has about 128 programs
+        r_parts = max(1, min(r // 16, 128 // (batch * heads * column_tiles)))
+        r_parts = 1 << (r_parts.bit_length() - 1)
+    if not is_pow2(r_parts) or r_parts > r // 16:
+        raise ValueError(f"r_parts must be a power of 2 of at most r / 16 = {r // 16}, got {r_parts}")
+    br = min(br, r // r_parts)
+    inputs, out_shape, aliases = [o, m, l, w3, *scale_in], [jax.ShapeDtypeStruct((batch, heads, dv), dtype)], {}
+    if r_parts > 1:
+        counters = zero_counters(batch * heads * column_tiles) if counters is None else counters
+        check_counters(counters, batch * heads * column_tiles, "mla_absorb_output")
+        aliases[len(inputs)] = 2
+        inputs.append(counters)
+        out_shape += [jax.ShapeDtypeStruct((r_parts, batch, heads, dv), f32), jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
+    outs = pl.pallas_call(
+        lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=br, bd=bd, column_tiles=column_tiles,
+                                            r_parts=r_parts, splits=splits, block=block, row_width=row_width,
+                                            dtype=dtype, interpret=interpret),
+        out_shape=out_shape,
+        grid=(batch, heads, column_tiles * r_parts),
+        input_output_aliases=aliases,
         compiler_params=params, interpret=interpret, name="mla_absorb_output",
-    )(o, m, l, w3, *scale_in)
-    return out, cache
+    )(*inputs)
+    return outs[0], cache, (outs[2] if r_parts > 1 else counters)

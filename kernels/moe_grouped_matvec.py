@@ -10,7 +10,9 @@ With `w2` (gate and up) the epilogue is silu(x @ W) * (x @ W2), one launch for b
 A plain Linear at decode (bf16 or FP8) is the one-group case (ids = [0], the weight viewed as a stack of one); a
 narrow output splits K into float32 partial sums so that the grid fills the GPU (`default_config`), and FP8 stacks
 of 2**31 elements or more are read as uint16 pairs (see `grouped_matvecs`, which also runs several products in one
-launch).
+launch). With arrival counters (`counters`) the program of an output tile that arrives last adds the tile's
+partial sums (in order) and finishes it (the SwiGLU, the cast) inside the launch, so no XLA kernel runs between two
+launches (`common.arrive_last`); without them XLA finishes the sums after the launch.
 
 A group whose id is negative reads nothing and yields zeros: under expert parallelism the pairs routed to another
 device's experts cost no weight bytes here. A product's x rows may serve several groups (a token's routed experts
@@ -36,8 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
-from tilert_jax.kernels.common import NN, ROWS, dot, interpret_default, is_pow2, load_rows, next_pow2, store_rows, \
-    triton_params
+from tilert_jax.kernels.common import NN, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2, \
+    load_rows, load_sum, next_pow2, row_mask, store_rows, triton_params
 from tilert_jax.kernels.tuning import SMS
 
 f32 = jnp.float32
@@ -47,7 +49,9 @@ f32 = jnp.float32
 class GroupedConfig:
     bn: int = 64  # output columns per program (a power of 2; clipped to divide N and the scale block)
     bk: int = 128  # weight rows per loop step (a power of 2; clipped to divide K and the scale block)
-    split: int = 1  # K splits: programs write float32 partial sums, added (and the SwiGLU applied) by XLA after
+    split: int = 1  # K splits (at most; each product takes the largest divisor of its tile count up to this):
+    # programs write float32 partial sums, added (and the SwiGLU applied) by XLA after, or with arrival counters by
+    # the last program of each output tile to arrive (no XLA kernel between launches)
     num_warps: int = 4
     num_stages: int = 4
     f16: bool = True  # bf16 x with FP8 weights: multiply in float16 (see `_to_f16`), 15% to 30% faster (H200)
@@ -62,19 +66,20 @@ def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, i
     picked = [tiles(k, n, block if f else None, cfg) for _, k, n, f in shapes]
     if any(t is None for t in picked):
         return cfg
-    split = 1
+    split, most = 1, max(_split_for(k, bk, k // bk) for (_, k, _, _), (bk, _) in zip(shapes, picked))
     while (sum(g * (n // bn) * _split_for(k, bk, split) for (g, k, n, _), (bk, bn) in zip(shapes, picked))
-           < 2 * SMS and any(_split_for(k, bk, 2 * split) > _split_for(k, bk, split)
-                             for (_, k, _, _), (bk, _) in zip(shapes, picked))):
+           < 2 * SMS and split < most):
         split *= 2
     return dataclasses.replace(cfg, split=split)
 
 
 def _split_for(k_dim: int, bk: int, split: int) -> int:
-    """The largest split <= `split` (a power of 2) leaving each part a multiple of bk and at least two tiles long."""
-    while split > 1 and ((k_dim // split) % bk or k_dim // split < 2 * bk or k_dim % split):
-        split //= 2
-    return split
+    """The largest split <= `split` leaving each part a whole number of bk tiles, at least two: a power of 2, or
+    when the tile count is odd any of its divisors, so that such a K splits at all (K = 10944 = 64 x 171, DeepSeek-V2's
+    dense down projection: 9 ways)."""
+    tiles_ = k_dim // bk
+    return max((d for d in range(1, min(split, tiles_ // 2) + 1)
+                if tiles_ % d == 0 and (is_pow2(d) or tiles_ % 2)), default=1)
 
 
 def grouped_matvec_reference(
@@ -192,6 +197,7 @@ class _Plan:
     in_dtype: object
     out_dtype: object
     first: int
+    counter: int | None  # finished in the launch: the arrival counter of its first (group, column tile)
 
     @property
     def programs(self) -> int:
@@ -202,12 +208,20 @@ class _Plan:
         return 3 + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
 
     @property
-    def num_outputs(self) -> int:  # y, or the partial sums of w (and of w2)
-        return 1 + (self.swiglu and self.split > 1)
+    def num_outputs(self) -> int:  # y, and/or the float32 partial sums of w (and of w2)
+        if self.split == 1:
+            return 1
+        return (self.counter is not None) + 1 + self.swiglu
 
 
-def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
-    """The program `local` of one product: a [rows, bn] output tile over its K range."""
+def _finish(plan: _Plan, total, total2=None):
+    """A product's output from its float32 sums (of w, and of w2): the SwiGLU or the sum, in out_dtype."""
+    return (total if total2 is None else _swiglu(total, total2, plan.in_dtype)).astype(plan.out_dtype)
+
+
+def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
+    """The program `local` of one product: a [rows, bn] output tile over its K range (split: its partial sums,
+    and when it arrives last at its counter the finished tile)."""
     it = iter(in_refs)
     ids_ref, x_ref = next(it), next(it)  # [G], [X, B, K]
     w_ref = next(it)  # [E, K, N] ([E, K, N / 2] uint16 packed)
@@ -215,8 +229,8 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
     w2_ref = next(it) if plan.swiglu else None
     s2_ref = next(it) if plan.swiglu and plan.fp8 else None
     gw_ref = next(it) if plan.weighted else None  # [G] float32
-    o_ref = out_refs[0]  # [G, B, N], or [split, G, B, N] float32 partial sums
-    o2_ref = out_refs[1] if len(out_refs) > 1 else None  # the up projection's partial sums
+    o_ref = out_refs[0] if plan.split == 1 or plan.counter is not None else None  # [G, B, N]
+    parts = out_refs[-1 - plan.swiglu:] if plan.split > 1 else ()  # [split, G, B, N] float32 (of w, and of w2)
 
     batch, bk, bn, split, packed = plan.batch, plan.bk, plan.bn, plan.split, plan.packed
     rows = max(ROWS, next_pow2(batch))
@@ -259,29 +273,37 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, local):
     if plan.weighted:
         accs = (tuple(a * gw_ref[g] for a in accs[0]),)
 
-    def window(ref, phase, *lead):  # this program's [rows, width] output (packed: [.., 2, N / 2], even odd halves)
+    def window(phase):  # the index of this program's [rows, width] output (packed: [.., 2, N / 2], even odd halves)
         if packed:
-            return ref.at[(*lead, g, pl.ds(0, rows), jnp.int32(phase), pl.ds(n0 // 2, width))]
-        return ref.at[(*lead, g, pl.ds(0, rows), pl.ds(n0, bn))]
+            return g, pl.ds(0, rows), jnp.int32(phase), pl.ds(n0 // 2, width)
+        return g, pl.ds(0, rows), pl.ds(n0, bn)
 
     for phase in range(phases):
-        if split > 1:
-            for ref, acc in zip((o_ref, o2_ref), accs):
-                store_rows(window(ref, phase, part), acc[phase], batch)
-            continue
-        y = _swiglu(accs[0][phase], accs[1][phase], plan.in_dtype) if plan.swiglu else accs[0][phase]
-        store_rows(window(o_ref, phase), y.astype(plan.out_dtype), batch)
+        if split == 1:
+            store_rows(o_ref.at[window(phase)], _finish(plan, *(acc[phase] for acc in accs)), batch)
+        for ref, acc in zip(parts, accs):
+            store_rows(ref.at[(part, *window(phase))], acc[phase], batch)
+    if plan.counter is None:  # (unsplit, or left to XLA or the consumer)
+        return
+    masked = dict(mask=row_mask(rows, width, batch), other=0) if rows > batch else {}
+
+    @pl.when(arrive_last(counters, plan.counter + local // split, split, interpret))  # the tile's last split
+    def _():
+        for phase in range(phases):
+            sums = (load_sum(ref, *window(phase), **masked) for ref in parts)  # in order s = 0, 1, ...
+            store_rows(o_ref.at[window(phase)], _finish(plan, *sums), batch)
 
 
-def _kernel(*refs, plans, block, interpret):
+def _kernel(*refs, plans, block, counted, interpret):
     """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in."""
-    num_in = sum(p.num_inputs for p in plans)
+    num_in = sum(p.num_inputs for p in plans) + counted
     ins, outs = iter(refs[:num_in]), iter(refs[num_in:])
+    counters = refs[-1] if counted else None  # [C] int32 (the output aliased to the counters given)
     pid = pl.program_id(0)
     for plan in plans:
         in_refs = [next(ins) for _ in range(plan.num_inputs)]
         out_refs = [next(outs) for _ in range(plan.num_outputs)]
-        run = functools.partial(_product, plan, block, interpret, in_refs, out_refs)
+        run = functools.partial(_product, plan, block, interpret, in_refs, out_refs, counters)
         if len(plans) == 1:
             run(pid)
         else:
@@ -313,11 +335,19 @@ def grouped_matvecs(
     config: GroupedConfig | None = None,
     packed: bool | None = None,
     finish: bool = True,
+    counters: jax.Array | None = None,  # [C] int32 zeros: arrival counters (common.zero_counters), returned zero
     interpret: bool | None = None,
-) -> list:  # per product [G, B, N], or (finish=False, split) its float32 partial sums [S, G, B, N]
+) -> list | tuple[list, jax.Array]:  # per product [G, B, N], or (finish=False, split) float32 partial sums [S, G, B, N]
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
     launches, and each product's programs fill the GPU beside the others'. The K split is chosen for the launch
     as a whole (`default_config`); finish=False leaves a split plain product's partial sums to its consumer.
+
+    Without `counters` XLA adds a split product's partial sums (and applies the SwiGLU) after the launch, and the
+    result is the list. With them the launch finishes those products itself (the last program of each output tile
+    to arrive adds the tile's partial sums, in order, and finishes it) and the result is (list, counters after the
+    launch: zero again, for the next launch). Each such product takes the next G * N / bn counters, one per (group g,
+    column tile t) at g * (N / bn) + t, so a launch needs C >= the sum of G * N / bn over the split products it
+    finishes (a ValueError names the count otherwise).
 
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
@@ -325,7 +355,7 @@ def grouped_matvecs(
     shapes = [_check(p, block) for p in products]
     cfg = config or default_config(shapes, block)
     interpret = interpret_default() if interpret is None else interpret
-    plans, inputs, out_shapes, first = [], [], [], 0
+    plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
         picked = tiles(k_dim, n_dim, block if fp8 else None, cfg)
         if picked is None:
@@ -341,12 +371,15 @@ def grouped_matvecs(
         x_groups, batch, _ = p.x.shape
         in_dtype = p.x.dtype
         weighted = p.group_weights is not None
+        in_launch = counters is not None and split > 1 and (finish or p.w2 is not None)
         plan = _Plan(groups=groups, x_groups=x_groups, batch=batch, k_dim=k_dim, n_dim=n_dim,
                      bk=bk, bn=bn, split=split, fp8=fp8, packed=is_packed, swiglu=p.w2 is not None, weighted=weighted,
                      f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, in_dtype=in_dtype,
-                     out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first)
+                     out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first,
+                     counter=needed if in_launch else None)
         plans.append(plan)
         first += plan.programs
+        needed += in_launch * groups * (n_dim // bn)
         w, w2 = p.w, p.w2
         if is_packed:
             w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2),
@@ -357,32 +390,35 @@ def grouped_matvecs(
         if weighted:
             inputs.append(p.group_weights.astype(f32))
         columns = (2, n_dim // 2) if is_packed else (n_dim,)
-        if split == 1:
+        if split == 1 or in_launch:
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
-        else:
-            out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * plan.num_outputs
-    outs = iter(pl.pallas_call(
-        functools.partial(_kernel, plans=tuple(plans), block=block, interpret=interpret),
+        if split > 1:  # the partial sums (with counters: a workspace the launch finishes from)
+            out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * (1 + plan.swiglu)
+    counted = needed > 0
+    if counters is not None:
+        check_counters(counters, needed, "grouped_matvecs")
+    if counted:
+        inputs.append(counters)
+        out_shapes.append(jax.ShapeDtypeStruct(counters.shape, jnp.int32))
+    outs = pl.pallas_call(
+        functools.partial(_kernel, plans=tuple(plans), block=block, counted=counted, interpret=interpret),
         out_shape=out_shapes,
         grid=(first,),
+        input_output_aliases={len(inputs) - 1: len(out_shapes) - 1} if counted else {},
         compiler_params=triton_params(cfg.num_warps, cfg.num_stages),
         interpret=interpret,
         name="moe_grouped_matvec",
-    )(*inputs))
-    results = []
+    )(*inputs)
+    results, it = [], iter(outs)
     for plan in plans:
-        out = [next(outs) for _ in range(plan.num_outputs)]
-        if plan.packed:  # [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
-            out = [jnp.swapaxes(a, -1, -2).reshape(*a.shape[:-2], plan.n_dim) for a in out]
-        if plan.split == 1:
-            results.append(out[0])
-        elif not finish and not plan.swiglu:
-            results.append(out[0])
-        elif plan.swiglu:
-            results.append(_swiglu(out[0].sum(0), out[1].sum(0), plan.in_dtype).astype(plan.out_dtype))
-        else:
-            results.append(out[0].sum(0).astype(plan.out_dtype))
-    return results
+        out = [next(it) for _ in range(plan.num_outputs)]
+        if plan.split > 1 and plan.counter is None and (finish or plan.swiglu):  # finished here, by XLA
+            out = [_finish(plan, *(a.sum(0) for a in out))]
+        y = out[0]  # packed: [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
+        results.append(jnp.swapaxes(y, -1, -2).reshape(*y.shape[:-2], plan.n_dim) if plan.packed else y)
+    if counters is None:
+        return results
+    return results, outs[-1] if counted else counters
 
 
 def grouped_matvec(

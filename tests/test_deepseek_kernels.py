@@ -214,6 +214,106 @@ def test_grouped_matvecs_moe_block_as_fused_decode_runs_it(dtype):
         close(y.sum(0), ref)
 
 
+def _finish_case(kind, keys):
+    """(products, block, config, counters needed) of one launch for the in-launch finish tests: every product's K
+    split four ways (a config's split is taken as given), float32 x unless named, groups picking experts out of
+    order, twice, and one group none."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+
+    block, config = (32, 32), gm.GroupedConfig(bn=32, bk=32, split=4)
+    ids = jnp.array([3, -1, 0, 3], jnp.int32)
+
+    def rnd(shape, scale=1.0):
+        return jax.random.normal(next(keys), shape) * scale
+
+    def fp8(shape):
+        return dict(zip(("w", "scale"), fp8_matmul.quantize(rnd(shape, 0.2), block)))
+
+    def up(shape):  # w2 (and scale2) of an FP8 SwiGLU
+        q, s = fp8_matmul.quantize(rnd(shape, 0.2), block)
+        return dict(w2=q, scale2=s)
+
+    x, stack = rnd((4, 2, 128)), (5, 128, 64)
+    products = {
+        "plain": [gm.Product(x=x, w=rnd(stack, 0.2), ids=ids)],
+        "swiglu": [gm.Product(x=x, w=rnd(stack, 0.2), ids=ids, w2=rnd(stack, 0.2))],
+        "weighted": [gm.Product(x=x, w=rnd(stack, 0.2), ids=ids, group_weights=jax.random.uniform(next(keys), (4,)))],
+        "fp8": [gm.Product(x=x, ids=ids, **fp8(stack))],
+        "fp8_swiglu_bf16": [gm.Product(x=x.astype(jnp.bfloat16), ids=ids, **fp8(stack), **up(stack))],
+        "fp8_swiglu_packed": [gm.Product(x=x, ids=ids, **fp8(stack), **up(stack))],
+        "many": [gm.Product(x=x[:2, :1], ids=ids, **fp8(stack), **up(stack)),  # group g reads row g // 2
+                 gm.Product(x=x[:1], w=rnd((1, 128, 96), 0.2), ids=jnp.zeros((1,), jnp.int32),
+                            w2=rnd((1, 128, 96), 0.2)),
+                 gm.Product(x=rnd((2, 1, 256)), w=rnd((2, 256, 32), 0.2), ids=jnp.array([1, -1], jnp.int32),
+                            out_dtype=jnp.float32)],
+    }[kind]
+    needed = sum(p.ids.shape[0] * p.w.shape[2] // config.bn for p in products)  # G * N / bn each
+    return products, block, config, needed
+
+
+@pytest.mark.parametrize("kind", ["plain", "swiglu", "weighted", "fp8", "fp8_swiglu_bf16", "fp8_swiglu_packed",
+                                  "many"])
+def test_grouped_matvecs_finish_in_launch(kind):
+    """With arrival counters a split launch finishes its products itself (the last program of each output tile adds
+    the four partial sums in order, as XLA's sum does, then the SwiGLU or group weight applies as before): the
+    results equal the XLA-finished ones (float32: within 1e-6, a few float32 roundings should XLA add in another
+    order; bf16 within one bf16 rounding step, 2**-7, which such a float32 difference can flip) and the reference
+    (1e-5; bf16: 2e-2 of the output scale, as above), and the counters come back zero, so a second launch (jitted,
+    fresh inputs) reuses them. Fresh random inputs each run."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+    from tilert_jax.kernels.common import zero_counters
+
+    seed = int(np.random.default_rng().integers(1 << 30))
+    counters = zero_counters(_finish_case(kind, iter(jax.random.split(jax.random.key(seed), 40)))[3])
+    for launch in range(2):
+        products, block, config, _ = _finish_case(kind, iter(jax.random.split(jax.random.key(seed + launch), 40)))
+        args = dict(block=block, config=config, packed="packed" in kind, interpret=True)
+        xla = gm.grouped_matvecs(products, **args)
+        outs, counters = jax.jit(lambda c: gm.grouped_matvecs(products, counters=c, **args))(counters)
+        np.testing.assert_array_equal(counters, 0)
+        bf16 = kind.endswith("bf16")
+        for p, got, want in zip(products, outs, xla):
+            ref = gm.product_reference(p, block).astype(jnp.float32)
+            assert got.shape == ref.shape and got.dtype == want.dtype
+            got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+            np.testing.assert_allclose(got, want, rtol=2 ** -7 if bf16 else 1e-6, atol=1e-6)
+            np.testing.assert_allclose(got, ref, rtol=2e-2 if bf16 else 1e-5,
+                                       atol=2e-2 * float(jnp.abs(ref).max()) if bf16 else 1e-5)
+            assert not np.any(got[p.ids < 0])  # a group without an expert: zeros
+
+
+def test_grouped_matvecs_counters_too_short_raise():
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+    from tilert_jax.kernels.common import zero_counters
+
+    products, block, config, needed = _finish_case("many", iter(jax.random.split(jax.random.key(0), 40)))
+    for counters in (zero_counters(needed - 1), jnp.zeros((needed,), jnp.float32)):
+        with pytest.raises(ValueError, match=f">= {needed}") as err:
+            gm.grouped_matvecs(products, block=block, config=config, counters=counters, interpret=True)
+        assert "\n" not in str(err.value)
+
+
+def test_grouped_matvecs_finish_in_launch_lowers_for_a_gpu(monkeypatch):
+    """The in-launch finish (two FP8 SwiGLUs read as uint16 pairs, bf16 rows, split, with counters) lowers through
+    Pallas' Triton lowering (from this CPU machine: TILERT_PALLAS_INTERPRET=0)."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+
+    monkeypatch.setenv("TILERT_PALLAS_INTERPRET", "0")
+    block, config = (128, 128), gm.GroupedConfig(bn=128, bk=128, split=4)
+
+    def launch(x, w, s, w2, s2, counters):
+        products = [gm.Product(x=x, w=w, ids=jnp.array([3, 0], jnp.int32), scale=s, w2=w2, scale2=s2),
+                    gm.Product(x=x[:1], w=w[:1], ids=jnp.zeros((1,), jnp.int32), scale=s[:1], w2=w2[:1],
+                               scale2=s2[:1])]
+        return gm.grouped_matvecs(products, block=block, config=config, packed=True, counters=counters)
+
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
+        ((2, 1, 1024), jnp.bfloat16), ((4, 1024, 512), jnp.float8_e4m3fn), ((4, 8, 4), jnp.float32),
+        ((4, 1024, 512), jnp.float8_e4m3fn), ((4, 8, 4), jnp.float32), ((64,), jnp.int32))]
+    text = jax.jit(launch).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "moe_grouped_matvec" in text and "output_operand_alias" in text  # the counters, updated in place
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stream_norm_kernel_matches_reference(dtype):
     """The stream kernel (interpret mode) against its reference on fresh random inputs: the combined stream bit for

@@ -37,21 +37,26 @@ def _check_cache(new, ref, old, pos, tol):
     np.testing.assert_array_equal(np.asarray(new[:, keep], np.float32), np.asarray(old[:, keep], np.float32))
 
 
-@pytest.mark.parametrize("heads,fp8,splits,pos,parts,interleaved", [
-    (4, False, None, 37, 1, True), (32, False, 4, 47, 3, False), (4, True, 2, 0, 2, True),
-    (32, True, None, 20, 1, False)])
-def test_mla_decode_matches_reference_float32(heads, fp8, splits, pos, parts, interleaved):
-    """float32: the kernels' other summation orders (per split, then merged) agree to 1e-5. Fewer heads than a
-    16-row dot (masked rows) and two head blocks; FP8 weights with 16 x 16 scale blocks; the first position alone,
-    a middle one (positions past pos hold other values and must not count) and the last; projections finished or
-    as 2 or 3 partial sums; both rope layouts. The new cache entry (normed latent, roped key) is written in place."""
+@pytest.mark.parametrize("heads,fp8,splits,pos,parts,interleaved,r_parts", [
+    (4, False, None, 37, 1, True, 2), (32, False, 4, 47, 3, False, None), (4, True, 2, 0, 2, True, None),
+    (32, True, None, 20, 1, False, 1)])
+def test_mla_decode_matches_reference_float32(heads, fp8, splits, pos, parts, interleaved, r_parts):
+    """float32: the kernels' other summation orders (per split, then merged; per slice of the latent rows, then
+    added) agree to 1e-5. Fewer heads than a 16-row dot (masked rows) and two head blocks; FP8 weights with 16 x 16
+    scale blocks; the first position alone, a middle one (positions past pos hold other values and must not count)
+    and the last; projections finished or as 2 or 3 partial sums; both rope layouts; absorb_output whole or in two
+    slices of the latent rows (its arrival counters left zero). The new cache entry (normed latent, roped key) is
+    written in place."""
     args = _inputs(jax.random.key(heads + pos), 2, heads, jnp.float32, fp8, parts)
     pos = jnp.int32(pos)
     kw = dict(softmax_scale=0.3, interleaved=interleaved, eps=1e-6)
-    out, cache = mla_decode.mla_decode(*args, pos, splits=splits, bs=16, interpret=True, **kw)
+    counters = jnp.zeros((2 * heads,), jnp.int32)
+    out, cache, counters = mla_decode.mla_decode(*args, pos, splits=splits, bs=16, r_parts=r_parts,
+                                                 counters=counters, interpret=True, **kw)
     ref, ref_cache = mla_decode.mla_decode_reference(*args, pos, **kw)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     _check_cache(cache, ref_cache, args[-1], int(pos), 1e-5)
+    np.testing.assert_array_equal(counters, 0)
 
 
 def test_mla_decode_matches_reference_bf16():
@@ -60,7 +65,7 @@ def test_mla_decode_matches_reference_bf16():
     same float32 values once (one bf16 step)."""
     args = _inputs(jax.random.key(5), 1, 16, jnp.bfloat16, False, parts=2)
     kw = dict(softmax_scale=0.25, interleaved=True, eps=1e-6)
-    out, cache = mla_decode.mla_decode(*args, jnp.int32(40), bs=16, interpret=True, **kw)
+    out, cache, _ = mla_decode.mla_decode(*args, jnp.int32(40), bs=16, r_parts=2, interpret=True, **kw)
     ref, ref_cache = mla_decode.mla_decode_reference(*args, jnp.int32(40), **kw)
     out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
     assert float(jnp.max(jnp.abs(out - ref))) <= 2e-2 * float(jnp.max(jnp.abs(ref)))
@@ -74,6 +79,11 @@ def test_mla_decode_rejects_bad_shapes():
         mla_decode.mla_decode(q, compressed, kv_norm, cos, sin, w[:, :-1], None, None, cache, jnp.int32(3), **kw)
     with pytest.raises(ValueError, match="do not form"):
         mla_decode.mla_decode(q, compressed[..., 1:], kv_norm, cos, sin, w, None, None, cache, jnp.int32(3), **kw)
+    with pytest.raises(ValueError, match="r_parts"):
+        mla_decode.mla_decode(q, compressed, kv_norm, cos, sin, w, None, None, cache, jnp.int32(3), r_parts=3, **kw)
+    with pytest.raises(ValueError, match="arrival counters"):
+        mla_decode.mla_decode(q, compressed, kv_norm, cos, sin, w, None, None, cache, jnp.int32(3), r_parts=2,
+                              counters=jnp.zeros((3,), jnp.int32), **kw)
     assert not mla_decode.supported(24, 16, 16, 16, 32, None)  # 24 heads: not whole blocks of 16
 
 
@@ -92,7 +102,7 @@ def test_gpu_mla_decode_real_shapes(heads, fp8):
     kw = dict(softmax_scale=0.1, interleaved=True, eps=1e-6)
     run = jax.jit(lambda q_, c_, w_, s_, cache_, p: mla_decode.mla_decode(q_, c_, kv_norm, cos, sin, w_, s_, block,
                                                                           cache_, p, **kw))
-    out, new_cache = run(q, compressed, w, scale, cache, pos)
+    out, new_cache, _ = run(q, compressed, w, scale, cache, pos)
     ref, ref_cache = mla_decode.mla_decode_reference(q, compressed, kv_norm, cos, sin, w, scale, block, cache, pos,
                                                      **kw)
     out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)

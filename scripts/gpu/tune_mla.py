@@ -1,6 +1,7 @@
 """Sweeps the MLA decode kernels' launch parameters (kernels/mla_decode.py) at real DeepSeek shapes.
 
-    python scripts/gpu/tune_mla.py [--shapes deepseek-v2-lite] [--splits 16,32] [--bs 64] [--bd 16,32,64] [--out FILE]
+    python scripts/gpu/tune_mla.py [--shapes deepseek-v2-lite] [--splits 16,32] [--bs 64] [--bd 16,32,64] \
+        [--r-parts 1,2,4] [--out FILE]
 
 One jitted call runs the kernels over `layers` distinct weights and caches (more bytes than L2 holds, as in a decode
 step); the device time of the three kernels is read from a profiler trace of 5 such calls (a wall-clock timer of
@@ -50,9 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--splits", default="8,16,32,64")
     parser.add_argument("--bs", default="16,32,64")
     parser.add_argument("--bd", default="64", help="absorb_output columns per program")
+    parser.add_argument("--r-parts", default="0", help="absorb_output's slices of the latent rows (0: default)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    grid = [tuple(int(v) for v in getattr(args, name).split(",")) for name in ("splits", "bs", "bd")]
+    grid = [tuple(int(v) for v in getattr(args, name).split(",")) for name in ("splits", "bs", "bd", "r_parts")]
     pos = jnp.int32(args.pos)
     sink = open(args.out, "a") if args.out else None
     for name in args.shapes.split(","):
@@ -61,10 +63,10 @@ def main(argv=None) -> int:
         w0, s0, c0 = layers[0]
         kw = dict(softmax_scale=0.1, interleaved=True, eps=1e-6)
         ref = mla_decode.mla_decode_reference(*latent_in, w0, s0, block, c0, pos, **kw)[0].astype(jnp.float32)
-        for splits, bs, bd in itertools.product(*grid):
-            def run(latent_in, layers, splits=splits, bs=bs, bd=bd):
-                return [mla_decode.mla_decode(*latent_in, w, s, block, c, pos, **kw, splits=splits, bs=bs, bd=bd)
-                        for w, s, c in layers]
+        for splits, bs, bd, r_parts in itertools.product(*grid):
+            def run(latent_in, layers, splits=splits, bs=bs, bd=bd, r_parts=r_parts or None):
+                return [mla_decode.mla_decode(*latent_in, w, s, block, c, pos, **kw, splits=splits, bs=bs, bd=bd,
+                                              r_parts=r_parts) for w, s, c in layers]
             try:
                 fn = jax.jit(run)
                 out = fn(latent_in, layers)
@@ -72,10 +74,10 @@ def main(argv=None) -> int:
                 summary = trace_gpu_kernels(lambda: [jax.block_until_ready(fn(latent_in, layers))
                                                      for _ in range(5)], 5 * args.layers)
                 per_kernel = {k["name"]: k["us_per_step"] for k in summary["kernels"] if k["name"].startswith("mla_")}
-                row = {"shape": name, "splits": splits, "bs": bs, "bd": bd,
+                row = {"shape": name, "splits": splits, "bs": bs, "bd": bd, "r_parts": r_parts,
                        "us_per_layer": sum(per_kernel.values()), **per_kernel, "rel_err": err, "ok": err <= 2e-2}
             except Exception as e:  # a configuration that does not compile (shared memory, registers)
-                row = {"shape": name, "splits": splits, "bs": bs, "bd": bd, "error": str(e)[:200]}
+                row = {"shape": name, "splits": splits, "bs": bs, "bd": bd, "r_parts": r_parts, "error": str(e)[:200]}
             emit(row, sink)
     return 0
 

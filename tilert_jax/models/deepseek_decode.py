@@ -5,12 +5,15 @@ The residual stream travels between launches as x plus a tuple of pending partia
 `Stream`). Per layer:
   1. the stream combined and attn_norm applied (stream_norm), then the query's first projection beside kv_a;
   2. multi-head latent attention (deepseek.attend_decode_kernel: three MLA kernels, the first adding q's and kv_a's
-     partial sums, roping, normalising the latent and writing the cache);
+     partial sums, roping, normalising the latent and writing the cache, the last adding its slices' products);
   3. o_proj, its K-split sums left pending on the stream;
   4. MoE: the stream combined and mlp_norm applied, the router (grouped kernel, its split sums left pending) and
      the routing kernel (adding them, kernels/moe_routing.py), then the routed experts' gate/up beside the shared
-     expert's (every routed group reading the token's one row), then down with each routed output weighed by its
-     routing weight, all left pending on the stream. A dense layer: the same without routing.
+     expert's (every routed group reading the token's one row; a split tile's last program adds its partial sums
+     and applies the SwiGLU), then down with each routed output weighed by its routing weight, all left pending on
+     the stream. A dense layer: the same without routing.
+The launches that finish a split reduction themselves (the last program of a tile to arrive adds the others' partial
+sums: kernels/common.py, `arrive_last`) share one array of arrival counters, zero between launches.
 The final norm and the LM head read the last layer's stream in XLA.
 """
 
@@ -21,9 +24,13 @@ import jax.numpy as jnp
 
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels import stream_norm as sn
+from tilert_jax.kernels.common import zero_counters
 from tilert_jax.models import deepseek as ds
 from tilert_jax.models import moe
 from tilert_jax.models.deepseek_linear import SINGLE, stacked
+
+
+ARRIVAL_COUNTERS = 4096  # for the launches that finish their split reductions themselves (each checks it has enough)
 
 
 def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens) -> bool:
@@ -66,25 +73,27 @@ def _pending(y, n: int) -> jax.Array:
     return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
 
 
-def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk):
-    """-> the combined stream [n, hidden] and the MoE's outputs as pending sums."""
+def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters):
+    """-> the combined stream [n, hidden], the MoE's outputs as pending sums, the counters."""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
     x, h = sn.stream_norm(stream)
     weights, index = ds.route(config, p, h, "pallas")
     e = p.experts
     shared = None if p.shared is None else (p.shared.gate, p.shared.up, p.shared.down)
-    ys = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
-                             group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32, finish=False)
-    return x, tuple(_pending(y, n) for y in ys if y is not None)
+    *ys, counters = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
+                                        group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32,
+                                        finish=False, counters=counters)
+    return x, tuple(_pending(y, n) for y in ys if y is not None), counters
 
 
-def _mlp(p: ds.MLP, stream: sn.Stream, blk):
+def _mlp(p: ds.MLP, stream: sn.Stream, blk, counters):
     x, h = sn.stream_norm(stream)
-    mid = gm.grouped_matvecs([gm.Product(x=h[None], ids=SINGLE, **stacked(p.gate, p.up))], block=blk)[0]
+    (mid,), counters = gm.grouped_matvecs([gm.Product(x=h[None], ids=SINGLE, **stacked(p.gate, p.up))], block=blk,
+                                          counters=counters)
     y = gm.grouped_matvecs([gm.Product(x=mid, ids=SINGLE, out_dtype=jnp.float32, **stacked(p.down))], block=blk,
                            finish=False)[0]
-    return x, (_pending(y, x.shape[0]),)
+    return x, (_pending(y, x.shape[0]),), counters
 
 
 def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache, pos):
@@ -92,6 +101,7 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
     n = tokens.shape[0]
     blk, eps = config.fp8_block, config.rms_norm_eps
     x, parts = params.embed[tokens], ()  # the stream [n, hidden] and its pending sums
+    counters = zero_counters(ARRIVAL_COUNTERS)  # passed from launch to launch, zero between them
     new_kv = []
     for i, layer in enumerate(params.layers):
         a = layer.attn
@@ -101,12 +111,12 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
             finish=False))  # [S, n, *] each
         if a.q_proj is None:  # the query LoRA: q_b reads the normed q_a
             q = ds.query(config, a, q.sum(0).astype(h.dtype), "pallas")[0][None]
-        out, kv_i = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos)  # [n, H, dv]
+        out, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters)
         o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))], block=blk,
                                finish=False)[0]
         stream = sn.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
-        x, parts = _moe(config, layer.mlp, stream, blk) if isinstance(layer.mlp, ds.MoE) else _mlp(layer.mlp, stream,
-                                                                                                   blk)
+        x, parts, counters = (_moe(config, layer.mlp, stream, blk, counters) if isinstance(layer.mlp, ds.MoE)
+                              else _mlp(layer.mlp, stream, blk, counters))
         new_kv.append(kv_i)
     _, h = sn.stream_reference(sn.Stream(x, parts, params.final_norm, eps))
     return ds.lm_head(params, h, None, config.vocab_size), ds.MLACache(kv=tuple(new_kv), index_k=cache.index_k)
