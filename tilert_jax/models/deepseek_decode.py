@@ -9,9 +9,9 @@ The residual stream travels between launches as x plus a tuple of pending partia
   3. o_proj, its K-split sums left pending on the stream;
   4. MoE: the stream combined and mlp_norm applied, the router (grouped kernel, its split sums left pending) and
      the routing kernel (adding them, kernels/moe_routing.py), then the routed experts' gate/up beside the shared
-     expert's (every routed group reading the token's one row; a split tile's last program adds its partial sums
-     and applies the SwiGLU), then down with each routed output weighed by its routing weight, all left pending on
-     the stream. A dense layer: the same without routing.
+     expert's (every routed group reading the token's one row), then down with each routed output weighed by its
+     routing weight, all left pending on the stream. A dense layer: the same without routing, its split gate/up
+     finished in its own launch (a tile's last program adds the partial sums and applies the SwiGLU).
 The launches that finish a split reduction themselves (the last program of a tile to arrive adds the others' partial
 sums: kernels/common.py, `arrive_last`) share one array of arrival counters, zero between launches.
 The final norm and the LM head read the last layer's stream in XLA.
@@ -73,18 +73,18 @@ def _pending(y, n: int) -> jax.Array:
     return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
 
 
-def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters):
-    """-> the combined stream [n, hidden], the MoE's outputs as pending sums, the counters."""
+def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk):
+    """-> the combined stream [n, hidden] and the MoE's outputs as pending sums. (The split gate/up is finished by
+    XLA here: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
     x, h = sn.stream_norm(stream)
     weights, index = ds.route(config, p, h, "pallas")
     e = p.experts
     shared = None if p.shared is None else (p.shared.gate, p.shared.up, p.shared.down)
-    *ys, counters = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
-                                        group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32,
-                                        finish=False, counters=counters)
-    return x, tuple(_pending(y, n) for y in ys if y is not None), counters
+    ys = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
+                             group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32, finish=False)
+    return x, tuple(_pending(y, n) for y in ys if y is not None)
 
 
 def _mlp(p: ds.MLP, stream: sn.Stream, blk, counters):
@@ -115,8 +115,10 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
         o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))], block=blk,
                                finish=False)[0]
         stream = sn.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
-        x, parts, counters = (_moe(config, layer.mlp, stream, blk, counters) if isinstance(layer.mlp, ds.MoE)
-                              else _mlp(layer.mlp, stream, blk, counters))
+        if isinstance(layer.mlp, ds.MoE):
+            x, parts = _moe(config, layer.mlp, stream, blk)
+        else:
+            x, parts, counters = _mlp(layer.mlp, stream, blk, counters)
         new_kv.append(kv_i)
     _, h = sn.stream_reference(sn.Stream(x, parts, params.final_norm, eps))
     return ds.lm_head(params, h, None, config.vocab_size), ds.MLACache(kv=tuple(new_kv), index_k=cache.index_k)

@@ -177,27 +177,22 @@ def expert_launches(x: jnp.ndarray,  # [N, hidden]
                     ids: jnp.ndarray,  # [N * k] int32: pair i is token i // k (negative: skipped, zeros)
                     routed: tuple[Linear, Linear, Linear],
                     shared: tuple[Linear, Linear, Linear] | None,
-                    block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True,
-                    counters: jnp.ndarray | None = None):
+                    block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True):
     """The grouped kernel's two launches for a MoE block: gate/up with the SwiGLU epilogue (each pair reading its
     token's row in place), then down; the shared expert beside the routed pairs in both. group_weights [N * k]
-    weighs each pair's down output in the kernel (float32); finish=False leaves K-split sums to the caller; with
-    arrival counters (int32 zeros) a split gate/up finishes its SwiGLU in its own launch (kernels/common.py:
-    arrive_last). Returns (routed [N * k, 1, hidden] or its sums [S, N * k, 1, hidden], shared [1, N, hidden] (or
-    its sums) in shared_dtype, default x's dtype, or None), and with counters also the counters after them."""
+    weighs each pair's down output in the kernel (float32); finish=False leaves K-split sums to the caller.
+    Returns (routed [N * k, 1, hidden] or its sums [S, N * k, 1, hidden], shared [1, N, hidden] (or its sums) in
+    shared_dtype, default x's dtype, or None)."""
     gate, up, down = routed
     first = [gm.Product(x=x[:, None, :], ids=ids, **stacked(gate, up))]
     if shared is not None:
         first.append(gm.Product(x=x[None], ids=SINGLE, **stacked(shared[0], shared[1])))
-    mid = gm.grouped_matvecs(first, block=block, counters=counters)  # [N * k, 1, f] (and the shared [1, N, f])
-    if counters is not None:
-        mid, counters = mid
+    mid = gm.grouped_matvecs(first, block=block)  # [N * k, 1, f] (and the shared [1, N, f_shared])
     second = [gm.Product(x=mid[0], ids=ids, group_weights=group_weights, **stacked(down))]
     if shared is not None:
         second.append(gm.Product(x=mid[1], ids=SINGLE, out_dtype=shared_dtype, **stacked(shared[2])))
     ys = gm.grouped_matvecs(second, block=block, finish=finish)
-    out = ys[0], (ys[1] if shared is not None else None)
-    return out if counters is None else (*out, counters)
+    return ys[0], (ys[1] if shared is not None else None)
 
 
 def experts(x, index, weights, routed: tuple[Linear, Linear, Linear], shared: tuple[Linear, Linear, Linear] | None,
