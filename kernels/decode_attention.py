@@ -35,8 +35,9 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax import cache as kv
 from tilert_jax.kernels.attention import attention_reference
-from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, dot, interpret_default, is_pow2, load_rows,
-                                       next_pow2, online_softmax_step, store_rows, triton_params)
+from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2,
+                                       load_rows, next_pow2, online_softmax_step, store_rows, triton_params,
+                                       zero_counters)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope
 
@@ -114,7 +115,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
     cos_ref, sin_ref = next(it), next(it)  # [d], [d]
     pos_ref = next(it)  # [1] int32
     if splits > 1:
-        next(it)  # the arrival counters [B, kvh] (aliased to `arrived`)
+        next(it)  # the arrival counters [>= B * kvh] (aliased to `arrived`)
     kc_ref, vc_ref = next(it), next(it)  # [B, kvh, max_len, d] (aliased to the two cache outputs)
     o_ref = next(it)  # [B, n, d]
     if splits > 1:  # the workspace: float32 acc [B, kvh, P, rows, d] and (m, l) [B, kvh, P, rows, 2]; the counters
@@ -207,7 +208,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         return
     for ref, c0, value in ((acc_ws, 0, acc), (ml_ws, 0, m), (ml_ws, 1, l)):
         plt.store(ref.at[b, h, p, pl.ds(0, rows), pl.ds(c0, value.shape[1])], value)
-    @pl.when(arrive_last(arrived, (b, h), splits, interpret))  # the last split of this launch to arrive
+    @pl.when(arrive_last(arrived, b * num_kv_heads + h, splits, interpret))  # the last split of this launch
     def _():
         store_rows(out, _merge_splits(acc_ws, ml_ws, b, h, splits, rows, head_dim).astype(dtype), groups)
 
@@ -231,7 +232,7 @@ def decode_attention(
     block: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-    arrivals: jax.Array | None = None,  # int32 [B, kvh] zeros (None: fresh ones), returned zero
+    arrivals: jax.Array | None = None,  # int32 [>= B * kvh] arrival counters, zero (None: fresh), returned zero
     interpret: bool | None = None,
 ):
     """-> out [B, n, d], k_cache, v_cache, arrivals (the counters after this launch, for the next layer's launch; as
@@ -261,14 +262,12 @@ def decode_attention(
     out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
     aliases = {}
     if splits > 1:
-        if arrivals is None:
-            arrivals = jnp.zeros((batch, kvh), jnp.int32)
-        if arrivals.shape != (batch, kvh) or arrivals.dtype != jnp.int32:
-            raise ValueError(f"arrivals must be int32 {(batch, kvh)}, got {arrivals.dtype} {arrivals.shape}")
+        arrivals = zero_counters(batch * kvh) if arrivals is None else arrivals
+        check_counters(arrivals, batch * kvh, "decode_attention")
         aliases[len(inputs)] = 3
         inputs.append(arrivals)
         out_shape += [jax.ShapeDtypeStruct((batch, kvh, splits, rows, width), f32) for width in (head_dim, 2)]
-        out_shape.append(jax.ShapeDtypeStruct((batch, kvh), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct(arrivals.shape, jnp.int32))
     inputs += [k_cache, v_cache]
     out_shape += [jax.ShapeDtypeStruct(k_cache.shape, dtype), jax.ShapeDtypeStruct(v_cache.shape, dtype)]
     n_in, n_out = len(inputs), len(out_shape)

@@ -324,7 +324,8 @@ def mla_decode(
         check_counters(counters, batch * heads * column_tiles, "mla_absorb_output")
         aliases[len(inputs)] = 2
         inputs.append(counters)
-        out_shape += [jax.ShapeDtypeStruct((r_parts, batch, heads, dv), f32), jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
+        out_shape += [jax.ShapeDtypeStruct((r_parts, batch, heads, dv), f32),
+                      jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
     outs = pl.pallas_call(
         lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=br, bd=bd, column_tiles=column_tiles,
                                             r_parts=r_parts, splits=splits, block=block, row_width=row_width,
