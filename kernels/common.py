@@ -145,6 +145,7 @@ def arrive_last(counter_ref, index, arrivals: int, interpret: bool):
     reads what the others stored and finishes). The stores each program made before arriving are visible to the
     last (a CTA barrier, then one acquire-release atomic at GPU scope); the last sets the counter back to 0, so the
     next launch finds its counters zero."""
+    index = jnp.asarray(index, jnp.int32)  # (a static counter too)
     if not interpret:  # (interpreted programs run one after another)
         plt.debug_barrier()
     last = plt.atomic_add(counter_ref, index, jnp.int32(1)) == arrivals - 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,19 @@ def product_reference(p: Product, block: tuple[int, int] | None = None) -> jax.A
 
 
 @dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """Work for one program of a launch: the last of product `product`'s programs to finish runs
+    body(*that product's output refs, *input refs, *output refs) once every one of them has stored its outputs (its
+    partial sums [S, G, B, N] float32 when split and left to the consumer, else [G, B, N]). The other products'
+    programs keep streaming beside it, which hides its serial tail: the router's last program routes the token while
+    the shared expert's gate/up runs (kernels/moe_routing.py, `routing_epilogue`)."""
+    product: int
+    body: Callable
+    inputs: tuple[jax.Array, ...] = ()
+    out_shapes: tuple[jax.ShapeDtypeStruct, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     """A product's static shape in the launch: its programs are first ... first + programs - 1 of the 1-D grid,
     ordered (group, column tile, K split)."""
@@ -294,16 +308,23 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
             store_rows(o_ref.at[window(phase)], _finish(plan, *sums), batch)
 
 
-def _kernel(*refs, plans, block, counted, interpret):
-    """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in."""
-    num_in = sum(p.num_inputs for p in plans) + counted
+def _kernel(*refs, plans, block, epilogue, epilogue_counter, counted, interpret):
+    """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in (and,
+    last of the epilogue's product to arrive, the epilogue)."""
+    epi_in, epi_out = (len(epilogue.inputs), len(epilogue.out_shapes)) if epilogue else (0, 0)
+    num_in = sum(p.num_inputs for p in plans) + epi_in + counted
     ins, outs = iter(refs[:num_in]), iter(refs[num_in:])
     counters = refs[-1] if counted else None  # [C] int32 (the output aliased to the counters given)
+    product_ins = [[next(ins) for _ in range(p.num_inputs)] for p in plans]
+    product_outs = [[next(outs) for _ in range(p.num_outputs)] for p in plans]
+    epi_refs = [next(ins) for _ in range(epi_in)] + [next(outs) for _ in range(epi_out)]
     pid = pl.program_id(0)
-    for plan in plans:
-        in_refs = [next(ins) for _ in range(plan.num_inputs)]
-        out_refs = [next(outs) for _ in range(plan.num_outputs)]
-        run = functools.partial(_product, plan, block, interpret, in_refs, out_refs, counters)
+    for i, plan in enumerate(plans):
+        def run(local, i=i, plan=plan):
+            _product(plan, block, interpret, product_ins[i], product_outs[i], counters, local)
+            if epilogue is not None and epilogue.product == i:
+                pl.when(arrive_last(counters, epilogue_counter, plan.programs, interpret))(
+                    lambda: epilogue.body(*product_outs[i], *epi_refs))
         if len(plans) == 1:
             run(pid)
         else:
@@ -336,8 +357,9 @@ def grouped_matvecs(
     packed: bool | None = None,
     finish: bool = True,
     counters: jax.Array | None = None,  # [C] int32 zeros: arrival counters (common.zero_counters), returned zero
+    epilogue: Epilogue | None = None,
     interpret: bool | None = None,
-) -> list | tuple[list, jax.Array]:  # per product [G, B, N], or (finish=False, split) float32 partial sums [S, G, B, N]
+) -> list | tuple:  # per product [G, B, N], or (finish=False, split) float32 partial sums [S, G, B, N]
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
     launches, and each product's programs fill the GPU beside the others'. The K split is chosen for the launch
     as a whole (`default_config`); finish=False leaves a split plain product's partial sums to its consumer.
@@ -349,10 +371,16 @@ def grouped_matvecs(
     column tile t) at g * (N / bn) + t, so a launch needs C >= the sum of G * N / bn over the split products it
     finishes (a ValueError names the count otherwise).
 
+    An `epilogue` (which needs counters: it takes one more, after the products') runs in the last program of its
+    product to finish; the result is then (list, the epilogue's outputs, counters).
+
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
     same bytes are half as many elements. Default: exactly for the stacks of 2**31 elements or more."""
     shapes = [_check(p, block) for p in products]
+    if epilogue is not None and (counters is None or not 0 <= epilogue.product < len(products)):
+        raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products, got product "
+                         f"{epilogue.product}{'' if counters is not None else ' without counters'}")
     cfg = config or default_config(shapes, block)
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
@@ -394,6 +422,11 @@ def grouped_matvecs(
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
         if split > 1:  # the partial sums (with counters: a workspace the launch finishes from)
             out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * (1 + plan.swiglu)
+    epilogue_counter = needed
+    if epilogue is not None:
+        inputs += list(epilogue.inputs)
+        out_shapes += list(epilogue.out_shapes)
+        needed += 1
     counted = needed > 0
     if counters is not None:
         check_counters(counters, needed, "grouped_matvecs")
@@ -401,7 +434,8 @@ def grouped_matvecs(
         inputs.append(counters)
         out_shapes.append(jax.ShapeDtypeStruct(counters.shape, jnp.int32))
     outs = pl.pallas_call(
-        functools.partial(_kernel, plans=tuple(plans), block=block, counted=counted, interpret=interpret),
+        functools.partial(_kernel, plans=tuple(plans), block=block, epilogue=epilogue,
+                          epilogue_counter=epilogue_counter, counted=counted, interpret=interpret),
         out_shape=out_shapes,
         grid=(first,),
         input_output_aliases={len(inputs) - 1: len(out_shapes) - 1} if counted else {},
@@ -418,7 +452,10 @@ def grouped_matvecs(
         results.append(jnp.swapaxes(y, -1, -2).reshape(*y.shape[:-2], plan.n_dim) if plan.packed else y)
     if counters is None:
         return results
-    return results, outs[-1] if counted else counters
+    counters = outs[-1] if counted else counters
+    if epilogue is None:
+        return results, counters
+    return results, tuple(next(it) for _ in epilogue.out_shapes), counters
 
 
 def grouped_matvec(

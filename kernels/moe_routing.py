@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels.common import interpret_default, load_sum, next_pow2, triton_params
+from tilert_jax.kernels.moe_grouped_matvec import Epilogue
 
 f32 = jnp.float32
 METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -195,24 +196,18 @@ def _best_two_sum(values, col):
     return best + second
 
 
-def _kernel(*refs, rule: RoutingRule, groups: int, width: int, has_bias: bool):
-    x_ref = refs[0]  # [S, N, G, W] float32
-    bias_ref = refs[1] if has_bias else None  # [G, W] float32
-    w_ref, i_ref = refs[-2:]  # [N, k] float32, [N, k] int32
-    row = pl.program_id(0)
-    gp, wp, kp, k = next_pow2(groups), next_pow2(width), next_pow2(rule.top_k), rule.top_k
+def _route_block(logits, bias, rule: RoutingRule, groups: int, width: int):
+    """One row's logits as a block [Gp, Wp] float32 (any value on the padding past `groups` x `width`) and the bias
+    the same (or 0.0) -> its k experts' weights [kp] float32 and ids [kp] int32 (past k: 0 and -1)."""
+    gp, wp = logits.shape
+    kp, k = next_pow2(rule.top_k), rule.top_k
     m = gp * wp
     grp = lax.broadcasted_iota(jnp.int32, (gp, wp), 0)
     col = lax.broadcasted_iota(jnp.int32, (gp, wp), 1)
     valid = (grp < groups) & (col < width)  # [Gp, Wp]
-    exact = gp == groups and wp == width
-
-    masked = {} if exact else dict(mask=valid, other=0.0)  # [G, W] read as [Gp, Wp], 0 on the padding
-    logits = load_sum(x_ref, row, pl.ds(0, gp), pl.ds(0, wp), **masked)  # [Gp, Wp] float32
 
     if rule.method == "noaux_tc":
         scores = lax.logistic(logits)
-        bias = plt.load(bias_ref.at[pl.ds(0, gp), pl.ds(0, wp)], **masked) if has_bias else 0.0
         choice = jnp.where(valid, scores + bias, -jnp.inf)
         keep = _kept_groups(_best_two_sum(choice, col), groups, rule.topk_group)  # [Gp]
         choice = jnp.where(keep[:, None], choice, -jnp.inf)
@@ -233,11 +228,36 @@ def _kernel(*refs, rule: RoutingRule, groups: int, width: int, has_bias: bool):
     index = picked // wp * width + picked % wp
     if rule.method == "noaux_tc" and rule.norm_topk_prob:
         weights = weights / (jnp.sum(weights) + 1e-20)
-    weights = weights * rule.routed_scaling_factor
-    slot = lax.broadcasted_iota(jnp.int32, (kp,), 0)
-    mask = None if kp == k else slot < k
+    return weights * rule.routed_scaling_factor, index
+
+
+def _store_row(w_ref, i_ref, row, weights, index, k: int):
+    """The row's k weights and ids into w_ref, i_ref [N, k] (the slots past k dropped)."""
+    kp = weights.shape[0]
+    mask = None if kp == k else lax.broadcasted_iota(jnp.int32, (kp,), 0) < k
     plt.store(w_ref.at[row, pl.ds(0, kp)], weights, mask=mask)
     plt.store(i_ref.at[row, pl.ds(0, kp)], index, mask=mask)
+
+
+def _kernel(*refs, rule: RoutingRule, groups: int, width: int, has_bias: bool):
+    x_ref = refs[0]  # [S, N, G, W] float32
+    bias_ref = refs[1] if has_bias else None  # [G, W] float32
+    w_ref, i_ref = refs[-2:]  # [N, k] float32, [N, k] int32
+    row = pl.program_id(0)
+    gp, wp = next_pow2(groups), next_pow2(width)
+    exact = gp == groups and wp == width
+    grp = lax.broadcasted_iota(jnp.int32, (gp, wp), 0)
+    col = lax.broadcasted_iota(jnp.int32, (gp, wp), 1)
+    masked = {} if exact else dict(mask=(grp < groups) & (col < width), other=0.0)  # [G, W] read as [Gp, Wp]
+    logits = load_sum(x_ref, row, pl.ds(0, gp), pl.ds(0, wp), **masked)  # [Gp, Wp] float32
+    bias = plt.load(bias_ref.at[pl.ds(0, gp), pl.ds(0, wp)], **masked) if has_bias else 0.0
+    _store_row(w_ref, i_ref, row, *_route_block(logits, bias, rule, groups, width), rule.top_k)
+
+
+def _layout(rule: RoutingRule, experts: int) -> tuple[int, int]:
+    """(groups, experts per group) of the row's block."""
+    groups = rule.n_group if rule.grouped else 1
+    return groups, experts // groups
 
 
 def route(
@@ -259,8 +279,7 @@ def route(
         raise ValueError(f"the bias must be [{e}], one per expert, got {list(bias.shape)}")
     bias = bias if rule.method == "noaux_tc" else None  # the softmax methods have none (as route_reference)
     interpret = interpret_default() if interpret is None else interpret
-    groups = rule.n_group if rule.grouped else 1
-    width = e // groups
+    groups, width = _layout(rule, e)
     if num_warps is None:
         num_warps = 4 if next_pow2(groups) * next_pow2(width) >= 256 else 1
     inputs = [parts.reshape(s, n, groups, width)] + ([] if bias is None else [bias.astype(f32).reshape(groups, width)])
@@ -272,3 +291,50 @@ def route(
         interpret=interpret,
         name="moe_routing",
     )(*inputs)
+
+
+# --- the routing as the router launch's epilogue -------------------------------------------------------------------
+
+def epilogue_fits(rule: RoutingRule, experts: int) -> bool:
+    """Whether `routing_epilogue` can read a row of E logits as its block: one group, or groups of a power of 2 (the
+    row then is the block [G, W] row-major, G padded at the end; V2's 8 groups of 20 are not)."""
+    groups, width = _layout(rule, experts)
+    return groups == 1 or width == next_pow2(width)
+
+
+def _epilogue_body(parts_ref, *refs, rule: RoutingRule, rows: int, experts: int):
+    """Routes every row from the router's outputs, [S, 1, N, E] float32 partial sums or [1, N, E] logits, as
+    `route` does (the partial sums added in order)."""
+    bias_ref = refs[0] if len(refs) == 3 else None  # [1, E] float32
+    w_ref, i_ref = refs[-2:]  # [N, k] float32, [N, k] int32
+    groups, width = _layout(rule, experts)
+    gp, wp = next_pow2(groups), next_pow2(width)
+    m = gp * wp
+    masked = {} if m == experts else dict(mask=lax.broadcasted_iota(jnp.int32, (1, m), 1) < experts, other=0.0)
+
+    def one(row, carry):
+        window = (jnp.int32(0), pl.ds(row, 1), pl.ds(0, m))  # group 0, the row, its logits: [1, Gp * Wp]
+        logits = (load_sum(parts_ref, *window, **masked) if len(parts_ref.shape) == 4
+                  else plt.load(parts_ref.at[window], **masked))
+        bias = 0.0 if bias_ref is None else plt.load(bias_ref.at[pl.ds(0, 1), pl.ds(0, m)], **masked).reshape(gp, wp)
+        _store_row(w_ref, i_ref, row, *_route_block(logits.reshape(gp, wp), bias, rule, groups, width), rule.top_k)
+        return carry
+
+    lax.fori_loop(0, rows, one, 0)
+
+
+def routing_epilogue(product: int, bias: jax.Array | None, rule: RoutingRule, rows: int, experts: int):
+    """The routing of `rows` token rows as the epilogue of the launch holding the router as product `product`
+    (moe_grouped_matvec.Epilogue: the router's last program to finish routes while the launch's other products
+    stream): its outputs are weights [N, k] float32 and expert ids [N, k] int32, as `route` gives. Needs
+    `epilogue_fits`."""
+    rule.check(experts)
+    if not epilogue_fits(rule, experts):
+        raise ValueError(f"{experts} experts in {rule.n_group} groups do not form the routing epilogue's block")
+    if bias is not None and bias.shape != (experts,):
+        raise ValueError(f"the bias must be [{experts}], one per expert, got {list(bias.shape)}")
+    bias = bias if rule.method == "noaux_tc" else None
+    return Epilogue(product=product, body=functools.partial(_epilogue_body, rule=rule, rows=rows, experts=experts),
+                    inputs=() if bias is None else (bias.astype(f32).reshape(1, experts),),
+                    out_shapes=(jax.ShapeDtypeStruct((rows, rule.top_k), f32),
+                                jax.ShapeDtypeStruct((rows, rule.top_k), jnp.int32)))

@@ -134,6 +134,79 @@ def test_moe_route_and_router_partials():
     assert moe.route(prefill, bias, V3, "pallas")[1].shape == (17, 8)
 
 
+EPILOGUE_CASES = {"v2_lite": (V2_LITE, 64, False), "v3": (V3, 256, True),
+                  "greedy_48": (mr.RoutingRule(top_k=4, method="greedy"), 48, False)}  # a row padded to 64
+
+
+def _beside_shared_case(case, rows, rng):
+    """(x [N, 128], router [128, E], bias, rule, shared gate and up Linears) in float32, x and the router integers
+    and eighths: the logits are exact whatever the order of the sums, so ids agree exactly, ties included."""
+    from tilert_jax.models.deepseek_linear import Linear
+    rule, e, with_bias = EPILOGUE_CASES[case]
+    x = jnp.asarray(rng.integers(-2, 3, size=(rows, 128)), jnp.float32)
+    router = jnp.asarray(rng.integers(-4, 5, size=(128, e)) / 8, jnp.float32)
+    bias = jnp.asarray(rng.integers(0, 3, size=(e,)) * 0.25, jnp.float32) if with_bias else None
+    gate, up = (Linear(w=jnp.asarray(rng.normal(size=(128, 96)) * 0.1, jnp.float32)) for _ in range(2))
+    return x, router, bias, rule, (gate, up)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("case", list(EPILOGUE_CASES))
+def test_routing_epilogue_routes_beside_the_shared_expert(case, rows):
+    """moe.route_beside_shared: the router beside the shared experts' gate/up in one grouped launch, its last
+    program routing every row (mr.routing_epilogue): route_reference's ids exactly and weights to 2e-6 (as above),
+    the shared SwiGLU to 1e-5 (float32 sums of 128 products in another order), the counters back to zero."""
+    _check_beside_shared(case, rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("case", ["v2_lite", "v3"])
+def test_gpu_routing_epilogue(case, rows):
+    """Compiled: the routing in the launch's last router program sees every program's partial sums."""
+    _check_beside_shared(case, rows)
+
+
+def _check_beside_shared(case, rows):
+    from tilert_jax.kernels.common import zero_counters
+    rng, seed = _rng()
+    x, router, bias, rule, shared = _beside_shared_case(case, rows, rng)
+    weights, index, mid, counters = jax.jit(lambda *a: moe.route_beside_shared(
+        a[0], a[1], a[2], rule, a[3], None, zero_counters(64)))(x, router, bias, shared)
+    ref_weights, ref_index = mr.route_reference(x @ router, bias, rule)
+    np.testing.assert_array_equal(index, ref_index, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(weights, ref_weights, rtol=2e-6, atol=0, err_msg=f"seed {seed}")
+    gate, up = (jnp.matmul(x, lin.w, precision="highest") for lin in shared)
+    np.testing.assert_allclose(mid[0], jax.nn.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(counters, 0)
+
+
+def test_routing_epilogue_refuses_what_it_cannot_read():
+    """V2's 8 groups of 20 experts are no row-major block of powers of 2: a one-line error (moe.route_beside_shared
+    returns None before, keeping the two launches)."""
+    assert not mr.epilogue_fits(V2, 160) and mr.epilogue_fits(V3, 256) and mr.epilogue_fits(V2_LITE, 64)
+    with pytest.raises(ValueError, match="do not form") as err:
+        mr.routing_epilogue(0, None, V2, 1, 160)
+    assert "\n" not in str(err.value)
+    x = jnp.zeros((1, 128), jnp.bfloat16)
+    from tilert_jax.kernels.common import zero_counters
+    assert moe.route_beside_shared(x, jnp.zeros((128, 160), jnp.bfloat16), None, V2, (None, None), None,
+                                   zero_counters(8)) is None
+
+
+def test_routing_epilogue_lowers_for_a_gpu(monkeypatch):
+    """The launch with the routing epilogue lowers through Pallas' Triton lowering (from this CPU machine)."""
+    from tilert_jax.kernels.common import zero_counters
+    monkeypatch.setenv("TILERT_PALLAS_INTERPRET", "0")
+    rng, _ = _rng()
+    for case in EPILOGUE_CASES:
+        x, router, bias, rule, shared = _beside_shared_case(case, 2, rng)
+        lowered = jax.jit(lambda *a, rule=rule: moe.route_beside_shared(
+            a[0], a[1], a[2], rule, a[3], None, zero_counters(64))).trace(
+            x.astype(jnp.bfloat16), router.astype(jnp.bfloat16), bias, shared).lower(lowering_platforms=("cuda",))
+        assert "moe_grouped_matvec" in lowered.as_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 16])
 @pytest.mark.parametrize("case", ["v3", "v2"])

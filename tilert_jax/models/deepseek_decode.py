@@ -73,18 +73,24 @@ def _pending(y, n: int) -> jax.Array:
     return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
 
 
-def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk):
-    """-> the combined stream [n, hidden] and the MoE's outputs as pending sums. (The split gate/up is finished by
-    XLA here: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
+def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters):
+    """-> the combined stream [n, hidden], the MoE's outputs as pending sums and the counters. (The routed gate/up's
+    split is finished by XLA here: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
     x, h = sn.stream_norm(stream)
-    weights, index = ds.route(config, p, h, "pallas")
     e = p.experts
     shared = None if p.shared is None else (p.shared.gate, p.shared.up, p.shared.down)
+    beside = None if shared is None else moe.route_beside_shared(h, p.router, p.e_bias, moe.routing_rule(config),
+                                                                 shared[:2], blk, counters)
+    if beside is None:
+        (weights, index), shared_mid = ds.route(config, p, h, "pallas"), None
+    else:
+        weights, index, shared_mid, counters = beside
     ys = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
-                             group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32, finish=False)
-    return x, tuple(_pending(y, n) for y in ys if y is not None)
+                             group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32, finish=False,
+                             shared_mid=shared_mid)
+    return x, tuple(_pending(y, n) for y in ys if y is not None), counters
 
 
 def _mlp(p: ds.MLP, stream: sn.Stream, blk, counters):
@@ -116,7 +122,7 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
                                finish=False)[0]
         stream = sn.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
         if isinstance(layer.mlp, ds.MoE):
-            x, parts = _moe(config, layer.mlp, stream, blk)
+            x, parts, counters = _moe(config, layer.mlp, stream, blk, counters)
         else:
             x, parts, counters = _mlp(layer.mlp, stream, blk, counters)
         new_kv.append(kv_i)

@@ -61,6 +61,30 @@ def route(parts: jnp.ndarray,  # [S, N, E] float32 router logits as partial sums
     return route_reference(sum_parts(parts), bias, rule)
 
 
+def route_beside_shared(x: jnp.ndarray,  # [N, hidden]
+                        router: jnp.ndarray,  # [hidden, E]
+                        bias: jnp.ndarray | None,  # [E] float32 (noaux_tc) or None
+                        rule: RoutingRule,
+                        shared: tuple[Linear, Linear],  # the shared experts' gate and up: w [hidden, f]
+                        block, counters: jnp.ndarray):  # [C] int32 arrival counters (zeros)
+    """Decode with impl="pallas": the router and the shared experts' gate/up in one grouped launch, whose router
+    program that finishes last routes the rows (kernels/moe_routing.py, `routing_epilogue`) while the shared
+    experts' programs still stream: the two launches of `router_partials` and `route` cost nothing of their own.
+    -> (weights [N, k] float32, ids [N, k] int32, the shared SwiGLU [1, N, f], the counters after the launch), or
+    None where the router does not fit the launch (`route` then runs as before)."""
+    n, h = x.shape
+    e = router.shape[1]
+    if not (n <= ROUTE_ROWS and router.dtype == x.dtype and gm.tiles(h, e, None) is not None
+            and moe_routing.epilogue_fits(rule, e)):
+        return None
+    products = [gm.Product(x=x[None], w=router[None], ids=SINGLE, out_dtype=jnp.float32),
+                gm.Product(x=x[None], ids=SINGLE, **stacked(*shared))]
+    (_, mid), (weights, index), counters = gm.grouped_matvecs(
+        products, block=block, finish=False, counters=counters,
+        epilogue=moe_routing.routing_epilogue(0, bias, rule, n, e))
+    return weights, index, mid, counters
+
+
 def experts_gathered(x: jnp.ndarray,  # [N, hidden]
                      index: jnp.ndarray,  # [N, k] int32
                      weights: jnp.ndarray,  # [N, k] float32
@@ -177,20 +201,23 @@ def expert_launches(x: jnp.ndarray,  # [N, hidden]
                     ids: jnp.ndarray,  # [N * k] int32: pair i is token i // k (negative: skipped, zeros)
                     routed: tuple[Linear, Linear, Linear],
                     shared: tuple[Linear, Linear, Linear] | None,
-                    block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True):
+                    block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True,
+                    shared_mid: jnp.ndarray | None = None):
     """The grouped kernel's two launches for a MoE block: gate/up with the SwiGLU epilogue (each pair reading its
-    token's row in place), then down; the shared expert beside the routed pairs in both. group_weights [N * k]
-    weighs each pair's down output in the kernel (float32); finish=False leaves K-split sums to the caller.
+    token's row in place), then down; the shared expert beside the routed pairs in both, or in down only when its
+    SwiGLU `shared_mid` [1, N, f] is given (`route_beside_shared`). group_weights [N * k] weighs each pair's down
+    output in the kernel (float32); finish=False leaves K-split sums to the caller.
     Returns (routed [N * k, 1, hidden] or its sums [S, N * k, 1, hidden], shared [1, N, hidden] (or its sums) in
     shared_dtype, default x's dtype, or None)."""
     gate, up, down = routed
     first = [gm.Product(x=x[:, None, :], ids=ids, **stacked(gate, up))]
-    if shared is not None:
+    if shared is not None and shared_mid is None:
         first.append(gm.Product(x=x[None], ids=SINGLE, **stacked(shared[0], shared[1])))
     mid = gm.grouped_matvecs(first, block=block)  # [N * k, 1, f] (and the shared [1, N, f_shared])
     second = [gm.Product(x=mid[0], ids=ids, group_weights=group_weights, **stacked(down))]
     if shared is not None:
-        second.append(gm.Product(x=mid[1], ids=SINGLE, out_dtype=shared_dtype, **stacked(shared[2])))
+        second.append(gm.Product(x=mid[1] if shared_mid is None else shared_mid, ids=SINGLE, out_dtype=shared_dtype,
+                                 **stacked(shared[2])))
     ys = gm.grouped_matvecs(second, block=block, finish=finish)
     return ys[0], (ys[1] if shared is not None else None)
 
