@@ -58,19 +58,34 @@ class GroupedConfig:
     f16: bool = True  # bf16 x with FP8 weights: multiply in float16 (see `_to_f16`), 15% to 30% faster (H200)
 
 
-def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, int] | None) -> GroupedConfig:
+def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, int] | None, swiglu: bool = False
+                   ) -> GroupedConfig:
     """For a launch of products (groups, K, N, fp8): 128-byte weight row segments (bn = 128 FP8 columns or 64 bf16
-    ones), and the K dimension split until the launch's grid fills the GPU twice over (a single [7168, 576] weight
-    would otherwise run on nine programs); a product whose K cannot split that far keeps its largest split."""
+    ones), and the K dimension split. A launch of plain products, or of FP8 ones, splits until its grid fills the
+    GPU twice over (a single [7168, 576] weight would otherwise run on nine programs; a product whose K cannot split
+    that far keeps its largest split; the FP8 kernel is bound by its instructions and gains from more programs a
+    multiprocessor). A bf16 launch holding a SwiGLU product (two weight tiles a pipeline stage: about one program
+    resident per multiprocessor) splits only as far as one wave of SMS programs allows: more programs queue behind
+    the first wave and pay their ramp again (DeepSeek-V2-Lite's routed gate/up: 132 programs against 264, 2.056 ->
+    2.015 ms a step; the router beside the shared gate/up: 90 programs 10.2 us against 180: 11.0 and 360: 13.7. The
+    same rule on DeepSeek-V3's FP8 launches: 2.088 against 1.848 ms; docs/PERF.md session 12)."""
     fp8 = any(f for *_, f in shapes)
     cfg = GroupedConfig(bn=128 if fp8 else 64, bk=128)
     picked = [tiles(k, n, block if f else None, cfg) for _, k, n, f in shapes]
     if any(t is None for t in picked):
         return cfg
-    split, most = 1, max(_split_for(k, bk, k // bk) for (_, k, _, _), (bk, _) in zip(shapes, picked))
-    while (sum(g * (n // bn) * _split_for(k, bk, split) for (g, k, n, _), (bk, bn) in zip(shapes, picked))
-           < 2 * SMS and split < most):
-        split *= 2
+    most = max(_split_for(k, bk, k // bk) for (_, k, _, _), (bk, _) in zip(shapes, picked))
+
+    def programs(split: int) -> int:
+        return sum(g * (n // bn) * _split_for(k, bk, split) for (g, k, n, _), (bk, bn) in zip(shapes, picked))
+
+    split = 1
+    if swiglu and not fp8:
+        while split < most and programs(split * 2) <= SMS:
+            split *= 2
+    else:
+        while programs(split) < 2 * SMS and split < most:
+            split *= 2
     return dataclasses.replace(cfg, split=split)
 
 
@@ -381,7 +396,7 @@ def grouped_matvecs(
     if epilogue is not None and (counters is None or not 0 <= epilogue.product < len(products)):
         raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products, got product "
                          f"{epilogue.product}{'' if counters is not None else ' without counters'}")
-    cfg = config or default_config(shapes, block)
+    cfg = config or default_config(shapes, block, swiglu=any(p.w2 is not None for p in products))
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):

@@ -7,11 +7,12 @@ The residual stream travels between launches as x plus a tuple of pending partia
   2. multi-head latent attention (deepseek.attend_decode_kernel: three MLA kernels, the first adding q's and kv_a's
      partial sums, roping, normalising the latent and writing the cache, the last adding its slices' products);
   3. o_proj, its K-split sums left pending on the stream;
-  4. MoE: the stream combined and mlp_norm applied, the router (grouped kernel, its split sums left pending) and
-     the routing kernel (adding them, kernels/moe_routing.py), then the routed experts' gate/up beside the shared
-     expert's (every routed group reading the token's one row), then down with each routed output weighed by its
-     routing weight, all left pending on the stream. A dense layer: the same without routing, its split gate/up
-     finished in its own launch (a tile's last program adds the partial sums and applies the SwiGLU).
+  4. MoE: the stream combined and mlp_norm applied; the router beside the shared experts' gate/up in one launch,
+     whose router program that finishes last routes the token (moe.route_beside_shared: the routing hides behind
+     the shared experts' streaming); the routed experts' gate/up (every routed group reading the token's one row);
+     then down with each routed output weighed by its routing weight beside the shared experts' down, all left
+     pending on the stream. A dense layer: the same without routing, its split gate/up finished in its own launch (a
+     tile's last program adds the partial sums and applies the SwiGLU).
 The launches that finish a split reduction themselves (the last program of a tile to arrive adds the others' partial
 sums: kernels/common.py, `arrive_last`) share one array of arrival counters, zero between launches.
 The final norm and the LM head read the last layer's stream in XLA.
