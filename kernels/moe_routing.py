@@ -254,6 +254,15 @@ def _kernel(*refs, rule: RoutingRule, groups: int, width: int, has_bias: bool):
     _store_row(w_ref, i_ref, row, *_route_block(logits, bias, rule, groups, width), rule.top_k)
 
 
+def _checked_bias(bias: jax.Array | None, rule: RoutingRule, experts: int) -> jax.Array | None:
+    """The bias the rule uses (noaux_tc's; the softmax methods have none, as route_reference), after a one-line
+    ValueError unless the rule routes among `experts` and the bias is one per expert."""
+    rule.check(experts)
+    if bias is not None and bias.shape != (experts,):
+        raise ValueError(f"the bias must be [{experts}], one per expert, got {list(bias.shape)}")
+    return bias if rule.method == "noaux_tc" else None
+
+
 def _layout(rule: RoutingRule, experts: int) -> tuple[int, int]:
     """(groups, experts per group) of the row's block."""
     groups = rule.n_group if rule.grouped else 1
@@ -274,10 +283,7 @@ def route(
     if parts.ndim != 3 or parts.dtype != f32 or parts.shape[0] < 1:
         raise ValueError(f"router logits must be float32 partial sums [S, N, E], got {parts.dtype}{list(parts.shape)}")
     s, n, e = parts.shape
-    rule.check(e)
-    if bias is not None and bias.shape != (e,):
-        raise ValueError(f"the bias must be [{e}], one per expert, got {list(bias.shape)}")
-    bias = bias if rule.method == "noaux_tc" else None  # the softmax methods have none (as route_reference)
+    bias = _checked_bias(bias, rule, e)
     interpret = interpret_default() if interpret is None else interpret
     groups, width = _layout(rule, e)
     if num_warps is None:
@@ -328,12 +334,9 @@ def routing_epilogue(product: int, bias: jax.Array | None, rule: RoutingRule, ro
     (moe_grouped_matvec.Epilogue: the router's last program to finish routes while the launch's other products
     stream): its outputs are weights [N, k] float32 and expert ids [N, k] int32, as `route` gives. Needs
     `epilogue_fits`."""
-    rule.check(experts)
+    bias = _checked_bias(bias, rule, experts)
     if not epilogue_fits(rule, experts):
         raise ValueError(f"{experts} experts in {rule.n_group} groups do not form the routing epilogue's block")
-    if bias is not None and bias.shape != (experts,):
-        raise ValueError(f"the bias must be [{experts}], one per expert, got {list(bias.shape)}")
-    bias = bias if rule.method == "noaux_tc" else None
     return Epilogue(product=product, body=functools.partial(_epilogue_body, rule=rule, rows=rows, experts=experts),
                     inputs=() if bias is None else (bias.astype(f32).reshape(1, experts),),
                     out_shapes=(jax.ShapeDtypeStruct((rows, rule.top_k), f32),

@@ -3,8 +3,7 @@ one token row, random weights):
 
 - "two launches": the router in the grouped kernel (split sums) then the routing kernel, the shared gate/up apart;
 - "beside": the router and the shared gate/up in one launch, the routing in its own launch after;
-- "epilogue": the same launch with the routing as its epilogue (moe.route_beside_shared), at K splits 1 to 8;
-and the routed experts' gate/up launch alone ("routed gate/up", distinct experts per layer) at K splits 1 to 4.
+- "epilogue": the same launch with the routing as its epilogue (moe.route_beside_shared), at K splits 1 to 8.
 
     python scripts/gpu/probe_router_launch.py --preset deepseek-v2-lite [--copies 8] [--out FILE]
 
@@ -39,7 +38,7 @@ def main(argv=None) -> int:
     hidden, e = config.hidden_size, config.n_routed_experts
     f = config.moe_intermediate_size * config.n_shared_experts
     rule = moe.routing_rule(config)
-    keys = iter(jax.random.split(jax.random.key(0), 3 * args.copies + 4))
+    keys = iter(jax.random.split(jax.random.key(0), 3 * args.copies + 1))
 
     def normal(shape, scale=0.02):
         return (jax.random.normal(next(keys), shape) * scale).astype(jnp.bfloat16)
@@ -67,13 +66,13 @@ def main(argv=None) -> int:
         (parts, mid), counters = gm.grouped_matvecs(products, config=cfg, finish=False, counters=counters)
         return moe.route(parts.reshape(-1, 1, e), bias, rule, "pallas"), mid, counters
 
-    def measure(name, fn, items=layers, **fields):
-        run = jax.jit(lambda x_, ls: [fn(x_, item) for item in ls])
+    def measure(name, fn, **fields):
+        run = jax.jit(lambda x_, ls: [fn(x_, layer) for layer in ls])
         row = {"preset": args.preset, "way": name, **fields}
         try:
-            jax.block_until_ready(run(x, items))
-            summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(x, items)) for _ in range(5)],
-                                        5 * len(items))
+            jax.block_until_ready(run(x, layers))
+            summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(x, layers)) for _ in range(5)],
+                                        5 * args.copies)
             row.update(us=round(summary["busy_us_per_step"], 2),
                        kernels=[(k["name"], round(k["us_per_step"], 2)) for k in summary["kernels"][:4]])
         except Exception as err:  # a split that does not compile
@@ -84,14 +83,6 @@ def main(argv=None) -> int:
     measure("beside", lambda x_, layer: launch(x_, layer, None, False))
     for split in (None, 1, 2, 4, 8):
         measure("epilogue", lambda x_, layer, split=split: launch(x_, layer, split, True), split=split or "default")
-    k = config.num_experts_per_tok
-    experts = tuple(Linear(w=normal((e, hidden, config.moe_intermediate_size))) for _ in range(2))
-    picks = [jnp.arange(c * k, (c + 1) * k, dtype=jnp.int32) % e for c in range(args.copies)]  # distinct experts
-    for split in (None, 1, 2, 4):
-        def routed(x_, ids, split=split):
-            product = gm.Product(x=x_[:, None, :], ids=ids, **stacked(*experts))
-            return gm.grouped_matvecs([product], config=None if split is None else gm.GroupedConfig(split=split))
-        measure("routed gate/up", routed, picks, split=split or "default")
     return 0
 
 

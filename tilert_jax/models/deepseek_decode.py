@@ -75,8 +75,8 @@ def _pending(y, n: int) -> jax.Array:
 
 
 def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters):
-    """-> the combined stream [n, hidden], the MoE's outputs as pending sums and the counters. (The routed gate/up's
-    split is finished by XLA here: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
+    """-> the combined stream [n, hidden], the MoE's outputs as pending sums and the counters. (A split routed
+    gate/up, FP8's, is finished by XLA: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
     x, h = sn.stream_norm(stream)
