@@ -48,11 +48,12 @@ FAMILIES = {
     # router too, so the routing runs in its launch) and attention the MLA kernels (fused Pallas decode)
     "v2_lite_tiled": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
                       dict(q_lora_rank=None, n_shared_experts=2, topk_method="greedy", routed_scaling_factor=1.0,
-                           qk_rope_head_dim=16, n_routed_experts=16, rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+                           qk_rope_head_dim=16, n_routed_experts=16,
+                           rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
     "v3_tiled": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                  dict(q_lora_rank=48, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                      norm_topk_prob=True, qk_rope_head_dim=16, n_routed_experts=16, rope_parameters=dict(YARN, mscale=1.0,
-                                                                                      mscale_all_dim=0.8))),
+                      norm_topk_prob=True, qk_rope_head_dim=16, n_routed_experts=16,
+                      rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=0.8))),
     # V3.2: DSA with index_topk well below the test sequences, so selection happens
     "v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
             dict(q_lora_rank=48, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
