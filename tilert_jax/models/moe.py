@@ -34,13 +34,20 @@ def router_partials(x: jnp.ndarray,  # [N, hidden]
     Products of two bf16 values are exact in float32, so at decode size the Pallas path multiplies the stored values
     in the grouped kernel with float32 accumulation (XLA makes this narrow product a slow multiply-reduce), and its
     K-split sums are added by the routing kernel (`route`); the XLA path is one sum, S = 1."""
-    n, h = x.shape
-    e = router.shape[1]
-    if (impl == "pallas" and n <= ROUTE_ROWS and router.dtype == x.dtype
-            and gm.tiles(h, e, None) is not None):
-        product = gm.Product(x=x[None], w=router[None], ids=SINGLE, out_dtype=jnp.float32)
+    product = _router_product(x, router) if impl == "pallas" else None
+    if product is not None:
+        n, e = x.shape[0], router.shape[1]
         return gm.grouped_matvecs([product], finish=False)[0].reshape(-1, n, e)  # [S, 1, N, E] or [1, N, E]
     return jnp.matmul(x.astype(jnp.float32), router.astype(jnp.float32))[None]
+
+
+def _router_product(x: jnp.ndarray, router: jnp.ndarray) -> gm.Product | None:
+    """The router as a grouped-kernel product with float32 logits, or None where decode's kernel does not take it
+    (more than ROUTE_ROWS rows, a router stored in another dtype than x, or shapes that do not tile)."""
+    n, h = x.shape
+    if n > ROUTE_ROWS or router.dtype != x.dtype or gm.tiles(h, router.shape[1], None) is None:
+        return None
+    return gm.Product(x=x[None], w=router[None], ids=SINGLE, out_dtype=jnp.float32)
 
 
 def routing_rule(config) -> RoutingRule:
@@ -72,13 +79,11 @@ def route_beside_shared(x: jnp.ndarray,  # [N, hidden]
     experts' programs still stream: the two launches of `router_partials` and `route` cost nothing of their own.
     -> (weights [N, k] float32, ids [N, k] int32, the shared SwiGLU [1, N, f], the counters after the launch), or
     None where the router does not fit the launch (`route` then runs as before)."""
-    n, h = x.shape
-    e = router.shape[1]
-    if not (n <= ROUTE_ROWS and router.dtype == x.dtype and gm.tiles(h, e, None) is not None
-            and moe_routing.epilogue_fits(rule, e)):
+    n, e = x.shape[0], router.shape[1]
+    router_product = _router_product(x, router)
+    if router_product is None or not moe_routing.epilogue_fits(rule, e):
         return None
-    products = [gm.Product(x=x[None], w=router[None], ids=SINGLE, out_dtype=jnp.float32),
-                gm.Product(x=x[None], ids=SINGLE, **stacked(*shared))]
+    products = [router_product, gm.Product(x=x[None], ids=SINGLE, **stacked(*shared))]
     (_, mid), (weights, index), counters = gm.grouped_matvecs(
         products, block=block, finish=False, counters=counters,
         epilogue=moe_routing.routing_epilogue(0, bias, rule, n, e))
