@@ -12,7 +12,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl  # noqa: F401  (re-exported for the kernel files)
 from jax.experimental.pallas import triton as plt
 
@@ -156,27 +155,6 @@ def arrive_last(counter_ref, index, arrivals: int, interpret: bool):
         plt.atomic_add(counter_ref, index, jnp.int32(-arrivals))  # (interpret mode has no atomic exchange)
 
     return last
-
-
-def publish(counter_ref, index, interpret: bool) -> None:
-    """Inside a kernel: counts one arrival on counter_ref[index] (int32) after every store this program made (a CTA
-    barrier, then one acquire-release atomic at GPU scope): a program that sees the count (`wait_until`) sees them."""
-    if not interpret:
-        plt.debug_barrier()
-    plt.atomic_add(counter_ref, jnp.asarray(index, jnp.int32), jnp.int32(1))
-
-
-def wait_until(counter_ref, index, target, interpret: bool = False) -> None:
-    """Inside a kernel: polls counter_ref[index] (atomic reads, acquire) until it reaches `target`, then holds every
-    thread of the program at a CTA barrier. The programs that will publish must be resident or done: they come
-    earlier in the grid. (Interpreted programs run in grid order, so their counts are already there: no poll, which
-    interpret mode could not discharge from a loop anyway.)"""
-    if interpret:
-        return
-    index = jnp.asarray(index, jnp.int32)
-    lax.while_loop(lambda seen: seen < target, lambda _: plt.atomic_add(counter_ref, index, jnp.int32(0)),
-                   plt.atomic_add(counter_ref, index, jnp.int32(0)))
-    plt.debug_barrier()
 
 
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]

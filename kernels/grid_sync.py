@@ -18,10 +18,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tilert_jax.kernels.common import interpret_default, publish, triton_params, wait_until
+from tilert_jax.kernels.common import interpret_default, triton_params
 
 RESIDENT_PROGRAMS = 128  # programs of a phased kernel: <= the H200's 132 multiprocessors, so all are resident
 
@@ -32,8 +33,11 @@ def grid_barrier(count_ref, target) -> None:
     Barrier i of a kernel with P programs waits for target = (i + 1) * P. The CTA barrier before the arrival makes
     this program's stores precede it; the arrival (one thread, acquire-release at GPU scope) publishes them; the
     polls are atomic reads (acquire), and the CTA barrier after them holds every thread until the wait is over."""
-    publish(count_ref, 0, interpret=False)
-    wait_until(count_ref, 0, target)
+    plt.debug_barrier()
+    plt.atomic_add(count_ref, 0, jnp.int32(1))
+    lax.while_loop(lambda seen: seen < target, lambda _: plt.atomic_add(count_ref, 0, jnp.int32(0)),
+                   plt.atomic_add(count_ref, 0, jnp.int32(0)))
+    plt.debug_barrier()
 
 
 def phased_call(

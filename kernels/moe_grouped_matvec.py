@@ -40,7 +40,7 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import NN, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2, \
-    load_rows, load_sum, next_pow2, publish, row_mask, store_rows, triton_params, wait_until
+    load_rows, load_sum, next_pow2, row_mask, store_rows, triton_params
 from tilert_jax.kernels.tuning import SMS
 
 f32 = jnp.float32
@@ -53,53 +53,45 @@ class GroupedConfig:
     split: int = 1  # K splits (at most; each product takes the largest divisor of its tile count up to this):
     # programs write float32 partial sums, added (and the SwiGLU applied) by XLA after, or with arrival counters by
     # the last program of each output tile to arrive (no XLA kernel between launches)
-    splits: tuple[int, ...] = ()  # or one split per product, taken as given: a split that does not divide the
-    # product's bk tiles leaves uneven K ranges (the first K % split ranges one tile longer)
     num_warps: int = 4
     num_stages: int = 4
     f16: bool = True  # bf16 x with FP8 weights: multiply in float16 (see `_to_f16`), 15% to 30% faster (H200)
 
 
-PLAIN_TILES_BESIDE_SWIGLU = 2  # bk tiles per program of a plain product in a bf16 SwiGLU launch (see default_config)
+RESIDENT_PLAIN = 3  # plain bf16 programs resident on an H200 multiprocessor: 4 pipeline stages of a [128, 64] bf16
+# weight tile are 64 KB of its 228 KB of shared memory
 
 
-def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, int] | None,
-                   swiglu: tuple[bool, ...] = ()) -> GroupedConfig:
-    """For a launch of products (groups, K, N, fp8; `swiglu` flags the SwiGLU ones): 128-byte weight row segments
-    (bn = 128 FP8 columns or 64 bf16 ones), and the K dimension split.
-
-    A launch of plain products, or of FP8 ones, splits until its grid fills the GPU twice over (a single [7168, 576]
-    weight would otherwise run on nine programs; a product whose K cannot split that far keeps its largest split;
-    the FP8 kernel is bound by its instructions and gains from more programs a multiprocessor).
-
-    A bf16 launch holding SwiGLU products (two weight tiles a pipeline stage: about one program resident per
-    multiprocessor, and each streams at about 1/SMS of the bandwidth) fills one wave of SMS programs as evenly as it
-    can: the SwiGLU products split as far as one wave allows, in K ranges that may differ by one tile (the shared
-    experts' 44 column tiles beside the router: 3 ranges of 6, 5 and 5 tiles, 132 programs); more programs would
-    queue behind the first wave and pay their ramp again (DeepSeek-V2-Lite's routed gate/up: 132 programs against
-    264, 2.056 -> 2.015 ms a step; the same rule on DeepSeek-V3's FP8 launches: 2.088 against 1.848 ms). A plain
-    product beside them (the router) takes ranges of PLAIN_TILES_BESIDE_SWIGLU tiles: its few short programs come
-    first in the grid and finish early, so the routing epilogue that waits on them runs while the SwiGLU streams
-    (docs/PERF.md, sessions 12 and 13)."""
+def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, int] | None, swiglu: bool = False
+                   ) -> GroupedConfig:
+    """For a launch of products (groups, K, N, fp8): 128-byte weight row segments (bn = 128 FP8 columns or 64 bf16
+    ones), and the K dimension split. A launch of plain products, or of FP8 ones, splits until its grid fills the
+    GPU twice over (a single [7168, 576] weight would otherwise run on nine programs; a product whose K cannot split
+    that far keeps its largest split; the FP8 kernel is bound by its instructions and gains from more programs a
+    multiprocessor). A plain bf16 launch stops short of that where the next split would pass the programs resident
+    at once, RESIDENT_PLAIN a multiprocessor (DeepSeek-V2-Lite's q beside kv_a: 228 programs 6.2 us a layer against
+    456: 7.15, docs/PERF.md session 13). A bf16 launch holding a SwiGLU product (two weight tiles a pipeline stage: about one program
+    resident per multiprocessor) splits only as far as one wave of SMS programs allows: more programs queue behind
+    the first wave and pay their ramp again (DeepSeek-V2-Lite's routed gate/up: 132 programs against 264, 2.056 ->
+    2.015 ms a step; the router beside the shared gate/up: 90 programs 10.2 us against 180: 11.0 and 360: 13.7. The
+    same rule on DeepSeek-V3's FP8 launches: 2.088 against 1.848 ms; docs/PERF.md session 12)."""
     fp8 = any(f for *_, f in shapes)
     cfg = GroupedConfig(bn=128 if fp8 else 64, bk=128)
     picked = [tiles(k, n, block if f else None, cfg) for _, k, n, f in shapes]
     if any(t is None for t in picked):
         return cfg
-    if any(swiglu) and not fp8:
-        glu = [(g * (n // bn), k // bk) for (g, k, n, _), (bk, bn), s in zip(shapes, picked, swiglu) if s]
-        split = max(1, min(SMS // sum(count for count, _ in glu), *(t // 2 for _, t in glu)))
-        return dataclasses.replace(cfg, splits=tuple(
-            split if s else max(1, k // bk // PLAIN_TILES_BESIDE_SWIGLU)
-            for (_, k, _, _), (bk, _), s in zip(shapes, picked, swiglu)))
     most = max(_split_for(k, bk, k // bk) for (_, k, _, _), (bk, _) in zip(shapes, picked))
 
     def programs(split: int) -> int:
         return sum(g * (n // bn) * _split_for(k, bk, split) for (g, k, n, _), (bk, bn) in zip(shapes, picked))
 
     split = 1
-    while programs(split) < 2 * SMS and split < most:
-        split *= 2
+    if swiglu and not fp8:
+        while split < most and programs(split * 2) <= SMS:
+            split *= 2
+    else:
+        while programs(split) < 2 * SMS and split < most and (fp8 or programs(split * 2) <= RESIDENT_PLAIN * SMS):
+            split *= 2
     return dataclasses.replace(cfg, split=split)
 
 
@@ -193,7 +185,7 @@ class Product:
     """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]])."""
     x: jax.Array  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
     w: jax.Array  # [E, K, N] (float8_e4m3fn with scale)
-    ids: jax.Array | EpilogueIds  # [G] int32: the expert of each group (negative: none, zeros)
+    ids: jax.Array  # [G] int32: the expert of each group (negative: none, zeros)
     scale: jax.Array | None = None  # [E, ceil(K / block_in), ceil(N / block_out)] float32
     w2: jax.Array | None = None  # [E, K, N], with scale2 exactly when w has a scale
     scale2: jax.Array | None = None
@@ -221,16 +213,6 @@ class Epilogue:
 
 
 @dataclasses.dataclass(frozen=True)
-class EpilogueIds:
-    """A product's expert ids computed by the launch's epilogue: its output `output`, int32 [groups] or [rows, k]
-    (group g at [g // k, g % k]). The product's programs wait until the epilogue has published them (a flag
-    counter), so the routed experts' gate/up starts in the launch that routes, with no launch between; the product
-    must come after the epilogue's product (its programs are dispatched later, so those they wait on are resident)."""
-    output: int
-    groups: int
-
-
-@dataclasses.dataclass(frozen=True)
 class _Plan:
     """A product's static shape in the launch: its programs are first ... first + programs - 1 of the 1-D grid,
     ordered (group, column tile, K split)."""
@@ -251,15 +233,14 @@ class _Plan:
     out_dtype: object
     first: int
     counter: int | None  # finished in the launch: the arrival counter of its first (group, column tile)
-    ids_output: int | None  # its ids are the epilogue's output of this index (EpilogueIds), not an input
 
     @property
     def programs(self) -> int:
         return self.groups * (self.n_dim // self.bn) * self.split
 
     @property
-    def num_inputs(self) -> int:  # ids (unless the epilogue's), x, w [, scale] [, w2 [, scale2]] [, group weights]
-        return 3 + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted - (self.ids_output is not None)
+    def num_inputs(self) -> int:  # ids, x, w [, scale] [, w2 [, scale2]] [, group weights]
+        return 3 + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
 
     @property
     def num_outputs(self) -> int:  # y, and/or the float32 partial sums of w (and of w2)
@@ -277,7 +258,7 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
     """The program `local` of one product: a [rows, bn] output tile over its K range (split: its partial sums,
     and when it arrives last at its counter the finished tile)."""
     it = iter(in_refs)
-    ids_ref, x_ref = next(it), next(it)  # [G] (or the epilogue's [rows, k]), [X, B, K]
+    ids_ref, x_ref = next(it), next(it)  # [G], [X, B, K]
     w_ref = next(it)  # [E, K, N] ([E, K, N / 2] uint16 packed)
     s_ref = next(it) if plan.fp8 else None  # [E, K / bi, N / bo]
     w2_ref = next(it) if plan.swiglu else None
@@ -293,11 +274,8 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
     xg = g // (plan.groups // plan.x_groups)  # the x rows this group reads
     n0 = pl.multiple_of((local // split) % n_tiles * bn, bn)
     part = local % split
-    steps, longer = divmod(plan.k_dim // bk, split)  # bk tiles per K range; the first `longer` ranges take one more
-    k_begin = (part * steps + jnp.minimum(part, longer)) * bk
-    if longer:
-        steps = steps + (part < longer).astype(jnp.int32)
-    e = ids_ref[g] if len(ids_ref.shape) == 1 else ids_ref[g // ids_ref.shape[1], g % ids_ref.shape[1]]
+    k_begin = part * (plan.k_dim // split)
+    e = ids_ref[g]
     block_out, block_in = block if plan.fp8 else (1, 1)
     phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
     width = bn // phases
@@ -325,7 +303,7 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
 
     zeros = tuple(jnp.zeros((rows, width), f32) for _ in range(phases))
     init = (zeros, zeros) if plan.swiglu else (zeros,)
-    accs = lax.cond(e >= 0, lambda: lax.fori_loop(0, steps, body, init),
+    accs = lax.cond(e >= 0, lambda: lax.fori_loop(0, plan.k_dim // split // bk, body, init),
                     lambda: init)  # a group without an expert reads nothing
     if plan.weighted:
         accs = (tuple(a * gw_ref[g] for a in accs[0]),)
@@ -353,40 +331,21 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
 
 def _kernel(*refs, plans, block, epilogue, epilogue_counter, counted, interpret):
     """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in (and,
-    last of the epilogue's product to arrive, the epilogue). Counters after the products' tile counters: the
-    epilogue's arrivals, then, when products wait for its ids, its published flag and those products' arrivals."""
+    last of the epilogue's product to arrive, the epilogue)."""
     epi_in, epi_out = (len(epilogue.inputs), len(epilogue.out_shapes)) if epilogue else (0, 0)
     num_in = sum(p.num_inputs for p in plans) + epi_in + counted
     ins, outs = iter(refs[:num_in]), iter(refs[num_in:])
     counters = refs[-1] if counted else None  # [C] int32 (the output aliased to the counters given)
     product_ins = [[next(ins) for _ in range(p.num_inputs)] for p in plans]
     product_outs = [[next(outs) for _ in range(p.num_outputs)] for p in plans]
-    epi_ins, epi_outs = [next(ins) for _ in range(epi_in)], [next(outs) for _ in range(epi_out)]
-    flag, waited = epilogue_counter + 1, epilogue_counter + 2
-    waiting_programs = sum(p.programs for p in plans if p.ids_output is not None)
-
-    def epilogue_body(i):
-        epilogue.body(*product_outs[i], *epi_ins, *epi_outs)
-        if waiting_programs:
-            publish(counters, flag, interpret)
-
-    def wait_for_ids():
-        wait_until(counters, flag, 1, interpret)
-
-        @pl.when(arrive_last(counters, waited, waiting_programs, interpret))  # every waiting program is past it
-        def _():
-            plt.atomic_add(counters, jnp.int32(flag), jnp.int32(-1))  # zero again for the next launch
-
+    epi_refs = [next(ins) for _ in range(epi_in)] + [next(outs) for _ in range(epi_out)]
     pid = pl.program_id(0)
     for i, plan in enumerate(plans):
         def run(local, i=i, plan=plan):
-            in_refs = product_ins[i]
-            if plan.ids_output is not None:
-                wait_for_ids()
-                in_refs = [epi_outs[plan.ids_output], *in_refs]
-            _product(plan, block, interpret, in_refs, product_outs[i], counters, local)
+            _product(plan, block, interpret, product_ins[i], product_outs[i], counters, local)
             if epilogue is not None and epilogue.product == i:
-                pl.when(arrive_last(counters, epilogue_counter, plan.programs, interpret))(lambda: epilogue_body(i))
+                pl.when(arrive_last(counters, epilogue_counter, plan.programs, interpret))(
+                    lambda: epilogue.body(*product_outs[i], *epi_refs))
         if len(plans) == 1:
             run(pid)
         else:
@@ -397,7 +356,7 @@ def _kernel(*refs, plans, block, epilogue, epilogue_counter, counted, interpret)
 def _check(p: Product, block) -> tuple[int, int, int, bool]:
     """(groups, K, N, fp8) of a product, or a ValueError naming what does not fit."""
     x_groups, batch, k_dim = p.x.shape if p.x.ndim == 3 else (0, 0, -1)
-    groups = p.ids.groups if isinstance(p.ids, EpilogueIds) else p.ids.shape[0] if p.ids.ndim == 1 else -1
+    groups = p.ids.shape[0] if p.ids.ndim == 1 else -1
     if p.w.ndim != 3 or groups < 1 or not x_groups or groups % x_groups or p.w.shape[1] != k_dim:
         raise ValueError(f"shapes x {p.x.shape}, w {p.w.shape}, ids {p.ids.shape} do not form a grouped product")
     if batch > ROWS:
@@ -434,8 +393,7 @@ def grouped_matvecs(
     finishes (a ValueError names the count otherwise).
 
     An `epilogue` (which needs counters: it takes one more, after the products') runs in the last program of its
-    product to finish; the result is then (list, the epilogue's outputs, counters). Products whose ids are the
-    epilogue's (`EpilogueIds`, two more counters) wait for it in the launch.
+    product to finish; the result is then (list, the epilogue's outputs, counters).
 
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
@@ -444,14 +402,7 @@ def grouped_matvecs(
     if epilogue is not None and (counters is None or not 0 <= epilogue.product < len(products)):
         raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products, got product "
                          f"{epilogue.product}{'' if counters is not None else ' without counters'}")
-    waiting = [i for i, p in enumerate(products) if isinstance(p.ids, EpilogueIds)]
-    if waiting and (epilogue is None or min(waiting) <= epilogue.product
-                    or any(products[i].ids.output >= len(epilogue.out_shapes) for i in waiting)):
-        raise ValueError(f"products {waiting} take their ids from an epilogue: one must run on an earlier product "
-                         "and give that output")
-    cfg = config or default_config(shapes, block, swiglu=tuple(p.w2 is not None for p in products))
-    if cfg.splits and len(cfg.splits) != len(products):
-        raise ValueError(f"{len(cfg.splits)} splits given for {len(products)} products")
+    cfg = config or default_config(shapes, block, swiglu=any(p.w2 is not None for p in products))
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
@@ -460,10 +411,9 @@ def grouped_matvecs(
             raise ValueError(f"K={k_dim}, N={n_dim} do not tile by powers of 2 >= 16")
         bk, bn = picked
         assert is_pow2(bk) and is_pow2(bn)
-        split = cfg.splits[len(plans)] if cfg.splits else _split_for(k_dim, bk, cfg.split) if config is None \
-            else cfg.split
-        if k_dim % bk or not 1 <= split <= k_dim // bk or (k_dim % (split * bk) and not cfg.splits):
-            raise ValueError(f"K={k_dim} does not split {split} ways into tiles of bk = {bk}")
+        split = _split_for(k_dim, bk, cfg.split) if config is None else cfg.split
+        if k_dim % (split * bk):
+            raise ValueError(f"K={k_dim} must be a multiple of split * bk = {split} * {bk}")
         is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed
         if is_packed and (not fp8 or bn < 32):
             raise ValueError("packed reads need FP8 weights and bn >= 32")
@@ -475,8 +425,7 @@ def grouped_matvecs(
                      bk=bk, bn=bn, split=split, fp8=fp8, packed=is_packed, swiglu=p.w2 is not None, weighted=weighted,
                      f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, in_dtype=in_dtype,
                      out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first,
-                     counter=needed if in_launch else None,
-                     ids_output=p.ids.output if isinstance(p.ids, EpilogueIds) else None)
+                     counter=needed if in_launch else None)
         plans.append(plan)
         first += plan.programs
         needed += in_launch * groups * (n_dim // bn)
@@ -484,8 +433,7 @@ def grouped_matvecs(
         if is_packed:
             w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2),
                                                                      jnp.uint16) for a in (w, w2))
-        inputs += ([] if plan.ids_output is not None else [p.ids.astype(jnp.int32)]) + [p.x, w]
-        inputs += [p.scale.astype(f32)] if fp8 else []
+        inputs += [p.ids.astype(jnp.int32), p.x, w] + ([p.scale.astype(f32)] if fp8 else [])
         if plan.swiglu:
             inputs += [w2] + ([p.scale2.astype(f32)] if fp8 else [])
         if weighted:
@@ -499,7 +447,7 @@ def grouped_matvecs(
     if epilogue is not None:
         inputs += list(epilogue.inputs)
         out_shapes += list(epilogue.out_shapes)
-        needed += 1 + 2 * bool(waiting)
+        needed += 1
     counted = needed > 0
     if counters is not None:
         check_counters(counters, needed, "grouped_matvecs")

@@ -217,8 +217,7 @@ def test_grouped_matvecs_moe_block_as_fused_decode_runs_it(dtype):
 def _finish_case(kind, keys):
     """(products, block, config, counters needed) of one launch for the in-launch finish tests: every product's K
     split four ways (a config's split is taken as given), float32 x unless named, groups picking experts out of
-    order, twice, and one group none; "uneven": the products of "many" split 3, 3 and 5 ways, K ranges of unequal
-    tile counts (4 tiles: 2, 1, 1; 8 tiles: 2, 2, 2, 1, 1)."""
+    order, twice, and one group none."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
     block, config = (32, 32), gm.GroupedConfig(bn=32, bk=32, split=4)
@@ -247,15 +246,13 @@ def _finish_case(kind, keys):
                             w2=rnd((1, 128, 96), 0.2)),
                  gm.Product(x=rnd((2, 1, 256)), w=rnd((2, 256, 32), 0.2), ids=jnp.array([1, -1], jnp.int32),
                             out_dtype=jnp.float32)],
-    }["many" if kind == "uneven" else kind]
-    if kind == "uneven":
-        config = gm.GroupedConfig(bn=32, bk=32, splits=(3, 3, 5))
+    }[kind]
     needed = sum(p.ids.shape[0] * p.w.shape[2] // config.bn for p in products)  # G * N / bn each
     return products, block, config, needed
 
 
 @pytest.mark.parametrize("kind", ["plain", "swiglu", "weighted", "fp8", "fp8_swiglu_bf16", "fp8_swiglu_packed",
-                                  "many", "uneven"])
+                                  "many"])
 def test_grouped_matvecs_finish_in_launch(kind):
     """With arrival counters a split launch finishes its products itself (the last program of each output tile adds
     the four partial sums in order, as XLA's sum does, then the SwiGLU or group weight applies as before): the

@@ -1,12 +1,11 @@
-"""Device time of a DeepSeek decode step's plain grouped launches at their default K splits and at splits given per
-product (uneven K ranges where a split does not divide the bk tiles): q beside kv_a, o_proj, and the routed experts'
-down beside the shared experts' down (bf16, one token row, random weights, partial sums left to the consumer as the
-fused decode leaves them).
+"""Device time of a DeepSeek decode step's plain grouped launches at their default K split and at other splits: q
+beside kv_a, o_proj, and the routed experts' down beside the shared experts' down (bf16, one token row, random
+weights, partial sums left to the consumer as the fused decode leaves them).
 
     python scripts/gpu/probe_splits.py --preset deepseek-v2-lite [--copies 4] [--out FILE]
 
 `--copies` distinct layers' weights are used in turn (more bytes than L2 holds, as in a decode step). Prints one
-JSON line per launch and splits with its kernels' busy time per layer and the programs in its grid.
+JSON line per launch and split with its kernels' busy time per layer.
 """
 
 from __future__ import annotations
@@ -21,9 +20,7 @@ from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.models.deepseek_linear import SINGLE
 from tilert_jax.profiling import emit, trace_gpu_kernels
 
-SPLITS = {"q_kv_a": [(4, 4), (5, 5), (6, 6), (3, 3)],
-          "o": [(4,), (6,), (12,)],
-          "down": [(2, 2), (2, 4), (1, 4), (1, 1)]}
+SPLITS = {"q_kv_a": [2, 4, 8], "o": [4, 8, 16], "down": []}  # (down: K = 1408 is 11 tiles, no split divides it)
 
 
 def main(argv=None) -> int:
@@ -59,11 +56,11 @@ def main(argv=None) -> int:
     for name, (make, products) in weights.items():
         layers = [make() for _ in range(args.copies)]
         jax.block_until_ready(layers)
-        for splits in [None, *SPLITS[name]]:
-            cfg = None if splits is None else gm.GroupedConfig(splits=splits)
+        for split in [None, *SPLITS[name]]:
+            cfg = None if split is None else gm.GroupedConfig(split=split)
             run = jax.jit(lambda ls, cfg=cfg, products=products: [
                 gm.grouped_matvecs(products(ws), config=cfg, finish=False) for ws in ls])
-            row = {"preset": args.preset, "launch": name, "splits": splits or "default"}
+            row = {"preset": args.preset, "launch": name, "split": split or "default"}
             try:
                 jax.block_until_ready(run(layers))
                 summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(layers)) for _ in range(5)],

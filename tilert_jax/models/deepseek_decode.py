@@ -83,14 +83,14 @@ def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters)
     e = p.experts
     shared = None if p.shared is None else (p.shared.gate, p.shared.up, p.shared.down)
     beside = None if shared is None else moe.route_beside_shared(h, p.router, p.e_bias, moe.routing_rule(config),
-                                                                 shared[:2], blk, counters, routed=(e.gate, e.up))
+                                                                 shared[:2], blk, counters)
     if beside is None:
-        (weights, index), shared_mid, routed_mid = ds.route(config, p, h, "pallas"), None, None
+        (weights, index), shared_mid = ds.route(config, p, h, "pallas"), None
     else:
-        weights, index, shared_mid, routed_mid, counters = beside
+        weights, index, shared_mid, counters = beside
     ys = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
                              group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32, finish=False,
-                             shared_mid=shared_mid, routed_mid=routed_mid)
+                             shared_mid=shared_mid)
     return x, tuple(_pending(y, n) for y in ys if y is not None), counters
 
 

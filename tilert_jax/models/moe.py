@@ -73,29 +73,21 @@ def route_beside_shared(x: jnp.ndarray,  # [N, hidden]
                         bias: jnp.ndarray | None,  # [E] float32 (noaux_tc) or None
                         rule: RoutingRule,
                         shared: tuple[Linear, Linear],  # the shared experts' gate and up: w [hidden, f]
-                        block, counters: jnp.ndarray,  # [C] int32 arrival counters (zeros)
-                        routed: tuple[Linear, Linear] | None = None):  # the routed experts' gate and up stacks
+                        block, counters: jnp.ndarray):  # [C] int32 arrival counters (zeros)
     """Decode with impl="pallas": the router and the shared experts' gate/up in one grouped launch, whose router
     program that finishes last routes the rows (kernels/moe_routing.py, `routing_epilogue`) while the shared
     experts' programs still stream: the two launches of `router_partials` and `route` cost nothing of their own.
-    With `routed`, the routed experts' gate/up runs in the same launch too, its programs (last in the grid) waiting
-    until the routing has published the expert ids (moe_grouped_matvec.EpilogueIds): one launch for the whole first
-    half of the MoE block.
-    -> (weights [N, k] float32, ids [N, k] int32, the shared SwiGLU [1, N, f], the routed SwiGLU [N * k, 1, f_e] or
-    None, the counters after the launch), or None where the router does not fit the launch (`route` then runs as
-    before)."""
+    -> (weights [N, k] float32, ids [N, k] int32, the shared SwiGLU [1, N, f], the counters after the launch), or
+    None where the router does not fit the launch (`route` then runs as before)."""
     n, e = x.shape[0], router.shape[1]
     router_product = _router_product(x, router)
     if router_product is None or not moe_routing.epilogue_fits(rule, e):
         return None
     products = [router_product, gm.Product(x=x[None], ids=SINGLE, **stacked(*shared))]
-    if routed is not None:
-        products.append(gm.Product(x=x[:, None, :], ids=gm.EpilogueIds(output=1, groups=n * rule.top_k),
-                                   **stacked(*routed)))
-    mids, (weights, index), counters = gm.grouped_matvecs(
+    (_, mid), (weights, index), counters = gm.grouped_matvecs(
         products, block=block, finish=False, counters=counters,
         epilogue=moe_routing.routing_epilogue(0, bias, rule, n, e))
-    return weights, index, mids[1], (mids[2] if routed is not None else None), counters
+    return weights, index, mid, counters
 
 
 def experts_gathered(x: jnp.ndarray,  # [N, hidden]
@@ -215,24 +207,18 @@ def expert_launches(x: jnp.ndarray,  # [N, hidden]
                     routed: tuple[Linear, Linear, Linear],
                     shared: tuple[Linear, Linear, Linear] | None,
                     block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True,
-                    shared_mid: jnp.ndarray | None = None, routed_mid: jnp.ndarray | None = None):
+                    shared_mid: jnp.ndarray | None = None):
     """The grouped kernel's two launches for a MoE block: gate/up with the SwiGLU epilogue (each pair reading its
     token's row in place), then down; the shared expert beside the routed pairs in both, or in down only when its
-    SwiGLU `shared_mid` [1, N, f] is given (`route_beside_shared`), and down alone when the routed SwiGLU
-    `routed_mid` [N * k, 1, f_e] is given too. group_weights [N * k] weighs each pair's down output in the kernel
-    (float32); finish=False leaves K-split sums to the caller.
+    SwiGLU `shared_mid` [1, N, f] is given (`route_beside_shared`). group_weights [N * k] weighs each pair's down
+    output in the kernel (float32); finish=False leaves K-split sums to the caller.
     Returns (routed [N * k, 1, hidden] or its sums [S, N * k, 1, hidden], shared [1, N, hidden] (or its sums) in
     shared_dtype, default x's dtype, or None)."""
     gate, up, down = routed
-    if routed_mid is None:
-        first = [gm.Product(x=x[:, None, :], ids=ids, **stacked(gate, up))]
-        if shared is not None and shared_mid is None:
-            first.append(gm.Product(x=x[None], ids=SINGLE, **stacked(shared[0], shared[1])))
-        mid = gm.grouped_matvecs(first, block=block)  # [N * k, 1, f] (and the shared [1, N, f_shared])
-    elif shared is not None and shared_mid is None:
-        raise ValueError("routed_mid needs shared_mid where there are shared experts")
-    else:
-        mid = [routed_mid]
+    first = [gm.Product(x=x[:, None, :], ids=ids, **stacked(gate, up))]
+    if shared is not None and shared_mid is None:
+        first.append(gm.Product(x=x[None], ids=SINGLE, **stacked(shared[0], shared[1])))
+    mid = gm.grouped_matvecs(first, block=block)  # [N * k, 1, f] (and the shared [1, N, f_shared])
     second = [gm.Product(x=mid[0], ids=ids, group_weights=group_weights, **stacked(down))]
     if shared is not None:
         second.append(gm.Product(x=mid[1] if shared_mid is None else shared_mid, ids=SINGLE, out_dtype=shared_dtype,
