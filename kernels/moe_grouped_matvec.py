@@ -70,11 +70,12 @@ def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, i
     that far keeps its largest split; the FP8 kernel is bound by its instructions and gains from more programs a
     multiprocessor). A plain bf16 launch stops short of that where the next split would pass the programs resident
     at once, RESIDENT_PLAIN a multiprocessor (DeepSeek-V2-Lite's q beside kv_a: 228 programs 6.2 us a layer against
-    456: 7.15, docs/PERF.md session 13). A bf16 launch holding a SwiGLU product (two weight tiles a pipeline stage: about one program
-    resident per multiprocessor) splits only as far as one wave of SMS programs allows: more programs queue behind
-    the first wave and pay their ramp again (DeepSeek-V2-Lite's routed gate/up: 132 programs against 264, 2.056 ->
-    2.015 ms a step; the router beside the shared gate/up: 90 programs 10.2 us against 180: 11.0 and 360: 13.7. The
-    same rule on DeepSeek-V3's FP8 launches: 2.088 against 1.848 ms; docs/PERF.md session 12)."""
+    456: 7.15, docs/PERF.md session 13). A bf16 launch holding a SwiGLU product (two weight tiles a pipeline stage:
+    about one program resident per multiprocessor) splits only as far as one wave of SMS programs allows: more
+    programs queue behind the first wave and pay their ramp again (DeepSeek-V2-Lite's routed gate/up: 132 programs
+    against 264, 2.056 -> 2.015 ms a step; the router beside the shared gate/up: 90 programs 10.2 us against 180:
+    11.0 and 360: 13.7. The same rule on DeepSeek-V3's FP8 launches: 2.088 against 1.848 ms; docs/PERF.md session
+    12)."""
     fp8 = any(f for *_, f in shapes)
     cfg = GroupedConfig(bn=128 if fp8 else 64, bk=128)
     picked = [tiles(k, n, block if f else None, cfg) for _, k, n, f in shapes]

@@ -391,6 +391,9 @@ def test_pallas_linear_paths():
     from tilert_jax.models.deepseek_linear import linear, linears, swiglu
 
     assert moe_grouped_matvec.default_config([(1, 1024, 128, True)], (128, 128)).split > 1
+    # DeepSeek-V2-Lite's q beside kv_a: split 8 would be 456 programs, past the 396 resident at once; o_proj: 256
+    q_kv_a, o = [(1, 2048, 3072, False), (1, 2048, 576, False)], [(1, 2048, 2048, False)]
+    assert [moe_grouped_matvec.default_config(shapes, None).split for shapes in (q_kv_a, o)] == [4, 8]
     keys = jax.random.split(jax.random.key(10), 3)
     x = jax.random.normal(keys[0], (1, 1, 1024))
     w = jax.random.normal(keys[1], (1024, 128)) * 0.1
