@@ -107,3 +107,16 @@ def kernel_seconds(step: Callable[[], Any], calls: int = 5) -> float:
     with tempfile.TemporaryDirectory(prefix="tilert_kernels_") as out:
         summary = trace_gpu_kernels(lambda: [jax.block_until_ready(step()) for _ in range(calls)], calls, 1, out)
     return summary["busy_us_per_step"] * 1e-6
+
+
+def kernel_time(step: Callable[[], Any], steps: int, calls: int = 5) -> dict:
+    """A probe's measurement of one variant: `step()` (one jitted call doing `steps` steps, e.g. one per layer copy)
+    run once, then traced `calls` times -> {"us": kernel busy time per step, "kernels": the top four (name, us per
+    step)}, or {"error": the first 200 characters} for a variant that does not compile or run."""
+    try:
+        jax.block_until_ready(step())
+        summary = trace_gpu_kernels(lambda: [jax.block_until_ready(step()) for _ in range(calls)], calls * steps)
+    except Exception as err:  # a variant that does not compile is a result, not a failure
+        return {"error": str(err)[:200]}
+    return {"us": round(summary["busy_us_per_step"], 2),
+            "kernels": [(k["name"], round(k["us_per_step"], 2)) for k in summary["kernels"][:4]]}

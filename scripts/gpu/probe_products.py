@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from tilert_jax.kernels import matvec as mv
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels import swiglu_matvec as sw
-from tilert_jax.profiling import emit, trace_gpu_kernels
+from tilert_jax.profiling import emit, kernel_time
 
 
 def main(argv=None) -> int:
@@ -44,14 +44,9 @@ def main(argv=None) -> int:
     def measure(name, fn, ws, **fields):
         run = jax.jit(lambda x_, ws_: [fn(x_, p) for p in ws_])
         row = {"k": k_dim, "n": n_dim, "swiglu": args.swiglu, "way": name, **fields}
-        try:
-            jax.block_until_ready(run(x, ws))
-            summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(x, ws)) for _ in range(5)],
-                                        5 * args.copies)
-            row.update(us=summary["busy_us_per_step"], tbps=read / summary["busy_us_per_step"] / 1e6,
-                       kernels=[(k["name"], round(k["us_per_step"], 2)) for k in summary["kernels"][:4]])
-        except Exception as e:  # a tiling that does not compile
-            row["error"] = str(e)[:200]
+        row.update(kernel_time(lambda: run(x, ws), args.copies))
+        if "us" in row:
+            row["tbps"] = round(read / row["us"] / 1e6, 3)
         emit(row, sink)
 
     def xla(x_, p, transposed):

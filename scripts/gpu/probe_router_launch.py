@@ -24,7 +24,7 @@ from tilert_jax.kernels import moe_routing
 from tilert_jax.kernels.common import zero_counters
 from tilert_jax.models import moe
 from tilert_jax.models.deepseek_linear import SINGLE, Linear, stacked
-from tilert_jax.profiling import emit, trace_gpu_kernels
+from tilert_jax.profiling import emit, kernel_time
 
 
 def main(argv=None) -> int:
@@ -68,16 +68,8 @@ def main(argv=None) -> int:
 
     def measure(name, fn, **fields):
         run = jax.jit(lambda x_, ls: [fn(x_, layer) for layer in ls])
-        row = {"preset": args.preset, "way": name, **fields}
-        try:
-            jax.block_until_ready(run(x, layers))
-            summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(x, layers)) for _ in range(5)],
-                                        5 * args.copies)
-            row.update(us=round(summary["busy_us_per_step"], 2),
-                       kernels=[(k["name"], round(k["us_per_step"], 2)) for k in summary["kernels"][:4]])
-        except Exception as err:  # a split that does not compile
-            row["error"] = str(err)[:200]
-        emit(row, sink)
+        emit({"preset": args.preset, "way": name, **fields, **kernel_time(lambda: run(x, layers), args.copies)},
+             sink)
 
     measure("two launches", two_launches)
     measure("beside", lambda x_, layer: launch(x_, layer, None, False))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from tilert_jax.bench import bench_config
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.models.deepseek_linear import SINGLE
-from tilert_jax.profiling import emit, trace_gpu_kernels
+from tilert_jax.profiling import emit, kernel_time
 
 SPLITS = {"q_kv_a": [2, 4, 8], "o": [4, 8, 16], "down": []}  # (down: K = 1408 is 11 tiles, no split divides it)
 
@@ -60,16 +60,8 @@ def main(argv=None) -> int:
             cfg = None if split is None else gm.GroupedConfig(split=split)
             run = jax.jit(lambda ls, cfg=cfg, products=products: [
                 gm.grouped_matvecs(products(ws), config=cfg, finish=False) for ws in ls])
-            row = {"preset": args.preset, "launch": name, "split": split or "default"}
-            try:
-                jax.block_until_ready(run(layers))
-                summary = trace_gpu_kernels(lambda: [jax.block_until_ready(run(layers)) for _ in range(5)],
-                                            5 * args.copies)
-                row.update(us=round(summary["busy_us_per_step"], 2),
-                           kernels=[(kn["name"], round(kn["us_per_step"], 2)) for kn in summary["kernels"][:3]])
-            except Exception as err:  # a split that does not compile
-                row["error"] = str(err)[:200]
-            emit(row, sink)
+            emit({"preset": args.preset, "launch": name, "split": split or "default",
+                  **kernel_time(lambda: run(layers), args.copies)}, sink)
     return 0
 
 
