@@ -100,23 +100,28 @@ def trace_gpu_kernels(run: Callable[[], Any], steps: int, top: int = 30, out: st
     return {**summarize(gpu_kernel_events(trace), steps, top), "trace": str(trace_file)}
 
 
+def _traced(step: Callable[[], Any], steps: int, calls: int, top: int) -> dict:
+    """`step()` (one jitted call doing `steps` steps) run once, then `calls` times under the profiler: the summary of
+    its GPU kernels per step (the trace in a temporary directory, removed after)."""
+    jax.block_until_ready(step())
+    with tempfile.TemporaryDirectory(prefix="tilert_kernels_") as out:
+        return trace_gpu_kernels(lambda: [jax.block_until_ready(step()) for _ in range(calls)], calls * steps, top,
+                                 out)
+
+
 def kernel_seconds(step: Callable[[], Any], calls: int = 5) -> float:
     """Device seconds per call of `step()` (one jitted call, returning its outputs): the time some GPU kernel was
     running over `calls` traced calls after a warm-up one. A short call's wall time is mostly the host's dispatch."""
-    jax.block_until_ready(step())
-    with tempfile.TemporaryDirectory(prefix="tilert_kernels_") as out:
-        summary = trace_gpu_kernels(lambda: [jax.block_until_ready(step()) for _ in range(calls)], calls, 1, out)
-    return summary["busy_us_per_step"] * 1e-6
+    return _traced(step, 1, calls, 1)["busy_us_per_step"] * 1e-6
 
 
 def kernel_time(step: Callable[[], Any], steps: int, calls: int = 5) -> dict:
     """A probe's measurement of one variant: `step()` (one jitted call doing `steps` steps, e.g. one per layer copy)
-    run once, then traced `calls` times -> {"us": kernel busy time per step, "kernels": the top four (name, us per
-    step)}, or {"error": the first 200 characters} for a variant that does not compile or run."""
+    -> {"us": kernel busy time per step, "kernels": the top four (name, us per step)}, or {"error": the first 200
+    characters} for a variant that does not compile or run."""
     try:
-        jax.block_until_ready(step())
-        summary = trace_gpu_kernels(lambda: [jax.block_until_ready(step()) for _ in range(calls)], calls * steps)
+        summary = _traced(step, steps, calls, 4)
     except Exception as err:  # a variant that does not compile is a result, not a failure
         return {"error": str(err)[:200]}
     return {"us": round(summary["busy_us_per_step"], 2),
-            "kernels": [(k["name"], round(k["us_per_step"], 2)) for k in summary["kernels"][:4]]}
+            "kernels": [(k["name"], round(k["us_per_step"], 2)) for k in summary["kernels"]]}
