@@ -167,24 +167,21 @@ def publish(counter_ref, index, waiters: int, interpret: bool) -> None:
     plt.atomic_add(counter_ref, jnp.asarray(index, jnp.int32), jnp.int32(waiters))
 
 
-def wait_and_release(counter_ref, index, interpret: bool, after=None) -> None:
-    """Inside a kernel: polls counter_ref[index] (atomic reads, acquire) until a program has published there, holds
-    every thread of this program at a CTA barrier, then takes its one count back (`publish`). `after`: a float
-    value computed from loads issued before the call (a weight tile's maximum), which the first poll waits for: the
-    compiler cannot then sink those loads past the wait. The publishing programs must be resident or done: they
-    come earlier in the grid. (Interpreted programs run in grid order, so the count is already there: no poll, which
-    interpret mode could not discharge from a loop anyway.)"""
+def wait_and_release(counter_ref, index, interpret: bool) -> None:
+    """Inside a kernel: polls counter_ref[index] (volatile reads: no atomics queue at L2 behind a poll) until a
+    program has published there, takes its one count back (an acquire-release atomic: what the publisher stored is
+    visible after it), and holds every thread of this program at a CTA barrier. Loads issued before the call stay in
+    flight across the wait. The publishing programs must be resident or done: they come earlier in the grid.
+    (Interpreted programs run in grid order, so the count is already there: no poll, which interpret mode could not
+    discharge from a loop anyway.)"""
     index = jnp.asarray(index, jnp.int32)
     if not interpret:
-        def poll(_):
-            return plt.atomic_add(counter_ref, index, jnp.int32(0))
-
-        first = poll(0)
-        if after is not None:  # (never true: a comparison the compiler cannot fold, x != x for a float)
-            first = jnp.where(after != after, jnp.int32(0), first)
-        lax.while_loop(lambda seen: seen < 1, poll, first)
-        plt.debug_barrier()
+        def seen(_):
+            return jnp.max(plt.load(counter_ref.at[pl.ds(index, 1)], volatile=True))
+        lax.while_loop(lambda count: count < 1, seen, seen(0))
     plt.atomic_add(counter_ref, index, jnp.int32(-1))
+    if not interpret:
+        plt.debug_barrier()
 
 
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]

@@ -143,9 +143,8 @@ def _out_projection(wo_ref, o_ref, x_ref, parts_ref, xo_ref, counters, local, *,
     n0 = pl.multiple_of(j * bn, bn)
     tiles = [plt.load(wo_ref.at[pl.ds(n0, bn), pl.ds((h * groups + r) * head_dim, head_dim)],
                       eviction_policy="evict_first") for r in range(groups)]  # [bn, d] per query head
-    loaded = functools.reduce(jnp.maximum, [jnp.max(t.astype(f32)) for t in tiles])
     for b in range(batch):
-        wait_and_release(counters, published + b * num_kv_heads + h, interpret, after=loaded)
+        wait_and_release(counters, published + b * num_kv_heads + h, interpret)
     if batch == 1:  # multiply-adds in registers
         rows = 1
         acc = sum(t.astype(f32) * plt.load(o_ref.at[jnp.int32(0), pl.ds(h * groups + r, 1), pl.ds(0, head_dim)])
