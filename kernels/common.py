@@ -13,7 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
+from jax.experimental import pallas as pl  # noqa: F401  (re-exported for the kernel files)
 from jax.experimental.pallas import triton as plt
 
 ROWS = 16  # tensor-core dots need at least 16 rows: a batch of B <= 16 rows is padded to 16 by masked loads
@@ -168,20 +168,17 @@ def publish(counter_ref, index, waiters: int, interpret: bool) -> None:
 
 
 def wait_and_release(counter_ref, index, interpret: bool) -> None:
-    """Inside a kernel: polls counter_ref[index] (volatile reads: no atomics queue at L2 behind a poll) until a
-    program has published there, takes its one count back (an acquire-release atomic: what the publisher stored is
-    visible after it), and holds every thread of this program at a CTA barrier. Loads issued before the call stay in
-    flight across the wait. The publishing programs must be resident or done: they come earlier in the grid.
-    (Interpreted programs run in grid order, so the count is already there: no poll, which interpret mode could not
-    discharge from a loop anyway.)"""
+    """Inside a kernel: polls counter_ref[index] (atomic reads, acquire) until a program has published there, holds
+    every thread of this program at a CTA barrier, then takes its one count back (`publish`). Loads issued before
+    the call stay in flight across the wait. The publishing programs must be resident or done: they come earlier in
+    the grid. (Interpreted programs run in grid order, so the count is already there: no poll, which interpret mode
+    could not discharge from a loop anyway.)"""
     index = jnp.asarray(index, jnp.int32)
     if not interpret:
-        def seen(_):
-            return jnp.max(plt.load(counter_ref.at[pl.ds(index, 1)], volatile=True))
-        lax.while_loop(lambda count: count < 1, seen, seen(0))
-    plt.atomic_add(counter_ref, index, jnp.int32(-1))
-    if not interpret:
+        lax.while_loop(lambda seen: seen < 1, lambda _: plt.atomic_add(counter_ref, index, jnp.int32(0)),
+                       plt.atomic_add(counter_ref, index, jnp.int32(0)))
         plt.debug_barrier()
+    plt.atomic_add(counter_ref, index, jnp.int32(-1))
 
 
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]

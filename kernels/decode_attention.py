@@ -36,8 +36,8 @@ from jax.experimental.pallas import triton as plt
 from tilert_jax import cache as kv
 from tilert_jax.kernels.attention import attention_reference
 from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2,
-                                       load_rows, next_pow2, online_softmax_step, publish, store_rows, stream_rows,
-                                       sum_parts, triton_params, wait_and_release, zero_counters)
+                                       load_rows, next_pow2, online_softmax_step, publish, store_rows, triton_params,
+                                       wait_and_release, zero_counters)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope
 
@@ -68,11 +68,10 @@ def decode_attention_reference(
     bias: tuple[jax.Array, jax.Array, jax.Array] | None = None,  # bq [n, d], bk [kvh, d], bv [kvh, d]
     qk_norm: tuple[jax.Array, jax.Array] | None = None,  # q_norm [d], k_norm [d]
     sliding_window: int | None = None,
-    wo: jax.Array | None = None,  # [N, n * d]: the output projection, with `residual` (see decode_attention)
-    residual: jax.Array | None = None,  # [B, N]
+    wo: jax.Array | None = None,  # [N, n * d]: the output projection, taken per kv head (see decode_attention)
 ):
-    """-> out [B, n, d] (with wo: residual + out @ wo^T [B, N], the kv heads' float32 partial sums added in order),
-    k_cache, v_cache (with the new token written at pos)."""
+    """-> out [B, n, d] (with wo: float32 partial sums [kvh, B, N] of out @ wo^T), k_cache, v_cache (with the new
+    token written at pos)."""
     q, k, v = _split_qkv(qkv, num_heads, num_kv_heads, k_cache.dtype)
     if bias is not None:
         q, k, v = q + bias[0], k + bias[1], v + bias[2]
@@ -88,9 +87,8 @@ def decode_attention_reference(
                               sliding_window=sliding_window)[:, 0]  # [B, n, d]
     if wo is not None:
         batch, n, d = out.shape
-        parts = jnp.einsum("bhgd,nhgd->hbn", out.reshape(batch, num_kv_heads, n // num_kv_heads, d),
-                           wo.reshape(wo.shape[0], num_kv_heads, n // num_kv_heads, d), preferred_element_type=f32)
-        out = (residual.astype(f32) + sum_parts(parts)).astype(residual.dtype)
+        out = jnp.einsum("bhgd,nhgd->hbn", out.reshape(batch, num_kv_heads, n // num_kv_heads, d),
+                         wo.reshape(wo.shape[0], num_kv_heads, n // num_kv_heads, d), preferred_element_type=f32)
     return out, k_cache, v_cache
 
 
@@ -112,54 +110,27 @@ def _merge_splits(acc_ws, ml_ws, b, h, splits: int, rows: int, head_dim: int) ->
     return acc / total
 
 
-LINE = 32  # int32 counters per 128-byte line: each kind of counter on lines of its own, so that the polls of one
-# kind never share a line with the atomics of another
-
-
-def _line_up(n: int) -> int:
-    return -(-n // LINE) * LINE
-
-
-def counters_needed(batch: int, num_kv_heads: int, projection_tiles: int = 0) -> int:
-    """int32 counters a launch needs: the splits' arrivals [B * kvh], and with the output projection the published
-    outputs [B * kvh] and the arrivals of its column tiles' kv heads [N / out_bn], each kind on lines of its own."""
-    heads = batch * num_kv_heads
-    if not projection_tiles:
-        return heads
-    return _line_up(_line_up(heads) + heads) + projection_tiles
-
-
-def _out_projection(wo_ref, o_ref, x_ref, parts_ref, xo_ref, counters, local, *, batch, groups, bn, num_kv_heads,
-                    interpret):
-    """Program `local` of the output projection: kv head h's share of out @ wo^T over its query heads' K range for
-    output columns n0.., stored as float32 partial sums [B, bn] in parts_ref[h]. It requests its weight tiles first
-    and then waits until every batch row's output of kv head h is stored, so the weight streams while the attention
-    runs. The last of a column tile's kv heads to arrive adds the tile's partial sums (in order) to the residual x
-    and stores x_new."""
+def _out_projection(wo_ref, o_ref, parts_ref, flags_ref, local, *, batch, groups, bn, num_kv_heads, interpret):
+    """Program `local` of the output projection: kv head h's share of out @ wo^T, the float32 partial sums [B, bn]
+    of output columns n0.. over its query heads' K range, into parts_ref[h]. The program requests its weight tiles
+    first and then waits until every batch row's output of kv head h is stored, so the weight streams while the
+    attention runs."""
     head_dim = o_ref.shape[-1]
-    heads = batch * num_kv_heads
-    published, tile_arrivals = _line_up(heads), _line_up(_line_up(heads) + heads)
-    j, h = local // num_kv_heads, local % num_kv_heads
-    n0 = pl.multiple_of(j * bn, bn)
+    n_tiles = wo_ref.shape[0] // bn
+    h, n0 = local // n_tiles, pl.multiple_of(local % n_tiles * bn, bn)
     tiles = [plt.load(wo_ref.at[pl.ds(n0, bn), pl.ds((h * groups + r) * head_dim, head_dim)],
                       eviction_policy="evict_first") for r in range(groups)]  # [bn, d] per query head
     for b in range(batch):
-        wait_and_release(counters, published + b * num_kv_heads + h, interpret)
+        wait_and_release(flags_ref, (batch + b) * num_kv_heads + h, interpret)
     if batch == 1:  # multiply-adds in registers
-        rows = 1
-        acc = sum(t.astype(f32) * plt.load(o_ref.at[jnp.int32(0), pl.ds(h * groups + r, 1), pl.ds(0, head_dim)])
-                  .astype(f32) for r, t in enumerate(tiles))  # [bn, d]
-        y = jnp.sum(acc, axis=1).reshape(1, bn)
-    else:
-        rows = max(ROWS, next_pow2(batch))
-        y = sum(dot(load_rows(o_ref.at[pl.ds(0, rows), h * groups + r, pl.ds(0, head_dim)], batch), t, NT,
-                    interpret) for r, t in enumerate(tiles))  # [rows, bn]
+        acc = sum(t.astype(f32) * plt.load(o_ref.at[jnp.int32(0), pl.ds(h * groups + r, 1), pl.ds(0, head_dim)]).astype(f32)
+                  for r, t in enumerate(tiles))  # [bn, d]
+        plt.store(parts_ref.at[h, pl.ds(0, 1), pl.ds(n0, bn)], jnp.sum(acc, axis=1).reshape(1, bn))
+        return
+    rows = max(ROWS, next_pow2(batch))
+    y = sum(dot(load_rows(o_ref.at[pl.ds(0, rows), h * groups + r, pl.ds(0, head_dim)], batch), t, NT, interpret)
+            for r, t in enumerate(tiles))  # [rows, bn]
     store_rows(parts_ref.at[h, pl.ds(0, rows), pl.ds(n0, bn)], y, batch)
-
-    @pl.when(arrive_last(counters, tile_arrivals + j, num_kv_heads, interpret))
-    def _():
-        x_new = stream_rows(x_ref, (parts_ref,), 0, rows, batch, n0, bn, xo_ref.dtype)
-        store_rows(xo_ref.at[pl.ds(0, rows), pl.ds(n0, bn)], x_new.astype(xo_ref.dtype), batch)
 
 
 def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, num_kv_heads, head_dim, rows,
@@ -173,13 +144,13 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
     cos_ref, sin_ref = next(it), next(it)  # [d], [d]
     pos_ref = next(it)  # [1] int32
     if splits > 1 or out_bn:
-        next(it)  # the counters [>= counters_needed(...)] (aliased to `arrived`)
-    wo_ref, x_ref = (next(it), next(it)) if out_bn else (None, None)  # [N, n * d], [B, N]
+        next(it)  # the counters [>= B * kvh; 2 B * kvh with wo] (aliased to `arrived`)
+    wo_ref = next(it) if out_bn else None  # [N, n * d]
     kc_ref, vc_ref = next(it), next(it)  # [B, kvh, max_len, d] (aliased to the two cache outputs)
     o_ref = next(it)  # [B, n, d]
     if splits > 1:  # the workspace: float32 acc [B, kvh, P, rows, d] and (m, l) [B, kvh, P, rows, 2]
         acc_ws, ml_ws = next(it), next(it)
-    parts_ref, xo_ref = (next(it), next(it)) if out_bn else (None, None)  # [kvh, B, N] float32, [B, N]
+    parts_ref = next(it) if out_bn else None  # [kvh, B, N] float32
     arrived = next(it) if splits > 1 or out_bn else None  # [C] int32
     kc_out, vc_out = next(it), next(it)  # [B, kvh, max_len, d]
     attention_programs = batch * num_kv_heads * splits
@@ -187,8 +158,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
 
     def stored(b, h):  # (b, h)'s output is in o_ref: the output projection's programs of kv head h may read it
         if out_bn:
-            publish(arrived, _line_up(batch * num_kv_heads) + b * num_kv_heads + h, wo_ref.shape[0] // out_bn,
-                    interpret)
+            publish(arrived, batch * num_kv_heads + b * num_kv_heads + h, wo_ref.shape[0] // out_bn, interpret)
 
     def attend(b, h, p):  # split p of (batch row b, kv head h)
         pos = pos_ref[0]
@@ -290,8 +260,8 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
     if out_bn:
         @pl.when(pid >= attention_programs)
         def _():
-            _out_projection(wo_ref, o_ref, x_ref, parts_ref, xo_ref, arrived, pid - attention_programs, batch=batch,
-                            groups=groups, bn=out_bn, num_kv_heads=num_kv_heads, interpret=interpret)
+            _out_projection(wo_ref, o_ref, parts_ref, arrived, pid - attention_programs, batch=batch, groups=groups,
+                            bn=out_bn, num_kv_heads=num_kv_heads, interpret=interpret)
 
 
 def decode_attention(
@@ -313,20 +283,19 @@ def decode_attention(
     block: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
-    arrivals: jax.Array | None = None,  # int32 [>= counters_needed(...)] zeros (None: fresh), returned zero
+    arrivals: jax.Array | None = None,  # int32 [>= B * kvh] counters (2 B * kvh with wo), zero (None: fresh), returned zero
     wo: jax.Array | None = None,  # [N, n * d]: the output projection too, in the same launch
-    residual: jax.Array | None = None,  # [B, N]: the residual stream the projection is added to (with wo)
     out_bn: int = 32,  # the output projection's columns per program
     interpret: bool | None = None,
 ):
     """-> out [B, n, d], k_cache, v_cache, arrivals (the counters after this launch, for the next layer's launch; as
     given with one split and no wo). See decode_attention_reference for the meaning of the rest.
 
-    With `wo` the launch also runs the output projection and its residual add, and the first result is the residual
-    stream after it, residual + out @ wo^T [B, N]. Its programs (kvh * N / out_bn, after the attention's in the grid)
-    request their [out_bn, d] weight tiles of one kv head's query heads first and then wait until that head's
-    output is stored (`common.wait_and_release`): the weight streams while the attention runs, and no launch is paid
-    for the projection. The last of a column tile's kv heads to arrive adds their partial sums to the residual."""
+    With `wo` the launch also runs the output projection, and the first result is its float32 partial sums [kvh, B,
+    N], one per kv head, over that head's query heads (a split-K product's partial sums, left to the consumer). Its
+    programs (kvh * N / out_bn, after the attention's in the grid) request their [out_bn, d] weight tiles first and
+    then wait until their kv head's output is stored (`common.wait_and_release`): the weight streams while the
+    attention runs, and no launch is paid for the projection."""
     batch, kvh, max_len, head_dim = k_cache.shape
     n_parts = qkv.shape[0] if qkv.ndim == 4 else 0
     nh = num_heads + 2 * num_kv_heads
@@ -344,9 +313,6 @@ def decode_attention(
                            or out_bn < 16 or wo.shape[0] % out_bn):
         raise ValueError(f"wo must be [N, {num_heads * head_dim}] with N a multiple of out_bn ({out_bn}, a power of "
                          f"2 >= 16), got {wo.shape}")
-    if (wo is None) != (residual is None) or (wo is not None and residual.shape != (batch, wo.shape[0])):
-        raise ValueError(f"wo and residual [{batch}, N] come together, got {None if wo is None else wo.shape} and "
-                         f"{None if residual is None else residual.shape}")
     dtype = k_cache.dtype
     rows = max(ROWS, next_pow2(num_heads // num_kv_heads))
     interpret = interpret_default() if interpret is None else interpret
@@ -359,20 +325,19 @@ def decode_attention(
     out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
     if splits > 1:
         out_shape += [jax.ShapeDtypeStruct((batch, kvh, splits, rows, width), f32) for width in (head_dim, 2)]
-    if wo is not None:  # the kv heads' partial sums, and the residual stream after the projection
-        out_shape += [jax.ShapeDtypeStruct((kvh, batch, wo.shape[0]), f32), jax.ShapeDtypeStruct(residual.shape,
-                                                                                                  residual.dtype)]
+    if wo is not None:
+        out_shape.append(jax.ShapeDtypeStruct((kvh, batch, wo.shape[0]), f32))
     aliases = {}
     counted = splits > 1 or wo is not None
     if counted:
-        needed = counters_needed(batch, kvh, 0 if wo is None else wo.shape[0] // out_bn)
+        needed = batch * kvh * (1 + (wo is not None))
         arrivals = zero_counters(needed) if arrivals is None else arrivals
         check_counters(arrivals, needed, "decode_attention")
         aliases[len(inputs)] = len(out_shape)
         inputs.append(arrivals)
         out_shape.append(jax.ShapeDtypeStruct(arrivals.shape, jnp.int32))
     if wo is not None:
-        inputs += [wo, residual]
+        inputs.append(wo)
     inputs += [k_cache, v_cache]
     out_shape += [jax.ShapeDtypeStruct(k_cache.shape, dtype), jax.ShapeDtypeStruct(v_cache.shape, dtype)]
     n_in, n_out = len(inputs), len(out_shape)

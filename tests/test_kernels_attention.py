@@ -50,19 +50,18 @@ def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, q
     if bias:
         kw["bias"] = tuple((0.1 * jax.random.normal(kk, (h, d), F32)).astype(BF16)
                            for kk, h in zip(jax.random.split(k3, 3), (n, kvh, kvh)))
-    if out_proj:  # (scaled so that the projection and the residual weigh alike)
-        kw["wo"] = (jax.random.normal(k3, (out_proj, n * d), F32) / np.sqrt(n * d)).astype(BF16)
-        kw["residual"] = jax.random.normal(k1, (batch, out_proj), F32).astype(BF16)
+    if out_proj:
+        kw["wo"] = jax.random.normal(k3, (out_proj, n * d), F32).astype(BF16)
     run = functools.partial(decode_attention, qkv, kc, vc, jnp.int32(pos), cos, sin, splits=splits, block=block,
                             interpret=interpret, **kw)
     out, k_new, v_new, after = run()
     if again:  # a second launch on the counters the first left (as the next layer's launch takes them)
         assert np.array_equal(run(arrivals=after)[0], out)
     up = lambda t: jax.tree.map(lambda a: a.astype(F32), t)  # noqa: E731
-    kw32 = {k: (up(v) if k in ("qk_norm", "bias", "wo", "residual") and v is not None else v) for k, v in kw.items()}
+    kw32 = {k: (up(v) if k in ("qk_norm", "bias", "wo") and v is not None else v) for k, v in kw.items()}
     ref, rk, rv = decode_attention_reference(qkv.astype(F32), *up((kc, vc)), jnp.int32(pos), *up((cos, sin)), **kw32)
-    if out_proj:  # the residual stream after the projection (the attention output rounded to bf16 before it)
-        assert out.shape == (batch, out_proj) and out.dtype == BF16
+    if out_proj:  # float32 partial sums, one per kv head; the attention output was rounded to bf16 before them
+        assert out.shape == (kvh, batch, out_proj) and out.dtype == F32
     else:
         assert out.shape == (batch, n, d) and out.dtype == BF16
     assert rel(out, ref) < 1e-2
