@@ -12,7 +12,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl  # noqa: F401  (re-exported for the kernel files)
 from jax.experimental.pallas import triton as plt
 
@@ -156,29 +155,6 @@ def arrive_last(counter_ref, index, arrivals: int, interpret: bool):
         plt.atomic_add(counter_ref, index, jnp.int32(-arrivals))  # (interpret mode has no atomic exchange)
 
     return last
-
-
-def publish(counter_ref, index, waiters: int, interpret: bool) -> None:
-    """Inside a kernel: adds `waiters` to counter_ref[index] (int32) after every store this program made (a CTA
-    barrier, then one acquire-release atomic at GPU scope). Each of the `waiters` programs that wait there
-    (`wait_and_release`) sees those stores and takes one back, so the counter is zero again once all have passed."""
-    if not interpret:
-        plt.debug_barrier()
-    plt.atomic_add(counter_ref, jnp.asarray(index, jnp.int32), jnp.int32(waiters))
-
-
-def wait_and_release(counter_ref, index, interpret: bool) -> None:
-    """Inside a kernel: polls counter_ref[index] (atomic reads, acquire) until a program has published there, holds
-    every thread of this program at a CTA barrier, then takes its one count back (`publish`). Loads issued before
-    the call stay in flight across the wait. The publishing programs must be resident or done: they come earlier in
-    the grid. (Interpreted programs run in grid order, so the count is already there: no poll, which interpret mode
-    could not discharge from a loop anyway.)"""
-    index = jnp.asarray(index, jnp.int32)
-    if not interpret:
-        lax.while_loop(lambda seen: seen < 1, lambda _: plt.atomic_add(counter_ref, index, jnp.int32(0)),
-                       plt.atomic_add(counter_ref, index, jnp.int32(0)))
-        plt.debug_barrier()
-    plt.atomic_add(counter_ref, index, jnp.int32(-1))
 
 
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
