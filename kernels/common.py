@@ -12,8 +12,7 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.experimental import pallas as pl
+from jax.experimental import pallas as pl  # noqa: F401  (re-exported for the kernel files)
 from jax.experimental.pallas import triton as plt
 
 ROWS = 16  # tensor-core dots need at least 16 rows: a batch of B <= 16 rows is padded to 16 by masked loads
@@ -156,38 +155,6 @@ def arrive_last(counter_ref, index, arrivals: int, interpret: bool):
         plt.atomic_add(counter_ref, index, jnp.int32(-arrivals))  # (interpret mode has no atomic exchange)
 
     return last
-
-
-def publish(flag_ref, first, count: int, stride: int, epoch, interpret: bool) -> None:
-    """Inside a kernel: after every store this program made (a CTA barrier), sets the `count` flags
-    flag_ref[first + i * stride] to `epoch` (atomic maxima, acquire-release at GPU scope). Flags only grow: a waiter
-    (`wait_epoch`) never writes, and one zeroed array serves launches with epochs 1, 2, ..."""
-    if not interpret:
-        plt.debug_barrier()
-    def one(i, carry):  # (a scalar atomic each: the lowering takes integer atomics on scalars only)
-        plt.atomic_max(flag_ref, first + i * stride, jnp.asarray(epoch, jnp.int32))
-        return carry
-
-    lax.fori_loop(0, count, one, 0)
-
-
-def wait_epoch(flag_ref, index, epoch, interpret: bool):
-    """Inside a kernel: spins on volatile reads of flag_ref[index] until it reaches `epoch`, then fences (acquire at
-    GPU scope) and holds every thread at a CTA barrier. Returns an int32 zero that the compiler cannot fold: add it
-    to the offsets of the loads that must follow the wait. Loads issued before the call stay in flight across it.
-    The publishing programs must be resident or done: they come earlier in the grid. (Interpreted programs run in
-    grid order: nothing to wait for.)"""
-    if interpret:
-        return jnp.int32(0)
-
-    def seen(_):
-        return plt.load(flag_ref.at[pl.ds(index, 1)], volatile=True)  # [1]
-
-    last = lax.while_loop(lambda v: jnp.max(v) < epoch, seen, seen(0))
-    zero, = plt.elementwise_inline_asm("fence.acq_rel.gpu;\n\tmov.b32 $0, 0;", args=[last], constraints="=r,r",
-                                       pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
-    plt.debug_barrier()
-    return jnp.max(zero)
 
 
 NN = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]

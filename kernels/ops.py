@@ -96,15 +96,13 @@ def matvec_residual(x, w, residual, *, config=None, implementation="xla"):
 
 
 def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, *, num_heads, num_kv_heads, scale, eps=1e-6, bias=None,
-                     qk_norm=None, sliding_window=None, wo=None, residual=None, epoch=1, config=None,
-                     arrivals=None, implementation="xla"):
-    """One decode step of attention with rope, q/k norm and the cache write -> out [B, n, d] (with the output
-    projection wo [N, n * d]: residual + out @ wo^T [B, N]), k_cache, v_cache and the kernel's counters (pass them
-    to the next layer's call; the XLA path returns them as given)."""
+                     qk_norm=None, sliding_window=None, config=None, arrivals=None, implementation="xla"):
+    """One decode step of attention with rope, q/k norm and the cache write -> out [B, n, d], k_cache, v_cache and
+    the split kernel's arrival counters (pass them to the next layer's call; the XLA path returns them as given)."""
     _check(implementation)
     kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, eps=eps, bias=bias, qk_norm=qk_norm,
-                  sliding_window=sliding_window, wo=wo, residual=residual)
+                  sliding_window=sliding_window)
     if implementation == "pallas":
         return _da.decode_attention(qkv, k_cache, v_cache, pos, cos, sin, **kwargs, **(config or {}),
-                                    arrivals=arrivals, epoch=epoch)
+                                    arrivals=arrivals)
     return (*_da.decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, **kwargs), arrivals)

@@ -288,9 +288,6 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     cos, sin = rope_tables(config.rope, jnp.reshape(pos, (1,)), x.dtype)  # [1, head_dim]
     cos, sin = cos[0], sin[0]
     attn_cfg = tuning.attention_config(batch, kvh, cache.max_len, d)
-    attn_o_fused = tp_axis is None and _op_impl("attention", impl, batch) == _op_impl("o", impl, batch) == "pallas"
-    if attn_o_fused:
-        attn_cfg["out_bn"] = tuning.matvec_config("o", batch, n * d, (h,)).bn
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
     mlp_cfg = tuning.matvec_config("gate_up", batch, h, (f, f))
     mlp_block = impl == "pallas" and "mlp" in pallas_ops(batch)  # gate/up and down as one phased launch
@@ -306,19 +303,14 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
         qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
         bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
         qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
-        wo = a.wo.reshape(h, n * d)
-        attn_o = attn_o_fused and a.bo is None  # the output projection and its residual add in the attention's launch
         attn, k, v, arrivals = ops.decode_attention(
             qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, eps=eps,
-            bias=bias, qk_norm=qk_norm, sliding_window=config.sliding_window, wo=wo if attn_o else None,
-            residual=x if attn_o else None, epoch=i + 1, config=attn_cfg, arrivals=arrivals,
+            bias=bias, qk_norm=qk_norm, sliding_window=config.sliding_window, config=attn_cfg, arrivals=arrivals,
             implementation=_op_impl("attention", impl, batch))
         new_k.append(k)
         new_v.append(v)
-        if attn_o:
-            x, parts = attn, None
-        else:
-            x, parts = _project_residual("o", attn.reshape(batch, n * d), wo, x, a.bo, impl, tp_axis)
+        attn = attn.reshape(batch, n * d)
+        x, parts = _project_residual("o", attn, a.wo.reshape(h, n * d), x, a.bo, impl, tp_axis)
         if mlp_block:
             parts, x = ops.mlp_block(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up, layer.mlp.w_down,
                                      x_parts=parts, configs=block_cfgs, implementation=impl)
