@@ -8,6 +8,7 @@ measures).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import gzip
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def gpu_kernel_events(trace: dict) -> list[dict]:
@@ -57,6 +59,27 @@ def emit(row: dict, sink=None) -> None:
     print(line, flush=True)
     if sink:
         sink.write(line + "\n")
+
+
+def probe_parser(doc: str, copies: int) -> argparse.ArgumentParser:
+    """The arguments every probe script takes: `--copies` distinct weights used in turn (more bytes than L2 holds, as
+    in a decode step) and `--out`, a file the JSON lines are appended to."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--copies", type=int, default=copies)
+    parser.add_argument("--out")
+    return parser
+
+
+def random_bf16(seed: int = 0) -> Callable[..., jax.Array]:
+    """normal(shape, scale=0.02) -> a fresh bf16 array of normal samples times scale, each call its own key."""
+    key = jax.random.key(seed)
+
+    def normal(shape, scale=0.02):
+        nonlocal key
+        key, sub = jax.random.split(key)
+        return (jax.random.normal(sub, shape) * scale).astype(jnp.bfloat16)
+
+    return normal
 
 
 def hlo_ops(hlo_text: str) -> dict[str, str]:

@@ -11,7 +11,6 @@ read per microsecond of kernel time.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import jax
@@ -20,16 +19,14 @@ import jax.numpy as jnp
 from tilert_jax.kernels import matvec as mv
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels import swiglu_matvec as sw
-from tilert_jax.profiling import emit, kernel_time
+from tilert_jax.profiling import emit, kernel_time, probe_parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = probe_parser(__doc__, copies=4)
     parser.add_argument("--k", type=int, required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--swiglu", action="store_true")
-    parser.add_argument("--copies", type=int, default=4)
-    parser.add_argument("--out")
     args = parser.parse_args(argv)
     sink = open(args.out, "a") if args.out else None
     k_dim, n_dim, mats = args.k, args.n, 2 if args.swiglu else 1

@@ -13,8 +13,6 @@ line per way with its kernels' busy time per layer.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
@@ -24,24 +22,19 @@ from tilert_jax.kernels import moe_routing
 from tilert_jax.kernels.common import zero_counters
 from tilert_jax.models import moe
 from tilert_jax.models.deepseek_linear import SINGLE, Linear, stacked
-from tilert_jax.profiling import emit, kernel_time
+from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = probe_parser(__doc__, copies=8)
     parser.add_argument("--preset", default="deepseek-v2-lite")
-    parser.add_argument("--copies", type=int, default=8)
-    parser.add_argument("--out")
     args = parser.parse_args(argv)
     sink = open(args.out, "a") if args.out else None
     config = bench_config(args.preset)
     hidden, e = config.hidden_size, config.n_routed_experts
     f = config.moe_intermediate_size * config.n_shared_experts
     rule = moe.routing_rule(config)
-    keys = iter(jax.random.split(jax.random.key(0), 3 * args.copies + 1))
-
-    def normal(shape, scale=0.02):
-        return (jax.random.normal(next(keys), shape) * scale).astype(jnp.bfloat16)
+    normal = random_bf16()
 
     layers = [(normal((hidden, e)), Linear(w=normal((hidden, f))), Linear(w=normal((hidden, f))))
               for _ in range(args.copies)]

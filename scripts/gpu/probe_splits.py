@@ -10,24 +10,20 @@ JSON line per launch and split with its kernels' busy time per layer.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
 from tilert_jax.bench import bench_config
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.models.deepseek_linear import SINGLE
-from tilert_jax.profiling import emit, kernel_time
+from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
 
 SPLITS = {"q_kv_a": [2, 4, 8], "o": [4, 8, 16], "down": []}  # (down: K = 1408 is 11 tiles, no split divides it)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = probe_parser(__doc__, copies=4)
     parser.add_argument("--preset", default="deepseek-v2-lite")
-    parser.add_argument("--copies", type=int, default=4)
-    parser.add_argument("--out")
     args = parser.parse_args(argv)
     sink = open(args.out, "a") if args.out else None
     c = bench_config(args.preset)
@@ -35,10 +31,7 @@ def main(argv=None) -> int:
     q_out = c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)
     kv_out = c.kv_lora_rank + c.qk_rope_head_dim
     o_in = c.num_heads * c.v_head_dim
-    keys = iter(jax.random.split(jax.random.key(0), 16 * args.copies))
-
-    def normal(shape, scale=0.02):
-        return (jax.random.normal(next(keys), shape) * scale).astype(jnp.bfloat16)
+    normal = random_bf16()
 
     x = normal((1, hidden), 1.0)
     ids = jnp.arange(k, dtype=jnp.int32) * 7 % c.n_routed_experts
