@@ -207,17 +207,13 @@ class Epilogue:
     partial sums [S, G, B, N] float32 when split and left to the consumer, else [G, B, N]). The other products'
     programs keep streaming beside it, which hides its serial tail: the router's last program routes the token while
     the shared expert's gate/up runs (kernels/moe_routing.py, `routing_epilogue`).
-    With product None the work follows the launch's output column tiles (every product's columns tiled alike; no
-    SwiGLU or packed products): the last program of each column tile to arrive, over all products, runs
-    tile_body(n0, bn, *refs) for columns n0 .. n0 + bn, and the last of those to finish runs body(bn, *refs), where
-    refs are each product's result (its output, or the partial sums it leaves), the input refs and the output refs.
-    The residual stream is finished so where its pending sums are made (kernels/stream_norm.py, `stream_epilogue`):
-    a column tile's last program adds its columns' sums, the launch's last normalises the row."""
+    With product None the launch's last program runs body(*each product's result ref, *input refs, *output refs)
+    after every program (a product's result: its output, or the partial sums it leaves; no SwiGLU products): the
+    residual stream finished where its last pending sums are made (kernels/stream_norm.py, `stream_epilogue`)."""
     product: int | None
     body: Callable
     inputs: tuple[jax.Array, ...] = ()
     out_shapes: tuple[jax.ShapeDtypeStruct, ...] = ()
-    tile_body: Callable | None = None  # with product None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,24 +333,9 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
             store_rows(o_ref.at[window(phase)], _finish(plan, *sums), batch)
 
 
-def _column_epilogue(epilogue: Epilogue, plans, local, plan: _Plan, results, epi_refs, counters, first_counter: int,
-                     interpret):
-    """An Epilogue with product None, after program `local` of `plan`: its column tile's counter (after the
-    tiles' counters, one for the launch) counts every product's programs of the tile."""
-    n_tiles, bn = plan.n_dim // plan.bn, plan.bn
-    tile = (local // plan.split) % n_tiles
-    per_tile = sum(p.groups * p.split for p in plans)
-
-    @pl.when(arrive_last(counters, first_counter + tile, per_tile, interpret))
-    def _():
-        epilogue.tile_body(pl.multiple_of(tile * bn, bn), bn, *results, *epi_refs)
-        pl.when(arrive_last(counters, first_counter + n_tiles, n_tiles, interpret))(
-            lambda: epilogue.body(bn, *results, *epi_refs))
-
-
 def _kernel(*refs, plans, block, epilogue, epilogue_counter, counted, interpret):
     """Each product's programs are a contiguous range of the 1-D grid; a program runs the product it falls in (and,
-    last of the epilogue's product, or column tile, to arrive, the epilogue)."""
+    last of the epilogue's product to arrive, the epilogue)."""
     epi_in, epi_out = (len(epilogue.inputs), len(epilogue.out_shapes)) if epilogue else (0, 0)
     num_in = sum(p.num_inputs for p in plans) + epi_in + counted
     ins, outs = iter(refs[:num_in]), iter(refs[num_in:])
@@ -369,14 +350,14 @@ def _kernel(*refs, plans, block, epilogue, epilogue_counter, counted, interpret)
             if epilogue is not None and epilogue.product == i:
                 pl.when(arrive_last(counters, epilogue_counter, plan.programs, interpret))(
                     lambda: epilogue.body(*product_outs[i], *epi_refs))
-            elif epilogue is not None and epilogue.product is None:
-                _column_epilogue(epilogue, plans, local, plan, [outs[0] for outs in product_outs], epi_refs,
-                                 counters, epilogue_counter, interpret)
         if len(plans) == 1:
             run(pid)
         else:
             pl.when((pid >= plan.first) & (pid < plan.first + plan.programs))(lambda run=run, plan=plan: run(
                 pid - plan.first))
+    if epilogue is not None and epilogue.product is None:
+        pl.when(arrive_last(counters, epilogue_counter, sum(p.programs for p in plans), interpret))(
+            lambda: epilogue.body(*(outs[0] for outs in product_outs), *epi_refs))
 
 
 def reads_packed(p: Product) -> bool:
@@ -423,9 +404,8 @@ def grouped_matvecs(
     column tile t) at g * (N / bn) + t, so a launch needs C >= the sum of G * N / bn over the split products it
     finishes (a ValueError names the count otherwise).
 
-    An `epilogue` (which needs counters: it takes one more after the products', or with product None one a column
-    tile and one more) runs in the last program of its product (or column tile) to finish; the result is then
-    (list, the epilogue's outputs, counters).
+    An `epilogue` (which needs counters: it takes one more, after the products') runs in the last program of its
+    product to finish (or of the launch); the result is then (list, the epilogue's outputs, counters).
 
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
@@ -476,16 +456,13 @@ def grouped_matvecs(
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
         if split > 1:  # the partial sums (with counters: a workspace the launch finishes from)
             out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * (1 + plan.swiglu)
-    column_tiled = epilogue is not None and epilogue.product is None
-    if column_tiled and (epilogue.tile_body is None or any(p.swiglu or p.packed for p in plans)
-                         or len({(p.n_dim, p.bn) for p in plans}) > 1):
-        raise ValueError("an epilogue over the column tiles needs a tile_body and products tiled alike, no SwiGLU or "
-                         "packed products")
+    if epilogue is not None and epilogue.product is None and any(p.swiglu or p.packed for p in plans):
+        raise ValueError("a launch-wide epilogue reads each product's result: no SwiGLU or packed products")
     epilogue_counter = needed
     if epilogue is not None:
         inputs += list(epilogue.inputs)
         out_shapes += list(epilogue.out_shapes)
-        needed += 1 + (plans[0].n_dim // plans[0].bn if column_tiled else 0)
+        needed += 1
     counted = needed > 0
     if counters is not None:
         check_counters(counters, needed, "grouped_matvecs")

@@ -23,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from tilert_jax.kernels.common import (interpret_default, load_rows, next_pow2, norm_chunk, rms_apply,
-                                       rms_inverse, stream_rows, triton_params)
+from tilert_jax.kernels.common import (interpret_default, next_pow2, norm_chunk, rms_apply, rms_inverse,
+                                       stream_rows, triton_params)
 from tilert_jax.kernels.moe_grouped_matvec import Epilogue
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 
@@ -61,16 +61,22 @@ def pending(y: jax.Array, rows: int) -> jax.Array:
     return jnp.swapaxes(y.reshape(-1, rows, k, y.shape[-1]), 1, 2).reshape(-1, rows, y.shape[-1])
 
 
-def _kernel(x_ref, *refs, n_parts, k_dim, dtype, eps):
-    part_refs, (nw_ref, xo_ref, h_ref) = refs[:n_parts], refs[n_parts:]
-    t = pl.program_id(0)
+def _finish_row(row_chunk, t, nw_ref, xo_ref, h_ref, k_dim, dtype, eps):
+    """Stores row t of the combined stream and of its norm; row_chunk(k0, size): the row's float32 [1, size]."""
     chunk = norm_chunk(k_dim, 1)
-    pieces = [stream_rows(x_ref, part_refs, t, 1, 1, k0, chunk, dtype) for k0 in range(0, k_dim, chunk)]
+    pieces = [row_chunk(k0, chunk) for k0 in range(0, k_dim, chunk)]
     rinv = rms_inverse(lambda k0, size: pieces[k0 // chunk], k_dim, chunk, eps)  # [1, 1]: the pieces read once
     for k0, xm in zip(range(0, k_dim, chunk), pieces):
         plt.store(xo_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)], xm.astype(dtype))
         plt.store(h_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)],
                   rms_apply(xm, rinv, nw_ref[pl.ds(k0, chunk)], dtype).astype(dtype))
+
+
+def _kernel(x_ref, *refs, n_parts, k_dim, dtype, eps):
+    part_refs, (nw_ref, xo_ref, h_ref) = refs[:n_parts], refs[n_parts:]
+    t = pl.program_id(0)
+    _finish_row(lambda k0, size: stream_rows(x_ref, part_refs, t, 1, 1, k0, size, dtype), t, nw_ref, xo_ref, h_ref,
+                k_dim, dtype, eps)
 
 
 def _result_row(x_ref, result_refs, t, k0, size, dtype):
@@ -88,61 +94,30 @@ def _result_row(x_ref, result_refs, t, k0, size, dtype):
     return xm.astype(dtype).astype(f32)
 
 
-def _for_rows(rows: int, row_work) -> None:
-    def body(t, carry):
-        row_work(t)
+def _epilogue_body(*refs, n_products, k_dim, dtype, eps):
+    result_refs, (x_ref, nw_ref, xo_ref, h_ref) = refs[:n_products], refs[n_products:]
+
+    def one(t, carry):
+        _finish_row(lambda k0, size: _result_row(x_ref, result_refs, t, k0, size, dtype), t, nw_ref, xo_ref, h_ref,
+                    k_dim, dtype, eps)
         return carry
 
-    lax.fori_loop(0, rows, body, 0)
-
-
-def _tile_body(n0, bn, *refs, n_products, dtype):
-    """Columns n0 .. n0 + bn of every row: the stream plus its pending sums (stored), and their squares' sum."""
-    result_refs, (x_ref, _, xo_ref, _, ss_ref) = refs[:n_products], refs[n_products:]
-
-    def row(t):
-        xm = _result_row(x_ref, result_refs, t, n0, bn, dtype)  # [1, bn]
-        plt.store(xo_ref.at[pl.ds(t, 1), pl.ds(n0, bn)], xm.astype(dtype))
-        plt.store(ss_ref.at[pl.ds(n0 // bn, 1), pl.ds(t, 1)], jnp.sum(xm * xm, axis=1, keepdims=True))
-
-    _for_rows(x_ref.shape[0], row)
-
-
-def _norm_body(bn, *refs, n_products, k_dim, dtype, eps):
-    """Every row's RMSNorm from its column tiles' sums of squares and the combined stream the tiles stored."""
-    x_ref, nw_ref, xo_ref, h_ref, ss_ref = refs[n_products:]
-    tiles = k_dim // bn
-    chunk = norm_chunk(k_dim, 1)
-
-    def row(t):
-        ss = load_rows(ss_ref.at[pl.ds(0, next_pow2(tiles)), pl.ds(t, 1)], tiles)  # [tiles (padded), 1]
-        rinv = 1.0 / jnp.sqrt(jnp.sum(ss, axis=0, keepdims=True) / k_dim + eps)  # [1, 1]
-        for k0 in range(0, k_dim, chunk):
-            xm = plt.load(xo_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)]).astype(f32)
-            plt.store(h_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)],
-                      rms_apply(xm, rinv, nw_ref[pl.ds(k0, chunk)], dtype).astype(dtype))
-
-    _for_rows(x_ref.shape[0], row)
+    lax.fori_loop(0, x_ref.shape[0], one, 0)
 
 
 def stream_epilogue(x: jax.Array, norm: jax.Array, eps: float, products: int) -> Epilogue:
-    """The residual stream x [N, K] finished inside the grouped launch whose `products` products all leave their
-    results pending on it (moe_grouped_matvec.Epilogue over the column tiles): the last program of each column tile
-    adds the tile's pending sums to x (in `pending`'s order) and sums the squares, and the launch's last such program
-    normalises the rows. Outputs: stream_reference(Stream(x, (pending(result, N) for each product), norm, eps)), the
-    combined stream and its norm [N, K] (the norm's sum of squares in another order), and the tiles' sums of squares
-    (a workspace). The work spreads over the column tiles' programs as they finish: no launch of its own (a
+    """The residual stream x [N, K] finished in the last program of the grouped launch whose `products` products
+    all leave their results pending on it (moe_grouped_matvec.Epilogue with product None): its outputs are
+    stream_reference(Stream(x, (pending(result, N) for each product), norm, eps)), the combined stream and its norm
+    [N, K] each. One program reads a few tens of KB from L2 while the launch drains: no launch of its own (a
     stream_norm launch took 2.8 to 3.1 us a DeepSeek-V2-Lite layer)."""
     n, k_dim = x.shape
     if k_dim > MAX_HIDDEN or norm.shape != (k_dim,):
         raise ValueError(f"a stream of hidden size {k_dim} (at most {MAX_HIDDEN}) needs a norm of [{k_dim}], got "
                          f"{norm.shape}")
-    dtype = x.dtype
-    return Epilogue(product=None, inputs=(x, norm),
-                    tile_body=functools.partial(_tile_body, n_products=products, dtype=dtype),
-                    body=functools.partial(_norm_body, n_products=products, k_dim=k_dim, dtype=dtype, eps=float(eps)),
-                    out_shapes=(jax.ShapeDtypeStruct((n, k_dim), dtype),) * 2 + (
-                        jax.ShapeDtypeStruct((next_pow2(k_dim // 16), n), f32),))
+    return Epilogue(product=None, body=functools.partial(_epilogue_body, n_products=products, k_dim=k_dim,
+                                                         dtype=x.dtype, eps=float(eps)),
+                    inputs=(x, norm), out_shapes=(jax.ShapeDtypeStruct((n, k_dim), x.dtype),) * 2)
 
 
 def default_warps(stream: Stream) -> int:

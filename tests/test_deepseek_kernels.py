@@ -337,9 +337,8 @@ def test_stream_norm_kernel_matches_reference(dtype):
 
 @pytest.mark.parametrize("split", [1, 2])
 def test_stream_epilogue_finishes_the_stream_in_the_launch(split):
-    """A down launch (two rows' routed pairs weighed, one skipped, beside a shared product) whose column tiles' last
-    programs add every result to the residual stream, the last of them normalising it (stream_norm.stream_epilogue,
-    interpret mode): the stream
+    """A down launch (two rows' routed pairs weighed, one skipped, beside a shared product) whose last program adds
+    every result to the residual stream and normalises it (stream_norm.stream_epilogue, interpret mode): the stream
     bit for bit as stream_reference adds the launch's own outputs, its norm within one rounding step, and both
     within float32 rounding of the products' references; fresh random inputs. A SwiGLU product is refused by name."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
@@ -356,8 +355,8 @@ def test_stream_epilogue_finishes_the_stream_in_the_launch(split):
     x = jax.random.normal(next(keys), (n, hidden))
     norm = 1 + 0.1 * jax.random.normal(next(keys), (hidden,))
     epilogue = sn.stream_epilogue(x, norm, 1e-6, 2)
-    ys, (xs, h, _), counters = gm.grouped_matvecs([routed, shared], config=gm.GroupedConfig(bn=64, bk=64, split=split),
-                                               finish=False, counters=zero_counters(16), epilogue=epilogue)
+    ys, (xs, h), counters = gm.grouped_matvecs([routed, shared], config=gm.GroupedConfig(bn=64, bk=64, split=split),
+                                               finish=False, counters=zero_counters(8), epilogue=epilogue)
     assert ys[0].shape[0] == (split if split > 1 else n * k) and not counters.any()
     ref = sn.stream_reference(sn.Stream(x, tuple(sn.pending(y, n) for y in ys), norm, 1e-6))
     np.testing.assert_array_equal(xs, ref[0])
@@ -367,8 +366,8 @@ def test_stream_epilogue_finishes_the_stream_in_the_launch(split):
     for got, want in zip((xs, h), exact):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
     swiglu = gm.Product(x=shared.x, w=shared.w, w2=shared.w, ids=shared.ids)
-    with pytest.raises(ValueError, match="no SwiGLU or"):
-        gm.grouped_matvecs([swiglu], finish=False, counters=zero_counters(16), epilogue=epilogue)
+    with pytest.raises(ValueError, match="no SwiGLU or packed products"):
+        gm.grouped_matvecs([swiglu], finish=False, counters=zero_counters(8), epilogue=epilogue)
 
 
 @pytest.mark.parametrize("packed", [False, True])

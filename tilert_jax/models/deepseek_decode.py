@@ -67,7 +67,7 @@ def _finish_stream(products: list[gm.Product], x, norm, eps: float, blk, counter
     after packed FP8 products (whose outputs it does not read) by a stream_norm launch."""
     n = x.shape[0]
     if not any(gm.reads_packed(p) for p in products):
-        _, (x, h, _), counters = gm.grouped_matvecs(products, block=blk, finish=False, counters=counters,
+        _, (x, h), counters = gm.grouped_matvecs(products, block=blk, finish=False, counters=counters,
                                                  epilogue=sn.stream_epilogue(x, norm, eps, len(products)))
         return x, h, counters
     ys = gm.grouped_matvecs(products, block=blk, finish=False)
