@@ -206,11 +206,8 @@ class Epilogue:
     body(*that product's output refs, *input refs, *output refs) once every one of them has stored its outputs (its
     partial sums [S, G, B, N] float32 when split and left to the consumer, else [G, B, N]). The other products'
     programs keep streaming beside it, which hides its serial tail: the router's last program routes the token while
-    the shared expert's gate/up runs (kernels/moe_routing.py, `routing_epilogue`).
-    With product None the launch's last program runs body(*each product's result ref, *input refs, *output refs)
-    after every program (a product's result: its output, or the partial sums it leaves; no SwiGLU products): the
-    residual stream finished where its last pending sums are made (kernels/stream_norm.py, `stream_epilogue`)."""
-    product: int | None
+    the shared expert's gate/up runs (kernels/moe_routing.py, `routing_epilogue`)."""
+    product: int
     body: Callable
     inputs: tuple[jax.Array, ...] = ()
     out_shapes: tuple[jax.ShapeDtypeStruct, ...] = ()
@@ -355,14 +352,6 @@ def _kernel(*refs, plans, block, epilogue, epilogue_counter, counted, interpret)
         else:
             pl.when((pid >= plan.first) & (pid < plan.first + plan.programs))(lambda run=run, plan=plan: run(
                 pid - plan.first))
-    if epilogue is not None and epilogue.product is None:
-        pl.when(arrive_last(counters, epilogue_counter, sum(p.programs for p in plans), interpret))(
-            lambda: epilogue.body(*(outs[0] for outs in product_outs), *epi_refs))
-
-
-def reads_packed(p: Product) -> bool:
-    """Whether `grouped_matvecs` reads the product's FP8 stack as uint16 pairs by default (2**31 elements or more)."""
-    return p.scale is not None and p.w.size >= 2 ** 31
 
 
 def _check(p: Product, block) -> tuple[int, int, int, bool]:
@@ -405,16 +394,15 @@ def grouped_matvecs(
     finishes (a ValueError names the count otherwise).
 
     An `epilogue` (which needs counters: it takes one more, after the products') runs in the last program of its
-    product to finish (or of the launch); the result is then (list, the epilogue's outputs, counters).
+    product to finish; the result is then (list, the epilogue's outputs, counters).
 
     packed: read FP8 stacks as uint16 pairs. Pallas' Triton lowering computes element offsets in 32 bits up to
     2**32 bytes, which wraps past 2**31 one-byte elements (a DeepSeek-V3 expert stack holds 3.8e9): read as pairs the
     same bytes are half as many elements. Default: exactly for the stacks of 2**31 elements or more."""
     shapes = [_check(p, block) for p in products]
-    if epilogue is not None and (counters is None or not (epilogue.product is None or
-                                                          0 <= epilogue.product < len(products))):
-        raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products (or None), got "
-                         f"product {epilogue.product}{'' if counters is not None else ' without counters'}")
+    if epilogue is not None and (counters is None or not 0 <= epilogue.product < len(products)):
+        raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products, got product "
+                         f"{epilogue.product}{'' if counters is not None else ' without counters'}")
     cfg = config or default_config(shapes, block, swiglu=any(p.w2 is not None for p in products))
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
@@ -427,7 +415,7 @@ def grouped_matvecs(
         split = _split_for(k_dim, bk, cfg.split) if config is None else cfg.split
         if k_dim % (split * bk):
             raise ValueError(f"K={k_dim} must be a multiple of split * bk = {split} * {bk}")
-        is_packed = reads_packed(p) if packed is None else packed
+        is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed
         if is_packed and (not fp8 or bn < 32):
             raise ValueError("packed reads need FP8 weights and bn >= 32")
         x_groups, batch, _ = p.x.shape
@@ -456,8 +444,6 @@ def grouped_matvecs(
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
         if split > 1:  # the partial sums (with counters: a workspace the launch finishes from)
             out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * (1 + plan.swiglu)
-    if epilogue is not None and epilogue.product is None and any(p.swiglu or p.packed for p in plans):
-        raise ValueError("a launch-wide epilogue reads each product's result: no SwiGLU or packed products")
     epilogue_counter = needed
     if epilogue is not None:
         inputs += list(epilogue.inputs)

@@ -6,8 +6,7 @@ block's input from them in two or three kernels (an add-reduce, the norm's multi
 issues every load of its row at once (x and each partial sum, a few tens of KB from L2), then writes the combined
 stream and its norm. No loop: Triton pipelines only loads that feed a dot, so a loop over the row here would pay a
 memory round trip per step. A consumer launch that formed the norm in every program's prologue would read the
-pieces once per program (hundreds of times) and lose more than it saves. Where the producer is a grouped launch,
-its last program finishes the stream instead (`stream_epilogue`): the same row work, no launch of its own.
+pieces once per program (hundreds of times) and lose more than it saves.
 
 Lowering: Triton, one program per row, the row held in registers (hidden sizes up to 16K) over up to 16 warps.
 """
@@ -19,13 +18,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels.common import (interpret_default, next_pow2, norm_chunk, rms_apply, rms_inverse,
                                        stream_rows, triton_params)
-from tilert_jax.kernels.moe_grouped_matvec import Epilogue
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 
 f32 = jnp.float32
@@ -51,73 +48,16 @@ def stream_reference(stream: Stream) -> tuple[jax.Array, jax.Array]:
     return xs, rms_norm_reference(xs, stream.norm, stream.eps)
 
 
-def pending(y: jax.Array, rows: int) -> jax.Array:
-    """A grouped product's output [G, B, N] or its partial sums [S, G, B, N] as pending sums on a stream of `rows`
-    rows [S', rows, N]: one group of the rows (B = rows), or (routed experts) rows * k groups of one row, row-major;
-    in the order s = 0, 1, ..., then a row's groups."""
-    if y.shape[-3] == 1:  # [..., 1, rows, N]
-        return y.reshape(-1, rows, y.shape[-1])
-    k = y.shape[-3] // rows
-    return jnp.swapaxes(y.reshape(-1, rows, k, y.shape[-1]), 1, 2).reshape(-1, rows, y.shape[-1])
-
-
-def _finish_row(row_chunk, t, nw_ref, xo_ref, h_ref, k_dim, dtype, eps):
-    """Stores row t of the combined stream and of its norm; row_chunk(k0, size): the row's float32 [1, size]."""
+def _kernel(x_ref, *refs, n_parts, k_dim, dtype, eps):
+    part_refs, (nw_ref, xo_ref, h_ref) = refs[:n_parts], refs[n_parts:]
+    t = pl.program_id(0)
     chunk = norm_chunk(k_dim, 1)
-    pieces = [row_chunk(k0, chunk) for k0 in range(0, k_dim, chunk)]
+    pieces = [stream_rows(x_ref, part_refs, t, 1, 1, k0, chunk, dtype) for k0 in range(0, k_dim, chunk)]
     rinv = rms_inverse(lambda k0, size: pieces[k0 // chunk], k_dim, chunk, eps)  # [1, 1]: the pieces read once
     for k0, xm in zip(range(0, k_dim, chunk), pieces):
         plt.store(xo_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)], xm.astype(dtype))
         plt.store(h_ref.at[pl.ds(t, 1), pl.ds(k0, chunk)],
                   rms_apply(xm, rinv, nw_ref[pl.ds(k0, chunk)], dtype).astype(dtype))
-
-
-def _kernel(x_ref, *refs, n_parts, k_dim, dtype, eps):
-    part_refs, (nw_ref, xo_ref, h_ref) = refs[:n_parts], refs[n_parts:]
-    t = pl.program_id(0)
-    _finish_row(lambda k0, size: stream_rows(x_ref, part_refs, t, 1, 1, k0, size, dtype), t, nw_ref, xo_ref, h_ref,
-                k_dim, dtype, eps)
-
-
-def _result_row(x_ref, result_refs, t, k0, size, dtype):
-    """float32 [1, size]: row t of x plus the products' results pending on it (each [S, G, B, N] or [G, B, N], read
-    in `pending`'s order), rounded to dtype as the residual add rounds."""
-    rows = x_ref.shape[0]
-    xm = plt.load(x_ref.at[pl.ds(t, 1), pl.ds(k0, size)]).astype(f32)
-    for ref in result_refs:
-        *lead, groups, _, _ = ref.shape
-        for s in range(lead[0] if lead else 1):
-            at = (jnp.int32(s),) if lead else ()
-            for g, b in ([(jnp.int32(0), pl.ds(t, 1))] if groups == 1 else
-                         [(t * (groups // rows) + j, pl.ds(0, 1)) for j in range(groups // rows)]):
-                xm = xm + plt.load(ref.at[(*at, g, b, pl.ds(k0, size))]).astype(f32)
-    return xm.astype(dtype).astype(f32)
-
-
-def _epilogue_body(*refs, n_products, k_dim, dtype, eps):
-    result_refs, (x_ref, nw_ref, xo_ref, h_ref) = refs[:n_products], refs[n_products:]
-
-    def one(t, carry):
-        _finish_row(lambda k0, size: _result_row(x_ref, result_refs, t, k0, size, dtype), t, nw_ref, xo_ref, h_ref,
-                    k_dim, dtype, eps)
-        return carry
-
-    lax.fori_loop(0, x_ref.shape[0], one, 0)
-
-
-def stream_epilogue(x: jax.Array, norm: jax.Array, eps: float, products: int) -> Epilogue:
-    """The residual stream x [N, K] finished in the last program of the grouped launch whose `products` products
-    all leave their results pending on it (moe_grouped_matvec.Epilogue with product None): its outputs are
-    stream_reference(Stream(x, (pending(result, N) for each product), norm, eps)), the combined stream and its norm
-    [N, K] each. One program reads a few tens of KB from L2 while the launch drains: no launch of its own (a
-    stream_norm launch took 2.8 to 3.1 us a DeepSeek-V2-Lite layer)."""
-    n, k_dim = x.shape
-    if k_dim > MAX_HIDDEN or norm.shape != (k_dim,):
-        raise ValueError(f"a stream of hidden size {k_dim} (at most {MAX_HIDDEN}) needs a norm of [{k_dim}], got "
-                         f"{norm.shape}")
-    return Epilogue(product=None, body=functools.partial(_epilogue_body, n_products=products, k_dim=k_dim,
-                                                         dtype=x.dtype, eps=float(eps)),
-                    inputs=(x, norm), out_shapes=(jax.ShapeDtypeStruct((n, k_dim), x.dtype),) * 2)
 
 
 def default_warps(stream: Stream) -> int:

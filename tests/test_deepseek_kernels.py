@@ -335,41 +335,6 @@ def test_stream_norm_kernel_matches_reference(dtype):
         sn.stream_norm(sn.Stream(stream.x, (stream.parts[0][:, :2],), stream.norm, 1e-6), interpret=True)
 
 
-@pytest.mark.parametrize("split", [1, 2])
-def test_stream_epilogue_finishes_the_stream_in_the_launch(split):
-    """A down launch (two rows' routed pairs weighed, one skipped, beside a shared product) whose last program adds
-    every result to the residual stream and normalises it (stream_norm.stream_epilogue, interpret mode): the stream
-    bit for bit as stream_reference adds the launch's own outputs, its norm within one rounding step, and both
-    within float32 rounding of the products' references; fresh random inputs. A SwiGLU product is refused by name."""
-    from tilert_jax.kernels import moe_grouped_matvec as gm
-    from tilert_jax.kernels import stream_norm as sn
-    from tilert_jax.kernels.common import zero_counters
-
-    keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 7))
-    n, k, hidden, f, experts = 2, 3, 512, 256, 8
-    routed = gm.Product(x=jax.random.normal(next(keys), (n, 1, f)), ids=jnp.array([1, 4, -1, 0, 7, 2], jnp.int32),
-                        w=jax.random.normal(next(keys), (experts, f, hidden)) / 16,
-                        group_weights=jax.random.uniform(next(keys), (n * k,)))
-    shared = gm.Product(x=jax.random.normal(next(keys), (1, n, f)), ids=jnp.zeros((1,), jnp.int32),
-                        w=jax.random.normal(next(keys), (1, f, hidden)) / 16, out_dtype=jnp.float32)
-    x = jax.random.normal(next(keys), (n, hidden))
-    norm = 1 + 0.1 * jax.random.normal(next(keys), (hidden,))
-    epilogue = sn.stream_epilogue(x, norm, 1e-6, 2)
-    ys, (xs, h), counters = gm.grouped_matvecs([routed, shared], config=gm.GroupedConfig(bn=64, bk=64, split=split),
-                                               finish=False, counters=zero_counters(8), epilogue=epilogue)
-    assert ys[0].shape[0] == (split if split > 1 else n * k) and not counters.any()
-    ref = sn.stream_reference(sn.Stream(x, tuple(sn.pending(y, n) for y in ys), norm, 1e-6))
-    np.testing.assert_array_equal(xs, ref[0])
-    np.testing.assert_allclose(h, ref[1], rtol=1e-6, atol=0)  # the RMS sum's order: one rounding step
-    exact = sn.stream_reference(sn.Stream(x, tuple(sn.pending(gm.product_reference(p), n) for p in (routed, shared)),
-                                          norm, 1e-6))
-    for got, want in zip((xs, h), exact):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
-    swiglu = gm.Product(x=shared.x, w=shared.w, w2=shared.w, ids=shared.ids)
-    with pytest.raises(ValueError, match="no SwiGLU or packed products"):
-        gm.grouped_matvecs([swiglu], finish=False, counters=zero_counters(8), epilogue=epilogue)
-
-
 @pytest.mark.parametrize("packed", [False, True])
 def test_grouped_matvec_float16_dot_is_the_bf16_dot(packed):
     """bf16 activations against FP8 weights are multiplied in float16 after dividing each row of the x tile by a

@@ -13,8 +13,6 @@ None loops over experts.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 
@@ -208,15 +206,14 @@ def expert_launches(x: jnp.ndarray,  # [N, hidden]
                     ids: jnp.ndarray,  # [N * k] int32: pair i is token i // k (negative: skipped, zeros)
                     routed: tuple[Linear, Linear, Linear],
                     shared: tuple[Linear, Linear, Linear] | None,
-                    block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None,
-                    shared_mid: jnp.ndarray | None = None,
-                    down_launch: Callable[[list[gm.Product]], Any] | None = None):
+                    block, *, group_weights: jnp.ndarray | None = None, shared_dtype=None, finish: bool = True,
+                    shared_mid: jnp.ndarray | None = None):
     """The grouped kernel's two launches for a MoE block: gate/up with the SwiGLU epilogue (each pair reading its
     token's row in place), then down; the shared expert beside the routed pairs in both, or in down only when its
     SwiGLU `shared_mid` [1, N, f] is given (`route_beside_shared`). group_weights [N * k] weighs each pair's down
-    output in the kernel (float32).
-    Returns (routed [N * k, 1, hidden], shared [1, N, hidden] in shared_dtype, default x's dtype, or None), or what
-    down_launch(the down products) returns: the decode step's launch that finishes the residual stream."""
+    output in the kernel (float32); finish=False leaves K-split sums to the caller.
+    Returns (routed [N * k, 1, hidden] or its sums [S, N * k, 1, hidden], shared [1, N, hidden] (or its sums) in
+    shared_dtype, default x's dtype, or None)."""
     gate, up, down = routed
     first = [gm.Product(x=x[:, None, :], ids=ids, **stacked(gate, up))]
     if shared is not None and shared_mid is None:
@@ -226,9 +223,7 @@ def expert_launches(x: jnp.ndarray,  # [N, hidden]
     if shared is not None:
         second.append(gm.Product(x=mid[1] if shared_mid is None else shared_mid, ids=SINGLE, out_dtype=shared_dtype,
                                  **stacked(shared[2])))
-    if down_launch is not None:
-        return down_launch(second)
-    ys = gm.grouped_matvecs(second, block=block)
+    ys = gm.grouped_matvecs(second, block=block, finish=finish)
     return ys[0], (ys[1] if shared is not None else None)
 
 
