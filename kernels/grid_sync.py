@@ -46,7 +46,6 @@ def phased_call(
     inputs: list[jax.Array],
     out_shape: list[jax.ShapeDtypeStruct],
     *,
-    carried: tuple[jax.Array, ...] = (),
     programs: int = RESIDENT_PROGRAMS,
     num_warps: int = 4,
     num_stages: int = 4,
@@ -55,15 +54,12 @@ def phased_call(
     interpret: bool | None = None,
 ) -> list[jax.Array]:
     """Runs body's phases 0..num_phases-1 over `programs` programs, each phase after every program finished the
-    previous one. The outputs are the `carried` arrays, updated in place (aliased: donate them), then out_shape's,
-    every element of which some phase must write (on a GPU they start undefined); the body reads and writes both
-    through the output refs. one_launch=False launches each phase separately (always so in interpret mode): what the
-    barriers replace."""
+    previous one. Every element of every output must be written by some phase (on a GPU they start undefined).
+    one_launch=False launches each phase separately (always so in interpret mode): what the barriers replace."""
     interpret = interpret_default() if interpret is None else interpret
-    n_in, n_out = len(inputs), len(carried) + len(out_shape)
-    out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in carried] + list(out_shape)
+    n_in, n_out = len(inputs), len(out_shape)
     if interpret or not one_launch:
-        outs = list(carried) + [jnp.zeros(s.shape, s.dtype) for s in out_shape[len(carried):]]
+        outs = [jnp.zeros(s.shape, s.dtype) for s in out_shape]
         for phase in range(num_phases):
             outs = pl.pallas_call(
                 lambda *refs, phase=phase: body(phase, *refs[:n_in], *refs[n_in + n_out:]),
@@ -73,11 +69,9 @@ def phased_call(
             )(*inputs, *outs)
         return list(outs)
 
-    n_carried = len(carried)
-
     def kernel(*refs):
-        count_ref = refs[n_in + n_carried]  # the barrier's arrivals (aliased to the last output)
-        refs = refs[:n_in] + refs[n_in + n_carried + 1:n_in + n_carried + 1 + n_out]
+        count_ref = refs[n_in]  # the barrier's arrivals (aliased to the last output)
+        refs = refs[:n_in] + refs[n_in + 1:n_in + 1 + n_out]
         for phase in range(num_phases):
             if phase:
                 grid_barrier(count_ref, phase * programs)
@@ -85,11 +79,10 @@ def phased_call(
 
     # A fresh zero counter per call: aliasing it to an output makes XLA copy the constant into a new buffer.
     count = jnp.zeros((1,), jnp.int32)
-    aliases = {n_in + i: i for i in range(n_carried)} | {n_in + n_carried: n_out}
     results = pl.pallas_call(
-        kernel, out_shape=out_shape + [jax.ShapeDtypeStruct((1,), jnp.int32)], grid=(programs,), name=name,
-        compiler_params=triton_params(num_warps, num_stages), input_output_aliases=aliases,
-    )(*inputs, *carried, count)
+        kernel, out_shape=list(out_shape) + [jax.ShapeDtypeStruct((1,), jnp.int32)], grid=(programs,), name=name,
+        compiler_params=triton_params(num_warps, num_stages), input_output_aliases={n_in: n_out},
+    )(*inputs, count)
     return list(results[:n_out])
 
 

@@ -37,9 +37,6 @@ Lowering: Triton, for the reasons of decode_attention.py (dynamically bounded, m
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -49,8 +46,7 @@ from jax.experimental.pallas import triton as plt
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2,
                                        load_rows, load_sum, online_softmax_step, rms_apply, rms_inverse, store_rows,
-                                       sum_parts, zero_counters)
-from tilert_jax.kernels.grid_sync import RESIDENT_PROGRAMS, phased_call
+                                       sum_parts, triton_params, zero_counters)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope, apply_rope_interleaved
 
@@ -136,9 +132,11 @@ def _rope(ref, index, base, half, interleaved, cos_ref, sin_ref, dtype):
     return x1 * c - x2 * s, x2 * c + x1 * s
 
 
-def _absorb_query(b, h, j, q_ref, c_ref, nw_ref, cos_ref, sin_ref, pos_ref, w_ref, s_ref, ql_ref, qp_ref, cache_ref, *,
-                  dn, r, dr, br, block, row_width, interleaved, eps, dtype):
-    """Program (b, h, j) of absorb_query; outputs q_lat [B, H, r], q_pe [B, H, dr], the cache [B, S_max, r + dr]."""
+def _absorb_query_kernel(q_ref, c_ref, nw_ref, cos_ref, sin_ref, pos_ref, w_ref, *refs, dn, r, dr, br, block,
+                         row_width, interleaved, eps, dtype):
+    s_ref = refs[0] if len(refs) == 5 else None  # then the cache (aliased, not read) and the outputs:
+    ql_ref, qp_ref, cache_ref = refs[-3:]  # [B, H, r], [B, H, dr], [B, S_max, r + dr]
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     half = dr // 2
 
     @pl.when(j < r // br)  # a [br] slice of the head's q_lat
@@ -167,9 +165,9 @@ def _absorb_query(b, h, j, q_ref, c_ref, nw_ref, cos_ref, sin_ref, pos_ref, w_re
             plt.store(cache_ref.at[b, pos, pl.ds(r + k * half, half)], y.astype(cache_ref.dtype))
 
 
-def _attention(b, hb, p, ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *, heads, rows, r, dr, splits, bs, scale,
-               dtype, interpret):
-    """Program (b, head block hb, split p) of latent_attention."""
+def _attention_kernel(ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *, heads, rows, r, dr, splits, bs,
+                      scale, dtype, interpret):
+    b, hb, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     h0 = hb * rows
     valid_heads = min(heads, rows)  # fewer than 16 heads: the dot's extra rows are masked
     q_lat = load_rows(ql_ref.at[b, pl.ds(h0, rows), pl.ds(0, r)], valid_heads).astype(dtype)  # [rows, r]
@@ -196,10 +194,11 @@ def _attention(b, hb, p, ql_ref, qp_ref, c_ref, pos_ref, o_ref, m_ref, l_ref, *,
     store_rows(l_ref.at[p, b, pl.ds(h0, rows), pl.ds(0, 1)], l, valid_heads)
 
 
-def _absorb_output(b, h, i, o_ref, m_ref, l_ref, w_ref, s_ref, out_ref, ws_ref, count_ref, *, dn, r, br, bd,
-                   column_tiles, r_parts, splits, block, row_width, dtype, interpret):
-    """Program (b, h, i) of absorb_output: out [B, H, dv]; with r_parts > 1 the workspace [R, B, H, dv] float32 and
-    the arrival counters."""
+def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, column_tiles, r_parts, splits, block,
+                          row_width, dtype, interpret):
+    s_ref = refs[0] if len(refs) in (2, 5) else None
+    out_ref = refs[-1] if r_parts == 1 else refs[-3]  # [B, H, dv]
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     j, rp = i // r_parts, i % r_parts  # this program's column tile and slice of the latent rows
     c0 = dn + j * bd
     m = plt.load(m_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)])  # [P, 1]: the splits' running maxima and sums
@@ -217,6 +216,7 @@ def _absorb_output(b, h, i, o_ref, m_ref, l_ref, w_ref, s_ref, out_ref, ws_ref, 
     if r_parts == 1:
         plt.store(out, acc.astype(dtype))
         return
+    ws_ref, count_ref = refs[-2:]  # the workspace [R, B, H, dv] float32, the counters (aliased)
     plt.store(ws_ref.at[rp, b, h, pl.ds(j * bd, bd)], acc)
 
     @pl.when(arrive_last(count_ref, (b * out_ref.shape[1] + h) * column_tiles + j, r_parts, interpret))
@@ -259,7 +259,6 @@ def mla_decode(
     r_parts: int | None = None,  # absorb_output's slices of the latent rows (default: about 128 programs)
     counters: jax.Array | None = None,  # int32 arrival counters, zero (see kernels/common.py: arrive_last)
     num_warps: int = 4,
-    one_launch: bool = True,  # the three steps as phases of one launch (kernels/grid_sync.py), else one launch each
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # out [B, H, dv] in the cache's dtype, the cache, counters
     """See mla_decode_reference for the meaning; the three launches are described at the top of this file. Returns
@@ -277,9 +276,23 @@ def mla_decode(
         raise ValueError(f"unsupported MLA shapes dn={dn} dr={dr} dv={dv} r={r} block={block}")
     dtype = cache.dtype
     interpret = interpret_default() if interpret is None else interpret
+    params = triton_params(num_warps, 2)
     w3 = w.reshape(r, heads, row_width)
-    scale = None if w_scale is None else w_scale.astype(f32)
+    scale_in = [] if w_scale is None else [w_scale.astype(f32)]
     br = min(r, 128) if block is None else min(r, 128, block[1])  # latent rows per weight tile (one scale block)
+
+    pos1 = jnp.reshape(pos, (1,)).astype(jnp.int32)
+    inputs = [q, compressed, kv_norm, cos.astype(f32), sin.astype(f32), pos1, w3, *scale_in, cache]
+    q_lat, q_pe, cache = pl.pallas_call(
+        lambda *refs: _absorb_query_kernel(*refs, dn=dn, r=r, dr=dr, br=br, block=block, row_width=row_width,
+                                           interleaved=interleaved, eps=float(eps), dtype=dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, r), dtype), jax.ShapeDtypeStruct((batch, heads, dr), dtype),
+                   jax.ShapeDtypeStruct(cache.shape, dtype)],
+        grid=(batch, heads, r // br + 1),  # the last column ropes (and writes the cache entry)
+        input_output_aliases={len(inputs) - 1: 2},
+        compiler_params=params, interpret=interpret, name="mla_absorb_query",
+    )(*inputs)
+
     rows = ROWS  # heads per latent_attention program: one 16-row dot per cache tile
     head_blocks = -(-heads // rows)
     if splits is None:  # measured (scripts/gpu/tune_mla.py, docs/PERF.md): 16 heads best at 32 splits, 128 at 16
@@ -287,6 +300,16 @@ def mla_decode(
         splits = 1 << (splits.bit_length() - 1)  # a power of 2: absorb_output loads the splits as one tile
     if not is_pow2(splits):
         raise ValueError(f"splits must be a power of 2, got {splits}")
+    part = jax.ShapeDtypeStruct((splits, batch, heads, r), f32)
+    stat = jax.ShapeDtypeStruct((splits, batch, heads, 1), f32)
+    o, m, l = pl.pallas_call(
+        lambda *refs: _attention_kernel(*refs, heads=heads, rows=rows, r=r, dr=dr, splits=splits, bs=bs,
+                                        scale=float(softmax_scale), dtype=dtype, interpret=interpret),
+        out_shape=[part, stat, stat],
+        grid=(batch, head_blocks, splits),
+        compiler_params=params, interpret=interpret, name="mla_latent_attention",
+    )(q_lat, q_pe, cache, pos1)
+
     bd = min(dv, bd) if block is None else min(dv, bd, block[0])
     column_tiles = dv // bd
     if r_parts is None:  # split the latent rows until the launch has about 128 programs
@@ -294,48 +317,22 @@ def mla_decode(
         r_parts = 1 << (r_parts.bit_length() - 1)
     if not is_pow2(r_parts) or r_parts > r // 16:
         raise ValueError(f"r_parts must be a power of 2 of at most r / 16 = {r // 16}, got {r_parts}")
+    br = min(br, r // r_parts)
+    inputs, out_shape, aliases = [o, m, l, w3, *scale_in], [jax.ShapeDtypeStruct((batch, heads, dv), dtype)], {}
     if r_parts > 1:
         counters = zero_counters(batch * heads * column_tiles) if counters is None else counters
         check_counters(counters, batch * heads * column_tiles, "mla_absorb_output")
-    grids = ((batch, heads, r // br + 1),  # the last column ropes (and writes the cache entry)
-             (batch, head_blocks, splits), (batch, heads, column_tiles * r_parts))
-    phases = (functools.partial(_absorb_query, dn=dn, r=r, dr=dr, br=br, block=block, row_width=row_width,
-                                interleaved=interleaved, eps=float(eps), dtype=dtype),
-              functools.partial(_attention, heads=heads, rows=rows, r=r, dr=dr, splits=splits, bs=bs,
-                                scale=float(softmax_scale), dtype=dtype, interpret=interpret),
-              functools.partial(_absorb_output, dn=dn, r=r, br=min(br, r // r_parts), bd=bd,
-                                column_tiles=column_tiles, r_parts=r_parts, splits=splits, block=block,
-                                row_width=row_width, dtype=dtype, interpret=interpret))
-    pos1 = jnp.reshape(pos, (1,)).astype(jnp.int32)
-    consts = [q, compressed, kv_norm, cos.astype(f32), sin.astype(f32), pos1, w3] + ([] if scale is None else [scale])
-    stat = jax.ShapeDtypeStruct((splits, batch, heads, 1), f32)
-    shapes = ([jax.ShapeDtypeStruct((batch, heads, r), dtype), jax.ShapeDtypeStruct((batch, heads, dr), dtype),
-               jax.ShapeDtypeStruct((splits, batch, heads, r), f32), stat, stat,
-               jax.ShapeDtypeStruct((batch, heads, dv), dtype)]
-              + ([jax.ShapeDtypeStruct((r_parts, batch, heads, dv), f32)] if r_parts > 1 else []))
-    carried = (cache,) + ((counters,) if r_parts > 1 else ())
-
-    def run(phase, ids, refs):  # refs: consts, then the carried arrays and the outputs
-        q_r, c_r, nw_r, cos_r, sin_r, pos_r, w_r, *rest = refs
-        s_r = rest.pop(0) if scale is not None else None
-        cache_r, cnt_r = rest[0], (rest[1] if r_parts > 1 else None)
-        ql_r, qp_r, o_r, m_r, l_r, out_r, *ws = rest[len(carried):]
-        args = ((q_r, c_r, nw_r, cos_r, sin_r, pos_r, w_r, s_r, ql_r, qp_r, cache_r),
-                (ql_r, qp_r, cache_r, pos_r, o_r, m_r, l_r),
-                (o_r, m_r, l_r, w_r, s_r, out_r, ws[0] if ws else None, cnt_r))[phase]
-        phases[phase](*ids, *args)
-
-    def body(phase, *refs):  # each program runs the phase's items pid, pid + programs, ... (unrolled)
-        items = math.prod(grids[phase])
-        for first in range(0, items, RESIDENT_PROGRAMS):
-            item = first + pl.program_id(0)
-            pl.when(item < items)(lambda item=item: run(phase, _unravel(grids[phase], item), refs))
-
-    outs = phased_call(body, 3, consts, shapes, carried=carried, num_warps=num_warps, num_stages=2, name="mla_decode",
-                       one_launch=one_launch, interpret=interpret)
-    return outs[len(carried) + 5], outs[0], (outs[1] if r_parts > 1 else counters)
-
-
-def _unravel(grid: tuple[int, int, int], item):
-    """The ids (i0, i1, i2) of item in a row-major grid."""
-    return item // (grid[1] * grid[2]), item // grid[2] % grid[1], item % grid[2]
+        aliases[len(inputs)] = 2
+        inputs.append(counters)
+        out_shape += [jax.ShapeDtypeStruct((r_parts, batch, heads, dv), f32),
+                      jax.ShapeDtypeStruct(counters.shape, jnp.int32)]
+    outs = pl.pallas_call(
+        lambda *refs: _absorb_output_kernel(*refs, dn=dn, r=r, br=br, bd=bd, column_tiles=column_tiles,
+                                            r_parts=r_parts, splits=splits, block=block, row_width=row_width,
+                                            dtype=dtype, interpret=interpret),
+        out_shape=out_shape,
+        grid=(batch, heads, column_tiles * r_parts),
+        input_output_aliases=aliases,
+        compiler_params=params, interpret=interpret, name="mla_absorb_output",
+    )(*inputs)
+    return outs[0], cache, (outs[2] if r_parts > 1 else counters)
