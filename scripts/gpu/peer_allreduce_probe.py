@@ -1,0 +1,188 @@
+"""Latency of a one-shot all-reduce of one hidden vector written by a Triton kernel straight into the peers' memory
+(NVLink stores, no NCCL), against `lax.psum`, inside one jitted shard_map program on every GPU of the host.
+
+    python3 -m pip install --no-deps jax_triton-0.3.1-py3-none-any.whl   # not in the GPU image: carry the wheel
+    python3 scripts/gpu/peer_allreduce_probe.py [--hidden 4096] [--rounds 256] [--unroll] [--legacy-call]
+
+Each device owns a receive buffer [2, tp, hidden] float32 (two parities of one slot per source device) and tp flags
+(one 128-byte line each). Call e (the epoch, from 1): every device stores its vector into slot `rank` of parity e % 2
+on every device, then (a CTA barrier, a release store at system scope) sets flag `rank` to e on every device; then
+it polls its own tp flags (acquire loads) until each reads e or more, and sums the tp slots in rank order, so every
+device gets the same bits. A device reaches epoch e + 2, and writes the parity of e again, only after every device's
+flag of e + 1, which each sets after it has read epoch e: two parities suffice. The buffers' addresses travel as data
+(`unsafe_buffer_pointer`, uint32 pairs); XLA already enables peer access between the GPUs of one process
+(scripts/gpu/peer_write_probe.py).
+
+Prints one JSON line per way, microseconds per round of a loop of --rounds (wall clock over the whole call):
+"no collective" (the loop alone), "psum", "peer" and "empty launch" (the same custom call copying its input: the
+launch's own cost), then whether peer's result equals psum's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import triton
+import triton.language as tl
+from jax._src.interpreters import mlir  # custom_call: not in the public module
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+LINE_WORDS = 32  # int32 flags a 128-byte line
+LINE = tl.constexpr(LINE_WORDS)
+
+
+@triton.jit
+def _address(table_ref, i):
+    """The i-th address of a uint32-pair table as a uint64."""
+    lo = tl.load(table_ref + 2 * i).to(tl.uint64)
+    hi = tl.load(table_ref + 2 * i + 1).to(tl.uint64)
+    return lo | (hi << 32)
+
+
+@triton.jit
+def _allreduce(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr):
+    rank = tl.load(meta_ref)
+    epoch = tl.load(meta_ref + 1)
+    i = tl.arange(0, hidden)
+    x = tl.load(x_ref + i)
+    parity = epoch % 2
+    for p in tl.static_range(tp):  # my vector into slot `rank` of parity e % 2 on every device
+        recv = _address(recv_table, p).to(tl.int64).to(tl.pointer_type(tl.float32))
+        tl.store(recv + (parity * tp + rank) * hidden + i, x)
+    tl.debug_barrier()  # every thread's stores before the flags
+    for p in tl.static_range(tp):
+        flags = _address(flag_table, p).to(tl.int64).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(flags + rank * LINE, epoch, sem="release", scope="sys")
+    mine = _address(flag_table, rank).to(tl.int64).to(tl.pointer_type(tl.int32))
+    for p in tl.static_range(tp):
+        while tl.atomic_add(mine + p * LINE, 0, sem="acquire", scope="sys") < epoch:
+            pass
+    tl.debug_barrier()
+    own = _address(recv_table, rank).to(tl.int64).to(tl.pointer_type(tl.float32))
+    total = tl.zeros((hidden,), tl.float32)
+    for p in tl.static_range(tp):  # in rank order: the same sum on every device
+        total += tl.load(own + (parity * tp + p) * hidden + i, volatile=True)
+    tl.store(out_ref + i, total)
+
+
+@triton.jit
+def _copy(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr):
+    """The same launch doing no communication: the custom call's own cost in the loop."""
+    i = tl.arange(0, hidden)
+    tl.store(out_ref + i, tl.load(x_ref + i))
+
+
+def _ffi_launches():
+    """jax-triton 0.3.1 lowers its kernels to the legacy `triton_kernel_call` custom call, which XLA cannot put in a
+    command buffer (each call then costs about 22 us in a loop, measured here); Pallas' own Triton kernels use the
+    typed `triton_kernel_call_ffi` target with the same compressed kernel proto. Route jax-triton's lowering there."""
+    legacy = jax.ffi.ffi_lowering
+
+    def lowering(target, *, api_version=None, backend_config=None, operand_output_aliases=None, **kwargs):
+        if target != "triton_kernel_call":
+            return legacy(target, api_version=api_version, backend_config=backend_config,
+                          operand_output_aliases=operand_output_aliases, **kwargs)
+
+        def rule(ctx, *args):
+            def ir_type(aval):
+                return mlir.ir.RankedTensorType.get(aval.shape, mlir.dtype_to_ir_type(aval.dtype))
+
+            def layouts(avals):
+                return [tuple(range(a.ndim - 1, -1, -1)) for a in avals]
+
+            return mlir.custom_call(
+                "triton_kernel_call_ffi", result_types=[ir_type(a) for a in ctx.avals_out], operands=list(args),
+                backend_config=dict(name=mlir.ir.StringAttr.get("peer_allreduce"),
+                                    opaque=mlir.ir.StringAttr.get(backend_config)),
+                api_version=4, operand_layouts=layouts(ctx.avals_in), result_layouts=layouts(ctx.avals_out),
+                operand_output_aliases=operand_output_aliases).results
+
+        return rule
+
+    jax.ffi.ffi_lowering = lowering
+
+
+def _pairs(addresses) -> np.ndarray:
+    """uint32 [2 * n]: each address as (low, high) words."""
+    a = np.asarray(addresses, np.uint64)
+    return np.stack([a & np.uint64(0xFFFFFFFF), a >> np.uint64(32)], axis=1).astype(np.uint32).reshape(-1)
+
+
+def main(argv=None) -> int:
+    import jax_triton as jt
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--legacy-call", action="store_true", help="keep jax-triton's own custom call")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=256)
+    parser.add_argument("--unroll", action="store_true", help="the rounds unrolled in the program, no while loop")
+    args = parser.parse_args(argv)
+    if not args.legacy_call:
+        _ffi_launches()
+    devices = jax.devices()
+    tp, hidden = len(devices), args.hidden
+    mesh = jax.make_mesh((tp,), ("x",), devices=devices)
+    shard = NamedSharding(mesh, P("x"))
+    recv = jax.device_put(jnp.zeros((tp, 2, tp, hidden), jnp.float32), shard)  # each device: [1, 2, tp, hidden]
+    flags = jax.device_put(jnp.zeros((tp, tp * LINE_WORDS), jnp.int32), shard)
+    jax.block_until_ready((recv, flags))
+    by_device = {s.device: s for s in recv.addressable_shards}
+    flag_by_device = {s.device: s for s in flags.addressable_shards}
+    order = list(mesh.devices.flat)
+    recv_table = jnp.asarray(_pairs([by_device[d].data.unsafe_buffer_pointer() for d in order]))
+    flag_table = jnp.asarray(_pairs([flag_by_device[d].data.unsafe_buffer_pointer() for d in order]))
+
+    def peer_sum(x, epoch, kernel=_allreduce):  # x [hidden] float32 on this device
+        meta = jnp.stack([jax.lax.axis_index("x"), epoch]).astype(jnp.int32)
+        return jt.triton_call(x, recv_table, flag_table, meta, kernel=kernel,
+                              out_shape=jax.ShapeDtypeStruct((hidden,), jnp.float32), grid=(1,), num_warps=4,
+                              tp=tp, hidden=hidden)
+
+    def loop(way, x, first_epoch):  # x [1, hidden]: this device's row
+        def body(i, v):
+            if way == "psum":
+                y = jax.lax.psum(v, "x")
+            elif way == "no collective":
+                y = v * tp
+            else:
+                y = peer_sum(v[0], first_epoch[0] + i, _allreduce if way == "peer" else _copy)[None]
+            return y * (1.0 / tp)
+        if args.unroll:
+            for i in range(args.rounds):
+                x = body(i, x)
+            return x
+        return jax.lax.fori_loop(0, args.rounds, body, x)
+
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (tp, hidden), jnp.float32), shard)
+    epoch = [1]
+    results = {}
+    for way in ("no collective", "psum", "peer", "empty launch"):
+        run = jax.jit(jax.shard_map(functools.partial(loop, way), mesh=mesh, in_specs=(P("x"), P()),
+                                    out_specs=P("x"), check_vma=False))
+
+        def call():
+            out = run(x, jnp.array([epoch[0]], jnp.int32))
+            epoch[0] += args.rounds
+            return out.block_until_ready()
+
+        results[way] = np.asarray(call())  # compile and warm up
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) / args.rounds)
+        print(json.dumps({"way": way, "tp": tp, "hidden": hidden, "rounds": args.rounds,
+                          "us_per_allreduce": round(1e6 * float(np.median(times)), 2)}), flush=True)
+    print(json.dumps({"peer_equals_psum": bool(np.allclose(results["peer"], results["psum"], rtol=1e-6, atol=1e-6)),
+                      "max_abs_diff": float(np.max(np.abs(results["peer"] - results["psum"])))}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
