@@ -2,9 +2,11 @@
 how much of it a decode layer chain can hide by splitting each row-sharded projection into chunks whose reductions
 overlap the next chunk's matmul.
 
-    python scripts/gpu/collectives_bench.py --tp 4 [--hidden 4096 --mlp 14336 --layers 32] > lines.jsonl
+    python scripts/gpu/collectives_bench.py --tp 4 [--hidden 4096 --mlp 14336 --layers 32] [--peer] > lines.jsonl
 
-One JSON object per line. Run it under different NCCL / XLA settings (environment) to compare them.
+One JSON object per line. Run it under different NCCL / XLA settings (environment) to compare them. `--peer` also
+times the unchunked chain with every reduction done by peer_allreduce_probe.py's one-shot kernel (NVLink stores from
+a jax-triton kernel; needs jax-triton installed).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ def psum_latency(mesh, hidden: int, steps: int = 256) -> float:
     return (median_seconds(fn, x, reps=20) - median_seconds(empty, x, reps=20)) / steps
 
 
-def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communicate: bool):
+def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communicate: bool, peer=None):
     """A decode step's matmuls at batch 1: per layer an attention-sized pair and a SwiGLU MLP, each row-sharded
-    projection reduced over tp — in `chunks` column chunks so chunk i's reduction can overlap chunk i+1's matmul."""
+    projection reduced over tp — in `chunks` column chunks so chunk i's reduction can overlap chunk i+1's matmul, or
+    (`peer`, a PeerAllReduce over "tp", one chunk) by the peer-store kernel, each call with the next epoch."""
     tp = mesh.shape["tp"]
     key = jax.random.key(0)
     shard_cols, shard_rows = NamedSharding(mesh, P(None, "tp")), NamedSharding(mesh, P("tp", None))
@@ -56,25 +59,34 @@ def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communica
             down=[weight((mlp, hidden // chunks), shard_rows) for _ in range(chunks)],
         ))
 
-    def reduce(x, ws):
+    def reduce(x, ws, epoch):
         parts = [x @ w for w in ws]  # [1, hidden / chunks] partial sums
+        if peer is not None:
+            return peer(parts[0][0].astype(jnp.float32), epoch)[None].astype(x.dtype)
         if communicate:
             parts = [jax.lax.psum(p, "tp") for p in parts]
         return jnp.concatenate(parts, axis=-1)
 
-    def step(params, x):
-        for p in params:
+    def step(params, x, epoch0):
+        for i, p in enumerate(params):
             qkv = x @ p["qkv"]
-            x = x + reduce(qkv[:, : hidden // tp], p["o"])
+            x = x + reduce(qkv[:, : hidden // tp], p["o"], epoch0[0] + 2 * i)
             gate, up = jnp.split(x @ p["gate_up"], 2, axis=-1)
-            x = x + reduce(jax.nn.silu(gate) * up, p["down"])
+            x = x + reduce(jax.nn.silu(gate) * up, p["down"], epoch0[0] + 2 * i + 1)
         return x
 
     specs = [dict(qkv=P(None, "tp"), o=[P("tp", None)] * chunks, gate_up=P(None, "tp"),
                   down=[P("tp", None)] * chunks) for _ in range(layers)]
-    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, P()), out_specs=P(), check_vma=False))
+    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, P(), P()), out_specs=P(), check_vma=False))
     x = jax.device_put(jnp.ones((1, hidden), jnp.bfloat16), NamedSharding(mesh, P()))
-    return median_seconds(fn, params, x, reps=20)
+    epoch = [1]
+
+    def call():  # every call takes the next 2 * layers epochs (the peer kernel's flags only grow)
+        out = fn(params, x, jnp.array([epoch[0]], jnp.int32))
+        epoch[0] += 2 * layers
+        return out
+
+    return median_seconds(call, reps=20)
 
 
 def main():
@@ -84,6 +96,7 @@ def main():
     parser.add_argument("--mlp", type=int, default=14336)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--label", default=os.environ.get("BENCH_LABEL", "default"))
+    parser.add_argument("--peer", action="store_true")
     args = parser.parse_args()
     mesh = make_mesh(tp=args.tp)
     common = dict(label=args.label, tp=args.tp, device=jax.devices()[0].device_kind, jax=jax.__version__)
@@ -94,6 +107,14 @@ def main():
             seconds = layer_chain(mesh, args.hidden, args.mlp, args.layers, chunks, communicate)
             print(json.dumps(common | dict(what="layer_chain_ms", chunks=chunks, communicate=communicate,
                                            layers=args.layers, value=1e3 * seconds)), flush=True)
+    if args.peer:
+        from peer_allreduce_probe import PeerAllReduce, ffi_launches  # (scripts/gpu is on sys.path)
+
+        ffi_launches()
+        peer = PeerAllReduce(mesh, "tp", args.hidden)
+        seconds = layer_chain(mesh, args.hidden, args.mlp, args.layers, 1, True, peer)
+        print(json.dumps(common | dict(what="layer_chain_ms", chunks=1, communicate="peer", layers=args.layers,
+                                       value=1e3 * seconds)), flush=True)
 
 
 if __name__ == "__main__":

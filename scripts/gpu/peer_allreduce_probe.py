@@ -2,7 +2,7 @@
 (NVLink stores, no NCCL), against `lax.psum`, inside one jitted shard_map program on every GPU of the host.
 
     python3 -m pip install --no-deps jax_triton-0.3.1-py3-none-any.whl   # not in the GPU image: carry the wheel
-    python3 scripts/gpu/peer_allreduce_probe.py [--hidden 4096] [--rounds 256] [--unroll] [--legacy-call]
+    python3 scripts/gpu/peer_allreduce_probe.py [--hidden 4096] [--rounds 256] [--unroll] [--legacy-call] [--trace]
 
 Each device owns a receive buffer [2, tp, hidden] float32 (two parities of one slot per source device) and tp flags
 (one 128-byte line each). Call e (the epoch, from 1): every device stores its vector into slot `rank` of parity e % 2
@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from jax._src.interpreters import mlir  # custom_call: not in the public module
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tilert_jax.profiling import trace_gpu_kernels
 
 LINE_WORDS = 32  # int32 flags a 128-byte line
 LINE = tl.constexpr(LINE_WORDS)
@@ -78,7 +80,7 @@ def _copy(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hi
     tl.store(out_ref + i, tl.load(x_ref + i))
 
 
-def _ffi_launches():
+def ffi_launches():
     """jax-triton 0.3.1 lowers its kernels to the legacy `triton_kernel_call` custom call, which XLA cannot put in a
     command buffer (each call then costs about 22 us in a loop, measured here); Pallas' own Triton kernels use the
     typed `triton_kernel_call_ffi` target with the same compressed kernel proto. Route jax-triton's lowering there."""
@@ -114,35 +116,52 @@ def _pairs(addresses) -> np.ndarray:
     return np.stack([a & np.uint64(0xFFFFFFFF), a >> np.uint64(32)], axis=1).astype(np.uint32).reshape(-1)
 
 
-def main(argv=None) -> int:
-    import jax_triton as jt
+class PeerAllReduce:
+    """The buffers of the one-shot all-reduce over `mesh` axis `axis` (allocated once; their addresses are baked into
+    the programs that call it, so keep this object alive as long as they run). Inside shard_map over that axis:
+    `self(x, epoch)` -> the sum over the axis of x [hidden] float32; epoch is an int32 scalar that must grow by at
+    least 1 from one call to the next (over every program that uses these buffers)."""
 
+    def __init__(self, mesh, axis: str, hidden: int, kernel=None):
+        self.axis, self.hidden, self.tp = axis, hidden, mesh.shape[axis]
+        self.kernel = kernel or _allreduce
+        shard = NamedSharding(mesh, P(axis))
+        tp = self.tp
+        self.recv = jax.device_put(jnp.zeros((tp, 2, tp, hidden), jnp.float32), shard)  # each: [1, 2, tp, hidden]
+        self.flags = jax.device_put(jnp.zeros((tp, tp * LINE_WORDS), jnp.int32), shard)
+        jax.block_until_ready((self.recv, self.flags))
+        order = list(mesh.devices.flat)
+
+        def table(array):
+            by_device = {s.device: s.data.unsafe_buffer_pointer() for s in array.addressable_shards}
+            return jnp.asarray(_pairs([by_device[d] for d in order]))
+
+        self.recv_table, self.flag_table = table(self.recv), table(self.flags)
+
+    def __call__(self, x, epoch, kernel=None):
+        import jax_triton as jt
+
+        meta = jnp.stack([jax.lax.axis_index(self.axis), epoch]).astype(jnp.int32)
+        return jt.triton_call(x, self.recv_table, self.flag_table, meta, kernel=kernel or self.kernel,
+                              out_shape=jax.ShapeDtypeStruct((self.hidden,), jnp.float32), grid=(1,), num_warps=4,
+                              tp=self.tp, hidden=self.hidden)
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--legacy-call", action="store_true", help="keep jax-triton's own custom call")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=256)
     parser.add_argument("--unroll", action="store_true", help="the rounds unrolled in the program, no while loop")
+    parser.add_argument("--trace", action="store_true", help="also each way's kernel time from a profiler trace")
     args = parser.parse_args(argv)
     if not args.legacy_call:
-        _ffi_launches()
+        ffi_launches()
     devices = jax.devices()
     tp, hidden = len(devices), args.hidden
     mesh = jax.make_mesh((tp,), ("x",), devices=devices)
     shard = NamedSharding(mesh, P("x"))
-    recv = jax.device_put(jnp.zeros((tp, 2, tp, hidden), jnp.float32), shard)  # each device: [1, 2, tp, hidden]
-    flags = jax.device_put(jnp.zeros((tp, tp * LINE_WORDS), jnp.int32), shard)
-    jax.block_until_ready((recv, flags))
-    by_device = {s.device: s for s in recv.addressable_shards}
-    flag_by_device = {s.device: s for s in flags.addressable_shards}
-    order = list(mesh.devices.flat)
-    recv_table = jnp.asarray(_pairs([by_device[d].data.unsafe_buffer_pointer() for d in order]))
-    flag_table = jnp.asarray(_pairs([flag_by_device[d].data.unsafe_buffer_pointer() for d in order]))
-
-    def peer_sum(x, epoch, kernel=_allreduce):  # x [hidden] float32 on this device
-        meta = jnp.stack([jax.lax.axis_index("x"), epoch]).astype(jnp.int32)
-        return jt.triton_call(x, recv_table, flag_table, meta, kernel=kernel,
-                              out_shape=jax.ShapeDtypeStruct((hidden,), jnp.float32), grid=(1,), num_warps=4,
-                              tp=tp, hidden=hidden)
+    peer = PeerAllReduce(mesh, "x", hidden)
 
     def loop(way, x, first_epoch):  # x [1, hidden]: this device's row
         def body(i, v):
@@ -151,7 +170,7 @@ def main(argv=None) -> int:
             elif way == "no collective":
                 y = v * tp
             else:
-                y = peer_sum(v[0], first_epoch[0] + i, _allreduce if way == "peer" else _copy)[None]
+                y = peer(v[0], first_epoch[0] + i, _allreduce if way == "peer" else _copy)[None]
             return y * (1.0 / tp)
         if args.unroll:
             for i in range(args.rounds):
@@ -177,8 +196,13 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             call()
             times.append((time.perf_counter() - start) / args.rounds)
-        print(json.dumps({"way": way, "tp": tp, "hidden": hidden, "rounds": args.rounds,
-                          "us_per_allreduce": round(1e6 * float(np.median(times)), 2)}), flush=True)
+        row = {"way": way, "tp": tp, "hidden": hidden, "rounds": args.rounds,
+               "us_per_allreduce": round(1e6 * float(np.median(times)), 2)}
+        if args.trace:  # device time per round from a profiler trace (every device's kernels, summed over devices)
+            summary = trace_gpu_kernels(call, args.rounds * tp, top=4)
+            row.update({k: round(summary[k], 2) for k in ("busy_us_per_step", "gap_us_per_step")},
+                       kernels=[(k["name"][:40], round(k["us_per_call"], 2)) for k in summary["kernels"]])
+        print(json.dumps(row), flush=True)
     print(json.dumps({"peer_equals_psum": bool(np.allclose(results["peer"], results["psum"], rtol=1e-6, atol=1e-6)),
                       "max_abs_diff": float(np.max(np.abs(results["peer"] - results["psum"])))}), flush=True)
     return 0
