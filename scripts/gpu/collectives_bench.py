@@ -2,7 +2,8 @@
 how much of it a decode layer chain can hide by splitting each row-sharded projection into chunks whose reductions
 overlap the next chunk's matmul.
 
-    python scripts/gpu/collectives_bench.py --tp 4 [--hidden 4096 --mlp 14336 --layers 32] [--peer] > lines.jsonl
+    python scripts/gpu/collectives_bench.py --tp 4 [--hidden 4096 --mlp 14336 --layers 32] [--chunks 1,2,4]
+        [--peer] [--trace] > lines.jsonl
 
 One JSON object per line. Run it under different NCCL / XLA settings (environment) to compare them. `--peer` also
 times the unchunked chain with every reduction done by peer_allreduce_probe.py's one-shot kernel (NVLink stores from
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tilert_jax.profiling import median_seconds
+from tilert_jax.profiling import median_seconds, trace_gpu_kernels
 from tilert_jax.sharding import make_mesh
 
 
@@ -37,10 +38,12 @@ def psum_latency(mesh, hidden: int, steps: int = 256) -> float:
     return (median_seconds(fn, x, reps=20) - median_seconds(empty, x, reps=20)) / steps
 
 
-def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communicate: bool, peer=None):
+def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communicate: bool, peer=None,
+                trace: bool = False):
     """A decode step's matmuls at batch 1: per layer an attention-sized pair and a SwiGLU MLP, each row-sharded
     projection reduced over tp — in `chunks` column chunks so chunk i's reduction can overlap chunk i+1's matmul, or
-    (`peer`, a PeerAllReduce over "tp", one chunk) by the peer-store kernel, each call with the next epoch."""
+    (`peer`, a PeerAllReduce over "tp", one chunk) by the peer-store kernel, each call with the next epoch.
+    -> (seconds per call, and with `trace` the top kernels of a traced call: (name, us per call, calls per chain))."""
     tp = mesh.shape["tp"]
     key = jax.random.key(0)
     shard_cols, shard_rows = NamedSharding(mesh, P(None, "tp")), NamedSharding(mesh, P("tp", None))
@@ -86,7 +89,11 @@ def layer_chain(mesh, hidden: int, mlp: int, layers: int, chunks: int, communica
         epoch[0] += 2 * layers
         return out
 
-    return median_seconds(call, reps=20)
+    seconds = median_seconds(call, reps=20)
+    if not trace:
+        return seconds, None
+    summary = trace_gpu_kernels(lambda: jax.block_until_ready(call()), 1, top=6)
+    return seconds, [(k["name"][:40], round(k["us_per_call"], 2), k["calls_per_step"]) for k in summary["kernels"]]
 
 
 def main():
@@ -97,24 +104,27 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--label", default=os.environ.get("BENCH_LABEL", "default"))
     parser.add_argument("--peer", action="store_true")
+    parser.add_argument("--trace", action="store_true", help="the unchunked chains' top kernels from a trace")
+    parser.add_argument("--chunks", default="1,2,4")
     args = parser.parse_args()
     mesh = make_mesh(tp=args.tp)
     common = dict(label=args.label, tp=args.tp, device=jax.devices()[0].device_kind, jax=jax.__version__)
     print(json.dumps(common | dict(what="psum_latency_us", hidden=args.hidden,
                                    value=1e6 * psum_latency(mesh, args.hidden))), flush=True)
-    for chunks in (1, 2, 4):
+    for chunks in map(int, args.chunks.split(",")):
         for communicate in (True, False):
-            seconds = layer_chain(mesh, args.hidden, args.mlp, args.layers, chunks, communicate)
+            seconds, kernels = layer_chain(mesh, args.hidden, args.mlp, args.layers, chunks, communicate,
+                                           trace=args.trace and chunks == 1)
             print(json.dumps(common | dict(what="layer_chain_ms", chunks=chunks, communicate=communicate,
-                                           layers=args.layers, value=1e3 * seconds)), flush=True)
+                                           layers=args.layers, value=1e3 * seconds, kernels=kernels)), flush=True)
     if args.peer:
         from peer_allreduce_probe import PeerAllReduce, ffi_launches  # (scripts/gpu is on sys.path)
 
         ffi_launches()
         peer = PeerAllReduce(mesh, "tp", args.hidden)
-        seconds = layer_chain(mesh, args.hidden, args.mlp, args.layers, 1, True, peer)
+        seconds, kernels = layer_chain(mesh, args.hidden, args.mlp, args.layers, 1, True, peer, trace=args.trace)
         print(json.dumps(common | dict(what="layer_chain_ms", chunks=1, communicate="peer", layers=args.layers,
-                                       value=1e3 * seconds)), flush=True)
+                                       value=1e3 * seconds, kernels=kernels)), flush=True)
 
 
 if __name__ == "__main__":
