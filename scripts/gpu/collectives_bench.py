@@ -118,13 +118,17 @@ def main():
             print(json.dumps(common | dict(what="layer_chain_ms", chunks=chunks, communicate=communicate,
                                            layers=args.layers, value=1e3 * seconds, kernels=kernels)), flush=True)
     if args.peer:
-        from peer_allreduce_probe import PeerAllReduce, ffi_launches  # (scripts/gpu is on sys.path)
+        import functools
 
-        ffi_launches()
-        peer = PeerAllReduce(mesh, "tp", args.hidden)
-        seconds, kernels = layer_chain(mesh, args.hidden, args.mlp, args.layers, 1, True, peer, trace=args.trace)
-        print(json.dumps(common | dict(what="layer_chain_ms", chunks=1, communicate="peer", layers=args.layers,
-                                       value=1e3 * seconds, kernels=kernels)), flush=True)
+        import peer_allreduce_probe as pa  # (scripts/gpu is on sys.path)
+
+        pa.ffi_launches()
+        peer = pa.PeerAllReduce(mesh, "tp", args.hidden)
+        for name, kernel in (("peer", pa._allreduce), ("peer fenced", pa._allreduce_fenced)):
+            seconds, kernels = layer_chain(mesh, args.hidden, args.mlp, args.layers, 1, True,
+                                           functools.partial(peer, kernel=kernel), trace=args.trace)
+            print(json.dumps(common | dict(what="layer_chain_ms", chunks=1, communicate=name, layers=args.layers,
+                                           value=1e3 * seconds, kernels=kernels)), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ flag of e + 1, which each sets after it has read epoch e: two parities suffice. 
 (scripts/gpu/peer_write_probe.py).
 
 Prints one JSON line per way, microseconds per round of a loop of --rounds (wall clock over the whole call):
-"no collective" (the loop alone), "psum", "peer" and "empty launch" (the same custom call copying its input: the
-launch's own cost), then whether peer's result equals psum's.
+"no collective" (the loop alone), "psum", "peer", "peer fenced" (one system fence on each side of relaxed flag
+atomics) and "empty launch" (the same custom call copying its input: the launch's own cost), then whether each peer
+way's result equals psum's.
 """
 
 from __future__ import annotations
@@ -70,6 +71,46 @@ def _allreduce(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexp
     total = tl.zeros((hidden,), tl.float32)
     for p in tl.static_range(tp):  # in rank order: the same sum on every device
         total += tl.load(own + (parity * tp + p) * hidden + i, volatile=True)
+    tl.store(out_ref + i, total)
+
+
+@triton.jit
+def _fence_sys(x):
+    """A system-scope acq_rel fence; returns 0 (add it to what must follow the fence, to keep the order)."""
+    return tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _allreduce_fenced(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr):
+    """_allreduce with one system fence before relaxed flag stores and one after relaxed polls, in place of a
+    release (or acquire) fence in every flag atomic."""
+    rank = tl.load(meta_ref)
+    epoch = tl.load(meta_ref + 1)
+    i = tl.arange(0, hidden)
+    x = tl.load(x_ref + i)
+    parity = epoch % 2
+    for p in tl.static_range(tp):
+        recv = _address(recv_table, p).to(tl.int64).to(tl.pointer_type(tl.float32))
+        tl.store(recv + (parity * tp + rank) * hidden + i, x)
+    tl.debug_barrier()
+    value = epoch + _fence_sys(epoch)
+    for p in tl.static_range(tp):
+        flags = _address(flag_table, p).to(tl.int64).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(flags + rank * LINE, value, sem="relaxed", scope="sys")
+    mine = _address(flag_table, rank).to(tl.int64).to(tl.pointer_type(tl.int32))
+    seen = epoch
+    for p in tl.static_range(tp):
+        flag = tl.atomic_add(mine + p * LINE, 0, sem="relaxed", scope="sys")
+        while flag < epoch:
+            flag = tl.atomic_add(mine + p * LINE, 0, sem="relaxed", scope="sys")
+        seen = tl.minimum(seen, flag)
+    offset = _fence_sys(seen)
+    tl.debug_barrier()
+    own = _address(recv_table, rank).to(tl.int64).to(tl.pointer_type(tl.float32))
+    total = tl.zeros((hidden,), tl.float32)
+    for p in tl.static_range(tp):
+        total += tl.load(own + offset + (parity * tp + p) * hidden + i, volatile=True)
     tl.store(out_ref + i, total)
 
 
@@ -169,7 +210,8 @@ def main(argv=None) -> int:
             elif way == "no collective":
                 y = v * tp
             else:
-                y = peer(v[0], first_epoch[0] + i, _allreduce if way == "peer" else _copy)[None]
+                kernel = {"peer": _allreduce, "peer fenced": _allreduce_fenced}.get(way, _copy)
+                y = peer(v[0], first_epoch[0] + i, kernel)[None]
             return y * (1.0 / tp)
         if args.unroll:
             for i in range(args.rounds):
@@ -180,7 +222,7 @@ def main(argv=None) -> int:
     x = jax.device_put(jax.random.normal(jax.random.key(0), (tp, hidden), jnp.float32), shard)
     epoch = [1]
     results = {}
-    for way in ("no collective", "psum", "peer", "empty launch"):
+    for way in ("no collective", "psum", "peer", "peer fenced", "empty launch"):
         run = jax.jit(jax.shard_map(functools.partial(loop, way), mesh=mesh, in_specs=(P("x"), P()),
                                     out_specs=P("x"), check_vma=False))
 
@@ -202,8 +244,9 @@ def main(argv=None) -> int:
             row.update({k: round(summary[k], 2) for k in ("busy_us_per_step", "gap_us_per_step")},
                        kernels=[(k["name"][:40], round(k["us_per_call"], 2)) for k in summary["kernels"]])
         print(json.dumps(row), flush=True)
-    print(json.dumps({"peer_equals_psum": bool(np.allclose(results["peer"], results["psum"], rtol=1e-6, atol=1e-6)),
-                      "max_abs_diff": float(np.max(np.abs(results["peer"] - results["psum"])))}), flush=True)
+    for way in ("peer", "peer fenced"):
+        print(json.dumps({"way": way, "equals_psum": bool(np.array_equal(results[way], results["psum"])),
+                          "max_abs_diff": float(np.max(np.abs(results[way] - results["psum"])))}), flush=True)
     return 0
 
 
