@@ -13,6 +13,7 @@ a jax-triton kernel; needs jax-triton installed).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -118,15 +119,13 @@ def main():
             print(json.dumps(common | dict(what="layer_chain_ms", chunks=chunks, communicate=communicate,
                                            layers=args.layers, value=1e3 * seconds, kernels=kernels)), flush=True)
     if args.peer:
-        import functools
+        from peer_allreduce_probe import PeerAllReduce, ffi_launches  # (scripts/gpu is on sys.path)
 
-        import peer_allreduce_probe as pa  # (scripts/gpu is on sys.path)
-
-        pa.ffi_launches()
-        peer = pa.PeerAllReduce(mesh, "tp", args.hidden)
-        for name, kernel in (("peer", pa._allreduce), ("peer fenced", pa._allreduce_fenced)):
+        ffi_launches()
+        peer = PeerAllReduce(mesh, "tp", args.hidden)
+        for name, fenced in (("peer", False), ("peer fenced", True)):
             seconds, kernels = layer_chain(mesh, args.hidden, args.mlp, args.layers, 1, True,
-                                           functools.partial(peer, kernel=kernel), trace=args.trace)
+                                           functools.partial(peer, fenced=fenced), trace=args.trace)
             print(json.dumps(common | dict(what="layer_chain_ms", chunks=1, communicate=name, layers=args.layers,
                                            value=1e3 * seconds, kernels=kernels)), flush=True)
 

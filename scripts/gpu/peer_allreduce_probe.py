@@ -49,7 +49,17 @@ def _address(table_ref, i):
 
 
 @triton.jit
-def _allreduce(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr):
+def _fence_sys(x):
+    """A system-scope acq_rel fence; returns 0 (add it to what must follow the fence, to keep the order)."""
+    return tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _allreduce(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr,
+               fenced: tl.constexpr):
+    """fenced: one system fence before relaxed flag stores and one after relaxed polls, in place of a release (or
+    acquire) in every flag atomic."""
     rank = tl.load(meta_ref)
     epoch = tl.load(meta_ref + 1)
     i = tl.arange(0, hidden)
@@ -59,63 +69,41 @@ def _allreduce(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexp
         recv = _address(recv_table, p).to(tl.int64).to(tl.pointer_type(tl.float32))
         tl.store(recv + (parity * tp + rank) * hidden + i, x)
     tl.debug_barrier()  # every thread's stores before the flags
+    value = epoch
+    if fenced:
+        value = epoch + _fence_sys(epoch)
     for p in tl.static_range(tp):
         flags = _address(flag_table, p).to(tl.int64).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(flags + rank * LINE, epoch, sem="release", scope="sys")
+        if fenced:
+            tl.atomic_xchg(flags + rank * LINE, value, sem="relaxed", scope="sys")
+        else:
+            tl.atomic_xchg(flags + rank * LINE, value, sem="release", scope="sys")
     mine = _address(flag_table, rank).to(tl.int64).to(tl.pointer_type(tl.int32))
+    seen = epoch
     for p in tl.static_range(tp):
-        while tl.atomic_add(mine + p * LINE, 0, sem="acquire", scope="sys") < epoch:
-            pass
+        if fenced:
+            flag = tl.atomic_add(mine + p * LINE, 0, sem="relaxed", scope="sys")
+            while flag < epoch:
+                flag = tl.atomic_add(mine + p * LINE, 0, sem="relaxed", scope="sys")
+        else:
+            flag = tl.atomic_add(mine + p * LINE, 0, sem="acquire", scope="sys")
+            while flag < epoch:
+                flag = tl.atomic_add(mine + p * LINE, 0, sem="acquire", scope="sys")
+        seen = tl.minimum(seen, flag)
+    offset = 0
+    if fenced:
+        offset = _fence_sys(seen)
     tl.debug_barrier()
     own = _address(recv_table, rank).to(tl.int64).to(tl.pointer_type(tl.float32))
     total = tl.zeros((hidden,), tl.float32)
     for p in tl.static_range(tp):  # in rank order: the same sum on every device
-        total += tl.load(own + (parity * tp + p) * hidden + i, volatile=True)
-    tl.store(out_ref + i, total)
-
-
-@triton.jit
-def _fence_sys(x):
-    """A system-scope acq_rel fence; returns 0 (add it to what must follow the fence, to keep the order)."""
-    return tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32,
-                                     is_pure=False, pack=1)
-
-
-@triton.jit
-def _allreduce_fenced(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr):
-    """_allreduce with one system fence before relaxed flag stores and one after relaxed polls, in place of a
-    release (or acquire) fence in every flag atomic."""
-    rank = tl.load(meta_ref)
-    epoch = tl.load(meta_ref + 1)
-    i = tl.arange(0, hidden)
-    x = tl.load(x_ref + i)
-    parity = epoch % 2
-    for p in tl.static_range(tp):
-        recv = _address(recv_table, p).to(tl.int64).to(tl.pointer_type(tl.float32))
-        tl.store(recv + (parity * tp + rank) * hidden + i, x)
-    tl.debug_barrier()
-    value = epoch + _fence_sys(epoch)
-    for p in tl.static_range(tp):
-        flags = _address(flag_table, p).to(tl.int64).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(flags + rank * LINE, value, sem="relaxed", scope="sys")
-    mine = _address(flag_table, rank).to(tl.int64).to(tl.pointer_type(tl.int32))
-    seen = epoch
-    for p in tl.static_range(tp):
-        flag = tl.atomic_add(mine + p * LINE, 0, sem="relaxed", scope="sys")
-        while flag < epoch:
-            flag = tl.atomic_add(mine + p * LINE, 0, sem="relaxed", scope="sys")
-        seen = tl.minimum(seen, flag)
-    offset = _fence_sys(seen)
-    tl.debug_barrier()
-    own = _address(recv_table, rank).to(tl.int64).to(tl.pointer_type(tl.float32))
-    total = tl.zeros((hidden,), tl.float32)
-    for p in tl.static_range(tp):
         total += tl.load(own + offset + (parity * tp + p) * hidden + i, volatile=True)
     tl.store(out_ref + i, total)
 
 
 @triton.jit
-def _copy(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr):
+def _copy(x_ref, recv_table, flag_table, meta_ref, out_ref, tp: tl.constexpr, hidden: tl.constexpr,
+          fenced: tl.constexpr):
     """The same launch doing no communication: the custom call's own cost in the loop."""
     i = tl.arange(0, hidden)
     tl.store(out_ref + i, tl.load(x_ref + i))
@@ -178,13 +166,13 @@ class PeerAllReduce:
 
         self.recv_table, self.flag_table = table(self.recv), table(self.flags)
 
-    def __call__(self, x, epoch, kernel=_allreduce):
+    def __call__(self, x, epoch, kernel=_allreduce, fenced: bool = False):
         import jax_triton as jt
 
         meta = jnp.stack([jax.lax.axis_index(self.axis), epoch]).astype(jnp.int32)
         return jt.triton_call(x, self.recv_table, self.flag_table, meta, kernel=kernel,
                               out_shape=jax.ShapeDtypeStruct((self.hidden,), jnp.float32), grid=(1,), num_warps=4,
-                              tp=self.tp, hidden=self.hidden)
+                              tp=self.tp, hidden=self.hidden, fenced=fenced)
 
 
 def main(argv=None) -> int:
@@ -210,8 +198,8 @@ def main(argv=None) -> int:
             elif way == "no collective":
                 y = v * tp
             else:
-                kernel = {"peer": _allreduce, "peer fenced": _allreduce_fenced}.get(way, _copy)
-                y = peer(v[0], first_epoch[0] + i, kernel)[None]
+                kernel = _copy if way == "empty launch" else _allreduce
+                y = peer(v[0], first_epoch[0] + i, kernel, fenced=way == "peer fenced")[None]
             return y * (1.0 / tp)
         if args.unroll:
             for i in range(args.rounds):

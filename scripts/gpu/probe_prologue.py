@@ -22,6 +22,12 @@ from tilert_jax.kernels.matvec import fused_matvec
 from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
 
 EPS = 1e-5
+L2_BYTES = 60 << 20
+
+
+def _copies(weight_bytes: int) -> int:
+    """Weight copies used in turn: at least 4, and three times what L2 holds."""
+    return max(4, math.ceil(3 * L2_BYTES / weight_bytes))
 
 
 def main(argv=None) -> int:
@@ -41,7 +47,7 @@ def main(argv=None) -> int:
             cfg = tuning.matvec_config(op, 1, h, ns)
             split_in = tuning.matvec_config(producer, 1, producer_k, (h,)).split
             wbytes = 2 * h * sum(ns)
-            copies = args.copies or max(4, math.ceil(3 * (60 << 20) / wbytes))
+            copies = args.copies or _copies(wbytes)
             layers = [tuple(normal((n, h)) for n in ns) for _ in range(copies)]
             x, nw = normal((1, h), 1.0), 1 + normal((h,), 0.1)
             parts = normal((split_in, 1, h), 0.5).astype(jnp.float32) if split_in > 1 else None
@@ -59,7 +65,7 @@ def main(argv=None) -> int:
                       "mb": round(wbytes / 2 ** 20, 1), **kernel_time(lambda: run(layers), copies)}, sink)
         for op, k in (("o", c.num_heads * d), ("down", f)):  # the producers: tuned split against split 1
             cfg = tuning.matvec_config(op, 1, k, (h,))
-            copies = args.copies or max(4, math.ceil(3 * (60 << 20) / (2 * h * k)))
+            copies = args.copies or _copies(2 * h * k)
             layers = [normal((h, k)) for _ in range(copies)]
             x, r = normal((1, k), 1.0), normal((1, h), 1.0)
             jax.block_until_ready(layers)
