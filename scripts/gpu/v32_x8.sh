@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu/v32_x8.sh              # MESHES="tp8 tp2ep4" by default; about 4 minutes per mesh
 #
-# Output under $OUT (default ./gpu_out): log.txt and bench.jsonl (one JSON line per mesh, with comm_ms_per_token).
+# Output under $OUT (default ./gpu_out): log.txt, <mesh>.log and bench.jsonl (one JSON line per mesh, with comm_ms_per_token).
 set -u
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda NCCL_NVLS_ENABLE=0
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/tilert_jax_cache}
@@ -29,6 +29,7 @@ for mesh in ${MESHES:-tp8 tp2ep4}; do
   say "bench deepseek-v3.2-exp $flags"
   timeout "${LIMIT_S:-280}" python3 -m tilert_jax.bench --random-weights --preset deepseek-v3.2-exp $flags \
     --impl "${IMPL:-pallas}" --prompt-len 1024 --new-tokens 128 --repeats 2 --ttft-repeats 1 \
-    --out "$OUT/bench.jsonl" 2>&1 | tail -n 30 >> "$LOG" || say "bench $flags FAILED or timed out"
+    --out "$OUT/bench.jsonl" > "$OUT/$mesh.log" 2>&1 || say "bench $flags FAILED or timed out (rc $?)"
+  tail -n 5 "$OUT/$mesh.log" >> "$LOG"
 done
 say "done"
