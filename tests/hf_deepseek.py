@@ -54,6 +54,11 @@ FAMILIES = {
                  dict(q_lora_rank=48, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                       norm_topk_prob=True, qk_rope_head_dim=16, n_routed_experts=16,
                       rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=0.8))),
+    # V3.2 shaped as v3_tiled, index_topk as long as the decode tests' caches: the indexer selects every token
+    "v32_tiled": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                  dict(q_lora_rank=48, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                       norm_topk_prob=True, qk_rope_head_dim=16, n_routed_experts=16, index_topk=32,
+                       index_n_heads=8, index_head_dim=16, rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0))),
     # V3.2: DSA with index_topk well below the test sequences, so selection happens
     "v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
             dict(q_lora_rank=48, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,

@@ -34,3 +34,26 @@ def test_bench_requires_random_weights():
                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode != 0 and "--random-weights" in out.stderr
+
+
+def test_matmul_params_counts_the_activated_experts():
+    """The prefill FLOP floor's weights: DeepSeek-V3's activated parameters, counted here from its published shapes
+    (embedding table, LM head and FP8 scales left out; 8 of 256 routed experts plus the shared one)."""
+    import jax.numpy as jnp
+
+    from tilert_jax.bench import bench_config, matmul_params
+    from tilert_jax.models import family
+    from tilert_jax.params import abstract_params
+
+    c = bench_config("deepseek-v3")
+    attn = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+            + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
+            + c.kv_lora_rank * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim) + c.num_heads * c.v_head_dim
+            * c.hidden_size)
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size
+    moe = ((c.n_shared_experts + c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+           + c.n_routed_experts * c.hidden_size)
+    dense = c.first_k_dense_replace
+    expected = c.num_layers * attn + dense * dense_mlp + (c.num_layers - dense) * moe
+    params = abstract_params(family(c).param_specs(c), jnp.bfloat16)
+    assert matmul_params(c, params) == expected

@@ -257,14 +257,16 @@ def test_tensor_parallel_mesh_matches_transformers(ds_checkpoint):
 
 
 @pytest.mark.parametrize("name,fmt,fused", [("v3", "fp8", False), ("v2_lite_tiled", "float32", True),
-                                            ("v3_tiled", "fp8", True), ("v32", "fp8", False)])
+                                            ("v3_tiled", "fp8", True), ("v32", "fp8", False),
+                                            ("v32_tiled", "fp8", True)])
 def test_pallas_decode_matches_transformers(ds_checkpoint, name, fmt, fused):
     """impl="pallas": decode's FP8 Linears, router and routed experts run the grouped matvec kernel and attention
     the MLA decode kernels (interpreted on the CPU), reading experts and kv_b in place and dequantizing tiles in the
     kernel; V3.2's indexer scores the cache in its kernel before the top-k selection; greedy tokens stay
     transformers'. Where every weight tiles (fused), the step chains its launches
     (models/deepseek_decode.py: pending sums, norms and the SwiGLU in the next launch's prologue, the routing in the
-    router's launch) and its logits equal the XLA path's within float32 rounding (1e-5 of their scale)."""
+    router's launch) and its logits equal the XLA path's within float32 rounding (1e-5 of their scale); V3.2's
+    too while its cache holds at most index_topk tokens (the indexer would select them all, so both paths skip it)."""
     from tilert_jax.models import deepseek_decode
 
     model, _, directory = ds_checkpoint(name, fmt, True, False, False)
@@ -273,8 +275,11 @@ def test_pallas_decode_matches_transformers(ds_checkpoint, name, fmt, fused):
         ref = model.generate(torch.tensor(PROMPT[:1]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert ours.generate(PROMPT[0].tolist(), max_new_tokens=8, stop_at_eos=False).tokens == ref[0, 24:].tolist()
     tokens = jnp.asarray(PROMPT[:, 0])
-    assert deepseek_decode.supported(ours.config, ours.params, tokens) == fused
     cache = deepseek.init_cache(ours.config, PROMPT.shape[0], 32, jnp.float32)
+    assert deepseek_decode.supported(ours.config, ours.params, tokens, cache) == fused
+    if ours.config.has_indexer:  # a longer cache than index_topk: the indexer may select, the chain cannot run
+        longer = deepseek.init_cache(ours.config, PROMPT.shape[0], 2 * ours.config.index_topk, jnp.float32)
+        assert not deepseek_decode.supported(ours.config, ours.params, tokens, longer)
     _, cache = deepseek.prefill(ours.config, ours.params, jnp.asarray(PROMPT[:, :20]), cache, 0, 19)
     steps = [jax.jit(deepseek.decode_step, static_argnums=(0, 5))(ours.config, ours.params, tokens, cache, 20, impl)[0]
              for impl in ("pallas", "xla")]
@@ -318,3 +323,36 @@ def test_expert_parallel_pallas_decode(ds_checkpoint):
     assert "pallas_call" in str(step(ours.params, jnp.asarray(PROMPT[:1, 0])))
     expected = single.generate(PROMPT[0].tolist(), max_new_tokens=8, stop_at_eos=False).tokens
     assert ours.generate(PROMPT[0].tolist(), max_new_tokens=8, stop_at_eos=False).tokens == expected
+
+
+@pytest.mark.parametrize("name", ["v3_tiled", "v32_tiled"])
+def test_pallas_decode_chain_under_tensor_parallelism(ds_checkpoint, name):
+    """impl="pallas" over tp=2: each device chains the fused launches (interpreted) on its heads and its slice of the
+    intermediates; the output projection's and the MLP's pending sums are reduced over the mesh before the next
+    stream norm. float32: one device's fused step within 1e-5 relative (the same kernels, the mesh-wide sum in
+    another order)."""
+    from jax.sharding import NamedSharding
+
+    from tilert_jax.sharding import make_mesh
+    from tilert_jax.sharding.sharded import ShardedFamily
+
+    _, _, directory = ds_checkpoint(name, "fp8", True, False, False)
+    ours = tilert_jax.load(directory, dtype="float32")
+    config, params = ours.config, ours.params
+    sharded = ShardedFamily(config, make_mesh(tp=2))
+    cache = deepseek.init_cache(config, 1, 32, jnp.float32)
+    _, cache = deepseek.prefill(config, params, jnp.asarray(PROMPT[:1, :20]), cache, 0, 19)
+    tp_params = jax.device_put(params, sharded.param_shardings)
+    tp_cache = jax.device_put(cache, jax.tree.map(lambda s: NamedSharding(sharded.mesh, s), sharded.cache_specs))
+    assert {s.data.shape for s in tp_params.layers[-1].mlp.experts.gate.w.addressable_shards} == {(16, 64, 16)}
+    token, pos = jnp.asarray(PROMPT[:1, 20]), jnp.int32(20)
+
+    def step(family):
+        return jax.jit(lambda p, t, c, q: family.decode_step(config, p, t, c, q, impl="pallas"))
+
+    assert "stream_norm" in str(jax.make_jaxpr(step(sharded))(tp_params, token, tp_cache, pos))
+    logits, new_cache = jax.device_get(step(sharded)(tp_params, token, tp_cache, pos))
+    ref, ref_cache = jax.device_get(step(deepseek)(params, token, cache, pos))
+    assert np.linalg.norm(logits - ref) <= 1e-5 * np.linalg.norm(ref)
+    for ours_kv, ref_kv in zip(new_cache.kv, ref_cache.kv):
+        assert np.linalg.norm(ours_kv - ref_kv) <= 1e-5 * np.linalg.norm(ref_kv)

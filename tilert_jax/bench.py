@@ -24,8 +24,9 @@ What the numbers mean:
   of the logits; with random weights the logits are nearly tied, so tokens_match_xla (greedy tokens equal to the
   XLA run's) drops after the first bf16 rounding difference flips a token and says little in bf16.
 - ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
-- ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention) over the
-  bf16 matmul rate measured in the same process (mm_tflops, an 8192^3 product) and weight_bytes / copy_gbps.
+- ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention; of a
+  mixture's routed experts only the activated share) over the bf16 matmul rate measured in the same process
+  (mm_tflops, an 8192^3 product) times the mesh's device count, and weight_bytes / copy_gbps.
 - On a mesh (--tp / --ep): weight_bytes is per device (divided evenly over the mesh), so floor_ms is the per-device
   floor. comm_ms_per_token is the p50
   step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
@@ -54,7 +55,7 @@ from tilert_jax.sharding import make_mesh, param_shardings
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.models.dense import PALLAS_OPS_ENV, pallas_ops
-from tilert_jax.params import init_params
+from tilert_jax.params import init_params, path_name
 from tilert_jax.sampling import SamplingParams
 
 
@@ -111,14 +112,18 @@ def kv_bytes(config, batch: int, context: int, dtype) -> int:
     return 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize * context
 
 
-def matmul_params(params) -> int:
-    """Parameters that take part in a matrix product for every prompt token: every leaf of rank >= 2 but the
-    embedding table and the LM head (prefill applies the LM head to the last token only)."""
-    total = sum(int(x.size) for x in jax.tree.leaves(params) if x.ndim >= 2)
-    total -= int(params.embed.size)
-    if getattr(params, "lm_head", None) is not None:
-        total -= int(params.lm_head.size)
-    return total
+def matmul_params(config, params) -> int:
+    """Weights one prompt token multiplies: every leaf of rank >= 2 but the embedding table, the LM head (prefill
+    applies it to the last token only) and FP8 block scales; of a mixture's routed experts, only the
+    num_experts_per_tok / n_routed_experts share a token activates."""
+    active = getattr(config, "num_experts_per_tok", 1) / getattr(config, "n_routed_experts", 1)
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        parts = path_name(path).split("/")
+        if leaf.ndim < 2 or parts[0] in ("embed", "lm_head") or parts[-1] == "scale":
+            continue
+        total += leaf.size * (active if "experts" in parts else 1)
+    return int(total)
 
 
 def bench_config(name: str, layers: int = 0, dense_layers: int = -1):
@@ -154,9 +159,10 @@ def _parse_impl(text: str) -> tuple[str, str | None]:
     return text, None
 
 
-def logits_check(config, params, cache, token, pos, impl: str, env: dict) -> dict:
-    """One decode step from the same cache through impl and through XLA: relative L2 error of the logits."""
-    fam = family(config)
+def logits_check(dec: Decoder, config, params, cache, token, pos, impl: str, env: dict) -> dict:
+    """One decode step from the same cache through impl and through XLA (on the decoder's mesh, if any): relative L2
+    error of the logits."""
+    fam = dec.family
     if "xla_step" not in env:
         env["xla_step"] = jax.jit(lambda p, t, c, q: fam.decode_step(config, p, t, c, q, impl="xla")[0])
     step = jax.jit(lambda p, t, c, q: fam.decode_step(config, p, t, c, q, impl=impl)[0])
@@ -182,8 +188,7 @@ def bench_one(config, params, impl_text: str, batch: int, args, env: dict) -> di
 
 
 def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env: dict, check: bool) -> dict:
-    row = _time_decoder(Decoder(config, impl, env["mesh"]), config, params, impl, impl_text, batch, args, env,
-                        check and env["mesh"] is None)
+    row = _time_decoder(Decoder(config, impl, env["mesh"]), config, params, impl, impl_text, batch, args, env, check)
     if env["mesh"] is not None:
         quiet = _time_decoder(Decoder(config, impl, env["mesh"], communicate=False), config, params, impl, impl_text,
                               batch, args, env, False)
@@ -209,7 +214,7 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     token, cache = prefill(params, tokens, last_index, key)
     pos = jnp.int32(prompt_len)
     decode, decode_compile_s = dec.compiled("decode", sampling, chunk, params, cache, token, pos, key)
-    checked = logits_check(config, params, cache, token, pos, impl, env) if check and args.check_logits else {}
+    checked = logits_check(dec, config, params, cache, token, pos, impl, env) if check and args.check_logits else {}
     del cache
 
     ttfts = []
@@ -252,7 +257,7 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     flops = 2 * env["matmul_params"] * batch * prompt_len
     head_dim = getattr(config, "head_dim", 0)  # MLA's attention FLOPs are left out of its floor (a lower bound)
     flops += 4 * batch * config.num_layers * config.num_heads * head_dim * prompt_len * (prompt_len + 1) / 2
-    ttft_floor_s = max(flops / (env["mm_tflops"] * 1e12), floor_s)
+    ttft_floor_s = max(flops / env["devices"] / (env["mm_tflops"] * 1e12), floor_s)
     ttft = statistics.median(ttfts)
     return {
         "preset": args.preset, "impl": impl_text, "batch": batch, "tp": args.tp, "ep": args.ep,
@@ -330,7 +335,7 @@ def main(argv=None) -> int:
     jax.block_until_ready(params)
     env = {
         "mesh": mesh, "weight_bytes": weight_bytes(config, dtype, args.tp * args.ep),
-        "matmul_params": matmul_params(params),
+        "matmul_params": matmul_params(config, params), "devices": args.tp * args.ep,
         "copy_gbps": copy_gbps((args.copy_mib or (2048 if on_gpu else 16)) << 20),
         "mm_tflops": matmul_tflops(8192 if on_gpu else 256, dtype),
         "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,

@@ -590,7 +590,7 @@ def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_c
     return x, kv_cache, index_cache
 
 
-def _check_tp(config: DeepseekConfig, tp: int) -> None:
+def check_tp(config: DeepseekConfig, tp: int) -> None:
     """Every FP8 weight that the mesh splits (sharding/rules.py splits a dimension the tp size divides) must split
     at whole scale blocks."""
     if config.num_heads % tp:
@@ -617,7 +617,7 @@ def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, 
     Under shard_map over `tp_axis` each device holds its heads, its slice of every intermediate dimension and of the
     vocabulary; the hidden stream and the latent cache are replicated."""
     if tp_axis is not None:
-        _check_tp(config, jax.lax.axis_size(tp_axis))
+        check_tp(config, jax.lax.axis_size(tp_axis))
     x = collectives.embed_lookup(params.embed, tokens, tp_axis)
     new_kv, new_index = [], []
     for i, layer in enumerate(params.layers):
@@ -666,13 +666,13 @@ def prefill(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACa
 
 def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, impl: str = "xla",
                 tp_axis=None, ep_axis=None):
-    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache. impl="pallas" on one device
-    chains its kernels' launches (models/deepseek_decode.py) where the shapes allow."""
-    if impl == "pallas" and tp_axis is None and ep_axis is None:
+    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache. impl="pallas" chains its
+    kernels' launches (models/deepseek_decode.py) where the shapes allow, on one device or over `tp_axis`."""
+    if impl == "pallas" and ep_axis is None:
         from tilert_jax.models import deepseek_decode  # it builds on this module
 
-        if deepseek_decode.supported(config, params, tokens):
-            return deepseek_decode.decode_step(config, params, tokens, cache, pos)
+        if deepseek_decode.supported(config, params, tokens, cache):
+            return deepseek_decode.decode_step(config, params, tokens, cache, pos, tp_axis)
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis, ep_axis)
     return lm_head(params, x[:, 0], tp_axis, config.vocab_size), cache

@@ -1,4 +1,4 @@
-"""A DeepSeek decode step with impl="pallas" on one device, its launches chained so that the glue between them (the
+"""A DeepSeek decode step with impl="pallas" on one device or a tensor-parallel mesh, its launches chained so that the glue between them (the
 K-split partial sums, the residual adds, the RMSNorms, the SwiGLU, the routing) costs no XLA kernels of its own.
 
 The residual stream travels between launches as x plus a tuple of pending partial sums (kernels/stream_norm.py:
@@ -29,25 +29,29 @@ from tilert_jax.kernels.common import zero_counters
 from tilert_jax.models import deepseek as ds
 from tilert_jax.models import moe
 from tilert_jax.models.deepseek_linear import SINGLE, stacked
+from tilert_jax.sharding import collectives
 
 
 ARRIVAL_COUNTERS = 4096  # for the launches that finish their split reductions themselves (each checks it has enough)
 
 
-def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens) -> bool:
-    """Whether `decode_step` fits: a batch of at most 16 rows, no sparse-attention indexer, no biases, attention the
-    MLA kernels tile, and every weight tiles the grouped kernel."""
+def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache) -> bool:
+    """Whether `decode_step` fits: a batch of at most 16 rows; no sparse-attention indexer that could select (V3.2's
+    selects every token while the cache holds at most index_topk, and is skipped then, as deepseek.attend skips it);
+    every routed expert held (not an expert-parallel slice); no biases; attention the MLA kernels tile, and every
+    weight the grouped kernel."""
     n = tokens.shape[0]
     blk = config.fp8_block
-    if n > 16 or any(layer.attn.indexer is not None or not ds.decode_kernel_fits(config, layer.attn)
-                     for layer in params.layers):
+    selects = config.has_indexer and cache.kv[0].shape[1] > config.index_topk
+    if n > 16 or selects or any(not ds.decode_kernel_fits(config, layer.attn) for layer in params.layers):
         return False
     for layer in params.layers:
         a, mlp = layer.attn, layer.mlp
         lins = [ds.query_first(a), a.kv_a, a.o]
         if isinstance(mlp, ds.MoE):
             e = mlp.experts
-            if n * config.num_experts_per_tok > min(64, e.gate.w.shape[0]):
+            held = e.gate.w.shape[0]
+            if held != config.n_routed_experts or n * config.num_experts_per_tok > min(64, held):
                 return False
             lins += [e.gate, e.up, e.down] + ([] if mlp.shared is None else [mlp.shared.gate, mlp.shared.up,
                                                                               mlp.shared.down])
@@ -72,6 +76,15 @@ def _pending(y, n: int) -> jax.Array:
         return _parts(y, n)
     k = y.shape[-3] // n
     return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
+
+
+def _reduced(parts: tuple[jax.Array, ...], tp_axis) -> tuple[jax.Array, ...]:
+    """Under shard_map over `tp_axis` a device's pending sums cover only its heads or its slice of the intermediate:
+    added up here and over the mesh into one pending sum [1, n, hidden] float32. Without a mesh axis, as given."""
+    if tp_axis is None:
+        return parts
+    total = sum(jnp.sum(part.astype(jnp.float32), axis=0) for part in parts)  # [n, hidden]
+    return (collectives.psum(total, tp_axis)[None],)
 
 
 def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters):
@@ -103,11 +116,17 @@ def _mlp(p: ds.MLP, stream: sn.Stream, blk, counters):
     return x, (_pending(y, x.shape[0]),), counters
 
 
-def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache, pos):
-    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache (see `supported`)."""
+def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache, pos, tp_axis=None):
+    """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache (see `supported`).
+
+    Under shard_map over `tp_axis` each device runs the launches on its heads, its slice of every intermediate and of
+    the vocabulary (sharding/rules.py); the output projection's and the MLP's pending sums are reduced over the mesh
+    (`_reduced`) before the next stream_norm adds them, and the logits are gathered."""
+    if tp_axis is not None:
+        ds.check_tp(config, jax.lax.axis_size(tp_axis))
     n = tokens.shape[0]
     blk, eps = config.fp8_block, config.rms_norm_eps
-    x, parts = params.embed[tokens], ()  # the stream [n, hidden] and its pending sums
+    x, parts = collectives.embed_lookup(params.embed, tokens[:, None], tp_axis)[:, 0], ()  # the stream [n, hidden]
     counters = zero_counters(ARRIVAL_COUNTERS)  # passed from launch to launch, zero between them
     new_kv = []
     for i, layer in enumerate(params.layers):
@@ -121,11 +140,13 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
         out, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters)
         o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))], block=blk,
                                finish=False)[0]
-        stream = sn.Stream(x, (_pending(o, n),), layer.mlp_norm, eps)
+        stream = sn.Stream(x, _reduced((_pending(o, n),), tp_axis), layer.mlp_norm, eps)
         if isinstance(layer.mlp, ds.MoE):
             x, parts, counters = _moe(config, layer.mlp, stream, blk, counters)
         else:
             x, parts, counters = _mlp(layer.mlp, stream, blk, counters)
+        parts = _reduced(parts, tp_axis)
         new_kv.append(kv_i)
     _, h = sn.stream_reference(sn.Stream(x, parts, params.final_norm, eps))
-    return ds.lm_head(params, h, None, config.vocab_size), ds.MLACache(kv=tuple(new_kv), index_k=cache.index_k)
+    return (ds.lm_head(params, h, tp_axis, config.vocab_size),
+            ds.MLACache(kv=tuple(new_kv), index_k=cache.index_k))
