@@ -1,5 +1,6 @@
-"""A DeepSeek decode step with impl="pallas" on one device or a tensor-parallel mesh, its launches chained so that the glue between them (the
-K-split partial sums, the residual adds, the RMSNorms, the SwiGLU, the routing) costs no XLA kernels of its own.
+"""A DeepSeek decode step with impl="pallas" on one device or a tensor-parallel mesh, its launches chained so that
+the glue between them (the K-split partial sums, the residual adds, the RMSNorms, the SwiGLU, the routing) costs no
+XLA kernels of its own.
 
 The residual stream travels between launches as x plus a tuple of pending partial sums (kernels/stream_norm.py:
 `Stream`). Per layer:
