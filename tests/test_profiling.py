@@ -27,6 +27,18 @@ def test_summarize_counts_gpu_stream_kernels_per_step():
         ("matvec", 10.0, 1.0), ("fusion_1", 2.0, 0.5)]
 
 
+def test_one_gpu_of_several():
+    """On a mesh every device runs the same step: `gpu` keeps one device's kernels (GPU:1 is not GPU:10)."""
+    trace = _trace()
+    for pid, gpu in ((3, "1"), (4, "10")):
+        trace["traceEvents"] += [
+            {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"/device:GPU:{gpu}"}},
+            {"ph": "M", "pid": pid, "tid": 7, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "X", "pid": pid, "tid": 7, "ts": 0, "dur": 3, "name": f"on_gpu_{gpu}"}]
+    assert {e["name"] for e in profiling.gpu_kernel_events(trace, gpu=1)} == {"on_gpu_1"}
+    assert len(profiling.gpu_kernel_events(trace)) == 5
+
+
 def test_no_gpu_events_is_a_clear_error():
     trace = {"traceEvents": [e for e in _trace()["traceEvents"] if e.get("pid") == 1]}
     with pytest.raises(RuntimeError, match="no GPU stream events"):

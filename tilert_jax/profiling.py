@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 
 
-def gpu_kernel_events(trace: dict) -> list[dict]:
-    """The complete ("X") events on GPU stream threads of a Chrome/Perfetto JSON trace."""
+def gpu_kernel_events(trace: dict, gpu: int | None = None) -> list[dict]:
+    """The complete ("X") events on GPU stream threads of a Chrome/Perfetto JSON trace (of GPU `gpu` only, when
+    given: on a mesh every device runs the same step)."""
     process = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
                if e.get("ph") == "M" and e.get("name") == "process_name"}
     thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu_pids = {pid for pid, name in process.items() if "/device:GPU" in name}
+    device = re.compile(r"/device:GPU" + ("" if gpu is None else rf":{gpu}\b"))
+    gpu_pids = {pid for pid, name in process.items() if device.search(name)}
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["pid"] in gpu_pids
               and thread.get((e["pid"], e["tid"]), "").lower().startswith("stream")]
     if not events:
@@ -111,16 +113,17 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
     }
 
 
-def trace_gpu_kernels(run: Callable[[], Any], steps: int, top: int = 30, out: str | Path | None = None) -> dict:
+def trace_gpu_kernels(run: Callable[[], Any], steps: int, top: int = 30, out: str | Path | None = None,
+                      gpu: int | None = None) -> dict:
     """Runs `run()` (which should block until its work is done) under jax.profiler and summarizes the GPU kernels
-    per step (`steps`: how many steps `run` performs)."""
+    per step (`steps`: how many steps `run` performs; `gpu`: one device's kernels only)."""
     out = Path(out or tempfile.mkdtemp(prefix="tilert_profile_"))
     with jax.profiler.trace(str(out), create_perfetto_trace=True):
         run()
     trace_file = max(out.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     with gzip.open(trace_file, "rt") as f:
         trace = json.load(f)
-    return {**summarize(gpu_kernel_events(trace), steps, top), "trace": str(trace_file)}
+    return {**summarize(gpu_kernel_events(trace, gpu), steps, top), "trace": str(trace_file)}
 
 
 def _traced(step: Callable[[], Any], steps: int, calls: int, top: int) -> dict:

@@ -2,6 +2,7 @@
 
     python scripts/gpu/profile_decode.py --preset deepseek-v2-lite --impl pallas [--layers 4] [--out DIR]
     python scripts/gpu/profile_decode.py --preset llama-3.2-1b --phase prefill   # the prompt's prefill instead
+    python scripts/gpu/profile_decode.py --preset deepseek-v3.2-exp --layers 4 --tp 8   # GPU 0 of a mesh
 
 Runs the engine's prefill and its decode chunk (random weights, as the bench), then traces `--chunks` more decode
 chunks (or prefills, with --phase prefill) with jax.profiler and reads the Perfetto trace it writes: every event on a
@@ -29,6 +30,7 @@ from tilert_jax.models import family
 from tilert_jax.params import init_params
 from tilert_jax.profiling import hlo_ops, trace_gpu_kernels
 from tilert_jax.sampling import SamplingParams
+from tilert_jax.sharding import make_mesh, param_shardings
 
 
 def main(argv=None) -> int:
@@ -42,13 +44,18 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks", type=int, default=2, help="decode chunks (or prefills) traced")
     parser.add_argument("--phase", choices=("decode", "prefill"), default="decode")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--out", help="directory for the trace and profile.json (default: a temporary one)")
     args = parser.parse_args(argv)
 
     config = bench_config(args.preset, args.layers, args.dense_layers)
     dtype = jnp.bfloat16 if jax.devices()[0].platform == "gpu" else jnp.float32
-    params = init_params(family(config).param_specs(config), jax.random.key(0), dtype)
-    dec = Decoder(config, args.impl)
+    specs = family(config).param_specs(config)
+    mesh = make_mesh(tp=args.tp, ep=args.ep) if args.tp * args.ep > 1 else None
+    params = init_params(specs, jax.random.key(0), dtype,
+                         shardings=None if mesh is None else param_shardings(specs, mesh))
+    dec = Decoder(config, args.impl, mesh)
     sampling = SamplingParams()
     padded = _round_up(args.prompt_len, PROMPT_BUCKET)
     max_len = _round_up(args.prompt_len + (args.chunks + 2) * args.chunk, CACHE_BUCKET)
@@ -76,8 +83,9 @@ def main(argv=None) -> int:
         state["wall"] = time.perf_counter() - start
 
     steps = args.chunks * (1 if args.phase == "prefill" else args.chunk)
-    kernels = trace_gpu_kernels(run, steps, args.top, out)
+    kernels = trace_gpu_kernels(run, steps, args.top, out, gpu=None if mesh is None else 0)
     summary = {"preset": args.preset, "impl": args.impl, "phase": args.phase, "num_layers": config.num_layers,
+               "tp": args.tp, "ep": args.ep,
                "wall_us_per_step_traced": 1e6 * state["wall"] / steps, **kernels}
     hlo = (prefill if args.phase == "prefill" else decode).as_text()
     (out / f"{args.phase}_hlo.txt").write_text(hlo)
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
     for k in summary["kernels"]:
         k["op"] = ops.get(k["name"], "")
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
-    print(f"{args.preset} {args.phase} impl={args.impl} layers={config.num_layers}: "
+    print(f"{args.preset} {args.phase} impl={args.impl} layers={config.num_layers} tp={args.tp} ep={args.ep}: "
           f"span {summary['span_us_per_step']:.1f} us/step, "
           f"busy {summary['busy_us_per_step']:.1f}, gaps {summary['gap_us_per_step']:.1f}, "
           f"{summary['kernels_per_step']:.0f} kernels/step (trace {summary['trace']})")
