@@ -359,11 +359,13 @@ def test_grouped_matvec_float16_dot_is_the_bf16_dot(packed):
     np.testing.assert_allclose(np.asarray(fast, np.float32), ref, rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_tiled_experts_match_ragged(fp8):
+@pytest.mark.parametrize("fp8,n,tile", [(False, 20, 4), (True, 20, 4), (True, 200, None)])
+def test_tiled_experts_match_ragged(fp8, n, tile):
     """Prefill's tiled grouped matmul against the ragged_dot formulation, with unused experts and a tile size that
-    leaves padding."""
-    e, h, f, n, k = 8, 32, 16, 20, 2
+    leaves padding (4 rows, and the 64 that 400 pairs over 8 experts pick), through XLA's gathered weights and
+    through the grouped kernel (interpreted; the tiles past the last used one read nothing). float32: the same
+    products summed in another order."""
+    e, h, f, k = 8, 32, 16, 2
     keys = jax.random.split(jax.random.key(9), 5)
     block = (16, 16) if fp8 else None
 
@@ -378,9 +380,11 @@ def test_tiled_experts_match_ragged(fp8):
     x = jax.random.normal(keys[3], (n, h))
     logits = jax.random.normal(keys[4], (n, e)).at[:, 5].add(-100.0)  # expert 5 never chosen
     weights, index = jax.lax.top_k(jax.nn.softmax(logits), k)
-    tiled = jax.jit(moe.experts_tiled, static_argnums=(6, 7, 8))(x, index, weights, gate, up, down, block, 4, 2)
     ref = jax.jit(moe.experts_sorted, static_argnums=6)(x, index, weights, gate, up, down, block)
-    np.testing.assert_allclose(tiled, ref, rtol=1e-5, atol=1e-5)
+    for impl in ("xla", "pallas"):
+        tiled = jax.jit(moe.experts_tiled, static_argnums=(6, 7, 8, 9))(x, index, weights, gate, up, down, block,
+                                                                        tile, 2, impl)
+        np.testing.assert_allclose(tiled, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_linear_paths():

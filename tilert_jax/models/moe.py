@@ -6,12 +6,15 @@ Ways to run the selected experts, each reading only the experts some token chose
 - gather (decode, few token-expert pairs): the k selected experts' weights are gathered per token and multiplied;
   with impl="pallas" a grouped matvec kernel reads them in place instead (kernels/moe_grouped_matvec.py);
 - tiled (prefill): the token-expert pairs are sorted by expert, padded to tiles of one expert each, and the tiles
-  multiplied a chunk at a time against their experts' weights;
+  multiplied a chunk at a time against their experts' weights; with impl="pallas" the grouped kernel takes every
+  tile as a group of rows and reads its expert's weights in place (no gathered copies);
 - sorted (reference): the same sort, then one jax.lax.ragged_dot per projection.
 None loops over experts.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -135,13 +138,16 @@ def experts_tiled(x: jnp.ndarray,  # [N, hidden]
                   index: jnp.ndarray,  # [N, k] int32
                   weights: jnp.ndarray,  # [N, k] float32
                   gate: Linear, up: Linear, down: Linear,
-                  block, tile: int | None = None, chunk: int = 8) -> jnp.ndarray:  # [N, hidden] float32
+                  block, tile: int | None = None, chunk: int = 8, impl: str = "xla") -> jnp.ndarray:  # [N, hidden] f32
     """Prefill's path: token-expert pairs sorted by expert and padded to whole tiles of `tile` rows, each tile owned
     by one expert; tiles are multiplied `chunk` at a time against their experts' (gathered, dequantized) weights.
 
     Every used expert's weights are read about once per tile it owns (one tile per expert at typical loads), the
     dequantized copies live `chunk` tiles at a time, and no expert is visited that no token chose. (XLA's GPU
-    lowering of jax.lax.ragged_dot materializes the product against every expert, hence not `experts_sorted`.)"""
+    lowering of jax.lax.ragged_dot materializes the product against every expert, hence not `experts_sorted`.)
+    impl="pallas": the grouped kernel runs every tile as one group of rows, reading its expert's tiles of weight in
+    place (the gathered copies were most of a DeepSeek-V2-Lite prefill: 31 of its 80 ms, docs/PERF.md session 17);
+    the tiles past the last used one read nothing."""
     n, k = index.shape
     num_experts, hidden, _ = gate.w.shape
     pairs = n * k
@@ -162,19 +168,35 @@ def experts_tiled(x: jnp.ndarray,  # [N, hidden]
     tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"),
                               num_experts - 1).astype(jnp.int32)
     rows = jnp.concatenate([x, jnp.zeros((1, hidden), x.dtype)])[row_token].reshape(n_tiles, tile, hidden)
-
-    def take(lin: Linear, ids):  # [chunk, in, out] in x's dtype
-        return weight(Linear(w=lin.w[ids], scale=None if lin.scale is None else lin.scale[ids]), block, x.dtype)
-
-    def run(args):
-        xs, ids = args  # [chunk, tile, hidden], [chunk]
-        h = jax.nn.silu(jnp.einsum("cth,chf->ctf", xs, take(gate, ids))) * jnp.einsum("cth,chf->ctf", xs,
-                                                                                        take(up, ids))
-        return jnp.einsum("ctf,cfh->cth", h, take(down, ids))
-
-    ys = jax.lax.map(run, (rows.reshape(-1, chunk, tile, hidden), tile_expert.reshape(-1, chunk)))
+    if impl == "pallas" and tile <= gm.GROUP_ROWS and all(
+            gm.tiles(*lin.w.shape[1:], block if lin.scale is not None else None) for lin in (gate, down)):
+        used = jnp.arange(n_tiles) * tile < padded_end[-1]
+        ys = _tiles_grouped(rows, jnp.where(used, tile_expert, -1), gate, up, down, block)
+    else:
+        ys = jax.lax.map(functools.partial(_tiles_chunk, gate, up, down, block),
+                         (rows.reshape(-1, chunk, tile, hidden), tile_expert.reshape(-1, chunk)))
     ys = ys.reshape(slots, hidden).astype(jnp.float32) * row_weight[:, None]
     return jnp.zeros((n + 1, hidden), jnp.float32).at[row_token].add(ys)[:n]
+
+
+def _tiles_chunk(gate: Linear, up: Linear, down: Linear, block, args) -> jnp.ndarray:
+    """A chunk of tiles xs [chunk, tile, hidden] against their experts ids [chunk] (gathered, dequantized)."""
+    xs, ids = args
+
+    def take(lin: Linear) -> jnp.ndarray:  # [chunk, in, out] in xs' dtype
+        return weight(Linear(w=lin.w[ids], scale=None if lin.scale is None else lin.scale[ids]), block, xs.dtype)
+
+    h = jax.nn.silu(jnp.einsum("cth,chf->ctf", xs, take(gate))) * jnp.einsum("cth,chf->ctf", xs, take(up))
+    return jnp.einsum("ctf,cfh->cth", h, take(down))
+
+
+def _tiles_grouped(rows: jnp.ndarray,  # [T, tile, hidden]
+                   ids: jnp.ndarray,  # [T] int32: each tile's expert (negative: an empty tile, zeros)
+                   gate: Linear, up: Linear, down: Linear, block) -> jnp.ndarray:  # [T, tile, hidden]
+    """Every tile one group of the grouped kernel: gate/up with the SwiGLU epilogue, then down."""
+    (mid,) = gm.grouped_matvecs([gm.Product(x=rows, ids=ids, **stacked(gate, up))], block=block)
+    (y,) = gm.grouped_matvecs([gm.Product(x=mid, ids=ids, **stacked(down))], block=block)
+    return y
 
 
 def experts_pallas(x: jnp.ndarray,  # [N, hidden]
@@ -241,7 +263,7 @@ def experts(x, index, weights, routed: tuple[Linear, Linear, Linear], shared: tu
     if n * k <= gate.w.shape[0]:
         out = experts_gathered(x, index, weights, gate, up, down, block)
     else:
-        out = experts_tiled(x, index, weights, gate, up, down, block)
+        out = experts_tiled(x, index, weights, gate, up, down, block, impl=impl)
     if shared is None:
         return out, None
     return out, linear(swiglu(x, shared[0], shared[1], block, impl), shared[2], block, impl)
