@@ -57,3 +57,25 @@ def test_matmul_params_counts_the_activated_experts():
     expected = c.num_layers * attn + dense * dense_mlp + (c.num_layers - dense) * moe
     params = abstract_params(family(c).param_specs(c), jnp.bfloat16)
     assert matmul_params(c, params) == expected
+
+
+def test_prefill_bytes_read_every_expert():
+    """The prefill's byte floor: every parameter but an untied embedding table, per device. A dense model's is its
+    decode bytes less the one embedding row a decode step reads; a mixture's holds every expert, not the activated
+    share."""
+    import jax.numpy as jnp
+
+    from tilert_jax.bench import bench_config, prefill_bytes, weight_bytes
+    from tilert_jax.models import family
+    from tilert_jax.params import abstract_params
+
+    dense = bench_config("llama-3.1-8b")
+    params = abstract_params(family(dense).param_specs(dense), jnp.bfloat16)
+    row = dense.hidden_size * 2
+    assert prefill_bytes(params, 1) == weight_bytes(dense, jnp.bfloat16, 1) - row
+    assert prefill_bytes(params, 4) == (weight_bytes(dense, jnp.bfloat16, 1) - row) // 4
+    moe = bench_config("deepseek-v3", 4, 1)
+    params = abstract_params(family(moe).param_specs(moe), jnp.bfloat16)
+    experts = sum(x.size * x.dtype.itemsize for layer in params.layers[1:]
+                  for x in (layer.mlp.experts.gate.w, layer.mlp.experts.up.w, layer.mlp.experts.down.w))
+    assert prefill_bytes(params, 1) - weight_bytes(moe, jnp.bfloat16, 1) > 0.9 * experts * (1 - 8 / 256)

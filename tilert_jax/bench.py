@@ -26,7 +26,8 @@ What the numbers mean:
 - ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
 - ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention; of a
   mixture's routed experts only the activated share) over the bf16 matmul rate measured in the same process
-  (mm_tflops, an 8192^3 product) times the mesh's device count, and weight_bytes / copy_gbps.
+  (mm_tflops, an 8192^3 product) times the mesh's device count, and prefill_bytes / copy_gbps: every parameter
+  byte but an untied embedding table's, per device (a prompt's tokens choose every expert of a mixture).
 - On a mesh (--tp / --ep): weight_bytes is per device (divided evenly over the mesh), so floor_ms is the per-device
   floor. comm_ms_per_token is the p50
   step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
@@ -102,6 +103,15 @@ def weight_bytes(config, dtype, devices: int) -> int:
     """Bytes of parameters one device reads per decode step: the family's count (one row of an untied embedding
     table; a mixture of experts' active experts), divided evenly over the devices of a mesh."""
     return int(family(config).decode_weight_bytes(config, dtype) // devices)
+
+
+def prefill_bytes(params, devices: int) -> int:
+    """Bytes of parameters one device reads in a prefill: all of them but an untied embedding table's rows."""
+    nbytes = lambda x: x.size * x.dtype.itemsize  # noqa: E731 (arrays and abstract ShapeDtypeStructs alike)
+    total = sum(nbytes(x) for x in jax.tree.leaves(params))
+    if getattr(params, "lm_head", None) is not None:
+        total -= nbytes(params.embed)
+    return total // devices
 
 
 def kv_bytes(config, batch: int, context: int, dtype) -> int:
@@ -257,7 +267,8 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     flops = 2 * env["matmul_params"] * batch * prompt_len
     head_dim = getattr(config, "head_dim", 0)  # MLA's attention FLOPs are left out of its floor (a lower bound)
     flops += 4 * batch * config.num_layers * config.num_heads * head_dim * prompt_len * (prompt_len + 1) / 2
-    ttft_floor_s = max(flops / env["devices"] / (env["mm_tflops"] * 1e12), floor_s)
+    flop_s = flops / env["devices"] / (env["mm_tflops"] * 1e12)
+    ttft_floor_s = max(flop_s, env["prefill_bytes"] / (env["copy_gbps"] * 1e9))
     ttft = statistics.median(ttfts)
     return {
         "preset": args.preset, "impl": impl_text, "batch": batch, "tp": args.tp, "ep": args.ep,
@@ -336,6 +347,7 @@ def main(argv=None) -> int:
     env = {
         "mesh": mesh, "weight_bytes": weight_bytes(config, dtype, args.tp * args.ep),
         "matmul_params": matmul_params(config, params), "devices": args.tp * args.ep,
+        "prefill_bytes": prefill_bytes(params, args.tp * args.ep),
         "copy_gbps": copy_gbps((args.copy_mib or (2048 if on_gpu else 16)) << 20),
         "mm_tflops": matmul_tflops(8192 if on_gpu else 256, dtype),
         "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
