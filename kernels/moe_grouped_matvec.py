@@ -14,6 +14,8 @@ launch). With arrival counters (`counters`) the program of an output tile that a
 partial sums (in order) and finishes it (the SwiGLU, the cast) inside the launch, so no XLA kernel runs between two
 launches (`common.arrive_last`); without them XLA finishes the sums after the launch.
 
+A group holds one to GROUP_ROWS rows: decode's token rows, or prefill's sorted tiles of one expert's rows
+(models/moe.py, `experts_tiled`), whose dots then run on tensor cores as a grouped matmul.
 A group whose id is negative reads nothing and yields zeros: under expert parallelism the pairs routed to another
 device's experts cost no weight bytes here. A product's x rows may serve several groups (a token's routed experts
 read its one row). A split launch may leave its float32 partial sums to the consumer (`finish=False`: o_proj and the
