@@ -7,17 +7,8 @@
 # Output under $OUT (default ./gpu_out): log.txt, bench.jsonl, collectives.jsonl. Each step has its own time limit,
 # so one failure leaves the rest standing.
 set -u
-export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda NCCL_NVLS_ENABLE=0
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/tilert_jax_cache}
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-T0=$(date +%s)
-say() { echo "[mesh_run $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
-
-say "commit $(git rev-parse --short HEAD 2>/dev/null)"
-nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 || say "install FAILED"
+NAME=mesh_run
+source "$(dirname "$0")/setup.sh"
 
 bench() {  # bench TIMEOUT_S ARGS...
   local limit=$1; shift

@@ -9,18 +9,8 @@
 # Output under $OUT (default ./gpu_out): log.txt, <mesh>.log and bench.jsonl (one JSON line per mesh, with
 # comm_ms_per_token).
 set -u
-export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda NCCL_NVLS_ENABLE=0
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/tilert_jax_cache}
-export TILERT_COMMIT=${TILERT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-LOG="$OUT/log.txt"
-T0=$(date +%s)
-say() { echo "[v32_x8 $(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
-
-say "commit $TILERT_COMMIT"
-nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 || say "install FAILED"
+NAME=v32_x8
+source "$(dirname "$0")/setup.sh"
 
 bench() {  # bench NAME ARGS...: one bench process, its whole log in $OUT/NAME.log
   local name=$1; shift
