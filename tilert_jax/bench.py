@@ -148,6 +148,15 @@ def bench_config(name: str, layers: int = 0, dense_layers: int = -1):
                                **({"first_k_dense_replace": dense} if hasattr(config, "n_routed_experts") else {}))
 
 
+def random_model(config, dtype, tp: int = 1, ep: int = 1, seed: int = 0):
+    """-> (the tp x ep mesh, or None for one device; random parameters drawn straight into their shards on it)."""
+    specs = family(config).param_specs(config)
+    mesh = make_mesh(tp=tp, ep=ep) if tp * ep > 1 else None
+    params = init_params(specs, jax.random.key(seed), dtype,
+                         shardings=None if mesh is None else param_shardings(specs, mesh))
+    return mesh, jax.block_until_ready(params)
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -339,15 +348,12 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"
     dtype = jnp.dtype(("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype)
-    specs = family(config).param_specs(config)
-    mesh = make_mesh(tp=args.tp, ep=args.ep) if args.tp * args.ep > 1 else None
-    shardings = param_shardings(specs, mesh) if mesh is not None else None
-    params = init_params(specs, jax.random.key(args.seed), dtype, shardings=shardings)
-    jax.block_until_ready(params)
+    mesh, params = random_model(config, dtype, args.tp, args.ep, args.seed)
+    devices = args.tp * args.ep
     env = {
-        "mesh": mesh, "weight_bytes": weight_bytes(config, dtype, args.tp * args.ep),
-        "matmul_params": matmul_params(config, params), "devices": args.tp * args.ep,
-        "prefill_bytes": prefill_bytes(params, args.tp * args.ep),
+        "mesh": mesh, "weight_bytes": weight_bytes(config, dtype, devices),
+        "matmul_params": matmul_params(config, params), "devices": devices,
+        "prefill_bytes": prefill_bytes(params, devices),
         "copy_gbps": copy_gbps((args.copy_mib or (2048 if on_gpu else 16)) << 20),
         "mm_tflops": matmul_tflops(8192 if on_gpu else 256, dtype),
         "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,

@@ -24,13 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tilert_jax.bench import bench_config
+from tilert_jax.bench import bench_config, random_model
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
-from tilert_jax.models import family
-from tilert_jax.params import init_params
 from tilert_jax.profiling import hlo_ops, trace_gpu_kernels
 from tilert_jax.sampling import SamplingParams
-from tilert_jax.sharding import make_mesh, param_shardings
 
 
 def main(argv=None) -> int:
@@ -51,10 +48,7 @@ def main(argv=None) -> int:
 
     config = bench_config(args.preset, args.layers, args.dense_layers)
     dtype = jnp.bfloat16 if jax.devices()[0].platform == "gpu" else jnp.float32
-    specs = family(config).param_specs(config)
-    mesh = make_mesh(tp=args.tp, ep=args.ep) if args.tp * args.ep > 1 else None
-    params = init_params(specs, jax.random.key(0), dtype,
-                         shardings=None if mesh is None else param_shardings(specs, mesh))
+    mesh, params = random_model(config, dtype, args.tp, args.ep)
     dec = Decoder(config, args.impl, mesh)
     sampling = SamplingParams()
     padded = _round_up(args.prompt_len, PROMPT_BUCKET)

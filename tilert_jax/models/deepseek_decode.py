@@ -29,7 +29,7 @@ from tilert_jax.kernels import stream_norm as sn
 from tilert_jax.kernels.common import zero_counters
 from tilert_jax.models import deepseek as ds
 from tilert_jax.models import moe
-from tilert_jax.models.deepseek_linear import SINGLE, stacked
+from tilert_jax.models.deepseek_linear import SINGLE, grouped_tiles, stacked
 from tilert_jax.sharding import collectives
 
 
@@ -42,7 +42,6 @@ def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cach
     every routed expert held (not an expert-parallel slice); no biases; attention the MLA kernels tile, and every
     weight the grouped kernel."""
     n = tokens.shape[0]
-    blk = config.fp8_block
     selects = config.has_indexer and cache.kv[0].shape[1] > config.index_topk
     if n > 16 or selects or any(not ds.decode_kernel_fits(config, layer.attn) for layer in params.layers):
         return False
@@ -58,10 +57,8 @@ def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cach
                                                                               mlp.shared.down])
         else:
             lins += [mlp.gate, mlp.up, mlp.down]
-        for lin in lins:
-            k_dim, n_dim = lin.w.shape[-2:]
-            if lin.b is not None or gm.tiles(k_dim, n_dim, blk if lin.scale is not None else None) is None:
-                return False
+        if any(lin.b is not None or not grouped_tiles(lin, config.fp8_block) for lin in lins):
+            return False
     return True
 
 

@@ -107,7 +107,7 @@ def _pallas_products(x: jax.Array, products: list[tuple[Linear, ...]], block) ->
         first = product[0]
         k_dim, n_dim = first.w.shape[-2:]
         fp8 = first.scale is not None
-        if (first.w.ndim != 2 or gm.tiles(k_dim, n_dim, block if fp8 else None) is None
+        if (first.w.ndim != 2 or not grouped_tiles(first, block)
                 or (len(product) > 1 and any(lin.b is not None for lin in product))):
             return None
         if fp8 and any(lin.scale.shape != (cdiv(k_dim, block[1]), cdiv(n_dim, block[0])) for lin in product):
@@ -115,6 +115,14 @@ def _pallas_products(x: jax.Array, products: list[tuple[Linear, ...]], block) ->
         kernel_products.append(gm.Product(x=x.reshape(1, rows, k_dim), ids=SINGLE, **stacked(*product)))
     ys = gm.grouped_matvecs(kernel_products, block=block)
     return [y[0].reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def grouped_tiles(lin: Linear, block: tuple[int, int] | None) -> bool:
+    """Whether the grouped kernel tiles this Linear or stack of them (kernels/moe_grouped_matvec.py, `tiles`): an FP8
+    weight's tiles within its scale blocks."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+
+    return gm.tiles(*lin.w.shape[-2:], block if lin.scale is not None else None) is not None
 
 
 def stacked(*lins: Linear) -> dict:

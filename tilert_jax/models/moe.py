@@ -24,7 +24,7 @@ from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels import moe_routing
 from tilert_jax.kernels.common import sum_parts
 from tilert_jax.kernels.moe_routing import RoutingRule, route_reference
-from tilert_jax.models.deepseek_linear import SINGLE, Linear, linear, stacked, swiglu, weight
+from tilert_jax.models.deepseek_linear import SINGLE, Linear, grouped_tiles, linear, stacked, swiglu, weight
 
 
 ROUTE_ROWS = 16  # decode: up to this many token rows the router and the routing run as Pallas kernels
@@ -168,8 +168,7 @@ def experts_tiled(x: jnp.ndarray,  # [N, hidden]
     tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"),
                               num_experts - 1).astype(jnp.int32)
     rows = jnp.concatenate([x, jnp.zeros((1, hidden), x.dtype)])[row_token].reshape(n_tiles, tile, hidden)
-    if impl == "pallas" and tile <= gm.GROUP_ROWS and all(
-            gm.tiles(*lin.w.shape[1:], block if lin.scale is not None else None) for lin in (gate, down)):
+    if impl == "pallas" and tile <= gm.GROUP_ROWS and grouped_tiles(gate, block) and grouped_tiles(down, block):
         used = jnp.arange(n_tiles) * tile < padded_end[-1]
         ys = _tiles_grouped(rows, jnp.where(used, tile_expert, -1), gate, up, down, block)
     else:
@@ -211,10 +210,8 @@ def experts_pallas(x: jnp.ndarray,  # [N, hidden]
     None), or None when the shapes do not tile."""
     n, k = index.shape
     gate, up, down = routed
-    e, h, f = gate.w.shape
-    blk = block if gate.scale is not None else None
-    mats = [(h, f), (f, h)] + ([] if shared is None else [shared[0].w.shape, shared[2].w.shape])
-    if any(gm.tiles(kd, nd, blk) is None for kd, nd in mats):
+    h = gate.w.shape[1]
+    if not all(grouped_tiles(lin, block) for lin in (gate, down, *(() if shared is None else shared))):
         return None
     if shared is not None and any(lin.b is not None for lin in shared):
         return None
