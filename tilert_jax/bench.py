@@ -136,16 +136,36 @@ def matmul_params(config, params) -> int:
     return int(total)
 
 
-def bench_config(name: str, layers: int = 0, dense_layers: int = -1):
+def bench_config(name: str, layers: int = 0, dense_layers: int = -1, slice_of: int = 1):
     """The preset, cut to `layers` full-width layers when given; a mixture of experts keeps `dense_layers` lead
-    dense-MLP layers (default: the preset's) and at least one expert layer."""
-    config = preset(name)
+    dense-MLP layers (default: the preset's) and at least one expert layer. slice_of > 1: `tp_slice`."""
+    config = tp_slice(preset(name), slice_of)
     if not layers:
         return config
     dense = getattr(config, "first_k_dense_replace", 0) if dense_layers < 0 else dense_layers
     dense = min(dense, layers - 1)
     return dataclasses.replace(config, num_layers=layers,
                                **({"first_k_dense_replace": dense} if hasattr(config, "n_routed_experts") else {}))
+
+
+def tp_slice(config, tp: int):
+    """What one device of a tp-wide mesh computes, as a model of its own for one GPU: the heads, the KV heads (at
+    least one), the MLP and expert intermediates and the vocabulary divided by tp, as sharding/rules.py splits
+    them; everything replicated (the hidden size, MLA's low ranks, the router) kept. Its decode runs the mesh's
+    per-device launches without the reductions between them, so they can be timed and tuned on one GPU."""
+    if tp == 1:
+        return config
+    fields = {"num_heads": config.num_heads, "intermediate_size": config.intermediate_size,
+              "vocab_size": config.vocab_size}
+    if hasattr(config, "moe_intermediate_size"):
+        fields["moe_intermediate_size"] = config.moe_intermediate_size
+    bad = [f"{name}={value}" for name, value in fields.items() if value % tp]
+    if bad:
+        raise ValueError(f"tp={tp} does not divide {', '.join(bad)}")
+    sliced = {name: value // tp for name, value in fields.items()}
+    if "num_kv_heads" in {f.name for f in dataclasses.fields(config)}:
+        sliced["num_kv_heads"] = max(1, config.num_kv_heads // tp)
+    return dataclasses.replace(config, **sliced)
 
 
 def random_model(config, dtype, tp: int = 1, ep: int = 1, seed: int = 0):
@@ -281,6 +301,7 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     ttft = statistics.median(ttfts)
     return {
         "preset": args.preset, "impl": impl_text, "batch": batch, "tp": args.tp, "ep": args.ep,
+        "slice_of": args.slice_of,
         "num_layers": config.num_layers, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "chunk": chunk, "dtype": str(params.embed.dtype),
         "ttft_ms": 1e3 * ttft, "ttft_floor_ms": 1e3 * ttft_floor_s, "ttft_frac": ttft_floor_s / ttft,
@@ -331,6 +352,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dense-layers", type=int, default=-1,
                         help="with --layers, how many lead dense-MLP layers a mixture of experts keeps (default: the "
                              "preset's, at most layers - 1)")
+    parser.add_argument("--slice-of", type=int, default=1,
+                        help="on one device, the share one device of a tp=N mesh computes (tp_slice), no reductions")
     parser.add_argument("--copy-mib", type=int, default=0, help="copy-bandwidth buffer (0: 2048 on GPU, 16 else)")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
@@ -342,7 +365,12 @@ def main(argv=None) -> int:
         if _parse_impl(impl)[0] not in ("xla", "pallas"):
             parser.error(f"unknown --impl {impl!r}")
 
-    config = bench_config(args.preset, args.layers, args.dense_layers)
+    if args.slice_of > 1 and args.tp * args.ep > 1:
+        parser.error("--slice-of runs on one device: leave --tp and --ep at 1")
+    try:
+        config = bench_config(args.preset, args.layers, args.dense_layers, args.slice_of)
+    except ValueError as e:
+        parser.error(str(e))
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         parser.error(f"prompt + new tokens exceed the context ({config.max_position_embeddings})")
     dev = jax.devices()[0]

@@ -3,6 +3,7 @@
     python scripts/gpu/profile_decode.py --preset deepseek-v2-lite --impl pallas [--layers 4] [--out DIR]
     python scripts/gpu/profile_decode.py --preset llama-3.2-1b --phase prefill   # the prompt's prefill instead
     python scripts/gpu/profile_decode.py --preset deepseek-v3.2-exp --layers 4 --tp 8   # GPU 0 of a mesh
+    python scripts/gpu/profile_decode.py --preset deepseek-v3.2-exp --layers 4 --slice-of 8   # its share, one GPU
 
 Runs the engine's prefill and its decode chunk (random weights, as the bench), then traces `--chunks` more decode
 chunks (or prefills, with --phase prefill) with jax.profiler and reads the Perfetto trace it writes: every event on a
@@ -43,10 +44,11 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--slice-of", type=int, default=1, help="one device's share of a tp=N mesh (bench.tp_slice)")
     parser.add_argument("--out", help="directory for the trace and profile.json (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    config = bench_config(args.preset, args.layers, args.dense_layers)
+    config = bench_config(args.preset, args.layers, args.dense_layers, args.slice_of)
     dtype = jnp.bfloat16 if jax.devices()[0].platform == "gpu" else jnp.float32
     mesh, params = random_model(config, dtype, args.tp, args.ep)
     dec = Decoder(config, args.impl, mesh)
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     steps = args.chunks * (1 if args.phase == "prefill" else args.chunk)
     kernels = trace_gpu_kernels(run, steps, args.top, out, gpu=None if mesh is None else 0)
     summary = {"preset": args.preset, "impl": args.impl, "phase": args.phase, "num_layers": config.num_layers,
-               "tp": args.tp, "ep": args.ep,
+               "tp": args.tp, "ep": args.ep, "slice_of": args.slice_of,
                "wall_us_per_step_traced": 1e6 * state["wall"] / steps, **kernels}
     hlo = (prefill if args.phase == "prefill" else decode).as_text()
     (out / f"{args.phase}_hlo.txt").write_text(hlo)
