@@ -1,0 +1,144 @@
+"""Device time of every grouped-kernel launch of one DeepSeek decode step (models/deepseek_decode.py, impl="pallas")
+over the grouped kernel's launch parameters (`moe_grouped_matvec.GroupedConfig`), at a preset's shapes or at one
+device's share of a tp mesh (`--slice-of`, bench.tp_slice).
+
+    python scripts/gpu/probe_decode_launches.py --preset deepseek-v3.2-exp --slice-of 8 [--launch 0,3] [--out F]
+
+The launches are recorded from the step itself: the step is traced abstractly with `grouped_matvecs` wrapped, and
+each distinct launch (its products' shapes and dtypes, its block, whether it finishes its split sums) is rebuilt
+from fresh random inputs: FP8 weights of random finite bits, positive scales, the routed pairs on spread experts.
+An epilogue (the router's routing) is left out; the counters stay. `--copies` distinct weights are used in turn (more
+bytes than L2 holds, as in a decode step). Prints one JSON line per launch and configuration ("default":
+`default_config`'s choice) with the launch's busy time and bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+from tilert_jax.bench import bench_config
+from tilert_jax.kernels import moe_grouped_matvec as gm
+from tilert_jax.kernels.common import zero_counters
+from tilert_jax.models import deepseek_decode, family
+from tilert_jax.params import init_params
+from tilert_jax.profiling import emit, kernel_time, probe_parser
+
+FIELDS = ("bn", "num_warps", "num_stages", "split")
+GRID = [dict(zip(FIELDS, c)) for c in itertools.product((64, 128), (4, 8), (4,), (1, 2, 4, 8, 16))]
+
+
+def recorded_launches(config) -> list[tuple[list[dict], dict]]:
+    """The distinct grouped launches of one decode step: (per product its fields as ShapeDtypeStructs or values,
+    the call's keyword arguments as given, counters and epilogue as booleans)."""
+    fam = family(config)
+    params = jax.eval_shape(lambda: init_params(fam.param_specs(config), jax.random.key(0), jnp.bfloat16))
+    cache = jax.eval_shape(lambda: fam.init_cache(config, 1, 1280, jnp.bfloat16))
+    seen, launches = set(), []
+    real = gm.grouped_matvecs
+
+    def record(products, **kw):
+        fields = [{f.name: _abstract(getattr(p, f.name)) for f in dataclasses.fields(p)} for p in products]
+        call = {**kw, "counters": kw.get("counters") is not None, "epilogue": kw.get("epilogue") is not None}
+        key = repr((fields, sorted(call.items())))
+        if key not in seen:
+            seen.add(key)
+            launches.append((fields, call))
+        return real(products, **kw)
+
+    gm.grouped_matvecs = record
+    try:
+        tokens = jax.ShapeDtypeStruct((1,), jnp.int32)
+        jax.eval_shape(lambda p, t, c: deepseek_decode.decode_step(config, p, t, c, jnp.int32(1024)), params,
+                       tokens, cache)
+    finally:
+        gm.grouped_matvecs = real
+    return launches
+
+
+def _abstract(value):
+    return jax.ShapeDtypeStruct(value.shape, value.dtype) if isinstance(value, jax.Array | jax.ShapeDtypeStruct) \
+        else value
+
+
+def _fresh(fields: dict, key) -> gm.Product:
+    """Random inputs of the recorded shapes: ids spread over the stack's experts."""
+    out = {}
+    for name, value in fields.items():
+        key, sub = jax.random.split(key)
+        if not isinstance(value, jax.ShapeDtypeStruct):
+            out[name] = value
+        elif name == "ids":
+            experts = fields["w"].shape[0]
+            out[name] = jnp.arange(value.shape[0], dtype=jnp.int32) * 37 % experts
+        elif value.dtype == jnp.float8_e4m3fn:  # finite: the top exponent bit cleared
+            bits = jax.random.bits(sub, value.shape, jnp.uint8) & jnp.uint8(0xB7)
+            out[name] = jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+        elif name.startswith("scale") or name == "group_weights":
+            out[name] = jax.random.uniform(sub, value.shape, jnp.float32, 0.5, 1.0) * 1e-2
+        else:
+            out[name] = (jax.random.normal(sub, value.shape) * 0.02).astype(value.dtype)
+    return gm.Product(**out)
+
+
+def _bytes(fields: list[dict]) -> int:
+    """The weight bytes a launch reads: its groups' experts (one each) of every weight and scale."""
+    total = 0
+    for f in fields:
+        groups = f["ids"].shape[0] if isinstance(f["ids"], jax.ShapeDtypeStruct) else 1
+        for name in ("w", "w2", "scale", "scale2"):
+            if isinstance(f.get(name), jax.ShapeDtypeStruct):
+                total += groups * f[name].size // f[name].shape[0] * f[name].dtype.itemsize
+    return total
+
+
+def _effective(fields: list[dict], block, cfg: gm.GroupedConfig | None) -> tuple:
+    """What a configuration makes of a launch: each product's (bk, bn, K split), the warps and stages."""
+    shapes = [(1, f["w"].shape[1], f["w"].shape[2], f["scale"] is not None) for f in fields]
+    cfg = cfg or gm.default_config(shapes, block, swiglu=any(f["w2"] is not None for f in fields))
+    tiles = [gm.tiles(k, n, block if fp8 else None, cfg) for _, k, n, fp8 in shapes]
+    return (tuple((bk, bn, gm._split_for(k, bk, cfg.split)) for (_, k, _, _), (bk, bn) in zip(shapes, tiles)),
+            cfg.num_warps, cfg.num_stages)
+
+
+def main(argv=None) -> int:
+    parser = probe_parser(__doc__, copies=8)
+    parser.add_argument("--preset", default="deepseek-v3.2-exp")
+    parser.add_argument("--slice-of", type=int, default=1)
+    parser.add_argument("--launch", help="comma-separated launch numbers (default: all)")
+    args = parser.parse_args(argv)
+    sink = open(args.out, "a") if args.out else None
+    config = bench_config(args.preset, 2, 1, args.slice_of)  # one dense layer and one MoE layer: every launch kind
+    launches = recorded_launches(config)
+    chosen = range(len(launches)) if not args.launch else map(int, args.launch.split(","))
+    for i in chosen:
+        fields, call = launches[i]
+        kw = {k: v for k, v in call.items() if k not in ("counters", "epilogue", "config")}
+        copies = [[_fresh(f, jax.random.key(100 * c + j)) for j, f in enumerate(fields)] for c in range(args.copies)]
+        jax.block_until_ready(copies)
+        shapes = [(tuple(f["x"].shape), tuple(f["w"].shape), str(f["w"].dtype), f["w2"] is not None) for f in fields]
+        measured = set()
+        for grid_fields in [None, *GRID]:
+            cfg = None if grid_fields is None else gm.GroupedConfig(**grid_fields)
+            effective = _effective(fields, kw.get("block"), cfg)
+            if cfg is not None and effective in measured:
+                continue  # the same tiles and splits as a configuration measured already
+            measured.add(effective)
+
+            def launch(products, cfg=cfg):
+                counters = zero_counters(deepseek_decode.ARRIVAL_COUNTERS) if call["counters"] else None
+                return gm.grouped_matvecs(products, config=cfg, counters=counters, **kw)
+
+            run = jax.jit(lambda cs, launch=launch: [launch(products) for products in cs])
+            emit({"preset": args.preset, "slice_of": args.slice_of, "launch": i, "products": shapes,
+                  "finish": call.get("finish", True), "counters": call["counters"], "epilogue_left_out":
+                  call["epilogue"], "mb": round(_bytes(fields) / 1e6, 2), **(grid_fields or {"config": "default"}),
+                  **kernel_time(lambda: run(copies), args.copies)}, sink)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
