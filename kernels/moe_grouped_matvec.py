@@ -58,6 +58,8 @@ class GroupedConfig:
     num_warps: int = 4
     num_stages: int = 4
     f16: bool = True  # bf16 x with FP8 weights: multiply in float16 (see `_to_f16`), 15% to 30% faster (H200)
+    fma: bool = False  # groups of one row: multiply-adds into a [bk, bn] float32 tile summed over K at the end,
+    # no tensor-core dot (so no FP8 tile staged through shared memory into its operand layout)
 
 
 GROUP_ROWS = 64  # rows a group may hold: decode's 1 to 16 (padded to ROWS by masked loads), prefill's expert tiles
@@ -233,6 +235,7 @@ class _Plan:
     swiglu: bool
     weighted: bool
     f16: bool
+    fma: bool
     in_dtype: object
     out_dtype: object
     first: int
@@ -272,7 +275,7 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
     parts = out_refs[-1 - plan.swiglu:] if plan.split > 1 else ()  # [split, G, B, N] float32 (of w, and of w2)
 
     batch, bk, bn, split, packed = plan.batch, plan.bk, plan.bn, plan.split, plan.packed
-    rows = max(ROWS, next_pow2(batch))
+    rows = 1 if plan.fma else max(ROWS, next_pow2(batch))
     n_tiles = plan.n_dim // bn
     g = local // (n_tiles * split)
     xg = g // (plan.groups // plan.x_groups)  # the x rows this group reads
@@ -284,12 +287,15 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
     phases = 2 if packed else 1  # packed: even and odd columns are two products of bn / 2 columns each
     width = bn // phases
 
-    def partial(wr, sr, k0, xt, x_scale):  # -> per phase [rows, width] float32
+    def partial(wr, sr, k0, xt, x_scale):  # -> per phase [rows, width] float32 ("fma": [bk, width])
         if packed:
             tiles_ = _fp8_pairs(plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0 // 2, width)],
                                          eviction_policy="evict_first"))
         else:
             tiles_ = (plt.load(wr.at[e, pl.ds(k0, bk), pl.ds(n0, bn)], eviction_policy="evict_first"),)
+        if plan.fma:  # xt [bk, 1] float32, the block's scale folded in
+            xs = xt if sr is None else xt * sr[e, k0 // block_in, n0 // block_out]
+            return [t.astype(f32) * xs for t in tiles_]
         out = [dot(xt, t.astype(xt.dtype), NN, interpret) for t in tiles_]
         if x_scale is not None:
             out = [p * x_scale for p in out]
@@ -299,16 +305,21 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
 
     def body(i, accs):
         k0 = pl.multiple_of(k_begin + i * bk, bk)
-        xt = load_rows(x_ref.at[xg, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(plan.in_dtype)  # [rows, bk]
-        xt, x_scale = _to_f16(xt) if plan.f16 else (xt, None)
+        if plan.fma:
+            xt, x_scale = plt.load(x_ref.at[xg, jnp.int32(0), pl.ds(k0, bk)]).astype(f32)[:, None], None  # [bk, 1]
+        else:
+            xt = load_rows(x_ref.at[xg, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(plan.in_dtype)  # [rows, bk]
+            xt, x_scale = _to_f16(xt) if plan.f16 else (xt, None)
         weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if plan.swiglu else ((w_ref, s_ref),)
         return tuple(tuple(a + p for a, p in zip(acc, partial(wr, sr, k0, xt, x_scale)))
                      for acc, (wr, sr) in zip(accs, weights))
 
-    zeros = tuple(jnp.zeros((rows, width), f32) for _ in range(phases))
+    zeros = tuple(jnp.zeros((bk if plan.fma else rows, width), f32) for _ in range(phases))
     init = (zeros, zeros) if plan.swiglu else (zeros,)
     accs = lax.cond(e >= 0, lambda: lax.fori_loop(0, plan.k_dim // split // bk, body, init),
                     lambda: init)  # a group without an expert reads nothing
+    if plan.fma:  # [bk, width] -> [1, width]
+        accs = tuple(tuple(jnp.sum(a, axis=0, keepdims=True) for a in acc) for acc in accs)
     if plan.weighted:
         accs = (tuple(a * gw_ref[g] for a in accs[0]),)
 
@@ -427,7 +438,8 @@ def grouped_matvecs(
         in_launch = counters is not None and split > 1 and (finish or p.w2 is not None)
         plan = _Plan(groups=groups, x_groups=x_groups, batch=batch, k_dim=k_dim, n_dim=n_dim,
                      bk=bk, bn=bn, split=split, fp8=fp8, packed=is_packed, swiglu=p.w2 is not None, weighted=weighted,
-                     f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, in_dtype=in_dtype,
+                     f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, fma=cfg.fma and batch == 1,
+                     in_dtype=in_dtype,
                      out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first,
                      counter=needed if in_launch else None)
         plans.append(plan)

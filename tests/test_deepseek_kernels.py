@@ -109,20 +109,22 @@ def test_ranked_top_k_is_lax_top_k(shape, k):
     np.testing.assert_array_equal(values, ref_values)
 
 
+@pytest.mark.parametrize("fma", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8_swiglu", "fp8_packed", "fp8_swiglu_packed"])
-def test_grouped_matvec_kernel_matches_reference(kind, split):
+def test_grouped_matvec_kernel_matches_reference(kind, split, fma):
     """The Pallas kernel (interpret mode on the CPU) against its jnp reference, in float32 so the two orders of
     rounding agree closely: groups pick experts out of order and twice (and one group none: zeros, as a pair routed
     to another device's experts), partial scale blocks included, the K dimension whole or split three ways into
-    partial sums, and FP8 read directly or as uint16 pairs (the way stacks of 2**31 elements or more are read)."""
+    partial sums, and FP8 read directly or as uint16 pairs (the way stacks of 2**31 elements or more are read);
+    two rows a group through the tensor-core dot, or one row through multiply-adds (`fma`)."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
     keys = jax.random.split(jax.random.key(7), 4)
     e, k, n = 5, 96, 64 if "packed" in kind else 48
     w = jax.random.normal(keys[0], (e, k, n)) * 0.2
     w2 = jax.random.normal(keys[1], (e, k, n)) * 0.2
-    x = jax.random.normal(keys[2], (4, 2, k))
+    x = jax.random.normal(keys[2], (4, 1 if fma else 2, k))
     ids = jnp.array([3, -1, 0, 3], jnp.int32)
     args = dict(w=w)
     if kind != "bf16":
@@ -132,7 +134,7 @@ def test_grouped_matvec_kernel_matches_reference(kind, split):
         if "swiglu" in kind:
             q2, s2 = fp8_matmul.quantize(w2, block)
             args.update(w2=q2, scale2=s2)
-    config = gm.GroupedConfig(bn=16 if "packed" not in kind else 32, bk=32, split=split)
+    config = gm.GroupedConfig(bn=16 if "packed" not in kind else 32, bk=32, split=split, fma=fma)
     out = gm.grouped_matvec(x, ids=ids, interpret=True, config=config, packed="packed" in kind, **args)
     ref = gm.grouped_matvec_reference(x, ids=ids, **args)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -217,10 +219,10 @@ def test_grouped_matvecs_moe_block_as_fused_decode_runs_it(dtype):
 def _finish_case(kind, keys):
     """(products, block, config, counters needed) of one launch for the in-launch finish tests: every product's K
     split four ways (a config's split is taken as given), float32 x unless named, groups picking experts out of
-    order, twice, and one group none."""
+    order, twice, and one group none; "_fma": the one-row products by multiply-adds."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
-    block, config = (32, 32), gm.GroupedConfig(bn=32, bk=32, split=4)
+    block, config = (32, 32), gm.GroupedConfig(bn=32, bk=32, split=4, fma=kind.endswith("_fma"))
     ids = jnp.array([3, -1, 0, 3], jnp.int32)
 
     def rnd(shape, scale=1.0):
@@ -246,13 +248,13 @@ def _finish_case(kind, keys):
                             w2=rnd((1, 128, 96), 0.2)),
                  gm.Product(x=rnd((2, 1, 256)), w=rnd((2, 256, 32), 0.2), ids=jnp.array([1, -1], jnp.int32),
                             out_dtype=jnp.float32)],
-    }[kind]
+    }[kind.removesuffix("_fma")]
     needed = sum(p.ids.shape[0] * p.w.shape[2] // config.bn for p in products)  # G * N / bn each
     return products, block, config, needed
 
 
 @pytest.mark.parametrize("kind", ["plain", "swiglu", "weighted", "fp8", "fp8_swiglu_bf16", "fp8_swiglu_packed",
-                                  "many"])
+                                  "many", "many_fma"])
 def test_grouped_matvecs_finish_in_launch(kind):
     """With arrival counters a split launch finishes its products itself (the last program of each output tile adds
     the four partial sums in order, as XLA's sum does, then the SwiGLU or group weight applies as before): the
@@ -293,13 +295,15 @@ def test_grouped_matvecs_counters_too_short_raise():
         assert "\n" not in str(err.value)
 
 
-def test_grouped_matvecs_finish_in_launch_lowers_for_a_gpu(monkeypatch):
-    """The in-launch finish (two FP8 SwiGLUs read as uint16 pairs, bf16 rows, split, with counters) lowers through
-    Pallas' Triton lowering (from this CPU machine: TILERT_PALLAS_INTERPRET=0)."""
+@pytest.mark.parametrize("fma", [False, True])
+def test_grouped_matvecs_finish_in_launch_lowers_for_a_gpu(monkeypatch, fma):
+    """The in-launch finish (two FP8 SwiGLUs read as uint16 pairs, bf16 rows, split, with counters; one-row groups
+    by dot or by multiply-adds) lowers through Pallas' Triton lowering (from this CPU machine:
+    TILERT_PALLAS_INTERPRET=0)."""
     from tilert_jax.kernels import moe_grouped_matvec as gm
 
     monkeypatch.setenv("TILERT_PALLAS_INTERPRET", "0")
-    block, config = (128, 128), gm.GroupedConfig(bn=128, bk=128, split=4)
+    block, config = (128, 128), gm.GroupedConfig(bn=128, bk=128, split=4, fma=fma)
 
     def launch(x, w, s, w2, s2, counters):
         products = [gm.Product(x=x, w=w, ids=jnp.array([3, 0], jnp.int32), scale=s, w2=w2, scale2=s2),

@@ -27,8 +27,10 @@ from tilert_jax.models import deepseek_decode, family
 from tilert_jax.params import init_params
 from tilert_jax.profiling import emit, kernel_time, probe_parser
 
-FIELDS = ("bn", "num_warps", "num_stages", "split")
-GRID = [dict(zip(FIELDS, c)) for c in itertools.product((64, 128), (4, 8), (4,), (1, 2, 4, 8, 16))]
+FIELDS = ("fma", "bn", "bk", "num_warps", "num_stages", "split")
+GRID = [dict(zip(FIELDS, c)) for c in itertools.product((True,), (64, 128), (32, 64), (4, 8), (4,), (4, 8))]
+GRID += [dict(zip(FIELDS, c)) for c in itertools.product((True,), (64, 128), (128,), (8,), (4,), (4, 8))]
+GRID += [dict(zip(FIELDS, c)) for c in itertools.product((False,), (64, 128), (128,), (4,), (4,), (4, 8))]
 
 
 def recorded_launches(config) -> list[tuple[list[dict], dict]]:
@@ -64,14 +66,14 @@ def _abstract(value):
         else value
 
 
-def _fresh(fields: dict, key) -> gm.Product:
-    """Random inputs of the recorded shapes: ids spread over the stack's experts."""
+def _fresh(fields: dict, key) -> dict:
+    """Random arrays of the recorded shapes (a Product's array fields): ids spread over the stack's experts."""
     out = {}
     for name, value in fields.items():
         key, sub = jax.random.split(key)
         if not isinstance(value, jax.ShapeDtypeStruct):
-            out[name] = value
-        elif name == "ids":
+            continue
+        if name == "ids":
             experts = fields["w"].shape[0]
             out[name] = jnp.arange(value.shape[0], dtype=jnp.int32) * 37 % experts
         elif value.dtype == jnp.float8_e4m3fn:  # finite: the top exponent bit cleared
@@ -81,7 +83,7 @@ def _fresh(fields: dict, key) -> gm.Product:
             out[name] = jax.random.uniform(sub, value.shape, jnp.float32, 0.5, 1.0) * 1e-2
         else:
             out[name] = (jax.random.normal(sub, value.shape) * 0.02).astype(value.dtype)
-    return gm.Product(**out)
+    return out
 
 
 def _bytes(fields: list[dict]) -> int:
@@ -101,7 +103,7 @@ def _effective(fields: list[dict], block, cfg: gm.GroupedConfig | None) -> tuple
     cfg = cfg or gm.default_config(shapes, block, swiglu=any(f["w2"] is not None for f in fields))
     tiles = [gm.tiles(k, n, block if fp8 else None, cfg) for _, k, n, fp8 in shapes]
     return (tuple((bk, bn, gm._split_for(k, bk, cfg.split)) for (_, k, _, _), (bk, bn) in zip(shapes, tiles)),
-            cfg.num_warps, cfg.num_stages)
+            cfg.num_warps, cfg.num_stages, cfg.fma)
 
 
 def main(argv=None) -> int:
@@ -128,11 +130,12 @@ def main(argv=None) -> int:
                 continue  # the same tiles and splits as a configuration measured already
             measured.add(effective)
 
-            def launch(products, cfg=cfg):
+            def launch(arrays, cfg=cfg):  # arrays: per product its array fields; the others as recorded
+                products = [gm.Product(**{**f, **a}) for f, a in zip(fields, arrays)]
                 counters = zero_counters(deepseek_decode.ARRIVAL_COUNTERS) if call["counters"] else None
                 return gm.grouped_matvecs(products, config=cfg, counters=counters, **kw)
 
-            run = jax.jit(lambda cs, launch=launch: [launch(products) for products in cs])
+            run = jax.jit(lambda cs, launch=launch: [launch(arrays) for arrays in cs])
             emit({"preset": args.preset, "slice_of": args.slice_of, "launch": i, "products": shapes,
                   "finish": call.get("finish", True), "counters": call["counters"], "epilogue_left_out":
                   call["epilogue"], "mb": round(_bytes(fields) / 1e6, 2), **(grid_fields or {"config": "default"}),
