@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as plt
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import NN, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2, \
     load_rows, load_sum, next_pow2, row_mask, store_rows, triton_params
-from tilert_jax.kernels.tuning import SMS
+from tilert_jax.kernels.tuning import SMS, grouped_entry
 
 f32 = jnp.float32
 
@@ -99,6 +99,19 @@ def default_config(shapes: list[tuple[int, int, int, bool]], block: tuple[int, i
         while programs(split) < 2 * SMS and split < most and (fp8 or programs(split * 2) <= RESIDENT_PLAIN * SMS):
             split *= 2
     return dataclasses.replace(cfg, split=split)
+
+
+def tuned_config(shapes: list[tuple[int, int, int, bool]], swiglus: list[bool], batch: int,
+                 block: tuple[int, int] | None) -> GroupedConfig | None:
+    """The launch's measured configuration (kernels/tuning.json, `tuning.grouped_entry`; its split taken as given) when
+    one is recorded and tiles every product, else None."""
+    entry = grouped_entry(batch, [(*shape, swiglu) for shape, swiglu in zip(shapes, swiglus)])
+    if entry is None:
+        return None
+    cfg = GroupedConfig(**entry)
+    picked = [tiles(k, n, block if fp8 else None, cfg) for _, k, n, fp8 in shapes]
+    fits = all(t is not None and k % (cfg.split * t[0]) == 0 for (_, k, _, _), t in zip(shapes, picked))
+    return cfg if fits else None
 
 
 def _split_for(k_dim: int, bk: int, split: int) -> int:
@@ -397,8 +410,10 @@ def grouped_matvecs(
     interpret: bool | None = None,
 ) -> list | tuple:  # per product [G, B, N], or (finish=False, split) float32 partial sums [S, G, B, N]
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
-    launches, and each product's programs fill the GPU beside the others'. The K split is chosen for the launch
-    as a whole (`default_config`); finish=False leaves a split plain product's partial sums to its consumer.
+    launches, and each product's programs fill the GPU beside the others'. The launch parameters: `config` (its
+    split taken as given), else the tuning table's entry for the launch (`tuned_config`), else `default_config`,
+    which chooses the K split for the launch as a whole. finish=False leaves a split plain product's partial sums
+    to its consumer.
 
     Without `counters` XLA adds a split product's partial sums (and applies the SwiGLU) after the launch, and the
     result is the list. With them the launch finishes those products itself (the last program of each output tile
@@ -417,7 +432,9 @@ def grouped_matvecs(
     if epilogue is not None and (counters is None or not 0 <= epilogue.product < len(products)):
         raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products, got product "
                          f"{epilogue.product}{'' if counters is not None else ' without counters'}")
-    cfg = config or default_config(shapes, block, swiglu=any(p.w2 is not None for p in products))
+    swiglus = [p.w2 is not None for p in products]
+    given = config or tuned_config(shapes, swiglus, max(p.x.shape[1] for p in products), block)
+    cfg = given or default_config(shapes, block, swiglu=any(swiglus))
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
@@ -426,7 +443,7 @@ def grouped_matvecs(
             raise ValueError(f"K={k_dim}, N={n_dim} do not tile by powers of 2 >= 16")
         bk, bn = picked
         assert is_pow2(bk) and is_pow2(bn)
-        split = _split_for(k_dim, bk, cfg.split) if config is None else cfg.split
+        split = _split_for(k_dim, bk, cfg.split) if given is None else cfg.split
         if k_dim % (split * bk):
             raise ValueError(f"K={k_dim} must be a multiple of split * bk = {split} * {bk}")
         is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed

@@ -2,8 +2,10 @@
 scripts/gpu/tune_kernels.py; a file named by $TILERT_TUNING overrides it), a heuristic otherwise.
 
 Keys: "<op>:B<batch>:K<k>:N<n>" for the matrix-vector ops of the dense decode, weights [N, K] (op: qkv, o, gate_up,
-down, lm_head; and mlp_gate_up, mlp_down for the tiles of the phased MLP) and
-"attention:B<batch>:H<kv heads>:L<max_len>:D<head_dim>" for decode attention.
+down, lm_head; and mlp_gate_up, mlp_down for the tiles of the phased MLP),
+"attention:B<batch>:H<kv heads>:L<max_len>:D<head_dim>" for decode attention, and
+"grouped:B<batch>:<G>x<K>x<N>[f][s],..." for a launch of the grouped kernel (kernels/moe_grouped_matvec.py), one term
+per product (f: FP8, s: SwiGLU), with the GroupedConfig fields (scripts/gpu/probe_decode_launches.py measures them).
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def matvec_key(op: str, batch: int, k: int, n: int) -> str:
 
 def attention_key(batch: int, kv_heads: int, max_len: int, head_dim: int) -> str:
     return f"attention:B{batch}:H{kv_heads}:L{max_len}:D{head_dim}"
+
+
+def grouped_key(batch: int, products: list[tuple[int, int, int, bool, bool]]) -> str:
+    """products: (groups, K, N, fp8, swiglu) each."""
+    return f"grouped:B{batch}:" + ",".join(f"{g}x{k}x{n}{'f' * fp8}{'s' * swiglu}" for g, k, n, fp8, swiglu in products)
+
+
+def grouped_entry(batch: int, products: list[tuple[int, int, int, bool, bool]]) -> dict | None:
+    """A measured grouped launch's GroupedConfig fields, or None."""
+    entry = _table().get(grouped_key(batch, products))
+    return None if entry is None else dict(entry)
 
 
 def _divides(n: int, bn: int) -> bool:

@@ -1,6 +1,9 @@
 """The DeepSeek building blocks against their references on fresh random inputs: FP8 block dequantization and the
 blocked / grouped FP8 matmuls, the two routed-expert paths, the routers' selection rules."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -439,3 +442,35 @@ def test_gpu_grouped_matvec_reads_experts_past_2_pow_31():
     ref = gm.grouped_matvec_reference(x, w, ids, scale=scale, block=block)
     out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
     assert float(jnp.max(jnp.abs(out - ref))) <= 1e-2 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_grouped_launch_takes_its_tuned_configuration(tmp_path, monkeypatch):
+    """A launch whose key is in the tuning table (kernels/tuning.py "grouped:..." entries; here a file named by
+    TILERT_TUNING) runs that configuration, its split exactly as recorded (fma rows, a split of 4 the default rule
+    would not choose: 8), and still equals the reference (float32, 1e-5); an entry that does not tile the launch is
+    ignored."""
+    from tilert_jax.kernels import moe_grouped_matvec as gm
+    from tilert_jax.kernels import tuning
+
+    keys = jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 3)
+    block = (32, 32)
+    w, s = fp8_matmul.quantize(jax.random.normal(keys[0], (3, 128, 64)) * 0.2, block)
+    x = jax.random.normal(keys[1], (2, 1, 128))
+    ids = jnp.array([2, 0], jnp.int32)
+    shapes, swiglus = [(2, 128, 64, True)], [False]
+    key = tuning.grouped_key(1, [(2, 128, 64, True, False)])
+    assert key == "grouped:B1:2x128x64f"
+    table = tmp_path / "tuning.json"
+    monkeypatch.setenv("TILERT_TUNING", str(table))
+    ref = gm.grouped_matvec_reference(x, w, ids, scale=s, block=block)
+    tuned = gm.GroupedConfig(bn=32, bk=16, split=8, fma=True)
+    for entry, expected, splits in ((dataclasses.asdict(tuned), tuned, 8),
+                                    (dict(bn=32, bk=32, split=3), None, 2)):  # 128 is not 3 x 32: ignored
+        table.write_text(json.dumps({key: entry}))
+        tuning._table.cache_clear()
+        assert gm.tuned_config(shapes, swiglus, 1, block) == expected
+        (parts,) = gm.grouped_matvecs([gm.Product(x=x, w=w, ids=ids, scale=s)], block=block, finish=False,
+                                      interpret=True)
+        assert parts.shape == (splits, 2, 1, 64)  # the recorded split, or the default rule's
+        np.testing.assert_allclose(parts.sum(0), ref, rtol=1e-5, atol=1e-5)
+    tuning._table.cache_clear()

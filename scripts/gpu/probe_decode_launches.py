@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from tilert_jax.bench import bench_config
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels.common import zero_counters
+from tilert_jax.kernels.tuning import grouped_key
 from tilert_jax.models import deepseek_decode, family
 from tilert_jax.params import init_params
 from tilert_jax.profiling import emit, kernel_time, probe_parser
@@ -121,7 +122,9 @@ def main(argv=None) -> int:
         kw = {k: v for k, v in call.items() if k not in ("counters", "epilogue", "config")}
         copies = [[_fresh(f, jax.random.key(100 * c + j)) for j, f in enumerate(fields)] for c in range(args.copies)]
         jax.block_until_ready(copies)
-        shapes = [(tuple(f["x"].shape), tuple(f["w"].shape), str(f["w"].dtype), f["w2"] is not None) for f in fields]
+        key = grouped_key(max(f["x"].shape[1] for f in fields),
+                          [(f["ids"].shape[0], *f["w"].shape[1:], f["scale"] is not None, f["w2"] is not None)
+                           for f in fields])
         measured = set()
         for grid_fields in [None, *GRID]:
             cfg = None if grid_fields is None else gm.GroupedConfig(**grid_fields)
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
                 return gm.grouped_matvecs(products, config=cfg, counters=counters, **kw)
 
             run = jax.jit(lambda cs, launch=launch: [launch(arrays) for arrays in cs])
-            emit({"preset": args.preset, "slice_of": args.slice_of, "launch": i, "products": shapes,
+            emit({"preset": args.preset, "slice_of": args.slice_of, "launch": i, "key": key,
                   "finish": call.get("finish", True), "counters": call["counters"], "epilogue_left_out":
                   call["epilogue"], "mb": round(_bytes(fields) / 1e6, 2), **(grid_fields or {"config": "default"}),
                   **kernel_time(lambda: run(copies), args.copies)}, sink)
