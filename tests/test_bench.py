@@ -1,10 +1,14 @@
-"""The bench CLI on the CPU: the `tiny` preset through `python -m tilert_jax.bench`, both implementations."""
+"""The bench on the CPU: the `tiny` preset through `python -m tilert_jax.bench`, both implementations; the model of
+one device's share of a mesh (--slice-of)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
+import pytest
 
 KEYS = {"preset", "ttft_ms", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99", "weight_bytes", "achieved_gbps",
         "floor_ms", "frac_of_floor", "device", "copy_gbps", "batch", "impl", "jax"}
@@ -79,3 +83,30 @@ def test_prefill_bytes_read_every_expert():
     experts = sum(x.size * x.dtype.itemsize for layer in params.layers[1:]
                   for x in (layer.mlp.experts.gate.w, layer.mlp.experts.up.w, layer.mlp.experts.down.w))
     assert prefill_bytes(params, 1) - weight_bytes(moe, jnp.bfloat16, 1) > 0.9 * experts * (1 - 8 / 256)
+
+
+@pytest.mark.parametrize("name, tp", [("deepseek-v3.2-exp", 8), ("deepseek-v3", 4), ("llama-3.1-8b", 4),
+                                      ("llama-3.1-8b", 8)])
+def test_tp_slice_has_one_device_shards(name, tp):
+    """`tp_slice` (bench --slice-of) is the model one device of a tp mesh holds: every parameter's shape is the shard
+    the sharding rules give that device (sharding/rules.py, `partition_spec`), including KV heads at tp equal to
+    their count; a tp that does not divide the heads is refused with the fields named."""
+    from types import SimpleNamespace
+
+    from tilert_jax.bench import tp_slice
+    from tilert_jax.config import preset
+    from tilert_jax.models import family
+    from tilert_jax.params import is_spec
+    from tilert_jax.sharding.rules import partition_spec
+
+    full = preset(name)
+    mesh = SimpleNamespace(shape={"tp": tp, "ep": 1})
+    sliced = tp_slice(full, tp)
+    specs = jax.tree.leaves(family(full).param_specs(full), is_leaf=is_spec)
+    ours = jax.tree.leaves(family(sliced).param_specs(sliced), is_leaf=is_spec)
+    assert len(specs) == len(ours)
+    for spec, mine in zip(specs, ours):
+        shard = tuple(size // (tp if axis == "tp" else 1) for size, axis in zip(spec.shape, partition_spec(spec, mesh)))
+        assert mine.shape == shard, (spec.axes, spec.shape)
+    with pytest.raises(ValueError, match="tp=3 does not divide num_heads"):
+        tp_slice(full, 3)

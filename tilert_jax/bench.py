@@ -32,6 +32,8 @@ What the numbers mean:
   floor. comm_ms_per_token is the p50
   step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
 - tpot_ms_per_layer = tpot_ms_p50 / num_layers (with --layers, the bench runs fewer full-width layers).
+- --slice-of N: one device's share of a tp=N mesh as a model of its own on one device (`tp_slice`), so its launches
+  can be timed without a mesh; its floor is the per-device floor, and it runs no reductions.
 """
 
 from __future__ import annotations
