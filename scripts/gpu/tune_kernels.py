@@ -1,6 +1,6 @@
 """Measures the decode kernels on the GPU against XLA at real model shapes and writes the best configurations.
 
-    python scripts/gpu/tune_kernels.py --out tuning.json --log tune.jsonl --budget-s 200
+    python scripts/gpu/tune_kernels.py --out tuning.json --log tune.jsonl --budget-s 200 [--slice-of 4]
 
 For each op of a preset's decode step (qkv, o, gate_up, down, lm_head, each with [N, K] weights as the dense model
 stores them; attention) it times a few block shapes, K
@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from tilert_jax.config import preset
+from tilert_jax.bench import bench_config
 from tilert_jax.kernels import tuning
 from tilert_jax.kernels.decode_attention import decode_attention, decode_attention_reference
 from tilert_jax.kernels.matvec import MatvecConfig, fused_matvec
@@ -307,8 +307,8 @@ def functools_partial_jit(fn):
     return jax.jit(fn, donate_argnums=(1,))
 
 
-def preset_shapes(name: str, batch: int, chosen: dict) -> list[Shape]:
-    c = preset(name)
+def preset_shapes(name: str, batch: int, chosen: dict, slice_of: int = 1) -> list[Shape]:
+    c = bench_config(name, slice_of=slice_of)
     h, n, kvh, d, f, v = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
 
     def split_of(op, k, ns):
@@ -329,6 +329,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default="llama-3.1-8b,llama-3.2-1b,qwen3-8b")
     parser.add_argument("--batches", default="1")
+    parser.add_argument("--slice-of", type=int, default=1, help="the shapes of one device's share of a tp=N mesh")
     parser.add_argument("--ops", default="qkv,o,gate_up,down,lm_head,attention")
     parser.add_argument("--budget-s", type=float, default=200)
     parser.add_argument("--max-len", type=int, default=1280)
@@ -351,7 +352,7 @@ def main(argv=None) -> int:
     done_attention = set()
     for name in args.presets.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            for item in preset_shapes(name, batch, chosen):
+            for item in preset_shapes(name, batch, chosen, args.slice_of):
                 shape = item if isinstance(item, Shape) else item[1]()
                 if shape.key() in chosen or shape.op not in args.ops.split(","):
                     continue
@@ -363,7 +364,7 @@ def main(argv=None) -> int:
                     chosen[shape.key()] = best
                     with open(args.out, "w") as fh:
                         json.dump(chosen, fh, indent=1, sort_keys=True)
-            c = preset(name)
+            c = bench_config(name, slice_of=args.slice_of)
             akey = (batch, c.num_kv_heads, c.head_dim)
             if akey not in done_attention and time.time() < deadline and "attention" in args.ops.split(","):
                 done_attention.add(akey)
