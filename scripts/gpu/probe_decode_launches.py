@@ -8,8 +8,9 @@ The launches are recorded from the step itself: the step is traced abstractly wi
 each distinct launch (its products' shapes and dtypes, its block, whether it finishes its split sums) is rebuilt
 from fresh random inputs: FP8 weights of random finite bits, positive scales, the routed pairs on spread experts.
 An epilogue (the router's routing) is left out; the counters stay. `--copies` distinct weights are used in turn (more
-bytes than L2 holds, as in a decode step). Prints one JSON line per launch and configuration ("default":
-`default_config`'s choice) with the launch's busy time and bytes.
+bytes than L2 holds, as in a decode step). Prints one JSON line per launch and configuration with the launch's
+tuning key (kernels/tuning.py `grouped_key`: a winner goes into kernels/tuning.json under it), busy time and bytes;
+"default" is what the launch runs now (its table entry, else `default_config`'s choice).
 """
 
 from __future__ import annotations
@@ -99,12 +100,15 @@ def _bytes(fields: list[dict]) -> int:
 
 
 def _effective(fields: list[dict], block, cfg: gm.GroupedConfig | None) -> tuple:
-    """What a configuration makes of a launch: each product's (bk, bn, K split), the warps and stages."""
-    shapes = [(1, f["w"].shape[1], f["w"].shape[2], f["scale"] is not None) for f in fields]
-    cfg = cfg or gm.default_config(shapes, block, swiglu=any(f["w2"] is not None for f in fields))
+    """What a configuration makes of a launch: each product's (bk, bn, K split), the warps, stages and fma. A given
+    or tuned configuration's split is taken as given; `default_config`'s is fitted to each product."""
+    shapes = [(f["ids"].shape[0], *f["w"].shape[1:], f["scale"] is not None) for f in fields]
+    swiglus = [f["w2"] is not None for f in fields]
+    given = cfg or gm.tuned_config(shapes, swiglus, max(f["x"].shape[1] for f in fields), block)
+    cfg = given or gm.default_config(shapes, block, any(swiglus))
     tiles = [gm.tiles(k, n, block if fp8 else None, cfg) for _, k, n, fp8 in shapes]
-    return (tuple((bk, bn, gm._split_for(k, bk, cfg.split)) for (_, k, _, _), (bk, bn) in zip(shapes, tiles)),
-            cfg.num_warps, cfg.num_stages, cfg.fma)
+    return (tuple((bk, bn, cfg.split if given else gm._split_for(k, bk, cfg.split))
+                  for (_, k, _, _), (bk, bn) in zip(shapes, tiles)), cfg.num_warps, cfg.num_stages, cfg.fma)
 
 
 def main(argv=None) -> int:
