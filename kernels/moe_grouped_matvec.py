@@ -114,6 +114,20 @@ def tuned_config(shapes: list[tuple[int, int, int, bool]], swiglus: list[bool], 
     return cfg if fits else None
 
 
+def launch_config(shapes: list[tuple[int, int, int, bool]], swiglus: list[bool], batch: int,
+                  block: tuple[int, int] | None, config: GroupedConfig | None = None) -> tuple[GroupedConfig, bool]:
+    """(the configuration a launch runs, whether its split is exact): `config` as given, else the tuning table's entry
+    (`tuned_config`), both with their split taken as given; else `default_config`, whose split each product fits
+    (`product_split`)."""
+    given = config or tuned_config(shapes, swiglus, batch, block)
+    return (given, True) if given else (default_config(shapes, block, swiglu=any(swiglus)), False)
+
+
+def product_split(k_dim: int, bk: int, cfg: GroupedConfig, exact: bool) -> int:
+    """The K split one product of the launch runs."""
+    return cfg.split if exact else _split_for(k_dim, bk, cfg.split)
+
+
 def _split_for(k_dim: int, bk: int, split: int) -> int:
     """The largest split <= `split` leaving each part a whole number of bk tiles, at least two: a power of 2, or
     when the tile count is odd any of its divisors, so that such a K splits at all (K = 10944 = 64 x 171, DeepSeek-V2's
@@ -410,10 +424,8 @@ def grouped_matvecs(
     interpret: bool | None = None,
 ) -> list | tuple:  # per product [G, B, N], or (finish=False, split) float32 partial sums [S, G, B, N]
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
-    launches, and each product's programs fill the GPU beside the others'. The launch parameters: `config` (its
-    split taken as given), else the tuning table's entry for the launch (`tuned_config`), else `default_config`,
-    which chooses the K split for the launch as a whole. finish=False leaves a split plain product's partial sums
-    to its consumer.
+    launches, and each product's programs fill the GPU beside the others'. The launch parameters: `launch_config`.
+    finish=False leaves a split plain product's partial sums to its consumer.
 
     Without `counters` XLA adds a split product's partial sums (and applies the SwiGLU) after the launch, and the
     result is the list. With them the launch finishes those products itself (the last program of each output tile
@@ -432,9 +444,8 @@ def grouped_matvecs(
     if epilogue is not None and (counters is None or not 0 <= epilogue.product < len(products)):
         raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products, got product "
                          f"{epilogue.product}{'' if counters is not None else ' without counters'}")
-    swiglus = [p.w2 is not None for p in products]
-    given = config or tuned_config(shapes, swiglus, max(p.x.shape[1] for p in products), block)
-    cfg = given or default_config(shapes, block, swiglu=any(swiglus))
+    cfg, exact = launch_config(shapes, [p.w2 is not None for p in products], max(p.x.shape[1] for p in products),
+                               block, config)
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
@@ -443,7 +454,7 @@ def grouped_matvecs(
             raise ValueError(f"K={k_dim}, N={n_dim} do not tile by powers of 2 >= 16")
         bk, bn = picked
         assert is_pow2(bk) and is_pow2(bn)
-        split = _split_for(k_dim, bk, cfg.split) if given is None else cfg.split
+        split = product_split(k_dim, bk, cfg, exact)
         if k_dim % (split * bk):
             raise ValueError(f"K={k_dim} must be a multiple of split * bk = {split} * {bk}")
         is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed

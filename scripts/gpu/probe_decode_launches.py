@@ -100,15 +100,14 @@ def _bytes(fields: list[dict]) -> int:
 
 
 def _effective(fields: list[dict], block, cfg: gm.GroupedConfig | None) -> tuple:
-    """What a configuration makes of a launch: each product's (bk, bn, K split), the warps, stages and fma. A given
-    or tuned configuration's split is taken as given; `default_config`'s is fitted to each product."""
+    """What a configuration (None: the launch's own, `launch_config`) makes of a launch: each product's (bk, bn,
+    K split), the warps, stages and fma."""
     shapes = [(f["ids"].shape[0], *f["w"].shape[1:], f["scale"] is not None) for f in fields]
-    swiglus = [f["w2"] is not None for f in fields]
-    given = cfg or gm.tuned_config(shapes, swiglus, max(f["x"].shape[1] for f in fields), block)
-    cfg = given or gm.default_config(shapes, block, any(swiglus))
+    cfg, exact = gm.launch_config(shapes, [f["w2"] is not None for f in fields],
+                                  max(f["x"].shape[1] for f in fields), block, cfg)
     tiles = [gm.tiles(k, n, block if fp8 else None, cfg) for _, k, n, fp8 in shapes]
-    return (tuple((bk, bn, cfg.split if given else gm._split_for(k, bk, cfg.split))
-                  for (_, k, _, _), (bk, bn) in zip(shapes, tiles)), cfg.num_warps, cfg.num_stages, cfg.fma)
+    return (tuple((bk, bn, gm.product_split(k, bk, cfg, exact)) for (_, k, _, _), (bk, bn) in zip(shapes, tiles)),
+            cfg.num_warps, cfg.num_stages, cfg.fma)
 
 
 def main(argv=None) -> int:
