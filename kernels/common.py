@@ -111,14 +111,14 @@ def norm_chunk(k: int, rows: int) -> int:
 
 def rms_inverse(load, k_dim: int, chunk: int, eps: float):
     """1 / sqrt(mean(x^2) + eps) [rows, 1] over whole rows, read `chunk` columns at a time by load(k0, size) (float32
-    [rows, size]). Unrolled: a loop here would be software-pipelined too, multiplying its shared-memory buffers by
-    num_stages."""
-    ss = None
+    [rows, size]). The chunks' squares are added elementwise and reduced across the threads once: each reduction is
+    a shared-memory round trip and a barrier. Unrolled: a loop here would be software-pipelined too, multiplying its
+    shared-memory buffers by num_stages."""
+    squares = None  # [rows, chunk]
     for i in range(k_dim // chunk):
         xm = load(i * chunk, chunk)
-        part = jnp.sum(xm * xm, axis=1, keepdims=True)
-        ss = part if ss is None else ss + part
-    return 1.0 / jnp.sqrt(ss / k_dim + eps)
+        squares = xm * xm if squares is None else squares + xm * xm
+    return 1.0 / jnp.sqrt(jnp.sum(squares, axis=1, keepdims=True) / k_dim + eps)
 
 
 def rms_apply(xm, rinv, norm_weight, dtype):
