@@ -142,7 +142,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
             lo = rnd(lo + load_rows(b_ref.at[pl.ds(brow0, nrows), pl.ds(0, half)], valid).astype(f32))
             hi = rnd(hi + load_rows(b_ref.at[pl.ds(brow0, nrows), pl.ds(half, half)], valid).astype(f32))
         if qk_norm:
-            ss = jnp.sum(lo * lo, axis=1, keepdims=True) + jnp.sum(hi * hi, axis=1, keepdims=True)
+            ss = jnp.sum(lo * lo + hi * hi, axis=1, keepdims=True)  # one reduction across the threads
             rinv = 1.0 / jnp.sqrt(ss / head_dim + eps)
             lo = rnd(rnd(lo * rinv) * n_ref[pl.ds(0, half)].astype(f32)[None, :])
             hi = rnd(rnd(hi * rinv) * n_ref[pl.ds(half, half)].astype(f32)[None, :])
@@ -188,7 +188,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
 
     # The new token (its key and value are still in registers), taken by the last split.
     last = p == splits - 1
-    s_new = (jnp.sum(q_lo * k_lo, axis=1, keepdims=True) + jnp.sum(q_hi * k_hi, axis=1, keepdims=True)) * scale
+    s_new = jnp.sum(q_lo * k_lo + q_hi * k_hi, axis=1, keepdims=True) * scale  # [rows, 1]
     m2 = jnp.maximum(m, s_new)
     a2 = jnp.exp(m - m2)
     p2 = jnp.exp(s_new - m2)
