@@ -204,14 +204,15 @@ def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, colu
     m = plt.load(m_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)])  # [P, 1]: the splits' running maxima and sums
     weight = jnp.exp(m - jnp.max(m, axis=0, keepdims=True))  # [P, 1]
     norm = jnp.sum(weight * plt.load(l_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)]), axis=0, keepdims=True)
-    acc = jnp.zeros((bd,), f32)
+    products = jnp.zeros((br, bd), f32)  # summed over the latent rows once, after the loop: one reduction
     rows = r // r_parts
     for r0 in range(0, rows, br):
         r0 = rp * rows + r0
         parts = plt.load(o_ref.at[pl.ds(0, splits), b, h, pl.ds(r0, br)])  # [P, br] float32
         o_lat = (jnp.sum(weight * parts, axis=0, keepdims=True) / norm).astype(dtype)  # [1, br]
         tile = _w_tile(w_ref, s_ref, r0, h, c0, br, bd, block, row_width)  # [br, bd]
-        acc += jnp.sum(tile * jnp.transpose(o_lat.astype(f32)), axis=0)
+        products += tile * jnp.transpose(o_lat.astype(f32))
+    acc = jnp.sum(products, axis=0)  # [bd]
     out = out_ref.at[b, h, pl.ds(j * bd, bd)]
     if r_parts == 1:
         plt.store(out, acc.astype(dtype))
