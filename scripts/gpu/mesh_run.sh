@@ -19,8 +19,7 @@ bench() {  # bench TIMEOUT_S ARGS...
 
 # Tensor parallelism on a dense model: tp=1 (XLA and the Pallas decode) against tp=2 and tp=4.
 bench 100 --preset llama-3.1-8b --impl xla,pallas
-bench 100 --preset llama-3.1-8b --tp 4
-TILERT_PALLAS_OPS=qkv,attention,o,gate_up,down bench 100 --preset llama-3.1-8b --tp 4 --impl pallas  # opt-in on a mesh
+bench 100 --preset llama-3.1-8b --tp 4 --impl xla,pallas
 bench 100 --preset llama-3.1-8b --tp 2
 # DeepSeek on one GPU: V2-Lite whole (bf16), V3 full-width FP8 layers (one dense, three expert layers).
 bench 120 --preset deepseek-v2-lite --impl xla,pallas

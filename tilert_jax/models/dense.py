@@ -10,8 +10,9 @@ With impl="pallas", a decode step (one token per row, batch <= 16) is written as
 projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is a Pallas
 kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200); op "mlp" instead runs
 the gate/up and down projections as one phased launch (kernels/mlp_block.py; opt-in, measured slower). Under
-shard_map (when chosen: `_fused_decode_chosen`) the same ops run on the heads and MLP columns this device holds; the
-output and down projections then hand their float32 partial sums, reduced over the mesh, to the next fused op.
+shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
+XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand their float32 partial sums, reduced
+over the mesh, to the next fused op.
 Prefill and the whole-sequence forward stay on the XLA path (compute-bound matrix products). impl="xla" is the plain
 path.
 """
@@ -336,19 +337,10 @@ def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl, tp_
     return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
 
 
-def _fused_decode_chosen(config: DenseConfig, params: DenseParams) -> bool:
-    """impl="pallas" takes the fused decode on one device; on a mesh (this device holds a slice of the heads) only
-    when $TILERT_PALLAS_OPS names its ops: at tp=4 on llama-3.1-8b it measured 5% slower than the XLA step there
-    (its compute 7% faster, its reductions between Pallas kernels 25% dearer; docs/PERF.md, session 6)."""
-    sharded = params.layers[0].attn.wq.shape[0] != config.num_heads
-    return not sharded or bool(os.environ.get(PALLAS_OPS_ENV))
-
-
 def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl: str = "xla",
                 tp_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
-    if (impl == "pallas" and _fused_decode_chosen(config, params)
-            and _fused_decode_supported(config, params, tokens, cache)):
+    if impl == "pallas" and _fused_decode_supported(config, params, tokens, cache):
         x, parts, cache = _decode_fused(config, params, tokens, cache, pos, impl, tp_axis)
         return _fused_lm_head(config, params, x, parts, impl, tp_axis), cache
     positions = pos + jnp.zeros((1,), jnp.int32)
