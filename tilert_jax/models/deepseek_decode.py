@@ -143,7 +143,7 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
             finish=False))  # [S, n, *] each
         if a.q_proj is None:  # the query LoRA: q_b reads the normed q_a
             q = ds.query(config, a, q.sum(0).astype(h.dtype), "pallas")[0][None]
-        if _projects_output(config, a):  # o_proj's partial sums over heads [H, n, hidden] from the MLA's last launch
+        if _projects_output(config, a):  # o_proj's partial sums over heads [H, n, hidden] from the attention's last launch
             o, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters, True)
         else:
             out, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters)
