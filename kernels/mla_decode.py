@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
-from tilert_jax.kernels.common import (NEG, NN, NT, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2,
+from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2,
                                        load_rows, load_sum, online_softmax_step, rms_apply, rms_inverse, store_rows,
                                        sum_parts, triton_params, zero_counters)
 from tilert_jax.kernels.rms_norm import rms_norm_reference
@@ -109,14 +109,6 @@ def mla_decode_reference(
     probs = jax.nn.softmax(jnp.where(visible[None, None, :], scores, -jnp.inf), axis=-1).astype(dtype)
     o_lat = jnp.einsum("bhs,bsr->bhr", probs, cache[..., :r], preferred_element_type=f32).astype(dtype)
     return jnp.einsum("bhr,rhd->bhd", o_lat, wkv[..., dn:]), cache
-
-
-def project_reference(out: jax.Array, w_o: jax.Array) -> jax.Array:
-    """The output projection's per-head products: out [B, H, dv] and w_o [H * dv, N] -> float32 [H, B, N], whose sum
-    over heads is out @ w_o."""
-    batch, heads, dv = out.shape
-    return jnp.einsum("bhd,hdn->hbn", out.astype(f32), w_o.reshape(heads, dv, -1).astype(f32),
-                      precision=lax.Precision.HIGHEST)
 
 
 def _w_tile(w_ref, s_ref, r0, h, c0, br, width, block, row_width):
@@ -233,29 +225,6 @@ def _absorb_output_kernel(o_ref, m_ref, l_ref, w_ref, *refs, dn, r, br, bd, colu
         plt.store(out, load_sum(ws_ref, b, h, pl.ds(j * bd, bd)).astype(dtype))
 
 
-def _absorb_project_kernel(o_ref, m_ref, l_ref, w_ref, wo_ref, y_ref, *, dn, r, br, dv, bn, chunk, splits, dtype,
-                           interpret):
-    """Program (b, h, j): head h's output as absorb_output forms it (the splits merged, times W_UV), then its
-    product with w_o's rows of head h over output columns j * bn.. : float32 [bn] into y [H, B, N]. Every program
-    of a head recomputes the head's output from L2 (the head's W_UV and split states): no launch, no arrival."""
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    cols = [j * bn + n0 for n0 in range(0, bn, chunk)]
-    wo_tiles = [plt.load(wo_ref.at[pl.ds(h * dv, dv), pl.ds(c, chunk)], eviction_policy="evict_first")
-                for c in cols]  # [dv, chunk] each, requested first: their latency overlaps the head's output
-    m = plt.load(m_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)])  # [P, 1]: the splits' running maxima and sums
-    weight = jnp.exp(m - jnp.max(m, axis=0, keepdims=True))  # [P, 1]
-    norm = jnp.sum(weight * plt.load(l_ref.at[pl.ds(0, splits), b, h, pl.ds(0, 1)]), axis=0, keepdims=True)
-    out = jnp.zeros((ROWS, dv), f32)  # every row the head's output (a 16-row dot)
-    for r0 in range(0, r, br):
-        parts = plt.load(o_ref.at[pl.ds(0, splits), b, h, pl.ds(r0, br)])  # [P, br] float32
-        o_lat = (jnp.sum(weight * parts, axis=0, keepdims=True) / norm).astype(dtype)  # [1, br]
-        tile = plt.load(w_ref.at[pl.ds(r0, br), h, pl.ds(dn, dv)])  # [br, dv]
-        out += dot(jnp.broadcast_to(o_lat, (ROWS, br)), tile, NN, interpret)
-    out = out.astype(dtype)  # rounded as absorb_output stores it
-    for c, wt in zip(cols, wo_tiles):
-        store_rows(y_ref.at[h, pl.ds(b, ROWS), pl.ds(c, chunk)], dot(out, wt, NN, interpret), 1)
-
-
 def supported(heads: int, dn: int, dr: int, dv: int, r: int, block: tuple[int, int] | None) -> bool:
     """The shapes the kernels tile: powers of 2 (dots of at least 16 on a GPU), heads in whole blocks of 16 (or
     fewer than 16), FP8 heads starting on scale-block edges."""
@@ -290,15 +259,11 @@ def mla_decode(
     bd: int = 64,  # output columns per absorb_output program (clipped to dv and the FP8 scale block)
     r_parts: int | None = None,  # absorb_output's slices of the latent rows (default: about 128 programs)
     counters: jax.Array | None = None,  # int32 arrival counters, zero (see kernels/common.py: arrive_last)
-    w_o: jax.Array | None = None,  # [H * dv, N] the output projection (not FP8): the last launch applies it
-    bn: int | None = None,  # with w_o: output columns per program (default: about 128 programs)
     num_warps: int = 4,
     interpret: bool | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # out, the cache, the counters
-    """See mla_decode_reference for the meaning; the three launches are described at the top of this file. out is
-    the heads' outputs [B, H, dv] in the cache's dtype, or with w_o their products with it [H, B, N] float32 (see
-    project_reference: the output projection's partial sums over heads). Returns the counters zero again (for the
-    next launch that counts arrivals; as given when absorb_output needs none)."""
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # out [B, H, dv] in the cache's dtype, the cache, counters
+    """See mla_decode_reference for the meaning; the three launches are described at the top of this file. Returns
+    the counters zero again (for the next launch that counts arrivals; as given when absorb_output needs none)."""
     parts, batch, heads, q_width = q.shape
     length, dr = cache.shape[1], cos.shape[-1]
     r, dn = cache.shape[2] - dr, q_width - dr
@@ -310,8 +275,6 @@ def mla_decode(
                          f"kv_norm {kv_norm.shape}, cos {cos.shape} do not form one MLA decode step")
     if (w_scale is None) != (block is None) or not supported(heads, dn, dr, dv, r, block):
         raise ValueError(f"unsupported MLA shapes dn={dn} dr={dr} dv={dv} r={r} block={block}")
-    if w_o is not None and (w_scale is not None or w_o.ndim != 2 or w_o.shape[0] != heads * dv):
-        raise ValueError(f"the output projection {w_o.shape} needs [{heads * dv}, N] and kv_b not FP8")
     dtype = cache.dtype
     interpret = interpret_default() if interpret is None else interpret
     params = triton_params(num_warps, 2)
@@ -348,9 +311,6 @@ def mla_decode(
         compiler_params=params, interpret=interpret, name="mla_latent_attention",
     )(q_lat, q_pe, cache, pos1)
 
-    if w_o is not None:
-        y = _absorb_project(o, m, l, w3, w_o, dn=dn, br=br, bn=bn, dtype=dtype, params=params, interpret=interpret)
-        return y, cache, counters
     bd = min(dv, bd) if block is None else min(dv, bd, block[0])
     column_tiles = dv // bd
     if r_parts is None:  # split the latent rows until the launch has about 128 programs
@@ -377,22 +337,3 @@ def mla_decode(
         compiler_params=params, interpret=interpret, name="mla_absorb_output",
     )(*inputs)
     return outs[0], cache, (outs[2] if r_parts > 1 else counters)
-
-
-def _absorb_project(o, m, l, w3, w_o, *, dn: int, br: int, bn: int | None, dtype, params, interpret: bool
-                    ) -> jax.Array:
-    """absorb_output and the output projection in one launch (grid (B, H, N / bn)): float32 [H, B, N]."""
-    splits, batch, heads, r = o.shape
-    dv, n = w_o.shape[0] // heads, w_o.shape[1]
-    if bn is None:  # about 128 programs
-        bn = max(min(n, 128), n // max(1, 128 // (batch * heads)))
-    chunk = min(bn, 128)  # output columns a dot
-    if n % bn or bn % chunk:
-        raise ValueError(f"bn={bn} must divide N={n} into whole steps of {chunk} columns")
-    return pl.pallas_call(
-        lambda *refs: _absorb_project_kernel(*refs, dn=dn, r=r, br=br, dv=dv, bn=bn, chunk=chunk, splits=splits,
-                                             dtype=dtype, interpret=interpret),
-        out_shape=jax.ShapeDtypeStruct((heads, batch, n), f32),
-        grid=(batch, heads, n // bn),
-        compiler_params=params, interpret=interpret, name="mla_absorb_project",
-    )(o, m, l, w3, w_o)

@@ -59,27 +59,6 @@ def test_mla_decode_matches_reference_float32(heads, fp8, splits, pos, parts, in
     np.testing.assert_array_equal(counters, 0)
 
 
-@pytest.mark.parametrize("heads,batch,r,bn", [(4, 2, 32, None), (16, 1, 256, 64)])
-def test_mla_decode_with_output_projection_float32(heads, batch, r, bn):
-    """With w_o the last launch also multiplies each head's output by its rows of the output projection: the
-    per-head float32 products [H, B, N] of the reference's output within 1e-5 (float32; the same products, added in
-    another order). Two batch rows (each program stores one row of a 16-row dot), the latent rows in one or two
-    steps, the default or a narrower column tile; an FP8 kv_b or a w_o of the wrong height is refused."""
-    args = _inputs(jax.random.key(heads), batch, heads, jnp.float32, False, 2, r=r)
-    w_o = jax.random.normal(jax.random.key(7), (heads * 16, 256)) * 0.2
-    pos = jnp.int32(30)
-    kw = dict(softmax_scale=0.3, interleaved=True, eps=1e-6)
-    y, cache, _ = mla_decode.mla_decode(*args, pos, splits=4, bs=16, w_o=w_o, bn=bn, interpret=True, **kw)
-    out, ref_cache = mla_decode.mla_decode_reference(*args, pos, **kw)
-    np.testing.assert_allclose(y, mla_decode.project_reference(out, w_o), rtol=1e-5, atol=1e-5)
-    _check_cache(cache, ref_cache, args[-1], 30, 1e-5)
-    with pytest.raises(ValueError, match="output projection"):
-        mla_decode.mla_decode(*args, pos, w_o=w_o[1:], interpret=True, **kw)
-    fp8_args = _inputs(jax.random.key(heads), batch, heads, jnp.float32, True, 2, r=r)
-    with pytest.raises(ValueError, match="not FP8"):
-        mla_decode.mla_decode(*fp8_args, pos, w_o=w_o, interpret=True, **kw)
-
-
 def test_mla_decode_matches_reference_bf16():
     """bf16 activations and cache: the kernels round the unnormalised probabilities where the reference rounds the
     normalised ones; both within bf16's 2^-8 relative step, so 2e-2 of the output scale. The cache entry rounds the
@@ -129,31 +108,3 @@ def test_gpu_mla_decode_real_shapes(heads, fp8):
     out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
     assert float(jnp.max(jnp.abs(out - ref))) <= 2e-2 * float(jnp.max(jnp.abs(ref)))
     _check_cache(new_cache, ref_cache, cache, 1199, 2e-2)
-
-
-def _projected_shapes():
-    """DeepSeek-V2-Lite's shapes with its output projection (16 heads, bf16, q and kv_a as 8 partial sums)."""
-    args = _inputs(jax.random.key(3), 1, 16, jnp.bfloat16, False, parts=8, length=1280, dn=128, dr=64, dv=128, r=512)
-    w_o = (jax.random.normal(jax.random.key(4), (16 * 128, 2048)) * 0.02).astype(jnp.bfloat16)
-    return args, w_o, jnp.int32(1199), dict(softmax_scale=0.1, interleaved=True, eps=1e-6)
-
-
-def test_mla_decode_projected_lowers_for_a_gpu(monkeypatch):
-    """The launch with the output projection lowers through Pallas' Triton lowering at V2-Lite's shapes (from this
-    CPU machine: TILERT_PALLAS_INTERPRET=0)."""
-    monkeypatch.setenv("TILERT_PALLAS_INTERPRET", "0")
-    args, w_o, pos, kw = _projected_shapes()
-    text = jax.jit(lambda *a: mla_decode.mla_decode(*a, pos, w_o=w_o, **kw)).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert "mla_absorb_project" in text
-
-
-@pytest.mark.gpu
-def test_gpu_mla_decode_projected_real_shapes():
-    """Compiled on the GPU at V2-Lite's shapes with the output projection [2048, 2048] in the last launch: the
-    per-head products within the bf16 bound of the other GPU test (2e-2 of their scale) of the reference's."""
-    args, w_o, pos, kw = _projected_shapes()
-    y, _, _ = jax.jit(lambda *a: mla_decode.mla_decode(*a, pos, w_o=w_o, **kw))(*args)
-    out, _ = mla_decode.mla_decode_reference(*args, pos, **kw)
-    ref = mla_decode.project_reference(out, w_o)
-    assert float(jnp.max(jnp.abs(y - ref))) <= 2e-2 * float(jnp.max(jnp.abs(ref)))

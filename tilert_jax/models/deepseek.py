@@ -467,19 +467,17 @@ def decode_kernel_fits(config: DeepseekConfig, p: MLA) -> bool:
                                 config.fp8_block)
 
 
-def attend_decode_kernel(config: DeepseekConfig, p: MLA, q, compressed, kv_cache, pos, counters=None,
-                         project: bool = False):
+def attend_decode_kernel(config: DeepseekConfig, p: MLA, q, compressed, kv_cache, pos, counters=None):
     """One decode token of multi-head latent attention through kernels/mla_decode.py, from its projections as they
     leave their launch: q [S, B, H * (dn + dr)] and compressed = kv_a(x) [S, B, r + dr] as S float32 partial sums
     (S = 1: finished). The rope is taken in float32 (V3's XLA path rounds it to bf16 first). Returns the heads'
-    outputs [B, H, dv] (with `project`, their products with o_proj's rows [H, B, hidden] float32, o_proj's partial
-    sums over heads), the latent cache with the token's entry at pos, and the arrival counters (zero) after it."""
+    outputs [B, H, dv], the latent cache with the token's entry at pos, and the arrival counters (zero) after it."""
     parts, b = q.shape[:2]
     cos, sin = rope_tables(config.rope, jnp.reshape(pos, (1,)), jnp.float32)  # [1, dr]
     return mla_decode.mla_decode(q.reshape(parts, b, _heads(config, p), -1), compressed, p.kv_a_norm, cos[0], sin[0],
                                  p.kv_b.w, p.kv_b.scale, None if p.kv_b.scale is None else config.fp8_block, kv_cache,
                                  pos, softmax_scale=config.attn_scale, interleaved=config.rope_interleave,
-                                 eps=LATENT_NORM_EPS, counters=counters, w_o=p.o.w if project else None)
+                                 eps=LATENT_NORM_EPS, counters=counters)
 
 
 def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache, index_cache, pos, impl):

@@ -7,8 +7,7 @@ The residual stream travels between launches as x plus a tuple of pending partia
   1. the stream combined and attn_norm applied (stream_norm), then the query's first projection beside kv_a;
   2. multi-head latent attention (deepseek.attend_decode_kernel: three MLA kernels, the first adding q's and kv_a's
      partial sums, roping, normalising the latent and writing the cache, the last adding its slices' products);
-  3. o_proj, its K-split sums left pending on the stream; with few heads and bf16 weights (DeepSeek-V2-Lite), inside
-     the MLA's last launch instead, each head's product left pending (`_projects_output`);
+  3. o_proj, its K-split sums left pending on the stream;
   4. MoE: the stream combined and mlp_norm applied; the router beside the shared experts' gate/up in one launch,
      whose router program that finishes last routes the token (moe.route_beside_shared: the routing hides behind
      the shared experts' streaming); the routed experts' gate/up (every routed group reading the token's one row);
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 
 from tilert_jax.kernels import moe_grouped_matvec as gm
 from tilert_jax.kernels import stream_norm as sn
-from tilert_jax.kernels.common import ROWS, zero_counters
+from tilert_jax.kernels.common import zero_counters
 from tilert_jax.models import deepseek as ds
 from tilert_jax.models import moe
 from tilert_jax.models.deepseek_linear import SINGLE, grouped_tiles, stacked
@@ -86,13 +85,6 @@ def _reduced(parts: tuple[jax.Array, ...], tp_axis) -> tuple[jax.Array, ...]:
     return (collectives.psum(total, tp_axis)[None],)
 
 
-def _projects_output(config: ds.DeepseekConfig, p: ds.MLA) -> bool:
-    """Whether o_proj runs in the MLA's last launch (kernels/mla_decode.py, w_o): not FP8, and at most 16 heads on
-    this device, since each program recomputes its head's output (DeepSeek-V2-Lite: one launch less a layer)."""
-    heads = p.o.w.shape[0] // config.v_head_dim
-    return p.kv_b.scale is None and p.o.scale is None and heads <= ROWS
-
-
 def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters):
     """-> the combined stream [n, hidden], the MoE's outputs as pending sums and the counters. (A split routed
     gate/up, FP8's, is finished by XLA: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
@@ -143,13 +135,10 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
             finish=False))  # [S, n, *] each
         if a.q_proj is None:  # the query LoRA: q_b reads the normed q_a
             q = ds.query(config, a, q.sum(0).astype(h.dtype), "pallas")[0][None]
-        if _projects_output(config, a):  # o_proj's partial sums over heads [H, n, hidden] from the attention's last launch
-            o, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters, True)
-        else:
-            out, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters)
-            o = _pending(gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))],
-                                            block=blk, finish=False)[0], n)
-        stream = sn.Stream(x, _reduced((o,), tp_axis), layer.mlp_norm, eps)
+        out, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters)
+        o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))], block=blk,
+                               finish=False)[0]
+        stream = sn.Stream(x, _reduced((_pending(o, n),), tp_axis), layer.mlp_norm, eps)
         if isinstance(layer.mlp, ds.MoE):
             x, parts, counters = _moe(config, layer.mlp, stream, blk, counters)
         else:
