@@ -26,7 +26,9 @@ the split sums, rope, latent norm and cache write before them: four more kernels
   (DeepSeek-V2-Lite's 16) the latent rows are cut into R slices, so that about 128 programs share the work; each
   slice's product goes to a float32 workspace and the last slice of a column tile to arrive (kernels/common.py:
   `arrive_last`) adds them in order and writes the output: a single program per tile ran four merge-and-multiply
-  steps back to back (7.0 us a V2-Lite layer for 2 MB, docs/PERF.md session 10).
+  steps back to back (7.0 us a V2-Lite layer for 2 MB, docs/PERF.md session 10). The output projection stays a
+  launch of its own: inside this one (a program per head and 256 output columns, recomputing its head's output) it
+  took 11.2 us against 5.0 + 4.6 for the two launches at V2-Lite's shapes (session 19).
 
 Rope pairs channel i with i + dr/2 (rotate-half) or, DeepSeek's default, channel 2i with 2i + 1 (interleaved): both
 halves are loaded by index (a gather of dr/2 values), so the kernel needs no register shuffle for either layout.
