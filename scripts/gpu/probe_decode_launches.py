@@ -99,12 +99,17 @@ def _bytes(fields: list[dict]) -> int:
     return total
 
 
+def _launch_shapes(fields: list[dict]) -> tuple[list[tuple[int, int, int, bool]], list[bool], int]:
+    """A recorded launch's products as `launch_config` takes them: (groups, K, N, fp8) each, SwiGLU each, the rows."""
+    return ([(f["ids"].shape[0], *f["w"].shape[1:], f["scale"] is not None) for f in fields],
+            [f["w2"] is not None for f in fields], max(f["x"].shape[1] for f in fields))
+
+
 def _effective(fields: list[dict], block, cfg: gm.GroupedConfig | None) -> tuple:
     """What a configuration (None: the launch's own, `launch_config`) makes of a launch: each product's (bk, bn,
     K split), the warps, stages and fma."""
-    shapes = [(f["ids"].shape[0], *f["w"].shape[1:], f["scale"] is not None) for f in fields]
-    cfg, exact = gm.launch_config(shapes, [f["w2"] is not None for f in fields],
-                                  max(f["x"].shape[1] for f in fields), block, cfg)
+    shapes, swiglus, batch = _launch_shapes(fields)
+    cfg, exact = gm.launch_config(shapes, swiglus, batch, block, cfg)
     tiles = [gm.tiles(k, n, block if fp8 else None, cfg) for _, k, n, fp8 in shapes]
     return (tuple((bk, bn, gm.product_split(k, bk, cfg, exact)) for (_, k, _, _), (bk, bn) in zip(shapes, tiles)),
             cfg.num_warps, cfg.num_stages, cfg.fma)
@@ -125,9 +130,8 @@ def main(argv=None) -> int:
         kw = {k: v for k, v in call.items() if k not in ("counters", "epilogue", "config")}
         copies = [[_fresh(f, jax.random.key(100 * c + j)) for j, f in enumerate(fields)] for c in range(args.copies)]
         jax.block_until_ready(copies)
-        key = grouped_key(max(f["x"].shape[1] for f in fields),
-                          [(f["ids"].shape[0], *f["w"].shape[1:], f["scale"] is not None, f["w2"] is not None)
-                           for f in fields])
+        shapes, swiglus, batch = _launch_shapes(fields)
+        key = grouped_key(batch, [(*shape, swiglu) for shape, swiglu in zip(shapes, swiglus)])
         measured = set()
         for grid_fields in [None, *GRID]:
             cfg = None if grid_fields is None else gm.GroupedConfig(**grid_fields)
