@@ -74,6 +74,7 @@ def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, q
     dict(batch=1, n=6, kvh=2, d=32, max_len=64, pos=0, splits=2, block=16, bias=True),  # 3 query heads per group
     dict(batch=1, n=4, kvh=4, d=32, max_len=128, pos=90, splits=4, block=16, window=24, parts=2),
     dict(batch=2, n=4, kvh=2, d=32, max_len=64, pos=40, splits=4, block=16, again=True),  # reused counters
+    dict(batch=1, n=12, kvh=4, d=32, max_len=64, pos=40, splits=8, block=16),  # splits 3 to 6 hold no work
 ])
 def test_decode_attention(case):
     check(**case)
