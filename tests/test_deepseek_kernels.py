@@ -477,31 +477,6 @@ def test_gpu_grouped_matvec_reads_experts_past_2_pow_31():
     assert float(jnp.max(jnp.abs(out - ref))) <= 1e-2 * float(jnp.max(jnp.abs(ref)))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("fma", [False, True])
-def test_gpu_grouped_matvecs_read_the_stream(fma):
-    """DeepSeek-V2-Lite's q beside kv_a reading the stream after a MoE layer (x and 9 pending sums of 2048, bf16),
-    compiled: each output within 1e-2 of its scale of the reference's (bf16 rounding of the normed row, float32
-    accumulation), the combined stream within one bf16 rounding step (the same float32 adds, compiled)."""
-    from tilert_jax.kernels import moe_grouped_matvec as gm
-    from tilert_jax.kernels import stream_norm as sn
-
-    keys = iter(jax.random.split(jax.random.key(5), 8))
-    k, bf16 = 2048, jnp.bfloat16
-    stream = sn.Stream(x=jax.random.normal(next(keys), (1, k)).astype(bf16),
-                       parts=(jax.random.normal(next(keys), (6, 1, k)), jax.random.normal(next(keys), (3, 1, k))),
-                       norm=(1 + 0.1 * jax.random.normal(next(keys), (k,))).astype(bf16), eps=1e-6)
-    weights = [(0.02 * jax.random.normal(next(keys), (1, k, width))).astype(bf16) for width in (3072, 576)]
-    products = [gm.Product(x=stream, ids=jnp.zeros((1,), jnp.int32), w=w) for w in weights]
-    config = gm.GroupedConfig(bn=64, bk=128, split=4, fma=fma)
-    *outs, combined = jax.jit(lambda: gm.grouped_matvecs(products, config=config, finish=False))()
-    for p, out in zip(products, outs):
-        out, ref = out.sum(0).astype(jnp.float32), gm.product_reference(p).astype(jnp.float32)
-        assert float(jnp.max(jnp.abs(out - ref))) <= 1e-2 * float(jnp.max(jnp.abs(ref)))
-    np.testing.assert_allclose(np.asarray(combined, np.float32),
-                               np.asarray(sn.stream_reference(stream)[0], np.float32), rtol=2 ** -8, atol=0)
-
-
 def test_grouped_launch_takes_its_tuned_configuration(tmp_path, monkeypatch):
     """A launch whose key is in the tuning table (kernels/tuning.py "grouped:..." entries; here a file named by
     TILERT_TUNING) runs that configuration, its split exactly as recorded (fma rows, a split of 4 the default rule
