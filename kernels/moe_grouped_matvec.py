@@ -42,10 +42,7 @@ from jax.experimental.pallas import triton as plt
 
 from tilert_jax.kernels import fp8_matmul
 from tilert_jax.kernels.common import NN, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2, \
-    load_rows, load_sum, next_pow2, norm_chunk, rms_apply, rms_inverse, row_mask, store_rows, stream_rows, \
-    triton_params
-from tilert_jax.kernels.matvec import input_rows
-from tilert_jax.kernels.stream_norm import Stream, check_stream, stream_reference
+    load_rows, load_sum, next_pow2, row_mask, store_rows, triton_params
 from tilert_jax.kernels.tuning import SMS, grouped_entry
 
 f32 = jnp.float32
@@ -218,13 +215,8 @@ def _to_f16(xt):
 
 @dataclasses.dataclass(frozen=True)
 class Product:
-    """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]]).
-
-    x may be the residual stream (a `Stream`: x [B, K] with its pending partial sums and norm): the product then reads
-    the stream's RMSNorm as its one x row group, formed in every program (each reads the whole row for the statistic,
-    a few tens of KB from L2; DeepSeek-V2-Lite's q beside kv_a), and the launch also writes the combined stream, so no
-    stream_norm launch runs before it."""
-    x: jax.Array | Stream  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
+    """One grouped product of a launch: y[g] = x[g] @ w[ids[g]], or silu(x[g] @ w[ids[g]]) * (x[g] @ w2[ids[g]])."""
+    x: jax.Array  # [X, B, K] with X dividing G (group g reads x[g // (G / X)]), B <= 16
     w: jax.Array  # [E, K, N] (float8_e4m3fn with scale)
     ids: jax.Array  # [G] int32: the expert of each group (negative: none, zeros)
     scale: jax.Array | None = None  # [E, ceil(K / block_in), ceil(N / block_out)] float32
@@ -235,8 +227,7 @@ class Product:
 
 
 def product_reference(p: Product, block: tuple[int, int] | None = None) -> jax.Array:  # [G, B, N]
-    x = stream_reference(p.x)[1][None] if isinstance(p.x, Stream) else p.x
-    x = jnp.repeat(x, p.ids.shape[0] // x.shape[0], axis=0)
+    x = jnp.repeat(p.x, p.ids.shape[0] // p.x.shape[0], axis=0)
     return grouped_matvec_reference(x, p.w, p.ids, scale=p.scale, block=block, w2=p.w2, scale2=p.scale2,
                                     group_weights=p.group_weights, out_dtype=p.out_dtype)
 
@@ -276,22 +267,20 @@ class _Plan:
     out_dtype: object
     first: int
     counter: int | None  # finished in the launch: the arrival counter of its first (group, column tile)
-    stream_parts: int | None = None  # x is a Stream with this many pending partial sums (None: x is an array)
-    eps: float = 0.0  # the stream's RMSNorm epsilon
-    writes_stream: bool = False  # this product's first program writes the combined stream
 
     @property
     def programs(self) -> int:
         return self.groups * (self.n_dim // self.bn) * self.split
 
     @property
-    def num_inputs(self) -> int:  # ids, x [, stream parts, norm], w [, scale] [, w2 [, scale2]] [, group weights]
-        streamed = 0 if self.stream_parts is None else self.stream_parts + 1
-        return 3 + streamed + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
+    def num_inputs(self) -> int:  # ids, x, w [, scale] [, w2 [, scale2]] [, group weights]
+        return 3 + self.fp8 + self.swiglu * (1 + self.fp8) + self.weighted
 
     @property
-    def num_outputs(self) -> int:  # y, and/or the float32 partial sums of w (and of w2) [, the combined stream]
-        return (1 if self.split == 1 else (self.counter is not None) + 1 + self.swiglu) + self.writes_stream
+    def num_outputs(self) -> int:  # y, and/or the float32 partial sums of w (and of w2)
+        if self.split == 1:
+            return 1
+        return (self.counter is not None) + 1 + self.swiglu
 
 
 def _finish(plan: _Plan, total, total2=None):
@@ -303,17 +292,12 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
     """The program `local` of one product: a [rows, bn] output tile over its K range (split: its partial sums,
     and when it arrives last at its counter the finished tile)."""
     it = iter(in_refs)
-    ids_ref, x_ref = next(it), next(it)  # [G], [X, B, K] (a stream: [B, K])
-    streamed = plan.stream_parts is not None
-    part_refs = tuple(next(it) for _ in range(plan.stream_parts or 0))  # the stream's pending sums [S_i, B, K]
-    nw_ref = next(it) if streamed else None  # [K]: the stream's norm
+    ids_ref, x_ref = next(it), next(it)  # [G], [X, B, K]
     w_ref = next(it)  # [E, K, N] ([E, K, N / 2] uint16 packed)
     s_ref = next(it) if plan.fp8 else None  # [E, K / bi, N / bo]
     w2_ref = next(it) if plan.swiglu else None
     s2_ref = next(it) if plan.swiglu and plan.fp8 else None
     gw_ref = next(it) if plan.weighted else None  # [G] float32
-    xo_ref = out_refs[-1] if plan.writes_stream else None  # [B, K]: the combined stream
-    out_refs = out_refs[:len(out_refs) - plan.writes_stream]
     o_ref = out_refs[0] if plan.split == 1 or plan.counter is not None else None  # [G, B, N]
     parts = out_refs[-1 - plan.swiglu:] if plan.split > 1 else ()  # [split, G, B, N] float32 (of w, and of w2)
 
@@ -346,37 +330,21 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
             out = [p * sr[e, k0 // block_in, n0 // block_out] for p in out]
         return out
 
-    prow = input_rows(batch)  # a stream's rows as read (batch 1: one, broadcast to the dot's rows)
-
-    def stream_x(k0, size):  # float32 [prow, size]: the combined stream
-        return stream_rows(x_ref, part_refs, 0, prow, batch, k0, size, plan.in_dtype)
-
-    def x_tile(k0, rinv):  # "fma": float32 [bk, 1]; else [rows, bk] in the input dtype (rinv: a stream's statistic)
-        if streamed:
-            h = rms_apply(stream_x(k0, bk), rinv, nw_ref[pl.ds(k0, bk)], plan.in_dtype).astype(plan.in_dtype)
-            if plan.fma:  # [1, bk] -> [bk, 1]
-                return jnp.reshape(h.astype(f32), (bk, 1))
-            return jnp.broadcast_to(h, (rows, bk))  # [prow, bk] -> [rows, bk]: the extra rows are never stored
-        if plan.fma:
-            return plt.load(x_ref.at[xg, jnp.int32(0), pl.ds(k0, bk)]).astype(f32)[:, None]
-        return load_rows(x_ref.at[xg, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(plan.in_dtype)
-
-    def body(i, carry):
-        accs, rinv = carry
+    def body(i, accs):
         k0 = pl.multiple_of(k_begin + i * bk, bk)
-        xt = x_tile(k0, rinv)
-        xt, x_scale = _to_f16(xt) if plan.f16 and not plan.fma else (xt, None)
+        if plan.fma:
+            xt, x_scale = plt.load(x_ref.at[xg, jnp.int32(0), pl.ds(k0, bk)]).astype(f32)[:, None], None  # [bk, 1]
+        else:
+            xt = load_rows(x_ref.at[xg, pl.ds(0, rows), pl.ds(k0, bk)], batch).astype(plan.in_dtype)  # [rows, bk]
+            xt, x_scale = _to_f16(xt) if plan.f16 else (xt, None)
         weights = ((w_ref, s_ref), (w2_ref, s2_ref)) if plan.swiglu else ((w_ref, s_ref),)
         return tuple(tuple(a + p for a, p in zip(acc, partial(wr, sr, k0, xt, x_scale)))
-                     for acc, (wr, sr) in zip(accs, weights)), rinv
-
-    def run_k():
-        rinv = rms_inverse(stream_x, plan.k_dim, norm_chunk(plan.k_dim, prow), plan.eps) if streamed else None
-        return lax.fori_loop(0, plan.k_dim // split // bk, body, (init, rinv))[0]
+                     for acc, (wr, sr) in zip(accs, weights))
 
     zeros = tuple(jnp.zeros((bk if plan.fma else rows, width), f32) for _ in range(phases))
     init = (zeros, zeros) if plan.swiglu else (zeros,)
-    accs = lax.cond(e >= 0, run_k, lambda: init)  # a group without an expert reads nothing
+    accs = lax.cond(e >= 0, lambda: lax.fori_loop(0, plan.k_dim // split // bk, body, init),
+                    lambda: init)  # a group without an expert reads nothing
     if plan.fma:  # [bk, width] -> [1, width]
         accs = tuple(tuple(jnp.sum(a, axis=0, keepdims=True) for a in acc) for acc in accs)
     if plan.weighted:
@@ -392,14 +360,6 @@ def _product(plan: _Plan, block, interpret, in_refs, out_refs, counters, local):
             store_rows(o_ref.at[window(phase)], _finish(plan, *(acc[phase] for acc in accs)), batch)
         for ref, acc in zip(parts, accs):
             store_rows(ref.at[(part, *window(phase))], acc[phase], batch)
-    if plan.writes_stream:
-        chunk = norm_chunk(plan.k_dim, prow)
-
-        @pl.when(local == 0)
-        def _():
-            for k0 in range(0, plan.k_dim, chunk):
-                store_rows(xo_ref.at[pl.ds(0, prow), pl.ds(k0, chunk)], stream_x(k0, chunk).astype(plan.in_dtype),
-                           batch)
     if plan.counter is None:  # (unsplit, or left to XLA or the consumer)
         return
     masked = dict(mask=row_mask(rows, width, batch), other=0) if rows > batch else {}
@@ -435,20 +395,12 @@ def _kernel(*refs, plans, block, epilogue, epilogue_counter, counted, interpret)
                 pid - plan.first))
 
 
-def _x_shape(x: jax.Array | Stream) -> tuple[int, ...]:
-    """[X, B, K] of a product's input (a stream is one group of rows)."""
-    return (1, *x.x.shape) if isinstance(x, Stream) else x.shape
-
-
 def _check(p: Product, block) -> tuple[int, int, int, bool]:
     """(groups, K, N, fp8) of a product, or a ValueError naming what does not fit."""
-    if isinstance(p.x, Stream):
-        check_stream(p.x)
-    x_shape = _x_shape(p.x)
-    x_groups, batch, k_dim = x_shape if len(x_shape) == 3 else (0, 0, -1)
+    x_groups, batch, k_dim = p.x.shape if p.x.ndim == 3 else (0, 0, -1)
     groups = p.ids.shape[0] if p.ids.ndim == 1 else -1
     if p.w.ndim != 3 or groups < 1 or not x_groups or groups % x_groups or p.w.shape[1] != k_dim:
-        raise ValueError(f"shapes x {x_shape}, w {p.w.shape}, ids {p.ids.shape} do not form a grouped product")
+        raise ValueError(f"shapes x {p.x.shape}, w {p.w.shape}, ids {p.ids.shape} do not form a grouped product")
     if batch > GROUP_ROWS:
         raise ValueError(f"{batch} rows per group > {GROUP_ROWS}: use the XLA path")
     if p.scale is not None and block is None:
@@ -473,8 +425,7 @@ def grouped_matvecs(
 ) -> list | tuple:  # per product [G, B, N], or (finish=False, split) float32 partial sums [S, G, B, N]
     """Several grouped products in one launch (the routed experts beside the shared expert, q beside kv_a): fewer
     launches, and each product's programs fill the GPU beside the others'. The launch parameters: `launch_config`.
-    finish=False leaves a split plain product's partial sums to its consumer. Products that read the residual stream
-    (`Product.x` a `Stream`, one for the launch) read its RMSNorm, and the list ends with the combined stream [B, K].
+    finish=False leaves a split plain product's partial sums to its consumer.
 
     Without `counters` XLA adds a split product's partial sums (and applies the SwiGLU) after the launch, and the
     result is the list. With them the launch finishes those products itself (the last program of each output tile
@@ -493,11 +444,8 @@ def grouped_matvecs(
     if epilogue is not None and (counters is None or not 0 <= epilogue.product < len(products)):
         raise ValueError(f"an epilogue needs arrival counters and one of the {len(products)} products, got product "
                          f"{epilogue.product}{'' if counters is not None else ' without counters'}")
-    streams = [p.x for p in products if isinstance(p.x, Stream)]
-    if any(s is not streams[0] for s in streams):
-        raise ValueError("the products of a launch read at most one stream")
-    cfg, exact = launch_config(shapes, [p.w2 is not None for p in products],
-                               max(_x_shape(p.x)[1] for p in products), block, config)
+    cfg, exact = launch_config(shapes, [p.w2 is not None for p in products], max(p.x.shape[1] for p in products),
+                               block, config)
     interpret = interpret_default() if interpret is None else interpret
     plans, inputs, out_shapes, first, needed = [], [], [], 0, 0
     for p, (groups, k_dim, n_dim, fp8) in zip(products, shapes):
@@ -512,9 +460,8 @@ def grouped_matvecs(
         is_packed = fp8 and p.w.size >= 2 ** 31 if packed is None else packed
         if is_packed and (not fp8 or bn < 32):
             raise ValueError("packed reads need FP8 weights and bn >= 32")
-        x_groups, batch, _ = _x_shape(p.x)
-        stream = p.x if isinstance(p.x, Stream) else None
-        in_dtype = p.x.x.dtype if stream else p.x.dtype
+        x_groups, batch, _ = p.x.shape
+        in_dtype = p.x.dtype
         weighted = p.group_weights is not None
         in_launch = counters is not None and split > 1 and (finish or p.w2 is not None)
         plan = _Plan(groups=groups, x_groups=x_groups, batch=batch, k_dim=k_dim, n_dim=n_dim,
@@ -522,9 +469,7 @@ def grouped_matvecs(
                      f16=cfg.f16 and fp8 and in_dtype == jnp.bfloat16, fma=cfg.fma and batch == 1,
                      in_dtype=in_dtype,
                      out_dtype=jnp.dtype(p.out_dtype or (f32 if weighted else in_dtype)), first=first,
-                     counter=needed if in_launch else None,
-                     stream_parts=len(stream.parts) if stream else None, eps=float(stream.eps) if stream else 0.0,
-                     writes_stream=stream is not None and all(q.stream_parts is None for q in plans))
+                     counter=needed if in_launch else None)
         plans.append(plan)
         first += plan.programs
         needed += in_launch * groups * (n_dim // bn)
@@ -532,8 +477,7 @@ def grouped_matvecs(
         if is_packed:
             w, w2 = (None if a is None else lax.bitcast_convert_type(a.reshape(*a.shape[:-1], n_dim // 2, 2),
                                                                      jnp.uint16) for a in (w, w2))
-        inputs += [p.ids.astype(jnp.int32)] + ([stream.x, *stream.parts, stream.norm] if stream else [p.x])
-        inputs += [w] + ([p.scale.astype(f32)] if fp8 else [])
+        inputs += [p.ids.astype(jnp.int32), p.x, w] + ([p.scale.astype(f32)] if fp8 else [])
         if plan.swiglu:
             inputs += [w2] + ([p.scale2.astype(f32)] if fp8 else [])
         if weighted:
@@ -543,8 +487,6 @@ def grouped_matvecs(
             out_shapes.append(jax.ShapeDtypeStruct((groups, plan.batch, *columns), plan.out_dtype))
         if split > 1:  # the partial sums (with counters: a workspace the launch finishes from)
             out_shapes += [jax.ShapeDtypeStruct((split, groups, plan.batch, *columns), f32)] * (1 + plan.swiglu)
-        if plan.writes_stream:
-            out_shapes.append(jax.ShapeDtypeStruct(stream.x.shape, in_dtype))
     epilogue_counter = needed
     if epilogue is not None:
         inputs += list(epilogue.inputs)
@@ -566,16 +508,13 @@ def grouped_matvecs(
         interpret=interpret,
         name="moe_grouped_matvec",
     )(*inputs)
-    results, combined, it = [], [], iter(outs)
+    results, it = [], iter(outs)
     for plan in plans:
         out = [next(it) for _ in range(plan.num_outputs)]
-        if plan.writes_stream:
-            combined.append(out.pop())
         if plan.split > 1 and plan.counter is None and (finish or plan.swiglu):  # finished here, by XLA
             out = [_finish(plan, *(a.sum(0) for a in out))]
         y = out[0]  # packed: [..., 2, N / 2] (even columns, then odd ones) -> [..., N]
         results.append(jnp.swapaxes(y, -1, -2).reshape(*y.shape[:-2], plan.n_dim) if plan.packed else y)
-    results += combined
     if counters is None:
         return results
     counters = outs[-1] if counted else counters

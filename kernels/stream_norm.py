@@ -68,21 +68,15 @@ def default_warps(stream: Stream) -> int:
     return min(16, max(4, next_pow2(-(-pieces * stream.x.shape[1] // (64 * 32)))))
 
 
-def check_stream(stream: Stream) -> None:
-    """A ValueError naming what does not fit: parts of another shape, a norm of another size, a row too long."""
-    k_dim = stream.x.shape[-1]
-    if stream.x.ndim != 2 or any(a.ndim != 3 or a.shape[1:] != stream.x.shape for a in stream.parts):
+def stream_norm(stream: Stream, *, num_warps: int | None = None, interpret: bool | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+    """-> (the combined stream [N, K], its RMSNorm [N, K]) (see `stream_reference`); num_warps: `default_warps`."""
+    n, k_dim = stream.x.shape
+    if any(a.ndim != 3 or a.shape[1:] != stream.x.shape for a in stream.parts):
         raise ValueError(f"stream parts {[a.shape for a in stream.parts]} do not match the stream {stream.x.shape}")
     if k_dim > MAX_HIDDEN or stream.norm.shape != (k_dim,):
         raise ValueError(f"a stream of hidden size {k_dim} (at most {MAX_HIDDEN}) needs a norm of [{k_dim}], got "
                          f"{stream.norm.shape}")
-
-
-def stream_norm(stream: Stream, *, num_warps: int | None = None, interpret: bool | None = None
-                ) -> tuple[jax.Array, jax.Array]:
-    """-> (the combined stream [N, K], its RMSNorm [N, K]) (see `stream_reference`); num_warps: `default_warps`."""
-    check_stream(stream)
-    n, k_dim = stream.x.shape
     dtype = stream.x.dtype
     return tuple(pl.pallas_call(
         functools.partial(_kernel, n_parts=len(stream.parts), k_dim=k_dim, dtype=dtype, eps=float(stream.eps)),

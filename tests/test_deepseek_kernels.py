@@ -342,39 +342,6 @@ def test_stream_norm_kernel_matches_reference(dtype):
         sn.stream_norm(sn.Stream(stream.x, (stream.parts[0][:, :2],), stream.norm, 1e-6), interpret=True)
 
 
-@pytest.mark.parametrize("fma", [False, True])
-@pytest.mark.parametrize("split", [1, 2])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_grouped_matvecs_read_the_stream(fp8, split, fma):
-    """Products reading the residual stream (q beside kv_a, as DeepSeek's attention reads it): float32, so the kernel
-    and the reference agree to 1e-5 (the RMS sum's order differs): the stream's x and its pending sums combined and
-    normed in every program, against stream_reference's norm; the combined stream, written once by the launch,
-    bit for bit. Fresh random inputs each run."""
-    from tilert_jax.kernels import moe_grouped_matvec as gm
-    from tilert_jax.kernels import stream_norm as sn
-
-    keys = iter(jax.random.split(jax.random.key(int(np.random.default_rng().integers(1 << 30))), 8))
-    n, k, block = 1 if fma else 2, 256, (32, 32)
-    stream = sn.Stream(x=jax.random.normal(next(keys), (n, k)),
-                       parts=(jax.random.normal(next(keys), (3, n, k)), jax.random.normal(next(keys), (1, n, k))),
-                       norm=1 + 0.1 * jax.random.normal(next(keys), (k,)), eps=1e-6)
-    ids = jnp.zeros((1,), jnp.int32)
-    products = []
-    for width in (96, 32):
-        w = jax.random.normal(next(keys), (1, k, width)) * 0.2
-        args = dict(zip(("w", "scale"), fp8_matmul.quantize(w, block))) if fp8 else dict(w=w)
-        products.append(gm.Product(x=stream, ids=ids, **args))
-    config = gm.GroupedConfig(bn=16, bk=32, split=split, fma=fma)
-    *outs, combined = gm.grouped_matvecs(products, block=block, config=config, interpret=True)
-    for p, out in zip(products, outs):
-        np.testing.assert_allclose(out, gm.product_reference(p, block), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(combined, sn.stream_reference(stream)[0])
-    other = sn.Stream(stream.x, (), stream.norm, stream.eps)
-    with pytest.raises(ValueError, match="at most one stream"):
-        gm.grouped_matvecs([products[0], dataclasses.replace(products[1], x=other)], block=block, config=config,
-                           interpret=True)
-
-
 @pytest.mark.parametrize("packed", [False, True])
 def test_grouped_matvec_float16_dot_is_the_bf16_dot(packed):
     """bf16 activations against FP8 weights are multiplied in float16 after dividing each row of the x tile by a

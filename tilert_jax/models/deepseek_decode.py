@@ -4,8 +4,7 @@ XLA kernels of its own.
 
 The residual stream travels between launches as x plus a tuple of pending partial sums (kernels/stream_norm.py:
 `Stream`). Per layer:
-  1. the query's first projection beside kv_a, every program forming attn_norm of the combined stream itself (one
-     launch fewer than a stream_norm launch before it: kernels/moe_grouped_matvec.py, `Product`);
+  1. the stream combined and attn_norm applied (stream_norm), then the query's first projection beside kv_a;
   2. multi-head latent attention (deepseek.attend_decode_kernel: three MLA kernels, the first adding q's and kv_a's
      partial sums, roping, normalising the latent and writing the cache, the last adding its slices' products);
   3. o_proj, its K-split sums left pending on the stream;
@@ -130,13 +129,12 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
     new_kv = []
     for i, layer in enumerate(params.layers):
         a = layer.attn
-        stream = sn.Stream(x, parts, layer.attn_norm, eps)
-        q, compressed, x = gm.grouped_matvecs(
-            [gm.Product(x=stream, ids=SINGLE, **stacked(lin)) for lin in (ds.query_first(a), a.kv_a)], block=blk,
-            finish=False)
-        q, compressed = _parts(q, n), _parts(compressed, n)  # [S, n, *] each
+        x, h = sn.stream_norm(sn.Stream(x, parts, layer.attn_norm, eps))
+        q, compressed = (_parts(y, n) for y in gm.grouped_matvecs(
+            [gm.Product(x=h[None], ids=SINGLE, **stacked(lin)) for lin in (ds.query_first(a), a.kv_a)], block=blk,
+            finish=False))  # [S, n, *] each
         if a.q_proj is None:  # the query LoRA: q_b reads the normed q_a
-            q = ds.query(config, a, q.sum(0).astype(x.dtype), "pallas")[0][None]
+            q = ds.query(config, a, q.sum(0).astype(h.dtype), "pallas")[0][None]
         out, kv_i, counters = ds.attend_decode_kernel(config, a, q, compressed, cache.kv[i], pos, counters)
         o = gm.grouped_matvecs([gm.Product(x=out.reshape(1, n, -1), ids=SINGLE, **stacked(a.o))], block=blk,
                                finish=False)[0]
