@@ -5,8 +5,9 @@ adding them itself (`Stream`), and the routed experts' outputs arrive weighed bu
 block's input from them in two or three kernels (an add-reduce, the norm's multiply); here one program per token row
 issues every load of its row at once (x and each partial sum, a few tens of KB from L2), then writes the combined
 stream and its norm. No loop: Triton pipelines only loads that feed a dot, so a loop over the row here would pay a
-memory round trip per step. A consumer launch that formed the norm in every program's prologue would read the
-pieces once per program (hundreds of times) and lose more than it saves.
+memory round trip per step. A consumer launch that forms the norm in every program's prologue reads the pieces
+once per program (hundreds of times) and loses more than the launch it saves: DeepSeek-V2-Lite's q beside kv_a so
+(228 programs, x and 9 pending sums of 2048) took the step from 1.98 to 2.04 ms (docs/PERF.md, session 20).
 
 Lowering: Triton, one program per row, the row held in registers (hidden sizes up to 16K) over up to 16 warps.
 """
