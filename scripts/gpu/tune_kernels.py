@@ -285,6 +285,7 @@ def tune_attention(config, batch, max_len, pos, deadline, log) -> dict | None:
     cands += [dict(splits=s, block=b) for s in (4, 8) for b in (32, 128)]
     cands += [dict(splits=s, block=b) for s in (16, 32, 64) for b in (16, 32)]
     cands += [dict(splits=16, block=128), dict(splits=32, block=64)]
+    cands += [dict(splits=16, block=b, num_warps=w) for b in (32, 64) for w in (2, 8)]
     cands += [dict(splits=8, block=64, num_warps=8)]
     for c in cands:
         if time.time() > deadline and results:
