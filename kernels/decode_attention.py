@@ -92,8 +92,9 @@ def _merge_splits(acc_ws, ml_ws, b, h, held, groups: int, rows: int, head_dim: i
 
     Only what was stored is read: the first `groups` rows of the splits whose `held[p]` (a bool scalar) is True, the
     splits that covered part of the cache or took the new token; the other loads are masked off, so they cost no
-    memory traffic (from position 1025, llama-3.1-8b's 16 splits of 128 tokens leave 7 without work, and a group
-    of 4 query heads fills a quarter of the 16 rows). Every load is issued before the arithmetic that uses it (all
+    memory traffic (a split's share rounds up to whole blocks, so the last splits can be empty: at position 1100,
+    llama-3.1-8b's 16 splits of 32-token blocks cover 96 tokens each and the last 4 hold none; and a group of 4 query
+    heads fills a quarter of the 16 rows). Every load is issued before the arithmetic that uses it (all
     maxima and sums, then all accumulators), so their latencies overlap. Plain loads are safe: no other program of
     this launch read these lines (each (b, h) owns whole 128-byte lines of both workspaces), and L1 starts each
     launch empty."""
