@@ -3,8 +3,19 @@ it is the identity), so one model function serves one device and a mesh."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+
+OVERLAP_ENV = "TILERT_OVERLAP"
+
+
+def overlap_enabled() -> bool:
+    """Whether the model code reduces in its overlapped forms ($TILERT_OVERLAP=1; see deepseek._moe), in which a
+    reduction does not wait for work it does not need, so XLA's asynchronous all-reduce can run beside that work.
+    Off by default until it is measured on GPUs (docs/PERF.md)."""
+    return os.environ.get(OVERLAP_ENV, "0") == "1"
 
 
 def psum(x: jax.Array, axis: str | None) -> jax.Array:

@@ -31,6 +31,8 @@ What the numbers mean:
 - On a mesh (--tp / --ep): weight_bytes is per device (divided evenly over the mesh), so floor_ms is the per-device
   floor. comm_ms_per_token is the p50
   step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
+  overlap: whether the reductions ran in their overlapped forms ($TILERT_OVERLAP=1, sharding/collectives.py); the
+  part of the communication they hide is the difference of tpot_ms_p50 between a run with and one without.
 - tpot_ms_per_layer = tpot_ms_p50 / num_layers (with --layers, the bench runs fewer full-width layers).
 - --slice-of N: one device's share of a tp=N mesh as a model of its own on one device (`tp_slice`), so its launches
   can be timed without a mesh; its floor is the per-device floor, and it runs no reductions.
@@ -55,6 +57,7 @@ import numpy as np
 
 from tilert_jax.config import PRESETS, preset
 from tilert_jax.sharding import make_mesh, param_shardings
+from tilert_jax.sharding.collectives import overlap_enabled
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.models.dense import PALLAS_OPS_ENV, pallas_ops
@@ -235,6 +238,7 @@ def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env:
                               batch, args, env, False)
         row["tpot_ms_p50_without_collectives"] = quiet["tpot_ms_p50"]
         row["comm_ms_per_token"] = row["tpot_ms_p50"] - quiet["tpot_ms_p50"]
+        row["overlap"] = overlap_enabled()
     return row
 
 

@@ -26,6 +26,9 @@ bench 120 --preset deepseek-v2-lite --impl xla,pallas
 bench 120 --preset deepseek-v3 --layers 4 --dense-layers 1 --impl xla,pallas
 # DeepSeek-V3 layers across 4 GPUs: experts split over ep, then heads/intermediates over tp.
 bench 150 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl xla,pallas
+# The same with the overlapped expert reduction (the shared experts beside the all-reduce): the difference of the two
+# pallas lines' tpot is the communication it hides.
+TILERT_OVERLAP=1 bench 150 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
 bench 150 --preset deepseek-v3 --layers 4 --dense-layers 1 --tp 4 --impl xla,pallas
 say "collectives"
 timeout 90 python3 scripts/gpu/collectives_bench.py --tp 4 >> "$OUT/collectives.jsonl" 2>> "$LOG" \
@@ -43,6 +46,7 @@ for path in sys.argv[1:]:
             print(f"{r['preset']:18} L={r['num_layers']:<3} tp={r['tp']} ep={r['ep']} {r['impl']:8} "
                   f"tpot {r['tpot_ms_p50']:7.3f} ms  per layer {r['tpot_ms_per_layer']:.3f}  "
                   f"frac {r['frac_of_floor']:.3f}  comm {r.get('comm_ms_per_token', 0):.3f} ms  "
+                  f"{'overlap  ' if r.get('overlap') else ''}"
                   f"ttft {r['ttft_ms']:.1f} ms")
         else:
             print(json.dumps(r))

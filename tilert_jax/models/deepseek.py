@@ -556,10 +556,17 @@ def route(config: DeepseekConfig, p: MoE, x, impl: str = "xla"):
     return moe.route(parts, p.e_bias, moe.routing_rule(config), impl)
 
 
-def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):
-    """Under shard_map over `ep_axis` each device holds a contiguous slice of the routed experts: every device routes
-    (the router is replicated), runs the chosen experts it holds, and the shared experts run on the first expert
-    shard only, so one reduction over the expert and tensor axes sums each contribution once."""
+def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", tp_axis=None, ep_axis=None):
+    """The MoE block's output [b, t, h], reduced over the mesh. Under shard_map over `ep_axis` each device holds a
+    contiguous slice of the routed experts: every device routes (the router is replicated), runs the chosen experts
+    it holds, and the shared experts run on the first expert shard only, so one reduction over the expert and tensor
+    axes sums each contribution once.
+
+    Overlapped (collectives.overlap_enabled) on an expert axis alone (tensor axis of size 1), where every device holds
+    the shared experts whole: only the routed outputs are reduced, and each device adds the shared experts' output,
+    computed in launches of their own after the reduction is issued, so the reduction does not wait for them and
+    XLA's asynchronous all-reduce can run beside them. Over tp x ep the shared experts are split over tp and would
+    need a reduction of their own: the single reduction stays."""
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
     weights, index = route(config, p, flat, impl)
@@ -567,12 +574,19 @@ def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", ep_axis=None):
     if ep_axis is not None:
         index, weights = moe.local_experts(index, weights, e.gate.w.shape[0], jax.lax.axis_index(ep_axis))
     shared = None if p.shared is None else (p.shared.gate, p.shared.up, p.shared.down)
-    out, shared_out = moe.experts(flat, index, weights, (e.gate, e.up, e.down), shared, config.fp8_block, impl)
+    axes = tuple(a for a in (ep_axis, tp_axis) if a is not None) or None
+    whole_shared = tp_axis is None or jax.lax.axis_size(tp_axis) == 1
+    overlapped = shared is not None and ep_axis is not None and whole_shared and collectives.overlap_enabled()
+    out, shared_out = moe.experts(flat, index, weights, (e.gate, e.up, e.down), None if overlapped else shared,
+                                  config.fp8_block, impl)
     out = out.astype(x.dtype).reshape(b, t, h)
+    if overlapped:
+        reduced = collectives.psum(out, axes)  # issued before the shared experts, which it does not need
+        return reduced + moe.shared_expert(flat, shared, config.fp8_block, impl).reshape(b, t, h)
     if shared_out is not None:
         shared_out = shared_out.reshape(b, t, h)
         out = out + (shared_out if ep_axis is None else jnp.where(jax.lax.axis_index(ep_axis) == 0, shared_out, 0))
-    return out
+    return collectives.psum(out, axes)
 
 
 def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_cache, pos, impl, tp_axis=None,
@@ -583,8 +597,7 @@ def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_c
     x = x + (attn if layer.attn.o.b is None else attn + layer.attn.o.b.astype(attn.dtype))
     h = ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl)
     if isinstance(layer.mlp, MoE):
-        mlp = _moe(config, layer.mlp, h, impl, ep_axis)
-        x = x + collectives.psum(mlp, tuple(a for a in (ep_axis, tp_axis) if a is not None) or None)
+        x = x + _moe(config, layer.mlp, h, impl, tp_axis, ep_axis)
     else:
         x = x + collectives.psum(_mlp(config, layer.mlp, h, impl), tp_axis)
     return x, kv_cache, index_cache

@@ -261,9 +261,12 @@ def experts(x, index, weights, routed: tuple[Linear, Linear, Linear], shared: tu
         out = experts_gathered(x, index, weights, gate, up, down, block)
     else:
         out = experts_tiled(x, index, weights, gate, up, down, block, impl=impl)
-    if shared is None:
-        return out, None
-    return out, linear(swiglu(x, shared[0], shared[1], block, impl), shared[2], block, impl)
+    return out, None if shared is None else shared_expert(x, shared, block, impl)
+
+
+def shared_expert(x, shared: tuple[Linear, Linear, Linear], block, impl: str = "xla") -> jnp.ndarray:
+    """The shared experts' output [N, hidden] in x's dtype: down(silu(gate(x)) * up(x)), in launches of its own."""
+    return linear(swiglu(x, shared[0], shared[1], block, impl), shared[2], block, impl)
 
 
 def local_experts(index: jnp.ndarray,  # [N, k] int32 global expert ids
