@@ -559,8 +559,8 @@ def route(config: DeepseekConfig, p: MoE, x, impl: str = "xla"):
 def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", tp_axis=None, ep_axis=None):
     """The MoE block's output [b, t, h], reduced over the mesh. Under shard_map over `ep_axis` each device holds a
     contiguous slice of the routed experts: every device routes (the router is replicated), runs the chosen experts
-    it holds, and the shared experts run on the first expert shard only, so one reduction over the expert and tensor
-    axes sums each contribution once.
+    it holds, and only the first expert shard keeps the shared experts' output, so one reduction over the expert and
+    tensor axes sums each contribution once.
 
     Overlapped (collectives.overlap_enabled) on an expert axis alone (tensor axis of size 1), where every device holds
     the shared experts whole: only the routed outputs are reduced, and each device adds the shared experts' output,
