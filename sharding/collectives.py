@@ -3,24 +3,44 @@ it is the identity), so one model function serves one device and a mesh."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
 import jax.numpy as jnp
 
 OVERLAP_ENV = "TILERT_OVERLAP"
+_silent = False  # inside `silenced()`: every collective below is the identity
 
 
 def overlap_enabled() -> bool:
-    """Whether the model code reduces in its overlapped forms ($TILERT_OVERLAP=1; see deepseek._moe), in which a
-    reduction does not wait for work it does not need, so XLA's asynchronous all-reduce can run beside that work.
-    Off by default until it is measured on GPUs (docs/PERF.md)."""
-    return os.environ.get(OVERLAP_ENV, "0") == "1"
+    """Whether the model code reduces in its overlapped forms (see deepseek._moe), in which a reduction does not wait
+    for work it does not need, so XLA's asynchronous all-reduce can run beside that work. On unless
+    $TILERT_OVERLAP=0: DeepSeek-V3 layers at ep=2 on two H200s decode 1.4% faster with it (docs/PERF.md, session
+    21)."""
+    return os.environ.get(OVERLAP_ENV, "1") != "0"
+
+
+@contextlib.contextmanager
+def silenced():
+    """While tracing inside it every collective here is the identity: the program keeps its mesh axes (each device
+    computes and reads exactly its share) but exchanges nothing, so its numbers are wrong. The bench times it beside
+    the real program to report per-token communication time."""
+    global _silent
+    saved, _silent = _silent, True
+    try:
+        yield
+    finally:
+        _silent = saved
+
+
+def _off(axis: str | None) -> bool:
+    return axis is None or _silent
 
 
 def psum(x: jax.Array, axis: str | None) -> jax.Array:
     """Sum of the partial results of a row-sharded matmul (attention output, MLP down projection)."""
-    return x if axis is None else jax.lax.psum(x, axis)
+    return x if _off(axis) else jax.lax.psum(x, axis)
 
 
 def embed_lookup(embed: jax.Array, tokens: jax.Array, axis: str | None) -> jax.Array:
@@ -31,12 +51,12 @@ def embed_lookup(embed: jax.Array, tokens: jax.Array, axis: str | None) -> jax.A
     local = tokens - jax.lax.axis_index(axis) * rows
     mine = (local >= 0) & (local < rows)
     x = jnp.where(mine[..., None], embed[jnp.clip(local, 0, rows - 1)], 0)
-    return jax.lax.psum(x, axis)
+    return psum(x, axis)
 
 
 def gather_vocab(logits: jax.Array, axis: str | None, vocab_size: int) -> jax.Array:
     """logits: [..., vocab / tp] per device -> [..., vocab] on every device."""
-    if axis is None or logits.shape[-1] == vocab_size:
+    if _off(axis) or logits.shape[-1] == vocab_size:
         return logits
     return jax.lax.all_gather(logits, axis, axis=logits.ndim - 1, tiled=True)
 

@@ -10,17 +10,19 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tilert_jax.models import family
+from tilert_jax.sharding import collectives
 from tilert_jax.sharding.rules import param_partition_specs, param_shardings
 
 REPLICATED = PartitionSpec()
 
 
 class ShardedFamily:
-    """communicate=False drops every collective (wrong numbers, same compute and memory traffic): the bench times
-    it beside the real thing to report per-token communication time."""
+    """communicate=False traces every function under `collectives.silenced()` (wrong numbers, the same compute and
+    memory traffic, no exchange): the bench times it beside the real thing to report per-token communication
+    time."""
 
     def __init__(self, config, mesh: Mesh, communicate: bool = True):
-        self.config, self.mesh, self.family = config, mesh, family(config)
+        self.config, self.mesh, self.family, self.communicate = config, mesh, family(config), communicate
         self.tp, ep = mesh.shape["tp"], mesh.shape["ep"]
         experts = getattr(config, "n_routed_experts", 0)
         if ep != 1 and not experts:
@@ -28,21 +30,21 @@ class ShardedFamily:
         if experts and experts % ep:
             raise ValueError(f"ep={ep} must divide the {experts} routed experts")
         # The mesh axes the model code reduces over (keyword arguments of the family's functions).
-        self.axes = {"tp_axis": "tp" if communicate else None}
+        self.axes = {"tp_axis": "tp"}
         if experts:
-            self.axes["ep_axis"] = "ep" if communicate and ep > 1 else None
+            self.axes["ep_axis"] = "ep" if ep > 1 else None
         heads, kv_heads = config.num_heads, config.num_kv_heads
         if heads % self.tp or (kv_heads % self.tp and self.tp % kv_heads):
             raise ValueError(f"tp={self.tp} must divide num_heads={heads}, and num_kv_heads={kv_heads} must divide "
                              f"or be divisible by tp")
-        if not communicate and kv_heads % self.tp:
-            raise ValueError("communicate=False needs num_kv_heads divisible by tp")
         specs = self.family.param_specs(config)
         self.param_specs = param_partition_specs(specs, mesh)
         self.param_shardings = param_shardings(specs, mesh)
         self.cache_specs = self.family.cache_partition_specs(config, "tp")
 
     def _shard(self, fn, in_specs, out_specs):
+        if not self.communicate:
+            fn = collectives.silenced()(fn)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
     def init_cache(self, config, batch: int, max_len: int, dtype):
