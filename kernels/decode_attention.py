@@ -112,8 +112,8 @@ def _merge_splits(acc_ws, ml_ws, b, h, held, groups: int, rows: int, head_dim: i
     return acc / total
 
 
-def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, ahead, num_heads, num_kv_heads, head_dim,
-            rows, scale, eps, window, dtype, interpret):
+def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, num_kv_heads, head_dim, rows,
+            scale, eps, window, dtype, interpret):
     groups = num_heads // num_kv_heads
     half = head_dim // 2
     it = iter(refs)
@@ -158,9 +158,8 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, ahead, num_
         s_lo, s_hi = sin_ref[pl.ds(0, half)].astype(f32)[None, :], sin_ref[pl.ds(half, half)].astype(f32)[None, :]
         return rnd(lo * c_lo - hi * s_lo), rnd(hi * c_hi + lo * s_hi)
 
-    # This split's share of the cache, and its first `ahead` blocks requested before q and k are formed (the two
-    # sets of loads overlap); each loop step then requests the block `ahead` past its own before its arithmetic, so
-    # `ahead` blocks are in flight while a block's arithmetic runs.
+    # This split's share of the cache, and its first block requested before q and k are formed (the two sets of
+    # loads overlap); each loop step then requests the next block before its arithmetic.
     lo_pos = 0 if window is None else jnp.maximum(pos - window + 1, 0)
     span = pos - lo_pos
     if splits > 1:
@@ -178,7 +177,7 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, ahead, num_
                          for ref, c0, width in ((kc_ref, 0, half), (kc_ref, half, half), (vc_ref, 0, head_dim)))
         return valid, k_lo, k_hi, v
 
-    first = tuple(cache_block(start + i * block) for i in range(ahead))
+    first = cache_block(start)
     q_lo, q_hi = prepare(h * groups, rows, groups, bq_ref, h * groups, qn_ref)  # [rows, half]
     k_lo, k_hi = prepare(num_heads + h, 1, 1, bk_ref, h, kn_ref)  # [1, half]
     v_new = load_qkv(num_heads + num_kv_heads + h, 1, 1, 0, head_dim)  # [1, d]
@@ -187,11 +186,10 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, ahead, num_
     q_lo_b, q_hi_b = q_lo.astype(dtype), q_hi.astype(dtype)
 
     def body(t, carry):
-        m, l, acc, pending = carry  # [rows, 1], [rows, 1], [rows, d]; the tiles of blocks t .. t + ahead - 1
-        following = cache_block(start + (t + ahead) * block)  # requested before block t's arithmetic
-        valid, kb_lo, kb_hi, vb = pending[0]
+        m, l, acc, (valid, kb_lo, kb_hi, vb) = carry  # [rows, 1], [rows, 1], [rows, d]; block t's tiles
+        following = cache_block(start + (t + 1) * block)  # requested before block t's arithmetic
         s = (dot(q_lo_b, kb_lo, NT, interpret) + dot(q_hi_b, kb_hi, NT, interpret)) * scale  # [rows, block]
-        return (*online_softmax_step(m, l, acc, s, valid, vb, dtype, interpret), (*pending[1:], following))
+        return (*online_softmax_step(m, l, acc, s, valid, vb, dtype, interpret), following)
 
     init = (jnp.full((rows, 1), NEG, f32), jnp.zeros((rows, 1), f32), jnp.zeros((rows, head_dim), f32), first)
     m, l, acc, _ = lax.fori_loop(0, nblocks, body, init)
@@ -241,7 +239,6 @@ def decode_attention(
     sliding_window: int | None = None,
     splits: int = 1,
     block: int = 64,
-    ahead: int = 1,
     num_warps: int = 4,
     num_stages: int = 2,
     arrivals: jax.Array | None = None,  # int32 [>= B * kvh] arrival counters, zero (None: fresh), returned zero
@@ -260,8 +257,8 @@ def decode_attention(
         raise ValueError(f"head_dim ({head_dim}) and block ({block}) must be powers of 2 (>= 32, >= 16)")
     if cos.shape != (head_dim,) or sin.shape != (head_dim,):
         raise ValueError(f"cos/sin must be [{head_dim}], got {cos.shape}")
-    if splits < 1 or ahead < 1:
-        raise ValueError(f"splits and ahead must be >= 1, got {splits}, {ahead}")
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     dtype = k_cache.dtype
     rows = max(ROWS, next_pow2(num_heads // num_kv_heads))
     interpret = interpret_default() if interpret is None else interpret
@@ -286,8 +283,8 @@ def decode_attention(
     aliases.update({n_in - 2: n_out - 2, n_in - 1: n_out - 1})
     kernel = lambda *refs: _kernel(  # noqa: E731
         *refs, batch=batch, n_parts=n_parts, has_bias=bias is not None, qk_norm=qk_norm is not None,
-        splits=splits, block=block, ahead=ahead, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        rows=rows, scale=float(scale), eps=float(eps), window=sliding_window, dtype=dtype, interpret=interpret)
+        splits=splits, block=block, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rows=rows,
+        scale=float(scale), eps=float(eps), window=sliding_window, dtype=dtype, interpret=interpret)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,

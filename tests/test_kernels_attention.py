@@ -39,7 +39,7 @@ def make(batch, n, kvh, d, max_len, parts=0, seed=None):
 
 
 def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, qk_norm=False, bias=False,
-          again=False, ahead=1, interpret=None):
+          again=False, interpret=None):
     qkv, kc, vc, cos, sin, key = make(batch, n, kvh, d, max_len, parts)
     kw = dict(num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, eps=1e-6, sliding_window=window)
     k1, k2, k3 = jax.random.split(key, 3)
@@ -50,7 +50,7 @@ def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, q
         kw["bias"] = tuple((0.1 * jax.random.normal(kk, (h, d), F32)).astype(BF16)
                            for kk, h in zip(jax.random.split(k3, 3), (n, kvh, kvh)))
     run = functools.partial(decode_attention, qkv, kc, vc, jnp.int32(pos), cos, sin, splits=splits, block=block,
-                            ahead=ahead, interpret=interpret, **kw)
+                            interpret=interpret, **kw)
     out, k_new, v_new, after = run()
     if again:  # a second launch on the counters the first left (as the next layer's launch takes them)
         assert np.array_equal(run(arrivals=after)[0], out)
@@ -75,8 +75,6 @@ def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, q
     dict(batch=1, n=4, kvh=4, d=32, max_len=128, pos=90, splits=4, block=16, window=24, parts=2),
     dict(batch=2, n=4, kvh=2, d=32, max_len=64, pos=40, splits=4, block=16, again=True),  # reused counters
     dict(batch=1, n=12, kvh=4, d=32, max_len=64, pos=40, splits=8, block=16),  # splits 3 to 6 hold no work
-    dict(batch=1, n=8, kvh=2, d=32, max_len=128, pos=100, splits=2, block=16, ahead=2),  # 4 blocks a split
-    dict(batch=2, n=8, kvh=2, d=32, max_len=128, pos=71, splits=3, block=16, ahead=3, window=40),
 ])
 def test_decode_attention(case):
     check(**case)
@@ -110,8 +108,6 @@ def test_ops_decode_attention_xla_is_reference():
     dict(batch=1, n=32, kvh=8, d=128, max_len=1280, pos=1150, splits=32, block=32, parts=4),
     dict(batch=8, n=32, kvh=8, d=128, max_len=1280, pos=1030, splits=2, block=32, qk_norm=True),
     dict(batch=1, n=28, kvh=4, d=128, max_len=512, pos=300, splits=4, block=64, bias=True, window=100),
-    dict(batch=1, n=32, kvh=8, d=128, max_len=1280, pos=1100, splits=16, block=32, parts=4, ahead=2),
-    dict(batch=1, n=32, kvh=8, d=64, max_len=1280, pos=1100, splits=16, block=64, parts=8, ahead=2),
 ])
 def test_gpu_decode_attention(case):
     check(**case, interpret=False)

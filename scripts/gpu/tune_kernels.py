@@ -281,10 +281,9 @@ def tune_attention(config, batch, max_len, pos, deadline, log) -> dict | None:
     xla_s = run_with(lambda q, kc, vc, arrivals: (*decode_attention_reference(q, kc, vc, p, cos, sin, **kw), None))
     log({"kind": "attention", "key": key, "impl": "xla", "us": 1e6 * xla_s, "kv_bytes": kv_bytes})
     results = []
-    cands = [dict(splits=16, block=b, ahead=a) for a in (1, 2, 3) for b in (32, 64)]  # a split's blocks in flight
-    cands += [dict(splits=s, block=64) for s in (1, 2, 4, 8)]
+    cands = [dict(splits=s, block=64) for s in (1, 2, 4, 8, 16)]
     cands += [dict(splits=s, block=b) for s in (4, 8) for b in (32, 128)]
-    cands += [dict(splits=s, block=b) for s in (16, 32, 64) for b in (16, 32) if (s, b) != (16, 32)]
+    cands += [dict(splits=s, block=b) for s in (16, 32, 64) for b in (16, 32)]
     cands += [dict(splits=16, block=128), dict(splits=32, block=64)]
     cands += [dict(splits=16, block=b, num_warps=w) for b in (32, 64) for w in (2, 8)]
     cands += [dict(splits=8, block=64, num_warps=8)]
