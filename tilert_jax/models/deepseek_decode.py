@@ -22,8 +22,7 @@ On a mesh the pending sums of a device's heads and intermediate slices are reduc
 stream_norm adds them. Over `ep` each device runs the chosen experts it holds (the others' pairs are skipped by the
 grouped kernel, id -1) and the routed outputs are reduced over `ep` too; the shared experts, which every device of
 an expert axis computes, are counted once: added after the reduction on `ep` alone, or by the first expert shard
-alone inside the one reduction over `tp` x `ep`. On `ep` alone their down projection runs in a launch of its own
-after the routed experts' (collectives.overlap_enabled), so the reduction runs beside it.
+alone inside the one reduction over `tp` x `ep`.
 """
 
 from __future__ import annotations
@@ -106,11 +105,10 @@ def _moe_reduced(routed: tuple[jax.Array, ...], shared: tuple[jax.Array, ...], t
     return _reduced(routed + tuple(jnp.where(first, part, 0) for part in shared), ep_axis, tp_axis)
 
 
-def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters, ep_axis, overlap: bool):
+def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters, ep_axis):
     """-> the combined stream [n, hidden], the routed and the shared experts' outputs as pending sums (two tuples)
-    and the counters. overlap: the shared experts' down projection in a launch of its own after the routed one, so
-    that the routed outputs' reduction does not wait for it (as deepseek._moe overlaps). (A split routed gate/up,
-    FP8's, is finished by XLA: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
+    and the counters. (A split routed gate/up, FP8's, is finished by XLA: finished in its launch it measured no
+    faster, docs/PERF.md session 11.)"""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
     x, h = sn.stream_norm(stream)
@@ -125,14 +123,9 @@ def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters,
     if ep_axis is not None:  # the pairs of another shard's experts read nothing (id -1)
         index, weights = moe.local_experts(index, weights, e.gate.w.shape[0], jax.lax.axis_index(ep_axis))
         index = jnp.where(weights != 0, index, -1)
-    apart = overlap and shared_mid is not None
-    routed, shared_y = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down),
-                                           None if apart else shared, blk,
+    routed, shared_y = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
                                            group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32,
                                            finish=False, shared_mid=shared_mid)
-    if apart:
-        shared_y = gm.grouped_matvecs([gm.Product(x=shared_mid, ids=SINGLE, out_dtype=jnp.float32,
-                                                  **stacked(shared[2]))], block=blk, finish=False)[0]
     return x, (_pending(routed, n),), () if shared_y is None else (_pending(shared_y, n),), counters
 
 
@@ -157,7 +150,6 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
         ds.check_tp(config, jax.lax.axis_size(tp_axis))
     n = tokens.shape[0]
     blk, eps = config.fp8_block, config.rms_norm_eps
-    overlap = ep_axis is not None and tp_axis is None and collectives.overlap_enabled()
     x, parts = collectives.embed_lookup(params.embed, tokens[:, None], tp_axis)[:, 0], ()  # the stream [n, hidden]
     counters = zero_counters(ARRIVAL_COUNTERS)  # passed from launch to launch, zero between them
     new_kv = []
@@ -174,7 +166,7 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
                                finish=False)[0]
         stream = sn.Stream(x, _reduced((_pending(o, n),), tp_axis), layer.mlp_norm, eps)
         if isinstance(layer.mlp, ds.MoE):
-            x, routed, shared, counters = _moe(config, layer.mlp, stream, blk, counters, ep_axis, overlap)
+            x, routed, shared, counters = _moe(config, layer.mlp, stream, blk, counters, ep_axis)
             parts = _moe_reduced(routed, shared, tp_axis, ep_axis)
         else:
             x, parts, counters = _mlp(layer.mlp, stream, blk, counters)
