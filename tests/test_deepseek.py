@@ -391,13 +391,12 @@ def test_expert_parallel_pallas_decode(ds_checkpoint):
     assert ours.generate(PROMPT[0].tolist(), max_new_tokens=8, stop_at_eos=False).tokens == expected
 
 
-@pytest.mark.parametrize("name,tp,ep", [("v3_tiled", 2, 1), ("v32_tiled", 2, 1), ("v3_tiled", 1, 4),
-                                         ("v3_tiled", 2, 2)])
-def test_pallas_decode_chain_on_a_mesh(ds_checkpoint, name, tp, ep):
-    """impl="pallas" over tp, ep or both: each device chains the fused launches (interpreted) on its heads, its slice
-    of the intermediates and its routed experts (the other shards' pairs skipped); the pending sums are reduced over
-    the mesh before the next stream norm, the shared experts' counted once. float32: one device's fused step within
-    1e-5 relative (the same kernels, the mesh-wide sum in another order)."""
+@pytest.mark.parametrize("name", ["v3_tiled", "v32_tiled"])
+def test_pallas_decode_chain_under_tensor_parallelism(ds_checkpoint, name):
+    """impl="pallas" over tp=2: each device chains the fused launches (interpreted) on its heads and its slice of the
+    intermediates; the output projection's and the MLP's pending sums are reduced over the mesh before the next
+    stream norm. float32: one device's fused step within 1e-5 relative (the same kernels, the mesh-wide sum in
+    another order)."""
     from jax.sharding import NamedSharding
 
     from tilert_jax.sharding import make_mesh
@@ -406,12 +405,12 @@ def test_pallas_decode_chain_on_a_mesh(ds_checkpoint, name, tp, ep):
     _, _, directory = ds_checkpoint(name, "fp8", True, False, False)
     ours = tilert_jax.load(directory, dtype="float32")
     config, params = ours.config, ours.params
-    sharded = ShardedFamily(config, make_mesh(tp=tp, ep=ep))
+    sharded = ShardedFamily(config, make_mesh(tp=2))
     cache = deepseek.init_cache(config, 1, 32, jnp.float32)
     _, cache = deepseek.prefill(config, params, jnp.asarray(PROMPT[:1, :20]), cache, 0, 19)
     tp_params = jax.device_put(params, sharded.param_shardings)
     tp_cache = jax.device_put(cache, jax.tree.map(lambda s: NamedSharding(sharded.mesh, s), sharded.cache_specs))
-    assert {s.data.shape[0] for s in tp_params.layers[-1].mlp.experts.gate.w.addressable_shards} == {16 // ep}
+    assert {s.data.shape for s in tp_params.layers[-1].mlp.experts.gate.w.addressable_shards} == {(16, 64, 16)}
     token, pos = jnp.asarray(PROMPT[:1, 20]), jnp.int32(20)
 
     def step(family):

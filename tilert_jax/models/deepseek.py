@@ -680,12 +680,12 @@ def prefill(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACa
 def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, impl: str = "xla",
                 tp_axis=None, ep_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache. impl="pallas" chains its
-    kernels' launches (models/deepseek_decode.py) where the shapes allow, on one device or a mesh."""
-    if impl == "pallas":
+    kernels' launches (models/deepseek_decode.py) where the shapes allow, on one device or over `tp_axis`."""
+    if impl == "pallas" and ep_axis is None:
         from tilert_jax.models import deepseek_decode  # it builds on this module
 
-        if deepseek_decode.supported(config, params, tokens, cache, ep_axis):
-            return deepseek_decode.decode_step(config, params, tokens, cache, pos, tp_axis, ep_axis)
+        if deepseek_decode.supported(config, params, tokens, cache):
+            return deepseek_decode.decode_step(config, params, tokens, cache, pos, tp_axis)
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis, ep_axis)
     return lm_head(params, x[:, 0], tp_axis, config.vocab_size), cache

@@ -1,4 +1,4 @@
-"""A DeepSeek decode step with impl="pallas" on one device or a mesh (tp, ep or both), its launches chained so that
+"""A DeepSeek decode step with impl="pallas" on one device or a tensor-parallel mesh, its launches chained so that
 the glue between them (the K-split partial sums, the residual adds, the RMSNorms, the SwiGLU, the routing) costs no
 XLA kernels of its own.
 
@@ -17,12 +17,6 @@ The residual stream travels between launches as x plus a tuple of pending partia
 The launches that finish a split reduction themselves (the last program of a tile to arrive adds the others' partial
 sums: kernels/common.py, `arrive_last`) share one array of arrival counters, zero between launches.
 The final norm and the LM head read the last layer's stream in XLA.
-
-On a mesh the pending sums of a device's heads and intermediate slices are reduced over `tp` before the next
-stream_norm adds them. Over `ep` each device runs the chosen experts it holds (the others' pairs are skipped by the
-grouped kernel, id -1) and the routed outputs are reduced over `ep` too; the shared experts, which every device of
-an expert axis computes, are counted once: added after the reduction on `ep` alone, or by the first expert shard
-alone inside the one reduction over `tp` x `ep`.
 """
 
 from __future__ import annotations
@@ -42,12 +36,11 @@ from tilert_jax.sharding import collectives
 ARRIVAL_COUNTERS = 4096  # for the launches that finish their split reductions themselves (each checks it has enough)
 
 
-def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache,
-              ep_axis=None) -> bool:
+def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache) -> bool:
     """Whether `decode_step` fits: a batch of at most 16 rows; no sparse-attention indexer that could select (V3.2's
     selects every token while the cache holds at most index_topk, and is skipped then, as deepseek.attend skips it);
-    every routed expert held, or an equal slice of them on each device of `ep_axis`; no biases; attention the MLA
-    kernels tile, and every weight the grouped kernel."""
+    every routed expert held (not an expert-parallel slice); no biases; attention the MLA kernels tile, and every
+    weight the grouped kernel."""
     n = tokens.shape[0]
     selects = config.has_indexer and cache.kv[0].shape[1] > config.index_topk
     if n > 16 or selects or any(not ds.decode_kernel_fits(config, layer.attn) for layer in params.layers):
@@ -57,9 +50,8 @@ def supported(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cach
         lins = [ds.query_first(a), a.kv_a, a.o]
         if isinstance(mlp, ds.MoE):
             e = mlp.experts
-            shards = 1 if ep_axis is None else jax.lax.axis_size(ep_axis)
-            experts = config.n_routed_experts
-            if e.gate.w.shape[0] * shards != experts or n * config.num_experts_per_tok > min(64, experts):
+            held = e.gate.w.shape[0]
+            if held != config.n_routed_experts or n * config.num_experts_per_tok > min(64, held):
                 return False
             lins += [e.gate, e.up, e.down] + ([] if mlp.shared is None else [mlp.shared.gate, mlp.shared.up,
                                                                               mlp.shared.down])
@@ -84,31 +76,18 @@ def _pending(y, n: int) -> jax.Array:
     return jnp.swapaxes(y.reshape(-1, n, k, y.shape[-1]), 1, 2).reshape(-1, n, y.shape[-1])
 
 
-def _reduced(parts: tuple[jax.Array, ...], *axes) -> tuple[jax.Array, ...]:
-    """Under shard_map a device's pending sums cover only its heads, its slice of the intermediate or its experts:
-    added up here and over the mesh axes given (None entries dropped) into one pending sum [1, n, hidden] float32.
-    Without a mesh axis, as given."""
-    axes = tuple(a for a in axes if a is not None)
-    if not axes:
+def _reduced(parts: tuple[jax.Array, ...], tp_axis) -> tuple[jax.Array, ...]:
+    """Under shard_map over `tp_axis` a device's pending sums cover only its heads or its slice of the intermediate:
+    added up here and over the mesh into one pending sum [1, n, hidden] float32. Without a mesh axis, as given."""
+    if tp_axis is None:
         return parts
     total = sum(jnp.sum(part.astype(jnp.float32), axis=0) for part in parts)  # [n, hidden]
-    return (collectives.psum(total, axes)[None],)
+    return (collectives.psum(total, tp_axis)[None],)
 
 
-def _moe_reduced(routed: tuple[jax.Array, ...], shared: tuple[jax.Array, ...], tp_axis, ep_axis):
-    """The MoE's pending sums reduced over the mesh (see the module's docstring), the shared experts' counted once."""
-    if ep_axis is None:
-        return _reduced(routed + shared, tp_axis)
-    if tp_axis is None:  # every device holds the shared experts whole
-        return _reduced(routed, ep_axis) + shared
-    first = jax.lax.axis_index(ep_axis) == 0
-    return _reduced(routed + tuple(jnp.where(first, part, 0) for part in shared), ep_axis, tp_axis)
-
-
-def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters, ep_axis):
-    """-> the combined stream [n, hidden], the routed and the shared experts' outputs as pending sums (two tuples)
-    and the counters. (A split routed gate/up, FP8's, is finished by XLA: finished in its launch it measured no
-    faster, docs/PERF.md session 11.)"""
+def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters):
+    """-> the combined stream [n, hidden], the MoE's outputs as pending sums and the counters. (A split routed
+    gate/up, FP8's, is finished by XLA: finished in its launch it measured no faster, docs/PERF.md session 11.)"""
     n = stream.x.shape[0]
     top_k = config.num_experts_per_tok
     x, h = sn.stream_norm(stream)
@@ -120,13 +99,10 @@ def _moe(config: ds.DeepseekConfig, p: ds.MoE, stream: sn.Stream, blk, counters,
         (weights, index), shared_mid = ds.route(config, p, h, "pallas"), None
     else:
         weights, index, shared_mid, counters = beside
-    if ep_axis is not None:  # the pairs of another shard's experts read nothing (id -1)
-        index, weights = moe.local_experts(index, weights, e.gate.w.shape[0], jax.lax.axis_index(ep_axis))
-        index = jnp.where(weights != 0, index, -1)
-    routed, shared_y = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
-                                           group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32,
-                                           finish=False, shared_mid=shared_mid)
-    return x, (_pending(routed, n),), () if shared_y is None else (_pending(shared_y, n),), counters
+    ys = moe.expert_launches(h, index.reshape(n * top_k), (e.gate, e.up, e.down), shared, blk,
+                             group_weights=weights.reshape(n * top_k), shared_dtype=jnp.float32, finish=False,
+                             shared_mid=shared_mid)
+    return x, tuple(_pending(y, n) for y in ys if y is not None), counters
 
 
 def _mlp(p: ds.MLP, stream: sn.Stream, blk, counters):
@@ -138,14 +114,12 @@ def _mlp(p: ds.MLP, stream: sn.Stream, blk, counters):
     return x, (_pending(y, x.shape[0]),), counters
 
 
-def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache, pos, tp_axis=None,
-                ep_axis=None):
+def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, cache: ds.MLACache, pos, tp_axis=None):
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache (see `supported`).
 
     Under shard_map over `tp_axis` each device runs the launches on its heads, its slice of every intermediate and of
-    the vocabulary (sharding/rules.py), over `ep_axis` on the routed experts it holds; the pending sums are reduced
-    over the mesh before the next stream_norm adds them (the module's docstring), and the logits are gathered."""
-    tp_axis, ep_axis = (None if a is None or jax.lax.axis_size(a) == 1 else a for a in (tp_axis, ep_axis))
+    the vocabulary (sharding/rules.py); the output projection's and the MLP's pending sums are reduced over the mesh
+    (`_reduced`) before the next stream_norm adds them, and the logits are gathered."""
     if tp_axis is not None:
         ds.check_tp(config, jax.lax.axis_size(tp_axis))
     n = tokens.shape[0]
@@ -166,11 +140,10 @@ def decode_step(config: ds.DeepseekConfig, params: ds.DeepseekParams, tokens, ca
                                finish=False)[0]
         stream = sn.Stream(x, _reduced((_pending(o, n),), tp_axis), layer.mlp_norm, eps)
         if isinstance(layer.mlp, ds.MoE):
-            x, routed, shared, counters = _moe(config, layer.mlp, stream, blk, counters, ep_axis)
-            parts = _moe_reduced(routed, shared, tp_axis, ep_axis)
+            x, parts, counters = _moe(config, layer.mlp, stream, blk, counters)
         else:
             x, parts, counters = _mlp(layer.mlp, stream, blk, counters)
-            parts = _reduced(parts, tp_axis)
+        parts = _reduced(parts, tp_axis)
         new_kv.append(kv_i)
     _, h = sn.stream_reference(sn.Stream(x, parts, params.final_norm, eps))
     return (ds.lm_head(params, h, tp_axis, config.vocab_size),
