@@ -31,8 +31,9 @@ What the numbers mean:
 - On a mesh (--tp / --ep): weight_bytes is per device (divided evenly over the mesh), so floor_ms is the per-device
   floor. comm_ms_per_token is the p50
   step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
-  overlap: whether the reductions ran in their overlapped forms ($TILERT_OVERLAP=1, sharding/collectives.py); the
-  part of the communication they hide is the difference of tpot_ms_p50 between a run with and one without.
+  overlap: whether the reductions ran in their overlapped forms (the default; $TILERT_OVERLAP=0 turns them off,
+  sharding/collectives.py); the part of the communication they hide is the difference of tpot_ms_p50 between a run
+  with and one without.
 - tpot_ms_per_layer = tpot_ms_p50 / num_layers (with --layers, the bench runs fewer full-width layers).
 - --slice-of N: one device's share of a tp=N mesh as a model of its own on one device (`tp_slice`), so its launches
   can be timed without a mesh; its floor is the per-device floor, and it runs no reductions.
