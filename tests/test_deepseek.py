@@ -14,7 +14,7 @@ import torch
 
 import hf_deepseek
 import tilert_jax
-from traced import step_without_collectives
+from traced import check_silenced_step
 from tilert_jax.convert import convert
 from tilert_jax.convert.hf import plan
 from tilert_jax.convert.safetensors_files import CheckpointError
@@ -364,15 +364,10 @@ def test_silenced_expert_parallel_step(ds_checkpoint, tp, ep):
     """communicate=False (the bench's step for timing communication) traces the same expert-parallel decode step
     minus every collective: each device still runs only the chosen experts it holds."""
     from tilert_jax.sharding import make_mesh
-    from tilert_jax.sharding.sharded import ShardedFamily
 
     _, _, directory = ds_checkpoint("v3", "fp8", True, False, False)
-    ours = tilert_jax.load(directory, dtype="float32", mesh=make_mesh(tp=tp, ep=ep), impl="pallas")
-    quiet = ShardedFamily(ours.config, ours.decoder.family.mesh, communicate=False)
-    loud_talk, quiet_talk, loud_rest, quiet_rest = step_without_collectives(ours.decoder.family, quiet, ours.config,
-                                                                            ours.params, "pallas")
-    assert loud_talk and not quiet_talk
-    assert loud_rest == quiet_rest
+    check_silenced_step(tilert_jax.load(directory, dtype="float32", mesh=make_mesh(tp=tp, ep=ep), impl="pallas"),
+                        "pallas")
 
 
 def test_expert_parallel_pallas_decode(ds_checkpoint):

@@ -16,7 +16,7 @@ from tilert_jax.models import dense
 from tilert_jax.params import init_params
 from tilert_jax.sharding import make_mesh
 from tilert_jax.sharding.sharded import ShardedFamily
-from traced import step_without_collectives
+from traced import check_silenced_step
 
 PROMPT = np.random.default_rng(2).integers(0, 160, (2, 20))
 
@@ -67,12 +67,7 @@ def test_bad_meshes(checkpoint):
 def test_silenced_step_is_the_step_without_its_collectives(checkpoint, impl):
     """communicate=False (the bench's step for timing communication) traces the same decode step minus every
     collective, also at tp=8 over 2 KV heads (each device keeps its KV head)."""
-    model = tilert_jax.load(checkpoint, mesh=make_mesh(tp=8))
-    quiet = ShardedFamily(model.config, model.decoder.family.mesh, communicate=False)
-    loud_talk, quiet_talk, loud_rest, quiet_rest = step_without_collectives(model.decoder.family, quiet,
-                                                                            model.config, model.params, impl)
-    assert loud_talk and not quiet_talk
-    assert loud_rest == quiet_rest
+    check_silenced_step(tilert_jax.load(checkpoint, mesh=make_mesh(tp=8)), impl)
 
 
 @pytest.mark.parametrize("tp,tied", [(2, False), (4, True)])

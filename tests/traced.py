@@ -4,6 +4,9 @@ import collections
 
 import jax
 import jax.extend
+import jax.numpy as jnp
+
+from tilert_jax.sharding.sharded import ShardedFamily
 
 COLLECTIVES = ("psum", "all_gather", "all_to_all", "ppermute", "reduce_scatter")
 
@@ -22,15 +25,19 @@ def primitive_counts(jaxpr: jax.extend.core.Jaxpr) -> collections.Counter:
     return counts
 
 
-def step_without_collectives(loud, quiet, config, params, impl: str) -> tuple[collections.Counter, ...]:
-    """One decode step of a ShardedFamily `loud` and of the same family built with communicate=False (`quiet`) ->
-    (loud's collectives, quiet's collectives, loud's other equations, quiet's other equations), by primitive."""
-    def counts(family):
+def check_silenced_step(model, impl: str) -> None:
+    """A sharded model's decode step, and the same family built with communicate=False (the bench's step for timing
+    communication): both trace the same equations but for the collectives, of which the silenced one has none."""
+    config, loud = model.config, model.decoder.family
+    quiet = ShardedFamily(config, loud.mesh, communicate=False)
+
+    def counts(family):  # -> (collectives, every other equation), by primitive
         step = lambda p, t: family.decode_step(  # noqa: E731
-            config, p, t, family.init_cache(config, 1, 32, jax.numpy.float32), jax.numpy.int32(20), impl=impl)
-        every = primitive_counts(jax.make_jaxpr(step)(params, jax.numpy.zeros((1,), jax.numpy.int32)).jaxpr)
+            config, p, t, family.init_cache(config, 1, 32, jnp.float32), jnp.int32(20), impl=impl)
+        every = primitive_counts(jax.make_jaxpr(step)(model.params, jnp.zeros((1,), jnp.int32)).jaxpr)
         talk = collections.Counter({k: v for k, v in every.items() if k.startswith(COLLECTIVES)})
         return talk, every - talk
 
     (loud_talk, loud_rest), (quiet_talk, quiet_rest) = counts(loud), counts(quiet)
-    return loud_talk, quiet_talk, loud_rest, quiet_rest
+    assert loud_talk and not quiet_talk
+    assert loud_rest == quiet_rest
