@@ -1,5 +1,7 @@
 """Where time to first token goes beside the GPU's work: host dispatch, the GPU's own time per prefill
-(back-to-back calls) and the host-to-host latency, for the engine's prefill with and without XLA's dot merger.
+(back-to-back calls) and the host-to-host latency, for the engine's prefill as it compiles, with XLA's dot merger,
+without command buffers (kernels launched one by one as the host reaches them) and without Triton gemm fusions
+(cuBLAS for every product).
 
     python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024]
 """
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tilert_jax.bench import bench_config
-from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
+from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, SEQUENCE_COMPILER_OPTIONS, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.params import init_params
 from tilert_jax.sampling import SamplingParams
@@ -54,9 +56,17 @@ def main(argv=None) -> int:
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (1, padded)), jnp.int32)
     key, last = jax.random.key(0), jnp.int32(args.prompt_len - 1)
     inputs = (params, tokens, last, key)
-    fn = dec._prefill_fn(SamplingParams(), max_len)  # the engine's prefill, jitted without the dot merger
-    probe("prefill (no dot merger)", fn.lower(*inputs).compile(), inputs)
-    probe("prefill (dot merger)", jax.jit(fn.__wrapped__).lower(*inputs).compile(), inputs)
+    prefill = dec._prefill_fn(SamplingParams(), max_len).__wrapped__  # the engine's prefill, not yet jitted
+    variants = {
+        "prefill (engine)": SEQUENCE_COMPILER_OPTIONS,
+        "prefill (dot merger)": {},
+        "prefill, command buffers off": {**SEQUENCE_COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""},
+        "prefill, no Triton gemm": {**SEQUENCE_COMPILER_OPTIONS, "xla_gpu_enable_triton_gemm": False},
+        "prefill, both": {**SEQUENCE_COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": "",
+                          "xla_gpu_enable_triton_gemm": False},
+    }
+    for name, options in variants.items():
+        probe(name, jax.jit(prefill, compiler_options=options).lower(*inputs).compile(), inputs)
     probe("trivial program, same arguments", jax.jit(lambda p, t, l, k: p.embed[0, 0] + t[0, 0]), inputs)
     probe("trivial program, one array", jax.jit(lambda t: t[0, 0] + 1), (tokens,))
     return 0
