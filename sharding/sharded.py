@@ -47,6 +47,9 @@ class ShardedFamily:
             fn = collectives.silenced()(fn)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
+    def sequence_compiler_options(self, impl: str) -> dict:
+        return self.family.sequence_compiler_options(impl)
+
     def init_cache(self, config, batch: int, max_len: int, dtype):
         cache = self.family.init_cache(config, batch, max_len, dtype, num_kv_heads=max(config.num_kv_heads, self.tp))
         shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.cache_specs)

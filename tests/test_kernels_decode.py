@@ -61,6 +61,25 @@ def test_fused_decode_matches_xla(name, ops, monkeypatch):
         token = jnp.argmax(logits_x, axis=-1).astype(jnp.int32)
 
 
+@pytest.mark.parametrize("name", sorted(_configs()))
+def test_prefill_lm_head_kernel_matches_xla(name):
+    """impl="pallas" prefill: the last token's final norm + LM head is the Pallas kernel, its logits those of the XLA
+    prefill to 1e-4 relative (float32), the caches the same."""
+    config, batch = _configs()[name]
+    config = dataclasses.replace(config, num_layers=2)
+    params = init_params(dense.param_specs(config), jax.random.key(1), jnp.float32, std=0.1)
+    cache = dense.init_cache(config, batch, 64, jnp.float32)
+    prompt = jax.random.randint(jax.random.key(2), (batch, 12), 0, config.vocab_size)
+    prefill = {impl: jax.jit(lambda p, t, c, impl=impl: dense.prefill(config, p, t, c, 0, jnp.int32(9), impl=impl))
+               for impl in ("xla", "pallas")}
+    assert "pallas_call" in str(jax.make_jaxpr(prefill["pallas"])(params, prompt, cache))
+    (logits_x, cache_x), (logits_p, cache_p) = (prefill[impl](params, prompt, cache) for impl in ("xla", "pallas"))
+    assert logits_p.shape == (batch, config.vocab_size) and logits_p.dtype == jnp.float32
+    assert rel(logits_p, logits_x) < 1e-4
+    for a, b in zip(cache_p.k + cache_p.v, cache_x.k + cache_x.v):
+        assert rel(a, b) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen3-8b"])
 def test_gpu_fused_decode_step(name, monkeypatch):

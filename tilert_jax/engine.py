@@ -26,8 +26,14 @@ PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this, so similar
 CACHE_BUCKET = 256
 # XLA's dot merger turns products that share their input into one by concatenating their weights: with weights as
 # arguments that is a copy of every merged weight on each call (llama-3.2-1b prefill: Q/K/V and gate/up, 0.64 ms of
-# 4.7). Whole-sequence programs compile without it; decode keeps it (there the copy fuses into the product).
+# 4.7). Whole-sequence programs compile without it (and with the family's own options, `sequence_compiler_options`);
+# decode keeps it (there the copy fuses into the product).
 SEQUENCE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
+
+
+def sequence_compiler_options(functions, impl: str) -> dict:
+    """The XLA options of a model's whole-sequence programs (prefill, forward)."""
+    return {**SEQUENCE_COMPILER_OPTIONS, **functions.sequence_compiler_options(impl)}
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -98,7 +104,7 @@ class Decoder:
             logits, cache = fam.prefill(config, params, tokens, cache, 0, last_index, impl=impl)
             return sample(logits, jax.random.fold_in(key, last_index), sampling), cache
 
-        return jax.jit(prefill, compiler_options=SEQUENCE_COMPILER_OPTIONS)
+        return jax.jit(prefill, compiler_options=sequence_compiler_options(fam, impl))
 
     def _decode_fn(self, sampling: SamplingParams, chunk: int):
         fam, config, impl = self.family, self.config, self.impl
@@ -182,7 +188,7 @@ class Model:
         self.decoder = Decoder(config, impl, mesh)
         functions = self.decoder.family
         self._forward = jax.jit(lambda params, tokens: functions.forward(config, params, tokens, impl=impl),
-                                compiler_options=SEQUENCE_COMPILER_OPTIONS)
+                                compiler_options=sequence_compiler_options(functions, impl))
 
     @property
     def weight_bytes(self) -> int:

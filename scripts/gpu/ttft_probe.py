@@ -1,9 +1,9 @@
 """Where time to first token goes beside the GPU's work: host dispatch, the GPU's own time per prefill
-(back-to-back calls) and the host-to-host latency, for the engine's prefill as it compiles, with XLA's dot merger,
-without command buffers (kernels launched one by one as the host reaches them) and without Triton gemm fusions
-(cuBLAS for every product).
+(back-to-back calls) and the host-to-host latency, for the engine's prefill as it compiles and with XLA's options
+changed: with its Triton gemm fusions (the engine's options before session 22), with its dot merger, without command
+buffers (kernels launched one by one as the host reaches them).
 
-    python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024]
+    python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024] [--layers N]
 """
 
 import argparse
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tilert_jax.bench import bench_config
-from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, SEQUENCE_COMPILER_OPTIONS, Decoder, _round_up
+from tilert_jax.engine import (CACHE_BUCKET, PROMPT_BUCKET, SEQUENCE_COMPILER_OPTIONS, Decoder, _round_up,
+                               sequence_compiler_options)
 from tilert_jax.models import family
 from tilert_jax.params import init_params
 from tilert_jax.sampling import SamplingParams
@@ -47,8 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="llama-3.2-1b")
     parser.add_argument("--impl", default="pallas")
     parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=0, help="the first N layers (DeepSeek presets: --layers 4)")
     args = parser.parse_args(argv)
-    config = bench_config(args.preset, 0, -1)
+    config = bench_config(args.preset, args.layers, -1)
     params = init_params(family(config).param_specs(config), jax.random.key(0), jnp.bfloat16)
     dec = Decoder(config, args.impl)
     padded = _round_up(args.prompt_len, PROMPT_BUCKET)
@@ -57,15 +59,19 @@ def main(argv=None) -> int:
     key, last = jax.random.key(0), jnp.int32(args.prompt_len - 1)
     inputs = (params, tokens, last, key)
     prefill = dec._prefill_fn(SamplingParams(), max_len).__wrapped__  # the engine's prefill, not yet jitted
+    engine = sequence_compiler_options(dec.family, args.impl)
     variants = {
-        "prefill (engine)": SEQUENCE_COMPILER_OPTIONS,
-        "prefill (dot merger)": {},
-        "prefill, command buffers off": {**SEQUENCE_COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""},
-        "prefill, no Triton gemm": {**SEQUENCE_COMPILER_OPTIONS, "xla_gpu_enable_triton_gemm": False},
-        "prefill, both": {**SEQUENCE_COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": "",
-                          "xla_gpu_enable_triton_gemm": False},
+        "prefill (engine)": engine,
+        "prefill, Triton gemm fusions": SEQUENCE_COMPILER_OPTIONS,
+        "prefill, no Triton gemm": {**engine, "xla_gpu_enable_triton_gemm": False},
+        "prefill, dot merger too": {k: v for k, v in engine.items() if k != "xla_disable_hlo_passes"},
+        "prefill, command buffers off": {**engine, "xla_gpu_enable_command_buffer": ""},
     }
+    seen = []
     for name, options in variants.items():
+        if options in seen:
+            continue  # the engine's own options already
+        seen.append(options)
         probe(name, jax.jit(prefill, compiler_options=options).lower(*inputs).compile(), inputs)
     probe("trivial program, same arguments", jax.jit(lambda p, t, l, k: p.embed[0, 0] + t[0, 0]), inputs)
     probe("trivial program, one array", jax.jit(lambda t: t[0, 0] + 1), (tokens,))

@@ -1,4 +1,5 @@
-"""Model families. Each module provides `param_specs`, `forward`, `init_cache`, `prefill` and `decode_step`."""
+"""Model families. Each module provides `param_specs`, `forward`, `init_cache`, `prefill`, `decode_step` and
+`sequence_compiler_options` (the XLA options its prefill and forward compile with)."""
 
 from tilert_jax.models import dense
 

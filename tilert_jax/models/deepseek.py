@@ -652,6 +652,12 @@ def lm_head(params: DeepseekParams, x, tp_axis=None, vocab_size: int | None = No
     return collectives.gather_vocab(logits, tp_axis, vocab_size or logits.shape[-1])
 
 
+def sequence_compiler_options(impl: str) -> dict:
+    """XLA options for the whole-sequence programs beyond the engine's own: none (XLA's Triton gemm fusions stay, the
+    FP8 weights' dequantization fused into them)."""
+    return {}
+
+
 def hidden_states(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla",
                   tp_axis=None, ep_axis=None) -> jax.Array:
     """tokens [B, T] -> the final-normed hidden states [B, T, hidden] (what the MTP layer reads)."""

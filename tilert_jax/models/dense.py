@@ -13,8 +13,9 @@ the gate/up and down projections as one phased launch (kernels/mlp_block.py; opt
 shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
 XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand their float32 partial sums, reduced
 over the mesh, to the next fused op.
-Prefill and the whole-sequence forward stay on the XLA path (compute-bound matrix products). impl="xla" is the plain
-path.
+Prefill and the whole-sequence forward stay on the XLA path (compute-bound matrix products); with impl="pallas" they
+compile with cuBLAS for every product (`sequence_compiler_options`) and the prefill's LM head, one row per sequence,
+is the decode's Pallas norm + matrix-vector kernel. impl="xla" is the plain path.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def _mlp(p: MLP, x):
 
 
 def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache, pos, impl, tp_axis):
-    """tokens: [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one)."""
+    """tokens: [B, T] -> the residual stream [B, T, hidden] before the final norm and the updated cache (None without
+    one)."""
     x = collectives.embed_lookup(params.embed, tokens, tp_axis)  # [B, T, hidden]
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
@@ -185,23 +187,33 @@ def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache,
         x = x + collectives.psum(_mlp(layer.mlp, h), tp_axis)
         new_k.append(k)
         new_v.append(v)
-    x = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
     new_cache = None if cache is None else kv.KVCache(k=tuple(new_k), v=tuple(new_v))
     return x, new_cache
 
 
-def lm_head(config: DenseConfig, params: DenseParams, x, tp_axis=None) -> jax.Array:
-    """x: [..., hidden] -> float32 logits [..., vocab] (gathered from the vocabulary shards under shard_map)."""
+def lm_head(config: DenseConfig, params: DenseParams, x, impl: str = "xla", tp_axis=None) -> jax.Array:
+    """x: the residual stream [..., hidden] -> final RMSNorm -> float32 logits [..., vocab] (gathered from the
+    vocabulary shards under shard_map)."""
     w = params.embed if params.lm_head is None else params.lm_head  # [vocab, hidden]
-    logits = jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
+    h = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
+    logits = jnp.matmul(h, w.T, preferred_element_type=jnp.float32)
     return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
+
+
+def sequence_compiler_options(impl: str) -> dict:
+    """XLA options for the whole-sequence programs (prefill, forward) beyond the engine's own. With impl="pallas",
+    no Triton gemm fusions: cuBLAS runs llama-3.2-1b's narrow K and V products in 6.4 us against their 10.0 as
+    fusions, Q and o in 14 against 20 and 18 (docs/PERF.md, session 22). The one product that loses, a single row
+    times the LM head (cuBLAS' matrix-vector path converts the whole weight to float32 first: 0.62 ms against 0.13),
+    is the Pallas kernel there (see `prefill`)."""
+    return {"xla_gpu_enable_triton_gemm": False} if impl == "pallas" else {}
 
 
 def forward(config: DenseConfig, params: DenseParams, tokens, impl: str = "xla", tp_axis=None) -> jax.Array:
     """tokens: int[B, T] at positions 0..T-1, no cache -> float32 logits [B, T, vocab]."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x, _ = _decoder(config, params, tokens, positions, None, None, impl, tp_axis)
-    return lm_head(config, params, x, tp_axis)
+    return lm_head(config, params, x, impl, tp_axis)
 
 
 def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, last_index,
@@ -214,7 +226,12 @@ def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache,
     positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x, cache = _decoder(config, params, tokens, positions, cache, pos, impl, tp_axis)
     last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, hidden]
-    return lm_head(config, params, last, tp_axis), cache
+    if impl == "pallas" and last.shape[0] <= MAX_FUSED_BATCH:
+        return _fused_lm_head(config, params, last, None, impl, tp_axis), cache
+    return lm_head(config, params, last, impl, tp_axis), cache
+
+
+MAX_FUSED_BATCH = 16  # the matrix-vector kernels' rows (one 16-row tensor-core tile)
 
 
 def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, cache) -> bool:
@@ -222,7 +239,7 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
     than the number of KV heads takes the XLA path."""
     d = config.head_dim
     heads, kv_heads = params.layers[0].attn.wq.shape[0], params.layers[0].attn.wk.shape[0]
-    return (tokens.shape[0] <= 16 and d >= 32 and d & (d - 1) == 0 and heads % kv_heads == 0
+    return (tokens.shape[0] <= MAX_FUSED_BATCH and d >= 32 and d & (d - 1) == 0 and heads % kv_heads == 0
             and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
@@ -326,13 +343,12 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
 
 
 def _fused_lm_head(config: DenseConfig, params: DenseParams, x, parts, impl, tp_axis) -> jax.Array:
-    """Final RMSNorm + LM head in one launch -> float32 logits [B, vocab] (gathered from the vocabulary shards)."""
+    """Final RMSNorm + LM head in one launch (impl names it: "pallas" is the kernel) -> float32 logits [B, vocab]
+    (gathered from the vocabulary shards)."""
     w = params.embed if params.lm_head is None else params.lm_head  # [vocab, hidden] (or this device's slice)
-    batch = x.shape[0]
-    cfg = dataclasses.replace(tuning.matvec_config("lm_head", batch, config.hidden_size, (w.shape[0],)), split=1)
+    cfg = dataclasses.replace(tuning.matvec_config("lm_head", x.shape[0], config.hidden_size, (w.shape[0],)), split=1)
     logits, _ = _stream(ops.norm_matvec(x, params.final_norm, config.rms_norm_eps, (w,), x_parts=parts,
-                                        out_dtype=jnp.float32, config=cfg,
-                                        implementation=_op_impl("lm_head", impl, batch)),
+                                        out_dtype=jnp.float32, config=cfg, implementation=impl),
                         parts)
     return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
 
@@ -342,7 +358,7 @@ def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCa
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
     if impl == "pallas" and _fused_decode_supported(config, params, tokens, cache):
         x, parts, cache = _decode_fused(config, params, tokens, cache, pos, impl, tp_axis)
-        return _fused_lm_head(config, params, x, parts, impl, tp_axis), cache
+        return _fused_lm_head(config, params, x, parts, _op_impl("lm_head", impl, tokens.shape[0]), tp_axis), cache
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis)
-    return lm_head(config, params, x[:, 0], tp_axis), cache
+    return lm_head(config, params, x[:, 0], impl, tp_axis), cache
