@@ -32,6 +32,14 @@ def partition_spec(spec: ParamSpec, mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*parts)
 
 
+def shard_count(spec: ParamSpec, mesh: Mesh) -> int:
+    """How many shards `partition_spec` cuts the parameter into (the devices of the other mesh axes hold copies)."""
+    count = 1
+    for mesh_axis in partition_spec(spec, mesh):
+        count *= mesh.shape[mesh_axis] if mesh_axis else 1
+    return count
+
+
 def param_shardings(specs, mesh: Mesh):
     """NamedShardings with the tree structure of `specs`."""
     return jax.tree.map(lambda s: NamedSharding(mesh, partition_spec(s, mesh)), specs, is_leaf=is_spec)

@@ -43,11 +43,7 @@ def test_bench_requires_random_weights():
 def test_matmul_params_counts_the_activated_experts():
     """The prefill FLOP floor's weights: DeepSeek-V3's activated parameters, counted here from its published shapes
     (embedding table, LM head and FP8 scales left out; 8 of 256 routed experts plus the shared one)."""
-    import jax.numpy as jnp
-
     from tilert_jax.bench import bench_config, matmul_params
-    from tilert_jax.models import family
-    from tilert_jax.params import abstract_params
 
     c = bench_config("deepseek-v3")
     attn = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)
@@ -59,14 +55,12 @@ def test_matmul_params_counts_the_activated_experts():
            + c.n_routed_experts * c.hidden_size)
     dense = c.first_k_dense_replace
     expected = c.num_layers * attn + dense * dense_mlp + (c.num_layers - dense) * moe
-    params = abstract_params(family(c).param_specs(c), jnp.bfloat16)
-    assert matmul_params(c, params) == expected
+    assert matmul_params(c) == expected
 
 
 def test_prefill_bytes_read_every_expert():
-    """The prefill's byte floor: every parameter but an untied embedding table, per device. A dense model's is its
-    decode bytes less the one embedding row a decode step reads; a mixture's holds every expert, not the activated
-    share."""
+    """The prefill's byte floor: every parameter but an untied embedding table. A dense model's is its decode bytes
+    less the one embedding row a decode step reads; a mixture's holds every expert, not the activated share."""
     import jax.numpy as jnp
 
     from tilert_jax.bench import bench_config, prefill_bytes, weight_bytes
@@ -74,15 +68,41 @@ def test_prefill_bytes_read_every_expert():
     from tilert_jax.params import abstract_params
 
     dense = bench_config("llama-3.1-8b")
-    params = abstract_params(family(dense).param_specs(dense), jnp.bfloat16)
-    row = dense.hidden_size * 2
-    assert prefill_bytes(params, 1) == weight_bytes(dense, jnp.bfloat16, 1) - row
-    assert prefill_bytes(params, 4) == (weight_bytes(dense, jnp.bfloat16, 1) - row) // 4
+    assert prefill_bytes(dense, jnp.bfloat16) == weight_bytes(dense, jnp.bfloat16) - dense.hidden_size * 2
     moe = bench_config("deepseek-v3", 4, 1)
     params = abstract_params(family(moe).param_specs(moe), jnp.bfloat16)
     experts = sum(x.size * x.dtype.itemsize for layer in params.layers[1:]
                   for x in (layer.mlp.experts.gate.w, layer.mlp.experts.up.w, layer.mlp.experts.down.w))
-    assert prefill_bytes(params, 1) - weight_bytes(moe, jnp.bfloat16, 1) > 0.9 * experts * (1 - 8 / 256)
+    assert prefill_bytes(moe, jnp.bfloat16) - weight_bytes(moe, jnp.bfloat16) > 0.9 * experts * (1 - 8 / 256)
+
+
+def test_floors_count_what_one_device_holds():
+    """On a mesh the floors count one device's shards: at tp=4 a dense model's matrices and LM head are divided by 4
+    and its norms are whole; at ep=4 a mixture's routed experts are divided by 4 and everything else is whole."""
+    import jax.numpy as jnp
+
+    from tilert_jax.bench import bench_config, matmul_params, prefill_bytes, weight_bytes
+    from tilert_jax.models import family
+    from tilert_jax.params import abstract_params
+    from tilert_jax.sharding import make_mesh
+
+    nbytes = lambda x: x.size * x.dtype.itemsize  # noqa: E731
+    c = bench_config("llama-3.1-8b")
+    params = abstract_params(family(c).param_specs(c), jnp.bfloat16)
+    norms = sum(nbytes(x) for x in jax.tree.leaves(params) if x.ndim == 1)
+    matrices = sum(nbytes(x) for x in jax.tree.leaves(params) if x.ndim > 1) - nbytes(params.embed)
+    tp4 = make_mesh(tp=4)
+    assert weight_bytes(c, jnp.bfloat16, tp4) == matrices // 4 + norms + c.hidden_size * 2
+    assert prefill_bytes(c, jnp.bfloat16, tp4) == matrices // 4 + norms
+    assert matmul_params(c, tp4) == (matrices - nbytes(params.lm_head)) // 2 // 4
+
+    moe = bench_config("deepseek-v3", 4, 1)
+    params = abstract_params(family(moe).param_specs(moe), jnp.bfloat16)
+    routed = sum(nbytes(x) for layer in params.layers[1:] for x in jax.tree.leaves(layer.mlp.experts))
+    active = routed * moe.num_experts_per_tok // moe.n_routed_experts
+    ep4 = make_mesh(ep=4)
+    assert weight_bytes(moe, jnp.bfloat16) - weight_bytes(moe, jnp.bfloat16, ep4) == active - active // 4
+    assert prefill_bytes(moe, jnp.bfloat16) - prefill_bytes(moe, jnp.bfloat16, ep4) == routed - routed // 4
 
 
 @pytest.mark.parametrize("name, tp", [("deepseek-v3.2-exp", 8), ("deepseek-v3", 4), ("llama-3.1-8b", 4),

@@ -24,12 +24,13 @@ What the numbers mean:
   of the logits; with random weights the logits are nearly tied, so tokens_match_xla (greedy tokens equal to the
   XLA run's) drops after the first bf16 rounding difference flips a token and says little in bf16.
 - ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
-- ttft_floor_ms: the larger of prefill matmul FLOPs (2 * matmul params * batch * prompt + causal attention; of a
-  mixture's routed experts only the activated share) over the bf16 matmul rate measured in the same process
-  (mm_tflops, an 8192^3 product) times the mesh's device count, and prefill_bytes / copy_gbps: every parameter
-  byte but an untied embedding table's, per device (a prompt's tokens choose every expert of a mixture).
-- On a mesh (--tp / --ep): weight_bytes is per device (divided evenly over the mesh), so floor_ms is the per-device
-  floor. comm_ms_per_token is the p50
+- ttft_floor_ms: the larger of one device's prefill matmul FLOPs (2 * matmul params * batch * prompt + causal
+  attention over its heads; of a mixture's routed experts only the activated share) over the bf16 matmul rate
+  measured in the same process (mm_tflops, an 8192^3 product), and prefill_bytes / copy_gbps: every parameter byte
+  the device holds but an untied embedding table's (a prompt's tokens choose every expert of a mixture).
+- On a mesh (--tp / --ep): weight_bytes counts what one device holds (sharding/rules.py's table: a replicated
+  parameter whole, a sharded one its shard; of the routed experts it holds, the activated fraction), so floor_ms is
+  the per-device floor. comm_ms_per_token is the p50
   step time minus that of the same sharded program with every collective dropped (numbers wrong, traffic the same).
   overlap: whether the reductions ran in their overlapped forms (the default; $TILERT_OVERLAP=0 turns them off,
   sharding/collectives.py); the part of the communication they hide is the difference of tpot_ms_p50 between a run
@@ -57,12 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from tilert_jax.config import PRESETS, preset
-from tilert_jax.sharding import make_mesh, param_shardings
+from tilert_jax.sharding import make_mesh, param_shardings, shard_count
 from tilert_jax.sharding.collectives import overlap_enabled
 from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.models.dense import PALLAS_OPS_ENV, pallas_ops
-from tilert_jax.params import init_params, path_name
+from tilert_jax.params import init_params, is_spec, param_bytes, path_name
 from tilert_jax.sampling import SamplingParams
 
 
@@ -105,19 +106,25 @@ def matmul_tflops(n: int, dtype, reps: int = 3, inner: int = 10) -> float:
     return 2 * n ** 3 / _median_time(run, reps, inner) / 1e12
 
 
-def weight_bytes(config, dtype, devices: int) -> int:
+def device_shards(mesh):
+    """spec -> the number of devices that divide that parameter on `mesh` (None without a mesh): what the byte and
+    FLOP counts below take to count one device's share."""
+    return None if mesh is None else (lambda spec: shard_count(spec, mesh))
+
+
+def weight_bytes(config, dtype, mesh=None) -> int:
     """Bytes of parameters one device reads per decode step: the family's count (one row of an untied embedding
-    table; a mixture of experts' active experts), divided evenly over the devices of a mesh."""
-    return int(family(config).decode_weight_bytes(config, dtype) // devices)
+    table; a mixture of experts' active experts) of the shards it holds on `mesh`."""
+    return int(family(config).decode_weight_bytes(config, dtype, device_shards(mesh)))
 
 
-def prefill_bytes(params, devices: int) -> int:
-    """Bytes of parameters one device reads in a prefill: all of them but an untied embedding table's rows."""
-    nbytes = lambda x: x.size * x.dtype.itemsize  # noqa: E731 (arrays and abstract ShapeDtypeStructs alike)
-    total = sum(nbytes(x) for x in jax.tree.leaves(params))
-    if getattr(params, "lm_head", None) is not None:
-        total -= nbytes(params.embed)
-    return total // devices
+def prefill_bytes(config, dtype, mesh=None) -> int:
+    """Bytes of parameters one device reads in a prefill: all it holds but an untied embedding table's rows."""
+    specs, shards = family(config).param_specs(config), device_shards(mesh)
+    total = param_bytes(specs, dtype, shards)
+    if getattr(specs, "lm_head", None) is not None:
+        total -= param_bytes(specs.embed, dtype, shards)
+    return total
 
 
 def kv_bytes(config, batch: int, context: int, dtype) -> int:
@@ -128,17 +135,18 @@ def kv_bytes(config, batch: int, context: int, dtype) -> int:
     return 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize * context
 
 
-def matmul_params(config, params) -> int:
-    """Weights one prompt token multiplies: every leaf of rank >= 2 but the embedding table, the LM head (prefill
-    applies it to the last token only) and FP8 block scales; of a mixture's routed experts, only the
-    num_experts_per_tok / n_routed_experts share a token activates."""
+def matmul_params(config, mesh=None) -> int:
+    """Weights one prompt token multiplies on one device: every parameter of rank >= 2 but the embedding table, the
+    LM head (prefill applies it to the last token only) and FP8 block scales, of the shards it holds on `mesh`; of a
+    mixture's routed experts, only the num_experts_per_tok / n_routed_experts share a token activates."""
     active = getattr(config, "num_experts_per_tok", 1) / getattr(config, "n_routed_experts", 1)
+    shards = device_shards(mesh) or (lambda spec: 1)
     total = 0.0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, spec in jax.tree_util.tree_flatten_with_path(family(config).param_specs(config), is_leaf=is_spec)[0]:
         parts = path_name(path).split("/")
-        if leaf.ndim < 2 or parts[0] in ("embed", "lm_head") or parts[-1] == "scale":
+        if len(spec.shape) < 2 or parts[0] in ("embed", "lm_head") or parts[-1] == "scale":
             continue
-        total += leaf.size * (active if "experts" in parts else 1)
+        total += math.prod(spec.shape) // shards(spec) * (active if "experts" in parts else 1)
     return int(total)
 
 
@@ -300,10 +308,11 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     wbytes = env["weight_bytes"]
     p50 = statistics.median(samples)
     floor_s = wbytes / (env["copy_gbps"] * 1e9)
-    flops = 2 * env["matmul_params"] * batch * prompt_len
+    flops = 2 * env["matmul_params"] * batch * prompt_len  # one device's
     head_dim = getattr(config, "head_dim", 0)  # MLA's attention FLOPs are left out of its floor (a lower bound)
-    flops += 4 * batch * config.num_layers * config.num_heads * head_dim * prompt_len * (prompt_len + 1) / 2
-    flop_s = flops / env["devices"] / (env["mm_tflops"] * 1e12)
+    heads = config.num_heads // args.tp  # a device's query heads
+    flops += 4 * batch * config.num_layers * heads * head_dim * prompt_len * (prompt_len + 1) / 2
+    flop_s = flops / (env["mm_tflops"] * 1e12)
     ttft_floor_s = max(flop_s, env["prefill_bytes"] / (env["copy_gbps"] * 1e9))
     ttft = statistics.median(ttfts)
     return {
@@ -384,11 +393,9 @@ def main(argv=None) -> int:
     on_gpu = dev.platform == "gpu"
     dtype = jnp.dtype(("bfloat16" if on_gpu else "float32") if args.dtype == "auto" else args.dtype)
     mesh, params = random_model(config, dtype, args.tp, args.ep, args.seed)
-    devices = args.tp * args.ep
     env = {
-        "mesh": mesh, "weight_bytes": weight_bytes(config, dtype, devices),
-        "matmul_params": matmul_params(config, params), "devices": devices,
-        "prefill_bytes": prefill_bytes(params, devices),
+        "mesh": mesh, "weight_bytes": weight_bytes(config, dtype, mesh), "matmul_params": matmul_params(config, mesh),
+        "prefill_bytes": prefill_bytes(config, dtype, mesh),
         "copy_gbps": copy_gbps((args.copy_mib or (2048 if on_gpu else 16)) << 20),
         "mm_tflops": matmul_tflops(8192 if on_gpu else 256, dtype),
         "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,

@@ -73,9 +73,12 @@ def abstract_params(specs: Any, dtype=jnp.bfloat16, shardings: Any = None) -> An
                         specs, shardings, is_leaf=is_spec)
 
 
-def param_bytes(specs: Any, dtype=jnp.bfloat16) -> int:
+def param_bytes(specs: Any, dtype=jnp.bfloat16, shards: Callable[[ParamSpec], int] | None = None) -> int:
+    """The bytes of the parameters `specs` describe; with `shards` (spec -> the number of devices that divide it, as
+    sharding.shard_count gives for a mesh), the bytes one device holds."""
     leaves = jax.tree.leaves(specs, is_leaf=is_spec)
-    return sum(int(np.prod(s.shape)) * s.resolved_dtype(dtype).itemsize for s in leaves)
+    return sum(int(np.prod(s.shape)) * s.resolved_dtype(dtype).itemsize // (shards(s) if shards else 1)
+               for s in leaves)
 
 
 def leaf_paths(tree: Any) -> list[str]:

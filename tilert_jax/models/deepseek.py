@@ -21,7 +21,7 @@ from tilert_jax import config as config_lib
 from tilert_jax.kernels import index_scores, mla_decode, ops
 from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, linears, swiglu, weight
-from tilert_jax.params import ParamSpec
+from tilert_jax.params import ParamSpec, param_bytes
 from tilert_jax.rope import RopeConfig, apply_rope, apply_rope_interleaved, rope_tables, yarn_mscale
 from tilert_jax.sharding import collectives
 
@@ -758,30 +758,23 @@ def load_mtp(path, config: DeepseekConfig, dtype=None) -> MTPParams:
 # ----------------------------------------------------------------------------------------------------- bench
 
 
-def _spec_bytes(tree, dtype) -> int:
-    from tilert_jax.params import param_bytes
-
-    return param_bytes(tree, dtype)
-
-
-def decode_weight_bytes(config: DeepseekConfig, dtype) -> int:
+def decode_weight_bytes(config: DeepseekConfig, dtype, shards=None) -> int:
     """Weight bytes one decode step reads: every attention / dense / shared / router weight, only the
     `num_experts_per_tok` routed experts a token activates (of each MoE layer), the embedding row and the head.
-    FP8 weights count one byte each plus their float32 scales."""
+    FP8 weights count one byte each plus their float32 scales. With `shards` (see params.param_bytes), one device's
+    share: of the routed experts it holds, the activated fraction (the mean over devices; the busiest reads more)."""
     specs = param_specs(config)
-    itemsize = jnp.dtype(dtype).itemsize
-    total = config.hidden_size * itemsize  # the embedding row
-    total += _spec_bytes(specs.final_norm, dtype)
+    total = config.hidden_size * jnp.dtype(dtype).itemsize  # the embedding row
     head = specs.embed if specs.lm_head is None else specs.lm_head
-    total += _spec_bytes(head, dtype)
+    total += param_bytes((specs.final_norm, head), dtype, shards)
     for layer in specs.layers:
-        total += _spec_bytes((layer.attn_norm, layer.attn, layer.mlp_norm), dtype)
+        total += param_bytes((layer.attn_norm, layer.attn, layer.mlp_norm), dtype, shards)
         if isinstance(layer.mlp, MoE):
-            total += _spec_bytes((layer.mlp.router, layer.mlp.e_bias, layer.mlp.shared), dtype)
-            experts = _spec_bytes(layer.mlp.experts, dtype)
+            total += param_bytes((layer.mlp.router, layer.mlp.e_bias, layer.mlp.shared), dtype, shards)
+            experts = param_bytes(layer.mlp.experts, dtype, shards)
             total += experts * config.num_experts_per_tok // config.n_routed_experts
         else:
-            total += _spec_bytes(layer.mlp, dtype)
+            total += param_bytes(layer.mlp, dtype, shards)
     return total
 
 

@@ -109,12 +109,13 @@ def param_specs(config: DenseConfig) -> DenseParams:
     )
 
 
-def decode_weight_bytes(config: DenseConfig, dtype) -> int:
-    """Weight bytes one decode step reads: every parameter, but only one row of an untied embedding table."""
+def decode_weight_bytes(config: DenseConfig, dtype, shards=None) -> int:
+    """Weight bytes one decode step reads: every parameter, but only one row of an untied embedding table (one
+    device's share of them with `shards`, see params.param_bytes)."""
     specs = param_specs(config)
-    total = param_bytes(specs, dtype)
+    total = param_bytes(specs, dtype, shards)
     if specs.lm_head is not None:
-        total -= (config.vocab_size - 1) * config.hidden_size * jnp.dtype(dtype).itemsize
+        total -= param_bytes(specs.embed, dtype, shards) - config.hidden_size * jnp.dtype(dtype).itemsize
     return total
 
 
