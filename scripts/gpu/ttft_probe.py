@@ -4,12 +4,21 @@ changed: with its Triton gemm fusions (the engine's options before session 22), 
 buffers (kernels launched one by one as the host reaches them).
 
     python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024] [--layers N]
+        [--timeline]
+
+--timeline then traces one engine prefill alone (called, then waited on) and prints its host events by name and the
+GPU's first and last kernel relative to the call (the profiler slows the host about twofold).
 """
 
 import argparse
+import collections
+import gzip
+import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +29,7 @@ from tilert_jax.engine import (CACHE_BUCKET, PROMPT_BUCKET, SEQUENCE_COMPILER_OP
                                sequence_compiler_options)
 from tilert_jax.models import family
 from tilert_jax.params import init_params
+from tilert_jax.profiling import gpu_kernel_events
 from tilert_jax.sampling import SamplingParams
 
 
@@ -43,12 +53,43 @@ def probe(name, fn, args, reps=10):
           f"{1e3 * statistics.median(total):7.3f} ms  back-to-back {1e3 * pipelined:7.3f} ms/call", flush=True)
 
 
+def timeline(fn, args, top: int = 40) -> None:
+    """One call of `fn(*args)` (its first output then read on the host) traced alone: the host events by total time
+    and the GPU's first and last kernel, relative to the call."""
+    for _ in range(3):
+        np.asarray(fn(*args)[0])
+    out = Path(tempfile.mkdtemp(prefix="ttft_timeline_"))
+    with jax.profiler.trace(str(out), create_perfetto_trace=True):
+        with jax.profiler.TraceAnnotation("prefill_call"):
+            np.asarray(fn(*args)[0])
+    with gzip.open(max(out.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime), "rt") as f:
+        trace = json.load(f)
+    call = [e for e in trace["traceEvents"] if e.get("name") == "prefill_call"][0]
+    t0, t1 = float(call["ts"]), float(call["ts"]) + float(call["dur"])
+    kernels = sorted(gpu_kernel_events(trace), key=lambda e: float(e["ts"]))
+    first, last = kernels[0], kernels[-1]
+    print(f"call {t1 - t0:.1f} us; first kernel at {float(first['ts']) - t0:.1f} us ({first['name'][:40]}), "
+          f"last ends at {float(last['ts']) + float(last['dur']) - t0:.1f} us, {len(kernels)} kernels")
+    gpu_pids = {e["pid"] for e in kernels}
+    host = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["pid"] not in gpu_pids
+            and t0 <= float(e["ts"]) <= t1 and e.get("name") != "prefill_call"]
+    by_name = collections.defaultdict(list)
+    for e in host:
+        by_name[e["name"]].append(e)
+    rows = sorted(by_name.items(), key=lambda kv: -sum(float(e["dur"]) for e in kv[1]))
+    for name, events in rows[:top]:
+        first = min(float(e["ts"]) for e in events) - t0
+        total = sum(float(e["dur"]) for e in events)
+        print(f"{total:9.1f} us  x{len(events):4d}  first at {first:8.1f} us  {name[:90]}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="llama-3.2-1b")
     parser.add_argument("--impl", default="pallas")
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=0, help="the first N layers (DeepSeek presets: --layers 4)")
+    parser.add_argument("--timeline", action="store_true", help="then trace one prefill alone (see above)")
     args = parser.parse_args(argv)
     config = bench_config(args.preset, args.layers, -1)
     params = init_params(family(config).param_specs(config), jax.random.key(0), jnp.bfloat16)
@@ -72,7 +113,10 @@ def main(argv=None) -> int:
         if options in seen:
             continue  # the engine's own options already
         seen.append(options)
-        probe(name, jax.jit(prefill, compiler_options=options).lower(*inputs).compile(), inputs)
+        compiled = jax.jit(prefill, compiler_options=options).lower(*inputs).compile()
+        probe(name, compiled, inputs)
+        if args.timeline and options is engine:
+            timeline(compiled, inputs)
     probe("trivial program, same arguments", jax.jit(lambda p, t, l, k: p.embed[0, 0] + t[0, 0]), inputs)
     probe("trivial program, one array", jax.jit(lambda t: t[0, 0] + 1), (tokens,))
     return 0
