@@ -107,9 +107,9 @@ def matmul_tflops(n: int, dtype, reps: int = 3, inner: int = 10) -> float:
 
 
 def device_shards(mesh):
-    """spec -> the number of devices that divide that parameter on `mesh` (None without a mesh): what the byte and
-    FLOP counts below take to count one device's share."""
-    return None if mesh is None else (lambda spec: shard_count(spec, mesh))
+    """spec -> the number of devices that divide that parameter on `mesh` (1 without a mesh): what the byte and FLOP
+    counts below take to count one device's share."""
+    return lambda spec: 1 if mesh is None else shard_count(spec, mesh)
 
 
 def weight_bytes(config, dtype, mesh=None) -> int:
@@ -140,7 +140,7 @@ def matmul_params(config, mesh=None) -> int:
     LM head (prefill applies it to the last token only) and FP8 block scales, of the shards it holds on `mesh`; of a
     mixture's routed experts, only the num_experts_per_tok / n_routed_experts share a token activates."""
     active = getattr(config, "num_experts_per_tok", 1) / getattr(config, "n_routed_experts", 1)
-    shards = device_shards(mesh) or (lambda spec: 1)
+    shards = device_shards(mesh)
     total = 0.0
     for path, spec in jax.tree_util.tree_flatten_with_path(family(config).param_specs(config), is_leaf=is_spec)[0]:
         parts = path_name(path).split("/")

@@ -217,6 +217,9 @@ def forward(config: DenseConfig, params: DenseParams, tokens, impl: str = "xla",
     return lm_head(config, params, x, impl, tp_axis)
 
 
+MAX_FUSED_BATCH = 16  # the matrix-vector kernels' rows (one 16-row tensor-core tile)
+
+
 def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, last_index,
             impl: str = "xla", tp_axis=None):
     """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it). A Python int
@@ -230,9 +233,6 @@ def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache,
     if impl == "pallas" and last.shape[0] <= MAX_FUSED_BATCH:
         return _fused_lm_head(config, params, last, None, impl, tp_axis), cache
     return lm_head(config, params, last, impl, tp_axis), cache
-
-
-MAX_FUSED_BATCH = 16  # the matrix-vector kernels' rows (one 16-row tensor-core tile)
 
 
 def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, cache) -> bool:
