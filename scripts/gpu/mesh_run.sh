@@ -2,7 +2,7 @@
 # One call on a machine of several H200s (nvidia-h200-x4): DeepSeek on one GPU, tensor / expert parallelism across
 # the GPUs with per-token communication time, and the collectives microbenchmark. Run from the repository root:
 #
-#   bash scripts/gpu/mesh_run.sh            # about 10 minutes on 4 H200s
+#   bash scripts/gpu/mesh_run.sh            # at most 10 minutes on 4 H200s
 #
 # Output under $OUT (default ./gpu_out): log.txt, bench.jsonl, collectives.jsonl. Each step has its own time limit,
 # so one failure leaves the rest standing.
@@ -17,21 +17,18 @@ bench() {  # bench TIMEOUT_S ARGS...
     --ttft-repeats 3 --out "$OUT/bench.jsonl" "$@" >> "$LOG" 2>&1 || say "bench $* FAILED or timed out (rc $?)"
 }
 
-# Tensor parallelism on a dense model: tp=1 (XLA and the Pallas decode) against tp=2 and tp=4.
-bench 100 --preset llama-3.1-8b --impl xla,pallas
-bench 100 --preset llama-3.1-8b --tp 4 --impl xla,pallas
-bench 100 --preset llama-3.1-8b --tp 2
-# DeepSeek on one GPU: V2-Lite whole (bf16), V3 full-width FP8 layers (one dense, three expert layers).
-bench 120 --preset deepseek-v2-lite --impl xla,pallas
-bench 120 --preset deepseek-v3 --layers 4 --dense-layers 1 --impl xla,pallas
-# DeepSeek-V3 layers across 4 GPUs: experts split over ep, then heads/intermediates over tp.
-bench 150 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl xla,pallas
-# The same without the overlapped expert reduction (the shared experts beside the all-reduce, on by default): the
-# difference of the two pallas lines' tpot is the communication it hides.
-TILERT_OVERLAP=0 bench 150 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
-bench 150 --preset deepseek-v3 --layers 4 --dense-layers 1 --tp 4 --impl xla,pallas
+# DeepSeek-V3 layers (one dense, three expert layers, FP8) across 4 GPUs: experts split over ep, with and without
+# the overlapped expert reduction (the shared experts beside the all-reduce, on by default): the difference of the two
+# pallas lines' tpot is the communication it hides. Then heads/intermediates over tp, then the same on one GPU.
+bench 110 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
+TILERT_OVERLAP=0 bench 110 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
+bench 90 --preset deepseek-v3 --layers 4 --dense-layers 1 --tp 4 --impl pallas
+bench 90 --preset deepseek-v3 --layers 4 --dense-layers 1 --impl pallas
+# Tensor parallelism on a dense model: tp=4 (XLA and the Pallas decode) against one GPU.
+bench 80 --preset llama-3.1-8b --tp 4 --impl xla,pallas
+bench 60 --preset llama-3.1-8b --impl pallas
 say "collectives"
-timeout 90 python3 scripts/gpu/collectives_bench.py --tp 4 >> "$OUT/collectives.jsonl" 2>> "$LOG" \
+timeout 45 python3 scripts/gpu/collectives_bench.py --tp 4 >> "$OUT/collectives.jsonl" 2>> "$LOG" \
   || say "collectives FAILED (rc $?)"
 say "done"
 python3 - "$OUT/bench.jsonl" "$OUT/collectives.jsonl" <<'PY'
