@@ -178,8 +178,14 @@ def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache,
     """tokens: [B, T] -> the residual stream [B, T, hidden] before the final norm and the updated cache (None without
     one)."""
     x = collectives.embed_lookup(params.embed, tokens, tp_axis)  # [B, T, hidden]
+    return decoder_layers(config, params.layers, x, positions, cache, pos, impl, tp_axis)
+
+
+def decoder_layers(config: DenseConfig, layers, x, positions, cache, pos, impl, tp_axis):
+    """x: the residual stream [B, T, hidden] through `layers` (a run of the model's layers, with the cache of those
+    layers or None) -> the stream [B, T, hidden] and their updated cache."""
     new_k, new_v = [], []
-    for i, layer in enumerate(params.layers):
+    for i, layer in enumerate(layers):
         layer_cache = None if cache is None else (cache.k[i], cache.v[i])
         h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
         attn_out, (k, v) = _attention(config, layer.attn, h, positions, layer_cache, pos, impl, tp_axis)
