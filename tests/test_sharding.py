@@ -104,3 +104,43 @@ def test_fused_pallas_decode_under_tensor_parallelism(tp, tied, monkeypatch):
     assert np.linalg.norm(logits - plain) <= 1e-4 * np.linalg.norm(plain)
     for ours, ref in zip(new_cache.k + new_cache.v, one_cache.k + one_cache.v):
         assert np.linalg.norm(ours - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("name,mesh", [("tiny", None), ("tiny", dict(tp=2)), ("deepseek-v3", None),
+                                       ("deepseek-v3", dict(tp=2, ep=2))])
+def test_prefill_in_two_programs_is_the_one_program_prefill(name, mesh):
+    """The engine's prefill as two programs (the first layer, then the rest: engine.PREFILL_FIRST_LAYERS) gives the
+    one program's first token and cache: on one device bit for bit (the same operations), on a mesh within 1e-6
+    relative in float32 (each program places its reductions on its own)."""
+    from tilert_jax.engine import Decoder
+    from tilert_jax.models import family
+    from tilert_jax.sampling import SamplingParams
+    from tilert_jax.sharding import param_shardings
+
+    config = dataclasses.replace(preset(name), num_layers=3)
+    if name == "deepseek-v3":
+        config = dataclasses.replace(config, vocab_size=256, hidden_size=256, intermediate_size=512,
+                                     moe_intermediate_size=128, first_k_dense_replace=1, num_heads=2,
+                                     n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                                     q_lora_rank=128, kv_lora_rank=128, fp8_block=None)
+    mesh = mesh and make_mesh(**mesh)
+    specs = family(config).param_specs(config)
+    params = init_params(specs, jax.random.key(0), jnp.float32, std=0.1)
+    if mesh is not None:
+        params = jax.device_put(params, param_shardings(specs, mesh))
+    tokens = jax.random.randint(jax.random.key(1), (1, 64), 0, config.vocab_size)
+    args = (params, tokens, jnp.int32(40), jax.random.key(2))
+    results = {}
+    for split in (0, 1):
+        decoder = Decoder(config, "xla", mesh, prefill_split=split)
+        assert len(decoder.prefill_runs) == split + 1
+        prefill, _ = decoder.compiled("prefill", SamplingParams(temperature=1.0), 128, *args)
+        results[split] = jax.device_get(prefill(*args))
+    (token, cache), (ref_token, ref_cache) = results[1], results[0]
+    assert token == ref_token
+    assert jax.tree.structure(cache) == jax.tree.structure(ref_cache)
+    for ours, ref in zip(jax.tree.leaves(cache), jax.tree.leaves(ref_cache)):
+        if mesh is None:
+            np.testing.assert_array_equal(ours, ref)
+        else:
+            assert np.linalg.norm(ours - ref) <= 1e-6 * np.linalg.norm(ref)

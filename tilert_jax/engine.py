@@ -7,6 +7,7 @@ the host enqueues the next chunk before it reads the current one, so the device 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tilert_jax import cache as kv
 from tilert_jax.checkpoint import default_dtype, load_params
 from tilert_jax.config import load_config
 from tilert_jax.models import family
@@ -77,34 +79,94 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def model_functions(config, mesh=None, communicate: bool = True):
-    """The family's forward / init_cache / prefill / decode_step, run under shard_map when a mesh is given
-    (communicate=False: without collectives, for timing only)."""
+def model_functions(config, mesh=None, communicate: bool = True, layers: slice = slice(None)):
+    """The family's forward / init_cache / prefill_layers / prefill / decode_step, run under shard_map when a mesh is
+    given (communicate=False: without collectives, for timing only; layers: the run of layers whose parameters and
+    cache they take, a prefill stage)."""
     if mesh is None:
         return family(config)
     from tilert_jax.sharding.sharded import ShardedFamily
 
-    return ShardedFamily(config, mesh, communicate)
+    return ShardedFamily(config, mesh, communicate, layers)
+
+
+# The prefill runs as two programs: the embedding and the first PREFILL_FIRST_LAYERS layers, then the rest, the LM
+# head and the sampling. The host's work for a program (its arguments, the command buffer's update and launch) comes
+# before its first kernel: about 0.6 ms for llama-3.2-1b's 147 arguments and 300 kernels. Split, the second
+# program's host work runs while the GPU runs the first: llama-3.2-1b host to host 4.66 -> 4.22 ms with the same GPU
+# time (docs/PERF.md, session 23; 3, 4 or 6 first layers gained less).
+PREFILL_FIRST_LAYERS = 2
+
+
+def _layer_run(params, layers: slice):
+    """The parameters a run of layers reads: params.layers sliced, the embedding, final norm and LM head kept (a
+    stage that does not read them drops them from its program)."""
+    return dataclasses.replace(params, layers=params.layers[layers])
 
 
 class Decoder:
-    """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination."""
+    """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination.
 
-    def __init__(self, config, impl: str = "xla", mesh=None, communicate: bool = True):
+    prefill_split: the layers the prefill's first program runs (0: one program; see PREFILL_FIRST_LAYERS)."""
+
+    def __init__(self, config, impl: str = "xla", mesh=None, communicate: bool = True,
+                 prefill_split: int = PREFILL_FIRST_LAYERS):
         self.config = config
         self.impl = impl
         self.family = model_functions(config, mesh, communicate)
+        split = prefill_split if 0 < prefill_split < config.num_layers else 0
+        self.prefill_runs = (slice(0, split), slice(split, None)) if split else (slice(None),)
+        self._prefill_stages = [model_functions(config, mesh, communicate, run) for run in self.prefill_runs]
         self._compiled: dict = {}
 
-    def _prefill_fn(self, sampling: SamplingParams, max_len: int):
-        fam, config, impl = self.family, self.config, self.impl
+    def _prefill_fns(self, sampling: SamplingParams, max_len: int, compiler_options: dict | None = None):
+        """The prefill as one jitted function per run of layers (self.prefill_runs). Each but the last takes (the
+        parameters of its run, its input: the tokens [B, P] or the residual stream [B, P, hidden] out of the run
+        before) and returns the stream after its layers and their cache; the last takes (parameters, input,
+        last_index, key) and returns the first sampled token [B] and its layers' cache."""
+        config, impl = self.config, self.impl
+        options = sequence_compiler_options(self.family, impl) if compiler_options is None else compiler_options
 
-        def prefill(params, tokens, last_index, key):  # tokens: [B, P] -> first sampled token [B], cache
-            cache = fam.init_cache(config, tokens.shape[0], max_len, params.embed.dtype)
-            logits, cache = fam.prefill(config, params, tokens, cache, 0, last_index, impl=impl)
-            return sample(logits, jax.random.fold_in(key, last_index), sampling), cache
+        def fresh_cache(run, inputs, dtype):
+            return kv.layer_run(self.family.init_cache(config, inputs.shape[0], max_len, dtype), run)
 
-        return jax.jit(prefill, compiler_options=sequence_compiler_options(fam, impl))
+        def layers_fn(stage, run):
+            def prefill_layers(params, inputs):
+                cache = fresh_cache(run, inputs, params.embed.dtype)
+                return stage.prefill_layers(config, params, inputs, cache, 0, impl=impl)
+            return jax.jit(prefill_layers, compiler_options=options)
+
+        def last_fn(stage, run):
+            def prefill(params, inputs, last_index, key):
+                cache = fresh_cache(run, inputs, params.embed.dtype)
+                logits, cache = stage.prefill(config, params, inputs, cache, 0, last_index, impl=impl)
+                return sample(logits, jax.random.fold_in(key, last_index), sampling), cache
+            return jax.jit(prefill, compiler_options=options)
+
+        stages = list(zip(self._prefill_stages, self.prefill_runs))
+        return [layers_fn(*stage) for stage in stages[:-1]] + [last_fn(*stages[-1])]
+
+    def compile_prefill(self, sampling: SamplingParams, max_len: int, params, tokens, last_index, key,
+                        compiler_options: dict | None = None):
+        """AOT-compiles the prefill's programs; returns prefill(params, tokens, last_index, key) -> (first sampled
+        token [B], the cache), which runs them in turn."""
+        fns = self._prefill_fns(sampling, max_len, compiler_options)
+        runs, programs, inputs = self.prefill_runs, [], tokens
+        for fn, run in zip(fns[:-1], runs):
+            lowered = fn.lower(_layer_run(params, run), inputs)
+            programs.append(lowered.compile())
+            inputs = lowered.out_info[0]  # the stream's shape, the next program's input
+        last = fns[-1].lower(_layer_run(params, runs[-1]), inputs, last_index, key).compile()
+
+        def prefill(params, tokens, last_index, key):
+            x, caches = tokens, []
+            for program, run in zip(programs, runs):
+                x, cache = program(_layer_run(params, run), x)
+                caches.append(cache)
+            token, cache = last(_layer_run(params, runs[-1]), x, last_index, key)
+            return token, functools.reduce(kv.join_layers, caches + [cache])
+
+        return prefill
 
     def _decode_fn(self, sampling: SamplingParams, chunk: int):
         fam, config, impl = self.family, self.config, self.impl
@@ -127,8 +189,10 @@ class Decoder:
         if key in self._compiled:
             return self._compiled[key], 0.0
         start = time.perf_counter()
-        fn = self._prefill_fn(sampling, size) if kind == "prefill" else self._decode_fn(sampling, size)
-        self._compiled[key] = fn.lower(*args).compile()
+        if kind == "prefill":
+            self._compiled[key] = self.compile_prefill(sampling, size, *args)
+        else:
+            self._compiled[key] = self._decode_fn(sampling, size).lower(*args).compile()
         return self._compiled[key], time.perf_counter() - start
 
     def run(self, params, prompt: np.ndarray, max_new_tokens: int, sampling: SamplingParams, seed: int = 0,

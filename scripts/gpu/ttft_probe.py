@@ -6,8 +6,8 @@ buffers (kernels launched one by one as the host reaches them).
     python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024] [--layers N]
         [--timeline] [--split K,...]
 
---split (dense presets) also times the prefill as two programs, the first K layers then the rest, so the second's
-host work (arguments, command buffer) runs while the GPU runs the first.
+The engine runs the prefill as two programs (engine.PREFILL_FIRST_LAYERS); --split K,... also times it with its
+first program running K layers (0: one program).
 
 --timeline then traces one engine prefill alone (called, then waited on) and prints its host events by name and the
 GPU's first and last kernel relative to the call (the profiler slows the host about twofold).
@@ -15,7 +15,6 @@ GPU's first and last kernel relative to the call (the profiler slows the host ab
 
 import argparse
 import collections
-import dataclasses
 import gzip
 import json
 import statistics
@@ -34,7 +33,7 @@ from tilert_jax.engine import (CACHE_BUCKET, PROMPT_BUCKET, SEQUENCE_COMPILER_OP
 from tilert_jax.models import family
 from tilert_jax.params import init_params
 from tilert_jax.profiling import gpu_kernel_events
-from tilert_jax.sampling import SamplingParams, sample
+from tilert_jax.sampling import SamplingParams
 
 
 def probe(name, fn, args, reps=10):
@@ -87,43 +86,6 @@ def timeline(fn, args, top: int = 40) -> None:
         print(f"{total:9.1f} us  x{len(events):4d}  first at {first:8.1f} us  {name[:90]}")
 
 
-def split_prefill(config, params, tokens, last, key, max_len: int, impl: str, k: int):
-    """The dense prefill as two programs: embedding and layers [0, k), then layers [k, L), the LM head and sampling.
-    Returns (a function of the engine prefill's arguments, that calls both; the first program's time)."""
-    from tilert_jax import cache as kv
-    from tilert_jax.models import dense
-
-    options = sequence_compiler_options(dense, impl)
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-
-    def layers_cache(n):
-        return kv.KVCache.zeros(n, tokens.shape[0], config.num_kv_heads, max_len, config.head_dim, params.embed.dtype)
-
-    def head(embed, layers, tokens):
-        x = embed[tokens]
-        return dense.decoder_layers(config, layers, x, positions, layers_cache(len(layers)), 0, impl, None)
-
-    def tail(layers, final_norm, embed, x, last_index, key):
-        x, cache = dense.decoder_layers(config, layers, x, positions, layers_cache(len(layers)), 0, impl, None)
-        last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
-        tail_params = dataclasses.replace(params, layers=(), final_norm=final_norm, embed=embed)
-        logits = dense._fused_lm_head(config, tail_params, last, None, impl, None)
-        return sample(logits, jax.random.fold_in(key, last_index), SamplingParams()), cache
-
-    head_args = (params.embed, params.layers[:k], tokens)
-    head_c = jax.jit(head, compiler_options=options).lower(*head_args).compile()
-    x, _ = head_c(*head_args)
-    tail_c = jax.jit(tail, compiler_options=options).lower(params.layers[k:], params.final_norm, params.embed, x,
-                                                           last, key).compile()
-
-    def both(params, tokens, last_index, key):
-        x, head_cache = head_c(params.embed, params.layers[:k], tokens)
-        token, tail_cache = tail_c(params.layers[k:], params.final_norm, params.embed, x, last_index, key)
-        return token, head_cache, tail_cache
-
-    return both, (head_c, head_args)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="llama-3.2-1b")
@@ -131,17 +93,16 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=0, help="the first N layers (DeepSeek presets: --layers 4)")
     parser.add_argument("--timeline", action="store_true", help="then trace one prefill alone (see above)")
-    parser.add_argument("--split", default="", help="comma-separated K: also the prefill as two programs")
+    parser.add_argument("--split", default="", help="comma-separated K: the first program's layers (0: one program)")
     args = parser.parse_args(argv)
     config = bench_config(args.preset, args.layers, -1)
     params = init_params(family(config).param_specs(config), jax.random.key(0), jnp.bfloat16)
-    dec = Decoder(config, args.impl)
     padded = _round_up(args.prompt_len, PROMPT_BUCKET)
     max_len = _round_up(args.prompt_len + 128, CACHE_BUCKET)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (1, padded)), jnp.int32)
     key, last = jax.random.key(0), jnp.int32(args.prompt_len - 1)
     inputs = (params, tokens, last, key)
-    prefill = dec._prefill_fn(SamplingParams(), max_len).__wrapped__  # the engine's prefill, not yet jitted
+    dec = Decoder(config, args.impl)
     engine = sequence_compiler_options(dec.family, args.impl)
     variants = {
         "prefill (engine)": engine,
@@ -155,16 +116,13 @@ def main(argv=None) -> int:
         if options in seen:
             continue  # the engine's own options already
         seen.append(options)
-        compiled = jax.jit(prefill, compiler_options=options).lower(*inputs).compile()
+        compiled = dec.compile_prefill(SamplingParams(), max_len, *inputs, compiler_options=options)
         probe(name, compiled, inputs)
         if args.timeline and options is engine:
             timeline(compiled, inputs)
-    for k in (int(v) for v in args.split.split(",") if v):
-        both, (head_c, head_args) = split_prefill(config, params, tokens, last, key, max_len, args.impl, k)
-        probe(f"first {k} layers alone", head_c, head_args)
-        probe(f"split after {k} layers", both, inputs)
-        if args.timeline:
-            timeline(both, inputs)
+    for split in (int(v) for v in args.split.split(",") if v):
+        compiled = Decoder(config, args.impl, prefill_split=split).compile_prefill(SamplingParams(), max_len, *inputs)
+        probe(f"prefill, first program {split} layers" if split else "prefill, one program", compiled, inputs)
     probe("trivial program, same arguments", jax.jit(lambda p, t, l, k: p.embed[0, 0] + t[0, 0]), inputs)
     probe("trivial program, one array", jax.jit(lambda t: t[0, 0] + 1), (tokens,))
     return 0

@@ -623,15 +623,17 @@ def check_tp(config: DeepseekConfig, tp: int) -> None:
             raise ValueError(f"tp={tp} splits the FP8 {name} ({size}) inside its {block}-wide scale blocks")
 
 
-def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, cache: MLACache | None, pos, impl,
+def _decoder(config: DeepseekConfig, params: DeepseekParams, inputs, positions, cache: MLACache | None, pos, impl,
              tp_axis=None, ep_axis=None):
-    """tokens [B, T] -> final-normed hidden [B, T, hidden] and the updated cache (None without one).
+    """inputs: int tokens [B, T], or the residual stream [B, T, hidden] out of the layers before params.layers (a
+    prefill in stages, engine.Decoder: params.layers and the cache then hold a later run of the model's layers) ->
+    the stream [B, T, hidden] before the final norm and the updated cache (None without one).
 
     Under shard_map over `tp_axis` each device holds its heads, its slice of every intermediate dimension and of the
     vocabulary; the hidden stream and the latent cache are replicated."""
     if tp_axis is not None:
         check_tp(config, jax.lax.axis_size(tp_axis))
-    x = collectives.embed_lookup(params.embed, tokens, tp_axis)
+    x = inputs if inputs.ndim == 3 else collectives.embed_lookup(params.embed, inputs, tp_axis)
     new_kv, new_index = [], []
     for i, layer in enumerate(params.layers):
         kv_i = None if cache is None else cache.kv[i]
@@ -639,14 +641,18 @@ def _decoder(config: DeepseekConfig, params: DeepseekParams, tokens, positions, 
         x, kv_i, index_i = _layer(config, layer, x, positions, kv_i, index_i, pos, impl, tp_axis, ep_axis)
         new_kv.append(kv_i)
         new_index.append(index_i)
-    x = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
     if cache is None:
         return x, None
     return x, MLACache(kv=tuple(new_kv), index_k=tuple(new_index) if cache.index_k else ())
 
 
+def final_norm(config: DeepseekConfig, params: DeepseekParams, x, impl: str = "xla") -> jax.Array:
+    return ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
+
+
 def lm_head(params: DeepseekParams, x, tp_axis=None, vocab_size: int | None = None) -> jax.Array:
-    """x: [..., hidden] -> float32 logits [..., vocab] (gathered over `tp_axis` when the vocabulary is split)."""
+    """x: final-normed [..., hidden] -> float32 logits [..., vocab] (gathered over `tp_axis` when the vocabulary is
+    split)."""
     w = params.embed.T if params.lm_head is None else params.lm_head
     logits = jnp.matmul(x, w, preferred_element_type=jnp.float32)
     return collectives.gather_vocab(logits, tp_axis, vocab_size or logits.shape[-1])
@@ -662,7 +668,8 @@ def hidden_states(config: DeepseekConfig, params: DeepseekParams, tokens, impl: 
                   tp_axis=None, ep_axis=None) -> jax.Array:
     """tokens [B, T] -> the final-normed hidden states [B, T, hidden] (what the MTP layer reads)."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    return _decoder(config, params, tokens, positions, None, None, impl, tp_axis, ep_axis)[0]
+    x, _ = _decoder(config, params, tokens, positions, None, None, impl, tp_axis, ep_axis)
+    return final_norm(config, params, x, impl)
 
 
 def forward(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = "xla", tp_axis=None,
@@ -672,14 +679,22 @@ def forward(config: DeepseekConfig, params: DeepseekParams, tokens, impl: str = 
     return lm_head(params, hidden, tp_axis, config.vocab_size)
 
 
-def prefill(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, last_index,
-            impl: str = "xla", tp_axis=None, ep_axis=None):
-    """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it).
+def prefill_layers(config: DeepseekConfig, params: DeepseekParams, inputs, cache: MLACache, pos, impl: str = "xla",
+                   tp_axis=None, ep_axis=None):
+    """inputs: int tokens [B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it), or the
+    residual stream [B, T, hidden] of those tokens out of the layers before params.layers.
 
-    Returns the float32 logits [B, vocab] of the token at index `last_index` and the updated cache."""
-    positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl, tp_axis, ep_axis)
-    last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)
+    Returns the stream after params.layers (before the final norm) and their updated cache."""
+    positions = pos + jnp.arange(inputs.shape[1], dtype=jnp.int32)
+    return _decoder(config, params, inputs, positions, cache, pos, impl, tp_axis, ep_axis)
+
+
+def prefill(config: DeepseekConfig, params: DeepseekParams, inputs, cache: MLACache, pos, last_index,
+            impl: str = "xla", tp_axis=None, ep_axis=None):
+    """`prefill_layers`, then the float32 logits [B, vocab] of the token at index `last_index`; returns them and the
+    updated cache."""
+    x, cache = prefill_layers(config, params, inputs, cache, pos, impl, tp_axis, ep_axis)
+    last = final_norm(config, params, jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False), impl)
     return lm_head(params, last, tp_axis, config.vocab_size), cache
 
 
@@ -694,7 +709,7 @@ def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: M
             return deepseek_decode.decode_step(config, params, tokens, cache, pos, tp_axis)
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis, ep_axis)
-    return lm_head(params, x[:, 0], tp_axis, config.vocab_size), cache
+    return lm_head(params, final_norm(config, params, x[:, 0], impl), tp_axis, config.vocab_size), cache
 
 
 # ------------------------------------------------------------------------------------------------------- MTP

@@ -174,18 +174,13 @@ def _mlp(p: MLP, x):
     return (jax.nn.silu(x @ p.w_gate.T) * (x @ p.w_up.T)) @ p.w_down.T
 
 
-def _decoder(config: DenseConfig, params: DenseParams, tokens, positions, cache, pos, impl, tp_axis):
-    """tokens: [B, T] -> the residual stream [B, T, hidden] before the final norm and the updated cache (None without
-    one)."""
-    x = collectives.embed_lookup(params.embed, tokens, tp_axis)  # [B, T, hidden]
-    return decoder_layers(config, params.layers, x, positions, cache, pos, impl, tp_axis)
-
-
-def decoder_layers(config: DenseConfig, layers, x, positions, cache, pos, impl, tp_axis):
-    """x: the residual stream [B, T, hidden] through `layers` (a run of the model's layers, with the cache of those
-    layers or None) -> the stream [B, T, hidden] and their updated cache."""
+def _decoder(config: DenseConfig, params: DenseParams, inputs, positions, cache, pos, impl, tp_axis):
+    """inputs: int tokens [B, T], or the residual stream [B, T, hidden] out of the layers before params.layers (a
+    prefill in stages, engine.Decoder: params.layers and the cache then hold a later run of the model's layers) ->
+    the stream [B, T, hidden] before the final norm and the updated cache (None without one)."""
+    x = inputs if inputs.ndim == 3 else collectives.embed_lookup(params.embed, inputs, tp_axis)  # [B, T, hidden]
     new_k, new_v = [], []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(params.layers):
         layer_cache = None if cache is None else (cache.k[i], cache.v[i])
         h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
         attn_out, (k, v) = _attention(config, layer.attn, h, positions, layer_cache, pos, impl, tp_axis)
@@ -226,15 +221,22 @@ def forward(config: DenseConfig, params: DenseParams, tokens, impl: str = "xla",
 MAX_FUSED_BATCH = 16  # the matrix-vector kernels' rows (one 16-row tensor-core tile)
 
 
-def prefill(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, last_index,
-            impl: str = "xla", tp_axis=None):
-    """tokens: int[B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it). A Python int
-    pos of 0 (a fresh cache) lets the prompt attend over its own keys, fused on a GPU with impl="pallas".
+def prefill_layers(config: DenseConfig, params: DenseParams, inputs, cache: kv.KVCache, pos, impl: str = "xla",
+                   tp_axis=None):
+    """inputs: int tokens [B, T] written at pos..pos+T-1 (right padding allowed: later steps overwrite it), or the
+    residual stream [B, T, hidden] of those tokens out of the layers before params.layers. A Python int pos of 0 (a
+    fresh cache) lets the prompt attend over its own keys, fused on a GPU with impl="pallas".
 
-    Returns the float32 logits [B, vocab] of the token at index `last_index` and the updated cache.
-    """
-    positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    x, cache = _decoder(config, params, tokens, positions, cache, pos, impl, tp_axis)
+    Returns the stream after params.layers (before the final norm) and their updated cache."""
+    positions = pos + jnp.arange(inputs.shape[1], dtype=jnp.int32)
+    return _decoder(config, params, inputs, positions, cache, pos, impl, tp_axis)
+
+
+def prefill(config: DenseConfig, params: DenseParams, inputs, cache: kv.KVCache, pos, last_index,
+            impl: str = "xla", tp_axis=None):
+    """`prefill_layers`, then the float32 logits [B, vocab] of the token at index `last_index`; returns them and the
+    updated cache."""
+    x, cache = prefill_layers(config, params, inputs, cache, pos, impl, tp_axis)
     last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, hidden]
     if impl == "pallas" and last.shape[0] <= MAX_FUSED_BATCH:
         return _fused_lm_head(config, params, last, None, impl, tp_axis), cache
