@@ -23,7 +23,8 @@ What the numbers mean:
 - logits_rel_err_vs_xla (pallas rows): one decode step from the same cache through both paths, relative L2 error
   of the logits; with random weights the logits are nearly tied, so tokens_match_xla (greedy tokens equal to the
   XLA run's) drops after the first bf16 rounding difference flips a token and says little in bf16.
-- ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up).
+- ttft_ms: prefill of the prompt and the first sampled token, host to host (median of --ttft-repeats after warm-up;
+  ttft_ms_min the fastest). prefill_programs: the programs the prefill ran as (--prefill-split, engine.py).
 - ttft_floor_ms: the larger of one device's prefill matmul FLOPs (2 * matmul params * batch * prompt + causal
   attention over its heads; of a mixture's routed experts only the activated share) over the bf16 matmul rate
   measured in the same process (mm_tflops, an 8192^3 product), and prefill_bytes / copy_gbps: every parameter byte
@@ -60,7 +61,7 @@ import numpy as np
 from tilert_jax.config import PRESETS, preset
 from tilert_jax.sharding import make_mesh, param_shardings, shard_count
 from tilert_jax.sharding.collectives import overlap_enabled
-from tilert_jax.engine import CACHE_BUCKET, PROMPT_BUCKET, Decoder, _round_up
+from tilert_jax.engine import CACHE_BUCKET, PREFILL_FIRST_LAYERS, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.models.dense import PALLAS_OPS_ENV, pallas_ops
 from tilert_jax.params import init_params, is_spec, param_bytes, path_name
@@ -241,10 +242,12 @@ def bench_one(config, params, impl_text: str, batch: int, args, env: dict) -> di
 
 
 def _bench_one(config, params, impl: str, impl_text: str, batch: int, args, env: dict, check: bool) -> dict:
-    row = _time_decoder(Decoder(config, impl, env["mesh"]), config, params, impl, impl_text, batch, args, env, check)
+    split = args.prefill_split
+    row = _time_decoder(Decoder(config, impl, env["mesh"], prefill_split=split), config, params, impl, impl_text,
+                        batch, args, env, check)
     if env["mesh"] is not None:
-        quiet = _time_decoder(Decoder(config, impl, env["mesh"], communicate=False), config, params, impl, impl_text,
-                              batch, args, env, False)
+        quiet = _time_decoder(Decoder(config, impl, env["mesh"], communicate=False, prefill_split=split), config,
+                              params, impl, impl_text, batch, args, env, False)
         row["tpot_ms_p50_without_collectives"] = quiet["tpot_ms_p50"]
         row["comm_ms_per_token"] = row["tpot_ms_p50"] - quiet["tpot_ms_p50"]
         row["overlap"] = overlap_enabled()
@@ -320,7 +323,8 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
         "slice_of": args.slice_of,
         "num_layers": config.num_layers, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "chunk": chunk, "dtype": str(params.embed.dtype),
-        "ttft_ms": 1e3 * ttft, "ttft_floor_ms": 1e3 * ttft_floor_s, "ttft_frac": ttft_floor_s / ttft,
+        "ttft_ms": 1e3 * ttft, "ttft_ms_min": 1e3 * min(ttfts), "ttft_floor_ms": 1e3 * ttft_floor_s,
+        "ttft_frac": ttft_floor_s / ttft, "prefill_programs": len(dec.prefill_runs),
         "tpot_ms_p50": 1e3 * p50, "tpot_ms_p90": 1e3 * _percentile(samples, 90),
         "tpot_ms_p99": 1e3 * _percentile(samples, 99), "tpot_ms_mean": 1e3 * statistics.mean(mean_steps),
         "tpot_ms_per_layer": 1e3 * p50 / config.num_layers, "samples": len(samples),
@@ -357,6 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=16, help="decode steps per dispatch")
     parser.add_argument("--repeats", type=int, default=0, help="timed generations (0: enough for 64 samples)")
     parser.add_argument("--ttft-repeats", type=int, default=5)
+    parser.add_argument("--prefill-split", type=int, default=PREFILL_FIRST_LAYERS,
+                        help="the layers of the prefill's first program (0: one program)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="parameter dtype (auto: bfloat16 on a GPU, float32 elsewhere: the CPU runtime lacks some "
                              "bf16 products)")
