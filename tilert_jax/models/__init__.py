@@ -1,4 +1,5 @@
-"""Model families. Each module provides `param_specs`, `forward`, `init_cache`, `prefill`, `decode_step` and
+"""Model families. Each module provides `param_specs`, `forward`, `init_cache`, `prefill_layers` (a run of layers
+from the tokens or from the stream of the run before: a stage of the engine's prefill), `prefill`, `decode_step` and
 `sequence_compiler_options` (the XLA options its prefill and forward compile with)."""
 
 from tilert_jax.models import dense

@@ -647,6 +647,7 @@ def _decoder(config: DeepseekConfig, params: DeepseekParams, inputs, positions, 
 
 
 def final_norm(config: DeepseekConfig, params: DeepseekParams, x, impl: str = "xla") -> jax.Array:
+    """The stream [..., hidden] after the last layer -> the final RMSNorm's output."""
     return ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
 
 
