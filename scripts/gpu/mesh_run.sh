@@ -20,12 +20,12 @@ bench() {  # bench TIMEOUT_S ARGS...
 # DeepSeek-V3 layers (one dense, three expert layers, FP8) across 4 GPUs: experts split over ep, with and without
 # the overlapped expert reduction (the shared experts beside the all-reduce, on by default): the difference of the two
 # pallas lines' tpot is the communication it hides. Then heads/intermediates over tp, then the same on one GPU.
-bench 110 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
-TILERT_OVERLAP=0 bench 110 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
-bench 90 --preset deepseek-v3 --layers 4 --dense-layers 1 --tp 4 --impl pallas
-bench 90 --preset deepseek-v3 --layers 4 --dense-layers 1 --impl pallas
+bench 90 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
+TILERT_OVERLAP=0 bench 90 --preset deepseek-v3 --layers 4 --dense-layers 1 --ep 4 --impl pallas
+bench 80 --preset deepseek-v3 --layers 4 --dense-layers 1 --tp 4 --impl pallas
+bench 80 --preset deepseek-v3 --layers 4 --dense-layers 1 --impl pallas
 # Tensor parallelism on a dense model: tp=4 (XLA and the Pallas decode) against one GPU.
-bench 80 --preset llama-3.1-8b --tp 4 --impl xla,pallas
+bench 160 --preset llama-3.1-8b --tp 4 --impl xla,pallas
 bench 60 --preset llama-3.1-8b --impl pallas
 say "collectives"
 timeout 45 python3 scripts/gpu/collectives_bench.py --tp 4 >> "$OUT/collectives.jsonl" 2>> "$LOG" \
