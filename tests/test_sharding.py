@@ -108,16 +108,16 @@ def test_fused_pallas_decode_under_tensor_parallelism(tp, tied, monkeypatch):
 
 @pytest.mark.parametrize("name,mesh", [("tiny", None), ("tiny", dict(tp=2)), ("deepseek-v3", None),
                                        ("deepseek-v3", dict(tp=2, ep=2))])
-def test_prefill_in_two_programs_is_the_one_program_prefill(name, mesh):
-    """The engine's prefill as two programs (the first layer, then the rest: engine.PREFILL_FIRST_LAYERS) gives the
-    one program's first token and cache: on one device bit for bit (the same operations), on a mesh within 1e-6
-    relative in float32 (each program places its reductions on its own)."""
+def test_prefill_in_a_chain_of_programs_is_the_one_program_prefill(name, mesh):
+    """The engine's prefill as a chain of programs (layer 0, layers 1 to 3, layer 4: engine.PREFILL_FIRST_LAYERS)
+    gives the one program's first token and cache: on one device bit for bit (the same operations), on a mesh
+    within 1e-6 relative in float32 (each program places its reductions on its own)."""
     from tilert_jax.engine import Decoder
     from tilert_jax.models import family
     from tilert_jax.sampling import SamplingParams
     from tilert_jax.sharding import param_shardings
 
-    config = dataclasses.replace(preset(name), num_layers=3)
+    config = dataclasses.replace(preset(name), num_layers=5)
     if name == "deepseek-v3":
         config = dataclasses.replace(config, vocab_size=256, hidden_size=256, intermediate_size=512,
                                      moe_intermediate_size=128, first_k_dense_replace=1, num_heads=2,
@@ -133,7 +133,8 @@ def test_prefill_in_two_programs_is_the_one_program_prefill(name, mesh):
     results = {}
     for split in (0, 1):
         decoder = Decoder(config, "xla", mesh, prefill_split=split)
-        assert len(decoder.prefill_runs) == split + 1
+        runs = [(run.start, run.stop) for run in decoder.prefill_runs]
+        assert runs == ([(0, 1), (1, 4), (4, None)] if split else [(0, None)])
         prefill, _ = decoder.compiled("prefill", SamplingParams(temperature=1.0), 128, *args)
         results[split] = jax.device_get(prefill(*args))
     (token, cache), (ref_token, ref_cache) = results[1], results[0]

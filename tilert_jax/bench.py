@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=0, help="timed generations (0: enough for 64 samples)")
     parser.add_argument("--ttft-repeats", type=int, default=5)
     parser.add_argument("--prefill-split", type=int, default=PREFILL_FIRST_LAYERS,
-                        help="the layers of the prefill's first program (0: one program)")
+                        help="the layers of the prefill's first program, each later one 4x as many (0: one program)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="parameter dtype (auto: bfloat16 on a GPU, float32 elsewhere: the CPU runtime lacks some "
                              "bf16 products)")

@@ -90,12 +90,14 @@ def model_functions(config, mesh=None, communicate: bool = True, layers: slice =
     return ShardedFamily(config, mesh, communicate, layers)
 
 
-# The prefill runs as two programs: the embedding and the first PREFILL_FIRST_LAYERS layers, then the rest, the LM
-# head and the sampling. The host's work for a program (its arguments, the command buffer's update and launch) comes
-# before its first kernel: about 0.6 ms for llama-3.2-1b's 147 arguments and 300 kernels. Split, the second
-# program's host work runs while the GPU runs the first: llama-3.2-1b host to host 4.66 -> 4.22 ms with the same GPU
-# time (docs/PERF.md, session 23; 3, 4 or 6 first layers gained less).
+# The prefill runs as a chain of programs: the embedding and the first PREFILL_FIRST_LAYERS layers, then runs of
+# layers PREFILL_GROWTH times longer each, the last with the LM head and the sampling. The host's work for a program
+# (its arguments, the command buffer's update and launch) comes before its first kernel: about 0.6 ms for
+# llama-3.2-1b's 147 arguments and 300 kernels, 7 ms for deepseek-v2-lite's. In a chain each program's host work
+# runs while the GPU runs the one before, which is shorter, so its GPU time covers that work: llama-3.2-1b host to
+# host 4.66 -> 4.22 ms in two programs, deepseek-v2-lite 29.8 -> 28.5 (docs/PERF.md, session 23).
 PREFILL_FIRST_LAYERS = 2
+PREFILL_GROWTH = 4
 
 
 def _layer_run(params, layers: slice):
@@ -107,15 +109,19 @@ def _layer_run(params, layers: slice):
 class Decoder:
     """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination.
 
-    prefill_split: the layers the prefill's first program runs (0: one program; see PREFILL_FIRST_LAYERS)."""
+    prefill_split: the layers the prefill's first program runs, each later one PREFILL_GROWTH times as many (0: one
+    program; see PREFILL_FIRST_LAYERS)."""
 
     def __init__(self, config, impl: str = "xla", mesh=None, communicate: bool = True,
                  prefill_split: int = PREFILL_FIRST_LAYERS):
         self.config = config
         self.impl = impl
         self.family = model_functions(config, mesh, communicate)
-        split = prefill_split if 0 < prefill_split < config.num_layers else 0
-        self.prefill_runs = (slice(0, split), slice(split, None)) if split else (slice(None),)
+        starts, start = [0], prefill_split
+        while 0 < start < config.num_layers:
+            starts.append(start)
+            start *= PREFILL_GROWTH
+        self.prefill_runs = tuple(slice(a, b) for a, b in zip(starts, starts[1:] + [None]))
         self._prefill_stages = [model_functions(config, mesh, communicate, run) for run in self.prefill_runs]
         self._compiled: dict = {}
 

@@ -6,8 +6,8 @@ buffers (kernels launched one by one as the host reaches them).
     python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024] [--layers N]
         [--timeline] [--split K,...]
 
-The engine runs the prefill as two programs (engine.PREFILL_FIRST_LAYERS); --split K,... also times it with its
-first program running K layers (0: one program).
+The engine runs the prefill as a chain of programs (engine.PREFILL_FIRST_LAYERS); --split K,... also times it with
+its first program running K layers (each later one PREFILL_GROWTH times as many; 0: one program).
 
 --timeline then traces one engine prefill alone (called, then waited on) and prints its host events by name and the
 GPU's first and last kernel relative to the call (the profiler slows the host about twofold).
