@@ -94,8 +94,8 @@ def model_functions(config, mesh=None, communicate: bool = True, layers: slice =
 # layers PREFILL_GROWTH times longer each, the last with the LM head and the sampling. The host's work for a program
 # (its arguments, the command buffer's update and launch) comes before its first kernel: about 0.6 ms for
 # llama-3.2-1b's 147 arguments and 300 kernels, 7 ms for deepseek-v2-lite's. In a chain each program's host work
-# runs while the GPU runs the one before, which is shorter, so its GPU time covers that work: llama-3.2-1b host to
-# host 4.66 -> 4.22 ms in two programs, deepseek-v2-lite 29.8 -> 28.5 (docs/PERF.md, session 23).
+# runs while the GPU runs the one before, which is shorter, so its GPU time covers that work: the bench's TTFT of
+# llama-3.2-1b 4.58 -> 4.39 ms, deepseek-v2-lite 29.8 -> 27.9 (docs/PERF.md, session 23).
 PREFILL_FIRST_LAYERS = 2
 PREFILL_GROWTH = 4
 
