@@ -6,13 +6,12 @@ slice, and the model code's collectives (sharding/collectives.py) reduce over th
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tilert_jax import cache as kv
 from tilert_jax.models import family
+from tilert_jax.params import layer_run
 from tilert_jax.sharding import collectives
 from tilert_jax.sharding.rules import param_partition_specs, param_shardings
 
@@ -44,9 +43,8 @@ class ShardedFamily:
             raise ValueError(f"tp={self.tp} must divide num_heads={heads}, and num_kv_heads={kv_heads} must divide "
                              f"or be divisible by tp")
         specs = self.family.param_specs(config)
-        run = lambda tree: dataclasses.replace(tree, layers=tree.layers[layers])  # noqa: E731
-        self.param_specs = run(param_partition_specs(specs, mesh))
-        self.param_shardings = run(param_shardings(specs, mesh))
+        self.param_specs = layer_run(param_partition_specs(specs, mesh), layers)
+        self.param_shardings = layer_run(param_shardings(specs, mesh), layers)
         self.cache_specs = kv.layer_run(self.family.cache_partition_specs(config, "tp"), layers)
 
     def _shard(self, fn, in_specs, out_specs):

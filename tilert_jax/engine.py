@@ -21,6 +21,7 @@ from tilert_jax import cache as kv
 from tilert_jax.checkpoint import default_dtype, load_params
 from tilert_jax.config import load_config
 from tilert_jax.models import family
+from tilert_jax.params import layer_run
 from tilert_jax.sampling import SamplingParams, sample
 from tilert_jax.tokenizer import Tokenizer
 
@@ -100,12 +101,6 @@ PREFILL_FIRST_LAYERS = 2
 PREFILL_GROWTH = 4
 
 
-def _layer_run(params, layers: slice):
-    """The parameters a run of layers reads: params.layers sliced, the embedding, final norm and LM head kept (a
-    stage that does not read them drops them from its program)."""
-    return dataclasses.replace(params, layers=params.layers[layers])
-
-
 class Decoder:
     """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination.
 
@@ -159,17 +154,17 @@ class Decoder:
         fns = self._prefill_fns(sampling, max_len, compiler_options)
         runs, programs, inputs = self.prefill_runs, [], tokens
         for fn, run in zip(fns[:-1], runs):
-            lowered = fn.lower(_layer_run(params, run), inputs)
+            lowered = fn.lower(layer_run(params, run), inputs)
             programs.append(lowered.compile())
             inputs = lowered.out_info[0]  # the stream's shape, the next program's input
-        last = fns[-1].lower(_layer_run(params, runs[-1]), inputs, last_index, key).compile()
+        last = fns[-1].lower(layer_run(params, runs[-1]), inputs, last_index, key).compile()
 
         def prefill(params, tokens, last_index, key):
             x, caches = tokens, []
             for program, run in zip(programs, runs):
-                x, cache = program(_layer_run(params, run), x)
+                x, cache = program(layer_run(params, run), x)
                 caches.append(cache)
-            token, cache = last(_layer_run(params, runs[-1]), x, last_index, key)
+            token, cache = last(layer_run(params, runs[-1]), x, last_index, key)
             return token, functools.reduce(kv.join_layers, caches + [cache])
 
         return prefill

@@ -81,6 +81,12 @@ def param_bytes(specs: Any, dtype=jnp.bfloat16, shards: Callable[[ParamSpec], in
                for s in leaves)
 
 
+def layer_run(params: Any, layers: slice) -> Any:
+    """A model's parameters (or their specs or shardings) with only the layers `layers` selects in params.layers; the
+    embedding, final norm and LM head kept (a program that does not read them drops them)."""
+    return dataclasses.replace(params, layers=params.layers[layers])
+
+
 def leaf_paths(tree: Any) -> list[str]:
     """'layers/3/attn/wq'-style names of every leaf, in flatten order: the names stored in a checkpoint."""
     return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_spec)[0]]
