@@ -13,6 +13,7 @@ from tilert_jax.kernels import matvec as _mv
 from tilert_jax.kernels import matvec_residual as _mr
 from tilert_jax.kernels import mlp_block as _mb
 from tilert_jax.kernels import norm_matvec as _nm
+from tilert_jax.kernels import qkv_rope as _qr
 from tilert_jax.kernels import swiglu_matvec as _sw
 from tilert_jax.kernels.attention import attention_reference, self_attention_fused, self_attention_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
@@ -106,3 +107,14 @@ def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, *, num_heads, num_kv_
         return _da.decode_attention(qkv, k_cache, v_cache, pos, cos, sin, **kwargs, **(config or {}),
                                     arrivals=arrivals)
     return (*_da.decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, **kwargs), arrivals)
+
+
+def qkv_rope(x, wq, wk, wv, cos, sin, caches=None, pos=0, *, eps=1e-6, bias=None, qk_norm=None, config=None,
+             implementation="xla"):
+    """A sequence's Q/K/V projection with bias, q/k norm and rope, and its keys and values written into the caches
+    at pos (x [B, T, hidden], weights [heads, d, hidden]) -> q, k, v [B, T, heads, d] and the caches (None without
+    them); "pallas" is one launch (config: its tiling)."""
+    _check(implementation)
+    fn = _qr.qkv_rope if implementation == "pallas" else _qr.qkv_rope_reference
+    kwargs = dict(config or {}) if implementation == "pallas" else {}
+    return fn(x, wq, wk, wv, cos, sin, caches, pos, eps=eps, bias=bias, qk_norm=qk_norm, **kwargs)

@@ -143,11 +143,12 @@ def kernel_seconds(step: Callable[[], Any], calls: int = 5) -> float:
 
 def kernel_time(step: Callable[[], Any], steps: int, calls: int = 5) -> dict:
     """A probe's measurement of one variant: `step()` (one jitted call doing `steps` steps, e.g. one per layer copy)
-    -> {"us": kernel busy time per step, "kernels": the top four (name, us per step)}, or {"error": the first 200
+    -> {"us": kernel busy time per step, "span_us": first start to last end per step (with the gaps between
+    kernels), "kernels": the top four (name, us per step)}, or {"error": the first 200
     characters} for a variant that does not compile or run."""
     try:
         summary = _traced(step, steps, calls, 4)
     except Exception as err:  # a variant that does not compile is a result, not a failure
         return {"error": str(err)[:200]}
-    return {"us": round(summary["busy_us_per_step"], 2),
+    return {"us": round(summary["busy_us_per_step"], 2), "span_us": round(summary["span_us_per_step"], 2),
             "kernels": [(k["name"], round(k["us_per_step"], 2)) for k in summary["kernels"]]}

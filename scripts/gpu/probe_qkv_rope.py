@@ -1,0 +1,77 @@
+"""The prefill's Q/K/V projection with rope and the cache write: the one-launch kernel (kernels/qkv_rope.py) at
+several tilings against XLA's path (three cuBLAS products, the ropes and the cache writes as the prefill compiles
+them: Triton gemm fusions off), per layer on random bf16 weights, each variant checked against the XLA result.
+
+    python scripts/gpu/probe_qkv_rope.py [--presets llama-3.2-1b,llama-3.1-8b] [--tokens 1024] [--out FILE]
+
+Prints one JSON line per (preset, way or tiling): the kernels' busy time and span (first start to last end, with
+the gaps between launches) per layer, over `--copies` layers of distinct weights in one program.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+from tilert_jax.config import preset
+from tilert_jax.kernels.qkv_rope import qkv_rope, qkv_rope_reference
+from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
+from tilert_jax.rope import rope_tables
+
+NEW_TOKENS = 128
+
+
+def main(argv=None) -> int:
+    parser = probe_parser(__doc__, copies=4)
+    parser.add_argument("--presets", default="llama-3.2-1b,llama-3.1-8b")
+    parser.add_argument("--tokens", type=int, default=1024)
+    args = parser.parse_args(argv)
+    sink = open(args.out, "a") if args.out else None
+    normal = random_bf16()
+    for name in args.presets.split(","):
+        c = preset(name)
+        h, n, kvh, d, t = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, args.tokens
+        x = normal((1, t, h), 1.0)
+        layers = [(normal((n, d, h)), normal((kvh, d, h)), normal((kvh, d, h))) for _ in range(args.copies)]
+        norms = (normal((d,), 0.1) + 1, normal((d,), 0.1) + 1) if c.qk_norm else None
+        cos, sin = (a[0] for a in rope_tables(c.rope, jnp.arange(t)[None], jnp.bfloat16))
+        fresh = lambda: [tuple(jnp.zeros((1, kvh, t + NEW_TOKENS, d), jnp.bfloat16) for _ in range(2))  # noqa: E731
+                         for _ in layers]
+
+        def program(fn, options=None):
+            def run(caches):
+                return [fn(x, *w, cos, sin, kc, jnp.int32(0), qk_norm=norms, eps=c.rms_norm_eps)
+                        for w, kc in zip(layers, caches)]
+            return jax.jit(run, donate_argnums=0).lower(fresh()).compile(options or {})
+
+        def timed(compiled):  # the caches each call leaves go to the next, as the prefill's are donated
+            state = [fresh()]
+
+            def step():
+                out = compiled(state[0])
+                state[0] = [o[3] for o in out]
+                return out
+            return kernel_time(step, args.copies)
+
+        reference = program(qkv_rope_reference, {"xla_gpu_enable_triton_gemm": False})
+        expected = reference(fresh())
+        emit({"preset": name, "tokens": t, "way": "xla", **timed(reference)}, sink)
+        for bt, bk, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (3, 4)):
+            cfg = dict(block_t=bt, block_k=bk, num_warps=warps, num_stages=stages)
+            row = {"preset": name, "tokens": t, "way": "kernel", **cfg}
+            try:
+                compiled = program(lambda *a, **kw: qkv_rope(*a, **kw, **cfg))
+                got = compiled(fresh())
+            except Exception as err:  # a tiling that does not compile is a result
+                emit({**row, "error": str(err)[:200]}, sink)
+                continue
+            err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)))
+            emit({**row, "max_abs_err": round(err, 4), **timed(compiled)}, sink)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
