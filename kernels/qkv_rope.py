@@ -5,10 +5,10 @@ On XLA's path these are three cuBLAS products and six small kernels a layer, eac
 (llama-3.2-1b at 1024 tokens: Q 14.4 us, K and V 6.3 each, the ropes 2.7 + 2.2, the cache transposes 2.0 each;
 docs/PERF.md, session 22).
 
-The grid is (batch, token block, head) over the n + 2 kvh heads of q, k and v, heads fastest (the programs that run
-together share their token block's rows in L2). A program computes one head's [block_t, head_dim] tile over the
-whole hidden dimension, so the q/k norm is a reduction over the tile's rows and the cache write one
-[block_t, head_dim] store. Rope without slicing registers: rotate_half(y) = y @ R for the signed permutation R
+The grid is (batch, token block, head group) over the n + 2 kvh heads of q, k and v, heads fastest (the programs that
+run together share their token block's rows in L2). A program computes a few heads' [block_t, head_dim] tiles over
+the whole hidden dimension, one accumulator per head (each x tile loaded once for all of them), so the q/k norm is a
+reduction over a tile's rows and the cache write one [block_t, head_dim] store a head. Rope without slicing registers: rotate_half(y) = y @ R for the signed permutation R
 [d, d] (`rotate_half_matrix`), one tensor-core dot of y rounded to the model dtype; a column of R holds a single
 +-1, so the product is exact.
 
@@ -69,7 +69,7 @@ def rotate_half_matrix(head_dim: int, dtype) -> jax.Array:
     return jnp.asarray(r, dtype)
 
 
-def _kernel(*refs, seq, hidden, head_dim, num_heads, num_kv_heads, block_t, block_k, has_bias, qk_norm,
+def _kernel(*refs, seq, hidden, head_dim, num_heads, num_kv_heads, block_t, block_k, heads, has_bias, qk_norm,
             has_cache, eps, dtype, interpret):
     it = iter(refs)
     x_ref, wq_ref, wk_ref, wv_ref = next(it), next(it), next(it), next(it)
@@ -93,14 +93,16 @@ def _kernel(*refs, seq, hidden, head_dim, num_heads, num_kv_heads, block_t, bloc
     def store(ref, value, valid):
         plt.store(ref, value, mask=row_mask(block_t, head_dim, valid))
 
-    def project(w_ref, h):  # -> float32 [block_t, d]: x rows @ w[h]^T
-        def step(i, acc):
+    def project(w_ref, h0):  # -> float32 [block_t, d] for each of heads h0..h0+heads-1: x rows @ w[h]^T
+        def step(i, accs):
             k0 = pl.multiple_of(i * block_k, block_k)
             xs = load(x_ref.at[b, pl.ds(t0, block_t), pl.ds(k0, block_k)], block_k)
-            ws = plt.load(w_ref.at[h, pl.ds(0, head_dim), pl.ds(k0, block_k)])
-            return acc + dot(xs, ws, NT, interpret)
+            return tuple(acc + dot(xs, plt.load(w_ref.at[h0 + e, pl.ds(0, head_dim), pl.ds(k0, block_k)]), NT,
+                                   interpret)
+                         for e, acc in enumerate(accs))
 
-        return lax.fori_loop(0, hidden // block_k, step, jnp.zeros((block_t, head_dim), f32))
+        zeros = tuple(jnp.zeros((block_t, head_dim), f32) for _ in range(heads))
+        return lax.fori_loop(0, hidden // block_k, step, zeros)
 
     def finish(acc, bias_ref, norm_ref, h, rope: bool):  # rounded as the reference rounds -> dtype [block_t, d]
         y = acc.astype(dtype)
@@ -117,33 +119,37 @@ def _kernel(*refs, seq, hidden, head_dim, num_heads, num_kv_heads, block_t, bloc
             y = y.astype(f32) * cos + rotated * sin
         return y.astype(dtype)
 
-    def write(out, h, y, cache_index):
-        store(out.at[b, pl.ds(t0, block_t), h, pl.ds(0, head_dim)], y, tokens)
-        if has_cache and cache_index is not None:
-            cache = cache_outs[cache_index]
-            row = pos_ref[0] + t0
-            store(cache.at[b, h, pl.ds(row, block_t), pl.ds(0, head_dim)], y, jnp.minimum(tokens, cache.shape[2] - row))
+    def heads_of(w_ref, out, h0, which):  # which: 0 q, 1 k, 2 v
+        for e, acc in enumerate(project(w_ref, h0)):
+            h = h0 + e
+            y = finish(acc, bias_refs[which], norm_refs[which] if which < 2 else None, h, rope=which < 2)
+            store(out.at[b, pl.ds(t0, block_t), h, pl.ds(0, head_dim)], y, tokens)
+            if has_cache and which:
+                cache, row = cache_outs[which - 1], pos_ref[0] + t0
+                store(cache.at[b, h, pl.ds(row, block_t), pl.ds(0, head_dim)], y,
+                      jnp.minimum(tokens, cache.shape[2] - row))
 
-    @pl.when(j < num_heads)
-    def _():
-        write(q_out, j, finish(project(wq_ref, j), bias_refs[0], norm_refs[0], j, rope=True), None)
+    q_programs, kv_programs = num_heads // heads, num_kv_heads // heads
 
-    @pl.when((j >= num_heads) & (j < num_heads + num_kv_heads))
+    @pl.when(j < q_programs)
     def _():
-        h = j - num_heads
-        write(k_out, h, finish(project(wk_ref, h), bias_refs[1], norm_refs[1], h, rope=True), 0)
+        heads_of(wq_ref, q_out, j * heads, 0)
 
-    @pl.when(j >= num_heads + num_kv_heads)
+    @pl.when((j >= q_programs) & (j < q_programs + kv_programs))
     def _():
-        h = j - num_heads - num_kv_heads
-        write(v_out, h, finish(project(wv_ref, h), bias_refs[2], None, h, rope=False), 1)
+        heads_of(wk_ref, k_out, (j - q_programs) * heads, 1)
+
+    @pl.when(j >= q_programs + kv_programs)
+    def _():
+        heads_of(wv_ref, v_out, (j - q_programs - kv_programs) * heads, 2)
 
 
 def qkv_rope(x, wq, wk, wv, cos, sin, caches=None, pos=0, *, eps: float = 1e-6, bias=None, qk_norm=None,
-             block_t: int = 128, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
+             block_t: int = 128, block_k: int = 64, heads: int = 1, num_warps: int = 4, num_stages: int = 4,
              interpret: bool | None = None):
     """qkv_rope_reference in one launch (shapes as there; donate the caches: they are updated in place).
-    block_t tokens by block_k hidden columns per pipeline step; block_k must divide hidden."""
+    A program computes `heads` heads (dividing the number of KV heads) for block_t tokens, block_k hidden columns
+    per pipeline step (block_k divides hidden)."""
     batch, seq, hidden = x.shape
     num_heads, head_dim, _ = wq.shape
     num_kv_heads = wk.shape[0]
@@ -155,9 +161,9 @@ def qkv_rope(x, wq, wk, wv, cos, sin, caches=None, pos=0, *, eps: float = 1e-6, 
                                or caches[0].shape[3] != head_dim):
         raise ValueError(f"caches {caches[0].shape}/{caches[1].shape} do not fit {num_kv_heads} heads of {head_dim}")
     if not (is_pow2(head_dim) and head_dim >= 16 and is_pow2(block_t) and block_t >= 16 and is_pow2(block_k)
-            and block_k >= 16 and hidden % block_k == 0):
+            and block_k >= 16 and hidden % block_k == 0 and num_kv_heads % heads == 0 and num_heads % heads == 0):
         raise ValueError(f"head_dim ({head_dim}), block_t ({block_t}) and block_k ({block_k}, dividing hidden "
-                         f"{hidden}) must be powers of 2 >= 16")
+                         f"{hidden}) must be powers of 2 >= 16, and heads ({heads}) divide {num_kv_heads}")
     dtype = x.dtype
     interpret = interpret_default() if interpret is None else interpret
     inputs = [x, wq, wk, wv]
@@ -175,12 +181,12 @@ def qkv_rope(x, wq, wk, wv, cos, sin, caches=None, pos=0, *, eps: float = 1e-6, 
         aliases = {len(inputs) - 2: 3, len(inputs) - 1: 4}
     kernel = lambda *refs: _kernel(  # noqa: E731
         *refs, seq=seq, hidden=hidden, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        block_t=block_t, block_k=block_k, has_bias=bias is not None, qk_norm=qk_norm is not None,
+        block_t=block_t, block_k=block_k, heads=heads, has_bias=bias is not None, qk_norm=qk_norm is not None,
         has_cache=caches is not None, eps=float(eps), dtype=dtype, interpret=interpret)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch, pl.cdiv(seq, block_t), num_heads + 2 * num_kv_heads),
+        grid=(batch, pl.cdiv(seq, block_t), (num_heads + 2 * num_kv_heads) // heads),
         input_output_aliases=aliases,
         compiler_params=triton_params(num_warps, num_stages),
         interpret=interpret,

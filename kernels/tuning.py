@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from tilert_jax.kernels.common import next_pow2
 from tilert_jax.kernels.matvec import MatvecConfig
 
 SMS = 132  # H200 multiprocessors: the heuristic aims for two programs per multiprocessor or more
@@ -105,3 +106,14 @@ def attention_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> 
     while batch * kv_heads * splits < SMS // 2 and max_len // (splits * 2) >= 256:
         splits *= 2
     return dict(splits=splits, block=64, num_warps=4, num_stages=2)
+
+
+def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int) -> dict:
+    """The tiling of kernels/qkv_rope.py (a sequence's Q/K/V projection): 128-token blocks (fewer for a short
+    sequence), 64 hidden columns a pipeline step, two 64-wide heads a program where the head counts allow."""
+    block_k = 64
+    while hidden % block_k:
+        block_k //= 2
+    per_program = 2 if head_dim <= 64 and kv_heads % 2 == 0 and heads % 2 == 0 else 1
+    return dict(block_t=min(128, max(16, next_pow2(tokens))), block_k=block_k, heads=per_program, num_warps=4,
+                num_stages=4)

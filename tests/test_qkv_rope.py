@@ -71,12 +71,13 @@ def check(batch, seq, hidden, n, kvh, d, max_len, pos, dtype, with_cache=True, q
 @pytest.mark.parametrize("case", [
     dict(batch=1, seq=32, hidden=64, n=4, kvh=2, d=16, max_len=48, pos=0, dtype=F32),
     dict(batch=2, seq=40, hidden=64, n=4, kvh=2, d=32, max_len=64, pos=7, dtype=BF16),  # a partial token block
-    dict(batch=1, seq=32, hidden=128, n=2, kvh=1, d=16, max_len=64, pos=3, dtype=F32, qk_norm=True, bias=True),
+    dict(batch=1, seq=32, hidden=128, n=4, kvh=2, d=16, max_len=64, pos=3, dtype=F32, qk_norm=True, bias=True),
     dict(batch=1, seq=16, hidden=64, n=4, kvh=4, d=16, max_len=32, pos=0, dtype=BF16, qk_norm=True),
     dict(batch=2, seq=24, hidden=32, n=2, kvh=2, d=16, max_len=32, pos=0, dtype=F32, with_cache=False, bias=True),
 ])
-def test_qkv_rope(case):
-    check(**case, block_t=16, block_k=16)
+@pytest.mark.parametrize("heads", [1, 2])
+def test_qkv_rope(case, heads):
+    check(**case, block_t=16, block_k=16, heads=heads)
 
 
 def test_rotate_half_matrix():
@@ -90,6 +91,8 @@ def test_qkv_rope_checks_shapes():
         qkv_rope(x, *weights, cos, sin, caches, block_k=48)
     with pytest.raises(ValueError, match="cos/sin must be"):
         qkv_rope(x, *weights, cos[:8], sin[:8], caches)
+    with pytest.raises(ValueError, match="heads .3. divide"):
+        qkv_rope(x, *weights, cos, sin, caches, heads=3)
     with pytest.raises(ValueError, match="do not fit"):
         qkv_rope(x, weights[0], weights[1][:1], weights[2], cos, sin, caches)
 

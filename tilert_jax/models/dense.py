@@ -31,7 +31,7 @@ from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
 from tilert_jax.kernels import ops, tuning
 from tilert_jax.params import ParamSpec, param_bytes
-from tilert_jax.rope import apply_rope, rope_tables
+from tilert_jax.rope import rope_tables
 from tilert_jax.sharding import collectives
 
 
@@ -132,32 +132,24 @@ def cache_partition_specs(config: DenseConfig, tp_axis: str) -> kv.KVCache:
     return kv.KVCache(k=(spec,) * config.num_layers, v=(spec,) * config.num_layers)
 
 
-def _project(x, w, b):
-    """x: [B, T, hidden]; w: [heads, head_dim, hidden] -> [B, T, heads, head_dim]."""
-    y = jnp.einsum("bth,ndh->btnd", x, w)
-    return y if b is None else y + b
-
-
 def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl, tp_axis):
     """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole,
     except when pos is the Python int 0 (a fresh prefill): the tokens then attend over their own keys.
 
     Under shard_map over `tp_axis` the weights hold this device's heads; the output is a partial sum to reduce."""
-    eps = config.rms_norm_eps
-    q = _project(x, p.wq, p.bq)  # [B, T, num_heads, head_dim]
-    k = _project(x, p.wk, p.bk)  # [B, T, num_kv_heads, head_dim]
-    v = _project(x, p.wv, p.bv)  # [B, T, num_kv_heads, head_dim]
-    k, v = (collectives.local_kv_heads(t, config.num_heads, config.num_kv_heads, tp_axis) for t in (k, v))
-    if config.qk_norm:
-        q = ops.rms_norm(q, p.q_norm, eps, implementation=impl)
-        k = ops.rms_norm(k, p.k_norm, eps, implementation=impl)
+    n, kvh = config.num_heads, config.num_kv_heads
+    wk, wv, bk, bv = (t if t is None else collectives.local_kv_heads(t, n, kvh, tp_axis)
+                      for t in (p.wk, p.wv, p.bk, p.bv))
     cos, sin = rope_tables(config.rope, positions[None, :], x.dtype)  # [1, T, head_dim]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    batch, tokens = x.shape[:2]
+    qkv_impl = _op_impl("qkv_rope", impl, batch) if tokens > 1 else "xla"
+    # q [B, T, heads, head_dim], k and v [B, T, kv_heads, head_dim]; keys and values written at pos
+    q, k, v, cache_kv = ops.qkv_rope(
+        x, p.wq, wk, wv, cos[0], sin[0], cache_kv, pos, eps=config.rms_norm_eps,
+        bias=None if p.bq is None else (p.bq, bk, bv), qk_norm=(p.q_norm, p.k_norm) if config.qk_norm else None,
+        config=tuning.qkv_rope_config(x.shape[-1], p.wq.shape[0], *wk.shape[:2], tokens), implementation=qkv_impl)
     scale, window = config.head_dim ** -0.5, config.sliding_window
-    if cache_kv is None:
-        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    else:
-        keys, values = kv.write(cache_kv[0], k, pos), kv.write(cache_kv[1], v, pos)
+    keys, values = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if cache_kv is None else cache_kv
     if cache_kv is None or (isinstance(pos, int) and pos == 0):
         out = ops.self_attention(q, k, v, scale=scale, sliding_window=window, implementation=impl)
     else:
@@ -252,15 +244,16 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
             and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
-FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp")  # mlp: gate_up + down in one launch
+# mlp: gate_up + down in one launch; qkv_rope: the prefill's Q/K/V projection with rope and the cache write
+FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "qkv_rope")
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the fused-decode ops that run in Pallas (see `pallas_ops`)
 # The ops the fused decode runs in Pallas by default: the sets measured fastest end to end on the H200 with the
 # [out, in] weights (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1
 # the Q/K/V, output and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products:
 # llama-3.1-8b batch 8 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP
 # stay opt-in.
-DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down")
-BATCHED_PALLAS_OPS = ("attention", "gate_up")
+DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope")
+BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope")
 
 
 def pallas_ops(batch: int = 1) -> tuple[str, ...]:
