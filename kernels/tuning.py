@@ -108,12 +108,14 @@ def attention_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> 
     return dict(splits=splits, block=64, num_warps=4, num_stages=2)
 
 
-def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int) -> dict:
+def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int, qk_norm: bool) -> dict:
     """The tiling of kernels/qkv_rope.py (a sequence's Q/K/V projection): 128-token blocks (fewer for a short
-    sequence), 64 hidden columns a pipeline step, two 64-wide heads a program where the head counts allow."""
+    sequence), 64 hidden columns a pipeline step, query tiles 128 wide (two heads of 64 side by side)."""
     block_k = 64
     while hidden % block_k:
         block_k //= 2
-    per_program = 2 if head_dim <= 64 and kv_heads % 2 == 0 and heads % 2 == 0 else 1
-    return dict(block_t=min(128, max(16, next_pow2(tokens))), block_k=block_k, heads=per_program, num_warps=4,
-                num_stages=4)
+    q_heads = 1
+    while q_heads * head_dim < 128 and heads % (2 * q_heads) == 0 and not qk_norm:
+        q_heads *= 2
+    return dict(block_t=min(128, max(16, next_pow2(tokens))), block_k=block_k, q_heads=q_heads,
+                num_warps=8 if head_dim * q_heads >= 128 else 4, num_stages=4)

@@ -147,7 +147,8 @@ def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, i
     q, k, v, cache_kv = ops.qkv_rope(
         x, p.wq, wk, wv, cos[0], sin[0], cache_kv, pos, eps=config.rms_norm_eps,
         bias=None if p.bq is None else (p.bq, bk, bv), qk_norm=(p.q_norm, p.k_norm) if config.qk_norm else None,
-        config=tuning.qkv_rope_config(x.shape[-1], p.wq.shape[0], *wk.shape[:2], tokens), implementation=qkv_impl)
+        config=tuning.qkv_rope_config(x.shape[-1], p.wq.shape[0], *wk.shape[:2], tokens, config.qk_norm),
+        implementation=qkv_impl)
     scale, window = config.head_dim ** -0.5, config.sliding_window
     keys, values = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if cache_kv is None else cache_kv
     if cache_kv is None or (isinstance(pos, int) and pos == 0):
