@@ -1,11 +1,13 @@
 """The prefill's Q/K/V projection with rope and the cache write: the one-launch kernel (kernels/qkv_rope.py) at
-the tilings in CONFIGS against XLA's path (three cuBLAS products, the ropes and the cache writes as the prefill compiles
-them: Triton gemm fusions off), per layer on random bf16 weights, each variant checked against the XLA result.
+the tilings in CONFIGS against XLA's path (three cuBLAS products, the ropes and the cache writes, compiled with the
+prefill's options: no dot merger, no Triton gemm fusions), per layer on random bf16 weights, each variant checked
+against the XLA result.
 
     python scripts/gpu/probe_qkv_rope.py [--presets llama-3.2-1b,llama-3.1-8b] [--tokens 1024] [--out FILE]
 
-Prints one JSON line per (preset, way or tiling): the kernels' busy time and span (first start to last end, with
-the gaps between launches) per layer, over `--copies` layers of distinct weights in one program.
+Prints one JSON line per (preset, way or tiling): the kernels' busy time and span (first start to last end, over
+calls: it includes the host's time between them) per layer, over `--copies` layers of distinct weights in one
+program.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from tilert_jax.config import preset
+from tilert_jax.engine import sequence_compiler_options
 from tilert_jax.kernels.qkv_rope import qkv_rope, qkv_rope_reference
+from tilert_jax.models import dense
 from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
 from tilert_jax.rope import rope_tables
 
@@ -57,8 +61,8 @@ def main(argv=None) -> int:
                 return out
             return kernel_time(step, args.copies)
 
-        # command buffers off: the profiler sees the kernels inside a CUDA graph only as the graph's copies
-        reference = program(qkv_rope_reference, {"xla_gpu_enable_triton_gemm": False,
+        # the prefill's options, and command buffers off: the profiler sees a CUDA graph's kernels only as its copies
+        reference = program(qkv_rope_reference, {**sequence_compiler_options(dense, "pallas"),
                                                  "xla_gpu_enable_command_buffer": ""})
         expected = reference(fresh())
         emit({"preset": name, "tokens": t, "way": "xla", **timed(reference)}, sink)

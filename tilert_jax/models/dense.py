@@ -132,23 +132,29 @@ def cache_partition_specs(config: DenseConfig, tp_axis: str) -> kv.KVCache:
     return kv.KVCache(k=(spec,) * config.num_layers, v=(spec,) * config.num_layers)
 
 
-def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl, tp_axis):
-    """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole,
-    except when pos is the Python int 0 (a fresh prefill): the tokens then attend over their own keys.
-
-    Under shard_map over `tp_axis` the weights hold this device's heads; the output is a partial sum to reduce."""
+def _queries_keys_values(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl, tp_axis):
+    """x: [B, T, hidden] (normed); positions: [T] -> q [B, T, heads, head_dim], k and v [B, T, kv_heads, head_dim]
+    (biases, q/k norm and rope applied), and the layer's cache (k, v) with them written at pos (None without one).
+    Under shard_map over `tp_axis` the weights hold this device's heads."""
     n, kvh = config.num_heads, config.num_kv_heads
     wk, wv, bk, bv = (t if t is None else collectives.local_kv_heads(t, n, kvh, tp_axis)
                       for t in (p.wk, p.wv, p.bk, p.bv))
     cos, sin = rope_tables(config.rope, positions[None, :], x.dtype)  # [1, T, head_dim]
     batch, tokens = x.shape[:2]
     qkv_impl = _op_impl("qkv_rope", impl, batch) if tokens > 1 else "xla"
-    # q [B, T, heads, head_dim], k and v [B, T, kv_heads, head_dim]; keys and values written at pos
-    q, k, v, cache_kv = ops.qkv_rope(
+    return ops.qkv_rope(
         x, p.wq, wk, wv, cos[0], sin[0], cache_kv, pos, eps=config.rms_norm_eps,
         bias=None if p.bq is None else (p.bq, bk, bv), qk_norm=(p.q_norm, p.k_norm) if config.qk_norm else None,
         config=tuning.qkv_rope_config(x.shape[-1], p.wq.shape[0], *wk.shape[:2], tokens, config.qk_norm),
         implementation=qkv_impl)
+
+
+def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl, tp_axis):
+    """x: [B, T, hidden] (normed); positions: [T]. With a cache, keys are written at pos.. and read back whole,
+    except when pos is the Python int 0 (a fresh prefill): the tokens then attend over their own keys.
+
+    Under shard_map over `tp_axis` the weights hold this device's heads; the output is a partial sum to reduce."""
+    q, k, v, cache_kv = _queries_keys_values(config, p, x, positions, cache_kv, pos, impl, tp_axis)
     scale, window = config.head_dim ** -0.5, config.sliding_window
     keys, values = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)) if cache_kv is None else cache_kv
     if cache_kv is None or (isinstance(pos, int) and pos == 0):
@@ -228,12 +234,32 @@ def prefill_layers(config: DenseConfig, params: DenseParams, inputs, cache: kv.K
 def prefill(config: DenseConfig, params: DenseParams, inputs, cache: kv.KVCache, pos, last_index,
             impl: str = "xla", tp_axis=None):
     """`prefill_layers`, then the float32 logits [B, vocab] of the token at index `last_index`; returns them and the
-    updated cache."""
-    x, cache = prefill_layers(config, params, inputs, cache, pos, impl, tp_axis)
-    last = jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False)  # [B, hidden]
-    if impl == "pallas" and last.shape[0] <= MAX_FUSED_BATCH:
-        return _fused_lm_head(config, params, last, None, impl, tp_axis), cache
-    return lm_head(config, params, last, impl, tp_axis), cache
+    updated cache. The last layer computes the keys and values of every token but the rest for that token alone
+    (`_last_token_layer`): no later layer reads its other rows."""
+    positions = pos + jnp.arange(inputs.shape[1], dtype=jnp.int32)
+    body = dataclasses.replace(params, layers=params.layers[:-1])
+    x, body_cache = _decoder(config, body, inputs, positions, kv.layer_run(cache, slice(0, -1)), pos, impl, tp_axis)
+    x, parts, (k, v) = _last_token_layer(config, params.layers[-1], x, positions, (cache.k[-1], cache.v[-1]), pos,
+                                         last_index, impl, tp_axis)
+    cache = kv.join_layers(body_cache, kv.KVCache(k=(k,), v=(v,)))
+    lm_impl = impl if x.shape[0] <= MAX_FUSED_BATCH else "xla"
+    return _fused_lm_head(config, params, x, parts, lm_impl, tp_axis), cache
+
+
+def _last_token_layer(config: DenseConfig, layer: Layer, x, positions, cache_kv, pos, last_index, impl, tp_axis):
+    """A prefill's last layer for the token at index `last_index` of x [B, T, hidden]: the keys and values of every
+    token into the layer's cache (k, v), then that token's attention over them, output projection and MLP as the
+    decode's fused ops -> its stream [B, hidden], float32 partial sums pending on it (or None), and the cache."""
+    batch = x.shape[0]
+    h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
+    q, _, _, (keys, values) = _queries_keys_values(config, layer.attn, h, positions, cache_kv, pos, impl, tp_axis)
+    pick = lambda a, axis: jax.lax.dynamic_index_in_dim(a, last_index, axis=axis, keepdims=True)  # noqa: E731
+    k_pos = jnp.arange(keys.shape[2], dtype=jnp.int32)
+    out = ops.attention(pick(q, 1), keys, values, pick(positions, 0), k_pos, scale=config.head_dim ** -0.5,
+                        sliding_window=config.sliding_window, implementation=impl)  # [B, 1, heads, head_dim]
+    tail_impl = impl if batch <= MAX_FUSED_BATCH else "xla"
+    x, parts = _output_and_mlp(config, layer, out.reshape(batch, -1), pick(x, 1)[:, 0], None, tail_impl, tp_axis)
+    return x, parts, (keys, values)
 
 
 def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, cache) -> bool:
@@ -297,12 +323,32 @@ def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
     return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
 
 
+def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_axis):
+    """One token row per sequence after its attention (attn [B, heads * head_dim], x [B, hidden] with float32 partial
+    sums `parts` pending on it or None): x + attn @ wo^T, then x + MLP(RMSNorm(x)), as fused decode ops -> the new x
+    and the partial sums pending on it (or None)."""
+    batch, h = x.shape
+    a, mlp, eps = layer.attn, layer.mlp, config.rms_norm_eps
+    x, parts = _project_residual("o", attn, a.wo.reshape(h, attn.shape[1]), x, a.bo, impl, tp_axis)
+    if impl == "pallas" and "mlp" in pallas_ops(batch):  # gate/up and down as one phased launch
+        configs = tuning.mlp_block_configs(batch, h, mlp.w_gate.shape[0])
+        parts, x = ops.mlp_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, x_parts=parts,
+                                 configs=configs, implementation=impl)
+        return x, parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None]
+    config_gate_up = tuning.matvec_config("gate_up", batch, h, (mlp.w_gate.shape[0],) * 2)
+    mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, x_parts=parts,
+                                           config=config_gate_up, implementation=_op_impl("gate_up", impl, batch)),
+                         parts)
+    x = x if x_new is None else x_new
+    return _project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis)
+
+
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
     """tokens: int[B] at position pos -> the residual stream before the final norm (x [B, hidden] and float32
     partial sums or None) and the updated cache. Every op here takes `implementation=impl`."""
     first = params.layers[0]
     h, d, eps = config.hidden_size, config.head_dim, config.rms_norm_eps
-    n, kvh, f = first.attn.wq.shape[0], first.attn.wk.shape[0], first.mlp.w_gate.shape[0]  # held by this device
+    n, kvh = first.attn.wq.shape[0], first.attn.wk.shape[0]  # held by this device
     batch = tokens.shape[0]
     x = collectives.embed_lookup(params.embed, tokens[:, None], tp_axis)[:, 0]  # [B, hidden]
     parts = None
@@ -310,9 +356,6 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     cos, sin = cos[0], sin[0]
     attn_cfg = tuning.attention_config(batch, kvh, cache.max_len, d)
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
-    mlp_cfg = tuning.matvec_config("gate_up", batch, h, (f, f))
-    mlp_block = impl == "pallas" and "mlp" in pallas_ops(batch)  # gate/up and down as one phased launch
-    block_cfgs = tuning.mlp_block_configs(batch, h, f) if mlp_block else None
     new_k, new_v = [], []
     arrivals = None  # the attention kernel's split counters, one array through every layer
     for i, layer in enumerate(params.layers):
@@ -330,18 +373,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
             implementation=_op_impl("attention", impl, batch))
         new_k.append(k)
         new_v.append(v)
-        attn = attn.reshape(batch, n * d)
-        x, parts = _project_residual("o", attn, a.wo.reshape(h, n * d), x, a.bo, impl, tp_axis)
-        if mlp_block:
-            parts, x = ops.mlp_block(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up, layer.mlp.w_down,
-                                     x_parts=parts, configs=block_cfgs, implementation=impl)
-            parts = parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None]
-            continue
-        mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, layer.mlp.w_gate, layer.mlp.w_up,
-                                               x_parts=parts, config=mlp_cfg,
-                                               implementation=_op_impl("gate_up", impl, batch)), parts)
-        x = x if x_new is None else x_new
-        x, parts = _project_residual("down", mid, layer.mlp.w_down, x, None, impl, tp_axis)
+        x, parts = _output_and_mlp(config, layer, attn.reshape(batch, n * d), x, parts, impl, tp_axis)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
