@@ -4,7 +4,7 @@ changed: with its Triton gemm fusions (the engine's options before session 22), 
 buffers (kernels launched one by one as the host reaches them).
 
     python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024] [--layers N]
-        [--timeline] [--split K,...]
+        [--timeline] [--split K,...] [--engine-only]
 
 The engine runs the prefill as a chain of programs (engine.PREFILL_FIRST_LAYERS); --split K,... also times it with
 its first program running K layers (each later one PREFILL_GROWTH times as many; 0: one program).
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=0, help="the first N layers (DeepSeek presets: --layers 4)")
     parser.add_argument("--timeline", action="store_true", help="then trace one prefill alone (see above)")
     parser.add_argument("--split", default="", help="comma-separated K: the first program's layers (0: one program)")
+    parser.add_argument("--engine-only", action="store_true", help="the engine's prefill alone (no other options)")
     args = parser.parse_args(argv)
     config = bench_config(args.preset, args.layers, -1)
     params = init_params(family(config).param_specs(config), jax.random.key(0), jnp.bfloat16)
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
         if options in seen:
             continue  # the engine's own options already
         seen.append(options)
+        if args.engine_only and options is not engine:
+            continue
         compiled = dec.compile_prefill(SamplingParams(), max_len, *inputs, compiler_options=options)
         probe(name, compiled, inputs)
         if args.timeline and options is engine:
