@@ -108,9 +108,16 @@ def attention_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> 
     return dict(splits=splits, block=64, num_warps=4, num_stages=2)
 
 
-def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int, qk_norm: bool) -> dict:
-    """The tiling of kernels/qkv_rope.py (a sequence's Q/K/V projection): 128-token blocks (fewer for a short
-    sequence), 64 hidden columns a pipeline step, query tiles 128 wide (two heads of 64 side by side)."""
+QKV_ROPE_MAX_HIDDEN = 2048  # above it cuBLAS' products outrun the kernel (docs/PERF.md, session 24)
+
+
+def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int, qk_norm: bool) -> dict | None:
+    """The tiling of kernels/qkv_rope.py (a sequence's Q/K/V projection), or None where XLA's path is faster: the
+    kernel took llama-3.2-1b's prefill from 3.98 to 3.87 ms of GPU time, but llama-3.1-8b's from 22.63 to 23.07 ms
+    (its wider products run faster on cuBLAS than the fusion saves). 128-token blocks (fewer for a short sequence),
+    64 hidden columns a pipeline step, query tiles 128 wide (two heads of 64 side by side)."""
+    if hidden > QKV_ROPE_MAX_HIDDEN:
+        return None
     block_k = 64
     while hidden % block_k:
         block_k //= 2

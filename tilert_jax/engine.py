@@ -150,7 +150,7 @@ class Decoder:
     def compile_prefill(self, sampling: SamplingParams, max_len: int, params, tokens, last_index, key,
                         compiler_options: dict | None = None):
         """AOT-compiles the prefill's programs; returns prefill(params, tokens, last_index, key) -> (first sampled
-        token [B], the cache), which runs them in turn."""
+        token [B], the cache), which runs them in turn (`prefill.programs`: the compiled programs)."""
         fns = self._prefill_fns(sampling, max_len, compiler_options)
         runs, programs, inputs = self.prefill_runs, [], tokens
         for fn, run in zip(fns[:-1], runs):
@@ -167,6 +167,7 @@ class Decoder:
             token, cache = last(layer_run(params, runs[-1]), x, last_index, key)
             return token, functools.reduce(kv.join_layers, caches + [cache])
 
+        prefill.programs = (*programs, last)  # the compiled programs, in order (their HLO for a profile)
         return prefill
 
     def _decode_fn(self, sampling: SamplingParams, chunk: int):

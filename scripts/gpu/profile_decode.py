@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     summary = {"preset": args.preset, "impl": args.impl, "phase": args.phase, "num_layers": config.num_layers,
                "tp": args.tp, "ep": args.ep, "slice_of": args.slice_of,
                "wall_us_per_step_traced": 1e6 * state["wall"] / steps, **kernels}
-    hlo = (prefill if args.phase == "prefill" else decode).as_text()
+    hlo = "\n".join(p.as_text() for p in prefill.programs) if args.phase == "prefill" else decode.as_text()
     (out / f"{args.phase}_hlo.txt").write_text(hlo)
     ops = hlo_ops(hlo)
     for k in summary["kernels"]:

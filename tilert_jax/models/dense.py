@@ -140,13 +140,12 @@ def _queries_keys_values(config: DenseConfig, p: Attention, x, positions, cache_
     wk, wv, bk, bv = (t if t is None else collectives.local_kv_heads(t, n, kvh, tp_axis)
                       for t in (p.wk, p.wv, p.bk, p.bv))
     cos, sin = rope_tables(config.rope, positions[None, :], x.dtype)  # [1, T, head_dim]
-    batch, tokens = x.shape[:2]
-    qkv_impl = _op_impl("qkv_rope", impl, batch) if tokens > 1 else "xla"
+    batch, tokens, hidden = x.shape
+    kernel = tuning.qkv_rope_config(hidden, p.wq.shape[0], *wk.shape[:2], tokens, config.qk_norm)
     return ops.qkv_rope(
         x, p.wq, wk, wv, cos[0], sin[0], cache_kv, pos, eps=config.rms_norm_eps,
         bias=None if p.bq is None else (p.bq, bk, bv), qk_norm=(p.q_norm, p.k_norm) if config.qk_norm else None,
-        config=tuning.qkv_rope_config(x.shape[-1], p.wq.shape[0], *wk.shape[:2], tokens, config.qk_norm),
-        implementation=qkv_impl)
+        config=kernel, implementation=_op_impl("qkv_rope", impl, batch) if tokens > 1 and kernel else "xla")
 
 
 def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, impl, tp_axis):
