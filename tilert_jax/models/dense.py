@@ -241,8 +241,10 @@ def prefill(config: DenseConfig, params: DenseParams, inputs, cache: kv.KVCache,
     x, parts, (k, v) = _last_token_layer(config, params.layers[-1], x, positions, (cache.k[-1], cache.v[-1]), pos,
                                          last_index, impl, tp_axis)
     cache = kv.join_layers(body_cache, kv.KVCache(k=(k,), v=(v,)))
+    if parts is not None:  # added once here: each program of the LM head's kernel would read them again
+        x = (x.astype(jnp.float32) + jnp.sum(parts, axis=0)).astype(x.dtype)
     lm_impl = impl if x.shape[0] <= MAX_FUSED_BATCH else "xla"
-    return _fused_lm_head(config, params, x, parts, lm_impl, tp_axis), cache
+    return _fused_lm_head(config, params, x, None, lm_impl, tp_axis), cache
 
 
 def _last_token_layer(config: DenseConfig, layer: Layer, x, positions, cache_kv, pos, last_index, impl, tp_axis):
