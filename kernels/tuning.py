@@ -111,11 +111,13 @@ def attention_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> 
 QKV_ROPE_MAX_HIDDEN = 2048  # above it cuBLAS' products outrun the kernel (docs/PERF.md, session 24)
 
 
-def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int, qk_norm: bool) -> dict | None:
+def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int, qk_norm: bool,
+                    itemsize: int = 2) -> dict | None:
     """The tiling of kernels/qkv_rope.py (a sequence's Q/K/V projection), or None where XLA's path is faster: the
     kernel took llama-3.2-1b's prefill from 3.98 to 3.87 ms of GPU time, but llama-3.1-8b's from 22.63 to 23.07 ms
     (its wider products run faster on cuBLAS than the fusion saves). 128-token blocks (fewer for a short sequence),
-    64 hidden columns a pipeline step, query tiles 128 wide (two heads of 64 side by side)."""
+    64 hidden columns a pipeline step, query tiles 128 wide (two heads of 64 side by side), as many pipeline stages
+    (at most 4) as fit 160 KB of shared memory at the dtype's `itemsize`."""
     if hidden > QKV_ROPE_MAX_HIDDEN:
         return None
     block_k = 64
@@ -124,5 +126,7 @@ def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, token
     q_heads = 1
     while q_heads * head_dim < 128 and heads % (2 * q_heads) == 0 and not qk_norm:
         q_heads *= 2
-    return dict(block_t=min(128, max(16, next_pow2(tokens))), block_k=block_k, q_heads=q_heads,
-                num_warps=8 if head_dim * q_heads >= 128 else 4, num_stages=4)
+    block_t = min(128, max(16, next_pow2(tokens)))
+    stage_bytes = (block_t + q_heads * head_dim) * block_k * itemsize
+    return dict(block_t=block_t, block_k=block_k, q_heads=q_heads, num_warps=8 if head_dim * q_heads >= 128 else 4,
+                num_stages=max(2, min(4, (160 << 10) // stage_bytes)))

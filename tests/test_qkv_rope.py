@@ -119,5 +119,6 @@ def test_ops_qkv_rope_xla_is_reference():
 ])
 def test_gpu_qkv_rope(case):
     config = tuning.qkv_rope_config(min(case["hidden"], tuning.QKV_ROPE_MAX_HIDDEN), case["n"], case["kvh"],
-                                    case["d"], case["seq"], case.get("qk_norm", False))
+                                    case["d"], case["seq"], case.get("qk_norm", False),
+                                    jnp.dtype(case["dtype"]).itemsize)
     check(**case, interpret=False, **config)

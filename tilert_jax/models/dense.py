@@ -141,7 +141,7 @@ def _queries_keys_values(config: DenseConfig, p: Attention, x, positions, cache_
                       for t in (p.wk, p.wv, p.bk, p.bv))
     cos, sin = rope_tables(config.rope, positions[None, :], x.dtype)  # [1, T, head_dim]
     batch, tokens, hidden = x.shape
-    kernel = tuning.qkv_rope_config(hidden, p.wq.shape[0], *wk.shape[:2], tokens, config.qk_norm)
+    kernel = tuning.qkv_rope_config(hidden, p.wq.shape[0], *wk.shape[:2], tokens, config.qk_norm, x.dtype.itemsize)
     return ops.qkv_rope(
         x, p.wq, wk, wv, cos[0], sin[0], cache_kv, pos, eps=config.rms_norm_eps,
         bias=None if p.bq is None else (p.bq, bk, bv), qk_norm=(p.q_norm, p.k_norm) if config.qk_norm else None,
