@@ -13,9 +13,11 @@ the gate/up and down projections as one phased launch (kernels/mlp_block.py; opt
 shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
 XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand their float32 partial sums, reduced
 over the mesh, to the next fused op.
-Prefill and the whole-sequence forward stay on the XLA path (compute-bound matrix products); with impl="pallas" they
-compile with cuBLAS for every product (`sequence_compiler_options`) and the prefill's LM head, one row per sequence,
-is the decode's Pallas norm + matrix-vector kernel. impl="xla" is the plain path.
+Prefill and the whole-sequence forward run their other products on cuBLAS (`sequence_compiler_options`); with
+impl="pallas" the Q/K/V projection, rope and cache write are one launch where it pays (kernels/qkv_rope.py, hidden
+<= 2048). The prefill's last layer computes the keys and values of every token but the rest for the last token only,
+through the decode's fused ops, and its LM head is the decode's Pallas norm + matrix-vector kernel
+(`_last_token_layer`). impl="xla" is the plain path.
 """
 
 from __future__ import annotations
@@ -274,18 +276,18 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 
 # mlp: gate_up + down in one launch; qkv_rope: the prefill's Q/K/V projection with rope and the cache write
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "qkv_rope")
-PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the fused-decode ops that run in Pallas (see `pallas_ops`)
-# The ops the fused decode runs in Pallas by default: the sets measured fastest end to end on the H200 with the
-# [out, in] weights (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1
-# the Q/K/V, output and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products:
-# llama-3.1-8b batch 8 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP
-# stay opt-in.
+PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `pallas_ops`)
+# The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
+# (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
+# and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products: llama-3.1-8b batch 8
+# 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP stay opt-in. The
+# prefill's qkv_rope runs where tuning.qkv_rope_config has a tiling (session 24).
 DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope")
 BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope")
 
 
 def pallas_ops(batch: int = 1) -> tuple[str, ...]:
-    """The fused-decode ops in Pallas: $TILERT_PALLAS_OPS (comma-separated FUSED_OPS names, or "all"; read at
+    """The fused ops in Pallas: $TILERT_PALLAS_OPS (comma-separated FUSED_OPS names, or "all"; read at
     trace time), else the measured default for this batch size. The others run their XLA reference; the bench uses
     the variable to show each kernel's share."""
     only = os.environ.get(PALLAS_OPS_ENV)
