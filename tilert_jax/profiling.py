@@ -63,12 +63,18 @@ def emit(row: dict, sink=None) -> None:
         sink.write(line + "\n")
 
 
-def probe_parser(doc: str, copies: int) -> argparse.ArgumentParser:
+def probe_parser(doc: str, copies: int, presets: str | None = None,
+                 tokens: int | None = None) -> argparse.ArgumentParser:
     """The arguments every probe script takes: `--copies` distinct weights used in turn (more bytes than L2 holds, as
-    in a decode step) and `--out`, a file the JSON lines are appended to."""
+    in a decode step) and `--out`, a file the JSON lines are appended to; with defaults given, also `--presets`
+    (comma-separated preset names) and `--tokens` (a prompt's length)."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--copies", type=int, default=copies)
     parser.add_argument("--out")
+    if presets is not None:
+        parser.add_argument("--presets", default=presets)
+    if tokens is not None:
+        parser.add_argument("--tokens", type=int, default=tokens)
     return parser
 
 

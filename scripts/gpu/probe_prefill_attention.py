@@ -18,10 +18,7 @@ from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
 
 
 def main(argv=None) -> int:
-    parser = probe_parser(__doc__, copies=4)
-    parser.add_argument("--presets", default="llama-3.2-1b,llama-3.1-8b")
-    parser.add_argument("--tokens", type=int, default=1024)
-    args = parser.parse_args(argv)
+    args = probe_parser(__doc__, copies=4, presets="llama-3.2-1b,llama-3.1-8b", tokens=1024).parse_args(argv)
     sink = open(args.out, "a") if args.out else None
     normal = random_bf16()
     for name in args.presets.split(","):

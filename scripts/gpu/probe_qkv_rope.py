@@ -29,10 +29,7 @@ CONFIGS = [dict(block_t=bt, block_k=bk, q_heads=q_heads, num_warps=warps, num_st
 
 
 def main(argv=None) -> int:
-    parser = probe_parser(__doc__, copies=4)
-    parser.add_argument("--presets", default="llama-3.2-1b,llama-3.1-8b")
-    parser.add_argument("--tokens", type=int, default=1024)
-    args = parser.parse_args(argv)
+    args = probe_parser(__doc__, copies=4, presets="llama-3.2-1b,llama-3.1-8b", tokens=1024).parse_args(argv)
     sink = open(args.out, "a") if args.out else None
     normal = random_bf16()
     for name in args.presets.split(","):
