@@ -61,13 +61,13 @@ def gather_vocab(logits: jax.Array, axis: str | None, vocab_size: int) -> jax.Ar
     return jax.lax.all_gather(logits, axis, axis=logits.ndim - 1, tiled=True)
 
 
-def local_kv_heads(x: jax.Array, num_heads: int, num_kv_heads: int, axis: str | None, head_axis: int = 0):
-    """x: a KV projection's weight or bias, its KV heads held on `head_axis` ([kv heads, head_dim, hidden] /
-    [kv heads, head_dim]). When the mesh is wider than the number of KV heads the KV projection is replicated; each
-    device keeps only the KV head its query heads attend to."""
-    if axis is None or x.shape[head_axis] != num_kv_heads or jax.lax.axis_size(axis) == 1:
+def local_kv_heads(x: jax.Array, num_heads: int, num_kv_heads: int, axis: str | None) -> jax.Array:
+    """x: a KV projection's weight [kv heads held, head_dim, hidden] or bias [kv heads held, head_dim]. When the mesh
+    is wider than the number of KV heads the KV projection is replicated; each device keeps only the KV head its query
+    heads attend to."""
+    if axis is None or x.shape[0] != num_kv_heads or jax.lax.axis_size(axis) == 1:
         return x
     tp = jax.lax.axis_size(axis)
     group = num_heads // num_kv_heads  # query heads per KV head
     first_query_head = jax.lax.axis_index(axis) * (num_heads // tp)
-    return jax.lax.dynamic_slice_in_dim(x, first_query_head // group, 1, axis=head_axis)
+    return jax.lax.dynamic_slice_in_dim(x, first_query_head // group, 1, axis=0)
