@@ -1,10 +1,11 @@
 """Where time to first token goes beside the GPU's work: host dispatch, the GPU's own time per prefill
 (back-to-back calls) and the host-to-host latency, for the engine's prefill as it compiles and with XLA's options
-changed: with its Triton gemm fusions (the engine's options before session 22), with its dot merger, without command
-buffers (kernels launched one by one as the host reaches them).
+changed: every program with a command buffer (the engine launches its first program's kernels one by one,
+engine.FIRST_PROGRAM_COMPILER_OPTIONS), with its Triton gemm fusions (the engine's options before session 22), with
+its dot merger, without command buffers (kernels launched one by one as the host reaches them).
 
     python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024] [--layers N]
-        [--timeline] [--split K,...] [--engine-only]
+        [--timeline] [--split K,...] [--only engine,...]
 
 The engine runs the prefill as a chain of programs (engine.PREFILL_FIRST_LAYERS); --split K,... also times it with
 its first program running K layers (each later one PREFILL_GROWTH times as many; 0: one program).
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=0, help="the first N layers (DeepSeek presets: --layers 4)")
     parser.add_argument("--timeline", action="store_true", help="then trace one prefill alone (see above)")
     parser.add_argument("--split", default="", help="comma-separated K: the first program's layers (0: one program)")
-    parser.add_argument("--engine-only", action="store_true", help="the engine's prefill alone (no other options)")
+    parser.add_argument("--only", default="", help="comma-separated words: only the variants whose name has one")
     args = parser.parse_args(argv)
     config = bench_config(args.preset, args.layers, -1)
     params = init_params(family(config).param_specs(config), jax.random.key(0), jnp.bfloat16)
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     dec = Decoder(config, args.impl)
     engine = sequence_compiler_options(dec.family, args.impl)
     variants = {
-        "prefill (engine)": engine,
+        "prefill (engine)": None,
+        "prefill, first program's cmd buffer": engine,
         "prefill, Triton gemm fusions": SEQUENCE_COMPILER_OPTIONS,
         "prefill, no Triton gemm": {**engine, "xla_gpu_enable_triton_gemm": False},
         "prefill, dot merger too": {k: v for k, v in engine.items() if k != "xla_disable_hlo_passes"},
@@ -121,11 +123,11 @@ def main(argv=None) -> int:
         if options in seen:
             continue  # the engine's own options already
         seen.append(options)
-        if args.engine_only and options is not engine:
+        if args.only and not any(word in name for word in args.only.split(",")):
             continue
         compiled = dec.compile_prefill(SamplingParams(), max_len, *inputs, compiler_options=options)
         probe(name, compiled, inputs)
-        if args.timeline and options is engine:
+        if args.timeline and options is None:
             timeline(compiled, inputs)
     for split in (int(v) for v in args.split.split(",") if v):
         compiled = Decoder(config, args.impl, prefill_split=split).compile_prefill(SamplingParams(), max_len, *inputs)
