@@ -99,27 +99,23 @@ def model_functions(config, mesh=None, communicate: bool = True, layers: slice =
 # llama-3.2-1b 4.58 -> 4.39 ms, deepseek-v2-lite 29.8 -> 27.9 (docs/PERF.md, session 23).
 PREFILL_FIRST_LAYERS = 2
 PREFILL_GROWTH = 4
-# The chain's first program launches its kernels one by one, not as a command buffer: the GPU starts on its first
-# kernel while the host launches the rest, where a command buffer is updated (its buffers are new on every call) and
-# launched whole before any kernel runs. Its host work is the one nothing hides.
-FIRST_PROGRAM_COMPILER_OPTIONS = {"xla_gpu_enable_command_buffer": ""}
 
 
 class Decoder:
     """Compiled prefill and decode-chunk functions for one (config, sampling, batch, lengths) combination.
 
-    prefill_split: the layers the prefill's first program runs, each later one PREFILL_GROWTH times as many (0: one
+    prefill_split: the layers the prefill's first program runs, each later one prefill_growth times as many (0: one
     program; see PREFILL_FIRST_LAYERS)."""
 
     def __init__(self, config, impl: str = "xla", mesh=None, communicate: bool = True,
-                 prefill_split: int = PREFILL_FIRST_LAYERS):
+                 prefill_split: int = PREFILL_FIRST_LAYERS, prefill_growth: int = PREFILL_GROWTH):
         self.config = config
         self.impl = impl
         self.family = model_functions(config, mesh, communicate)
         starts, start = [0], prefill_split
         while 0 < start < config.num_layers:
             starts.append(start)
-            start *= PREFILL_GROWTH
+            start *= prefill_growth
         self.prefill_runs = tuple(slice(a, b) for a, b in zip(starts, starts[1:] + [None]))
         self._prefill_stages = [model_functions(config, mesh, communicate, run) for run in self.prefill_runs]
         self._compiled: dict = {}
@@ -128,14 +124,9 @@ class Decoder:
         """The prefill as one jitted function per run of layers (self.prefill_runs). Each but the last takes (the
         parameters of its run, its input: the tokens [B, P] or the residual stream [B, P, hidden] out of the run
         before) and returns the stream after its layers and their cache; the last takes (parameters, input,
-        last_index, key) and returns the first sampled token [B] and its layers' cache. compiler_options: every
-        program's (default: the engine's, the first program's with FIRST_PROGRAM_COMPILER_OPTIONS)."""
+        last_index, key) and returns the first sampled token [B] and its layers' cache."""
         config, impl = self.config, self.impl
-        if compiler_options is None:
-            options = sequence_compiler_options(self.family, impl)
-            first_options = {**options, **FIRST_PROGRAM_COMPILER_OPTIONS} if len(self.prefill_runs) > 1 else options
-        else:
-            options = first_options = compiler_options
+        options = sequence_compiler_options(self.family, impl) if compiler_options is None else compiler_options
 
         def fresh_cache(run, inputs, dtype):
             return kv.layer_run(self.family.init_cache(config, inputs.shape[0], max_len, dtype), run)
@@ -144,7 +135,7 @@ class Decoder:
             def prefill_layers(params, inputs):
                 cache = fresh_cache(run, inputs, params.embed.dtype)
                 return stage.prefill_layers(config, params, inputs, cache, 0, impl=impl)
-            return jax.jit(prefill_layers, compiler_options=first_options if run.start == 0 else options)
+            return jax.jit(prefill_layers, compiler_options=options)
 
         def last_fn(stage, run):
             def prefill(params, inputs, last_index, key):

@@ -1,14 +1,15 @@
 """Where time to first token goes beside the GPU's work: host dispatch, the GPU's own time per prefill
 (back-to-back calls) and the host-to-host latency, for the engine's prefill as it compiles and with XLA's options
-changed: every program with a command buffer (the engine launches its first program's kernels one by one,
-engine.FIRST_PROGRAM_COMPILER_OPTIONS), with its Triton gemm fusions (the engine's options before session 22), with
-its dot merger, without command buffers (kernels launched one by one as the host reaches them).
+changed: with its Triton gemm fusions (the engine's options before session 22), with its dot merger, without command
+buffers (kernels launched one by one as the host reaches them).
 
     python scripts/gpu/ttft_probe.py --preset llama-3.2-1b [--impl pallas] [--prompt-len 1024] [--layers N]
-        [--timeline] [--split K,...] [--only engine,...]
+        [--timeline] [--split K[/G],...] [--only engine,...] [--programs]
 
 The engine runs the prefill as a chain of programs (engine.PREFILL_FIRST_LAYERS); --split K,... also times it with
-its first program running K layers (each later one PREFILL_GROWTH times as many; 0: one program).
+its first program running K layers (each later one PREFILL_GROWTH times as many; 0: one program; K/G: G times).
+--programs prints each program of the engine's chain: the time its call takes to return (the host's work for it)
+and its GPU time alone (calls back to back).
 
 --timeline then traces one engine prefill alone (called, then waited on) and prints its host events by name and the
 GPU's first and last kernel relative to the call (the profiler slows the host about twofold).
@@ -29,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tilert_jax.bench import bench_config
-from tilert_jax.engine import (CACHE_BUCKET, PROMPT_BUCKET, SEQUENCE_COMPILER_OPTIONS, Decoder, _round_up,
-                               sequence_compiler_options)
+from tilert_jax.engine import (CACHE_BUCKET, PREFILL_GROWTH, PROMPT_BUCKET, SEQUENCE_COMPILER_OPTIONS, Decoder,
+                               _round_up, sequence_compiler_options)
 from tilert_jax.models import family
-from tilert_jax.params import init_params
+from tilert_jax.params import init_params, layer_run
 from tilert_jax.profiling import gpu_kernel_events
 from tilert_jax.sampling import SamplingParams
 
@@ -59,6 +60,29 @@ def probe(name, fn, args, reps=10):
     print(f"{name:34s} dispatch {1e3 * statistics.median(dispatch):7.3f} ms  first output on the host "
           f"{1e3 * statistics.median(first):7.3f} ms  host-to-host {1e3 * statistics.median(total):7.3f} ms  "
           f"back-to-back {1e3 * pipelined:7.3f} ms/call", flush=True)
+
+
+def program_times(runs, compiled, inputs, reps=10):
+    """Per program of the chain `compiled` (engine.Decoder.compile_prefill) over `runs` of layers: the median time
+    its call takes to return and its time per call, `reps` calls back to back."""
+    params, tokens, last_index, key = inputs
+    args, x = [], tokens
+    for program, run in zip(compiled.programs, runs):
+        args.append((layer_run(params, run), x) + ((last_index, key) if program is compiled.programs[-1] else ()))
+        x = jax.block_until_ready(program(*args[-1]))[0]
+    for i, (program, arg) in enumerate(zip(compiled.programs, args)):
+        returns = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = program(*arg)
+            returns.append(time.perf_counter() - start)
+            jax.block_until_ready(out)
+            del out
+        start = time.perf_counter()
+        jax.block_until_ready([program(*arg) for _ in range(reps)])
+        pipelined = (time.perf_counter() - start) / reps
+        print(f"  program {i} (layers {runs[i].start}:{runs[i].stop or ''}): returns after "
+              f"{1e3 * statistics.median(returns):.3f} ms, back to back {1e3 * pipelined:.3f} ms/call", flush=True)
 
 
 def timeline(fn, args, top: int = 40) -> None:
@@ -98,7 +122,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=0, help="the first N layers (DeepSeek presets: --layers 4)")
     parser.add_argument("--timeline", action="store_true", help="then trace one prefill alone (see above)")
-    parser.add_argument("--split", default="", help="comma-separated K: the first program's layers (0: one program)")
+    parser.add_argument("--split", default="", help="comma-separated K[/G]: the first program's layers (0: one "
+                        "program), each later one G times as many")
+    parser.add_argument("--programs", action="store_true", help="each program of the engine's chain (see above)")
     parser.add_argument("--only", default="", help="comma-separated words: only the variants whose name has one")
     args = parser.parse_args(argv)
     config = bench_config(args.preset, args.layers, -1)
@@ -111,8 +137,7 @@ def main(argv=None) -> int:
     dec = Decoder(config, args.impl)
     engine = sequence_compiler_options(dec.family, args.impl)
     variants = {
-        "prefill (engine)": None,
-        "prefill, first program's cmd buffer": engine,
+        "prefill (engine)": engine,
         "prefill, Triton gemm fusions": SEQUENCE_COMPILER_OPTIONS,
         "prefill, no Triton gemm": {**engine, "xla_gpu_enable_triton_gemm": False},
         "prefill, dot merger too": {k: v for k, v in engine.items() if k != "xla_disable_hlo_passes"},
@@ -127,13 +152,16 @@ def main(argv=None) -> int:
             continue
         compiled = dec.compile_prefill(SamplingParams(), max_len, *inputs, compiler_options=options)
         probe(name, compiled, inputs)
-        if args.timeline and options is None:
+        if args.programs and options is engine:
+            program_times(dec.prefill_runs, compiled, inputs)
+        if args.timeline and options is engine:
             timeline(compiled, inputs)
-    for split in (int(v) for v in args.split.split(",") if v):
-        compiled = Decoder(config, args.impl, prefill_split=split).compile_prefill(SamplingParams(), max_len, *inputs)
-        probe(f"prefill, first program {split} layers" if split else "prefill, one program", compiled, inputs)
-    probe("trivial program, same arguments", jax.jit(lambda p, t, l, k: p.embed[0, 0] + t[0, 0]), inputs)
-    probe("trivial program, one array", jax.jit(lambda t: t[0, 0] + 1), (tokens,))
+    for split, growth in (map(int, (v + f"/{PREFILL_GROWTH}").split("/")[:2]) for v in args.split.split(",") if v):
+        compiled = Decoder(config, args.impl, prefill_split=split, prefill_growth=growth).compile_prefill(
+            SamplingParams(), max_len, *inputs)
+        probe(f"prefill, first program {split}/{growth}" if split else "prefill, one program", compiled, inputs)
+    probe("trivial program, same arguments", jax.jit(lambda p, t, l, k: (p.embed[0, 0] + t[0, 0],)), inputs)
+    probe("trivial program, one array", jax.jit(lambda t: (t[0, 0] + 1,)), (tokens,))
     return 0
 
 
