@@ -6,6 +6,7 @@ sum over axis 0 is the product (the XLA path returns S = 1); a consumer adds the
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from tilert_jax.kernels import decode_attention as _da
@@ -14,6 +15,7 @@ from tilert_jax.kernels import matvec_residual as _mr
 from tilert_jax.kernels import mlp_block as _mb
 from tilert_jax.kernels import norm_matvec as _nm
 from tilert_jax.kernels import qkv_rope as _qr
+from tilert_jax.kernels import swiglu_matmul as _sm
 from tilert_jax.kernels import swiglu_matvec as _sw
 from tilert_jax.kernels.attention import attention_reference, self_attention_fused, self_attention_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
@@ -118,3 +120,14 @@ def qkv_rope(x, wq, wk, wv, cos, sin, caches=None, pos=0, *, eps=1e-6, bias=None
     fn = _qr.qkv_rope if implementation == "pallas" else _qr.qkv_rope_reference
     kwargs = dict(config or {}) if implementation == "pallas" else {}
     return fn(x, wq, wk, wv, cos, sin, caches, pos, eps=eps, bias=bias, qk_norm=qk_norm, **kwargs)
+
+
+def swiglu_matmul(x, w_gate, w_up, *, config=None, implementation="xla"):
+    """A sequence's gate/up products and SwiGLU: silu(x @ w_gate.T) * (x @ w_up.T) for x [..., K] and weights
+    [N, K] -> [..., N]. "pallas" is one Mosaic GPU launch (config: its tiling) where it runs (a Hopper GPU,
+    kernels/swiglu_matmul.py `supported`), the XLA path elsewhere."""
+    _check(implementation)
+    if implementation == "pallas" and config is not None and _sm.supported(x):
+        rows = x.reshape(-1, x.shape[-1])
+        return _sm.swiglu_matmul(rows, w_gate, w_up, **config).reshape(*x.shape[:-1], w_gate.shape[0])
+    return jax.nn.silu(x @ w_gate.T) * (x @ w_up.T)

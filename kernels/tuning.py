@@ -111,6 +111,16 @@ def attention_config(batch: int, kv_heads: int, max_len: int, head_dim: int) -> 
 QKV_ROPE_MAX_HIDDEN = 2048  # above it cuBLAS' products outrun the kernel (docs/PERF.md, session 24)
 
 
+def swiglu_matmul_config(rows: int, hidden: int, intermediate: int) -> dict | None:
+    """The tiling of kernels/swiglu_matmul.py (a sequence's gate/up products and SwiGLU), or None where it has none
+    that divides the shapes or XLA's path is faster. 128-row tiles only: at llama-3.2-1b's 1024 rows the kernel
+    took 94.5 us a layer against XLA's 104.1 with them, 107.9 with 64-row tiles (session 25); 3 pipeline stages
+    (4 measured the same)."""
+    if rows % 128 or intermediate % 128 or hidden % 64:
+        return None
+    return dict(tile_m=128, tile_n=64, tile_k=64, stages=3)
+
+
 def qkv_rope_config(hidden: int, heads: int, kv_heads: int, head_dim: int, tokens: int, qk_norm: bool,
                     itemsize: int = 2) -> dict | None:
     """The tiling of kernels/qkv_rope.py (a sequence's Q/K/V projection), or None where XLA's path is faster: the

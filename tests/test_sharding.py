@@ -136,9 +136,11 @@ def test_prefill_in_a_chain_of_programs_is_the_one_program_prefill(name, mesh):
         runs = [(run.start, run.stop) for run in decoder.prefill_runs]
         assert runs == ([(0, 1), (1, 4), (4, None)] if split else [(0, None)])
         prefill, _ = decoder.compiled("prefill", SamplingParams(temperature=1.0), 128, *args)
-        results[split] = jax.device_get(prefill(*args))
-    (token, cache), (ref_token, ref_cache) = results[1], results[0]
-    assert token == ref_token
+        on_host, token, cache = prefill(*args)
+        assert on_host.sharding.memory_kind == "pinned_host" and token.sharding.memory_kind == "device"
+        results[split] = jax.device_get((on_host, token, cache))
+    (on_host, token, cache), (_, ref_token, ref_cache) = results[1], results[0]
+    assert on_host == token == ref_token
     assert jax.tree.structure(cache) == jax.tree.structure(ref_cache)
     for ours, ref in zip(jax.tree.leaves(cache), jax.tree.leaves(ref_cache)):
         if mesh is None:

@@ -268,7 +268,7 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     last_index = jnp.int32(prompt_len - 1)
 
     prefill, prefill_compile_s = dec.compiled("prefill", sampling, max_len, params, tokens, last_index, key)
-    token, cache = prefill(params, tokens, last_index, key)
+    _, token, cache = prefill(params, tokens, last_index, key)
     pos = jnp.int32(prompt_len)
     decode, decode_compile_s = dec.compiled("decode", sampling, chunk, params, cache, token, pos, key)
     checked = logits_check(dec, config, params, cache, token, pos, impl, env) if check and args.check_logits else {}
@@ -277,8 +277,8 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     ttfts = []
     for i in range(args.ttft_repeats + 1):
         start = time.perf_counter()
-        token, cache = prefill(params, tokens, last_index, key)
-        np.asarray(token)
+        on_host, _, cache = prefill(params, tokens, last_index, key)
+        np.asarray(on_host)
         if i:  # the first is a warm-up
             ttfts.append(time.perf_counter() - start)
         del cache
@@ -286,8 +286,8 @@ def _time_decoder(dec: Decoder, config, params, impl: str, impl_text: str, batch
     samples, mean_steps, first_tokens = [], [], None
     repeats = args.repeats or max(2, math.ceil(64 / max(1, chunks - 1)))
     for rep in range(repeats + 1):
-        token, cache = prefill(params, tokens, last_index, key)
-        out = [np.asarray(token)[:, None]]
+        on_host, token, cache = prefill(params, tokens, last_index, key)
+        out = [np.asarray(on_host)[:, None]]
         pos = jnp.int32(prompt_len)
         start = prev = time.perf_counter()
         pending = decode(params, cache, token, pos, key)

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (1, padded)), jnp.int32)
     key, last = jax.random.key(0), jnp.int32(args.prompt_len - 1)
     prefill, _ = dec.compiled("prefill", sampling, max_len, params, tokens, last, key)
-    token, cache = prefill(params, tokens, last, key)
+    _, token, cache = prefill(params, tokens, last, key)
     pos = jnp.int32(args.prompt_len)
     decode, _ = dec.compiled("decode", sampling, args.chunk, params, cache, token, pos, key)
     _, cache, token, pos = decode(params, cache, token, pos, key)  # warm-up
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         for _ in range(args.chunks):
             if args.phase == "prefill":
-                state["token"], state["cache"] = prefill(params, tokens, last, key)
+                _, state["token"], state["cache"] = prefill(params, tokens, last, key)
             else:
                 _, state["cache"], state["token"], state["pos"] = decode(params, state["cache"], state["token"],
                                                                           state["pos"], key)

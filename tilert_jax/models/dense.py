@@ -170,8 +170,14 @@ def _attention(config: DenseConfig, p: Attention, x, positions, cache_kv, pos, i
     return y, (keys, values)
 
 
-def _mlp(p: MLP, x):
-    return (jax.nn.silu(x @ p.w_gate.T) * (x @ p.w_up.T)) @ p.w_down.T
+def _mlp(p: MLP, x, impl):
+    """x: [B, T, hidden] (normed) -> [B, T, hidden] (under shard_map a partial sum: the weights hold this device's
+    slice of the intermediate dimension)."""
+    batch, tokens, hidden = x.shape
+    kernel = tuning.swiglu_matmul_config(batch * tokens, hidden, p.w_gate.shape[0])
+    mid = ops.swiglu_matmul(x, p.w_gate, p.w_up, config=kernel,
+                            implementation=_op_impl("swiglu_matmul", impl, batch) if kernel else "xla")
+    return mid @ p.w_down.T
 
 
 def _decoder(config: DenseConfig, params: DenseParams, inputs, positions, cache, pos, impl, tp_axis):
@@ -186,7 +192,7 @@ def _decoder(config: DenseConfig, params: DenseParams, inputs, positions, cache,
         attn_out, (k, v) = _attention(config, layer.attn, h, positions, layer_cache, pos, impl, tp_axis)
         x = x + collectives.psum(attn_out, tp_axis)
         h = ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl)
-        x = x + collectives.psum(_mlp(layer.mlp, h), tp_axis)
+        x = x + collectives.psum(_mlp(layer.mlp, h, impl), tp_axis)
         new_k.append(k)
         new_v.append(v)
     new_cache = None if cache is None else kv.KVCache(k=tuple(new_k), v=tuple(new_v))
@@ -274,16 +280,17 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
             and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
-# mlp: gate_up + down in one launch; qkv_rope: the prefill's Q/K/V projection with rope and the cache write
-FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "qkv_rope")
+# mlp: gate_up + down in one launch; qkv_rope: the prefill's Q/K/V projection with rope and the cache write;
+# swiglu_matmul: the prefill's gate/up products with the SwiGLU in their epilogue
+FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "qkv_rope", "swiglu_matmul")
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `pallas_ops`)
 # The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
 # and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products: llama-3.1-8b batch 8
 # 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP stay opt-in. The
-# prefill's qkv_rope runs where tuning.qkv_rope_config has a tiling (session 24).
-DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope")
-BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope")
+# prefill's qkv_rope and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25).
+DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope", "swiglu_matmul")
+BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope", "swiglu_matmul")
 
 
 def pallas_ops(batch: int = 1) -> tuple[str, ...]:
