@@ -22,6 +22,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from tilert_jax.config import preset
+
 
 def gpu_kernel_events(trace: dict, gpu: int | None = None) -> list[dict]:
     """The complete ("X") events on GPU stream threads of a Chrome/Perfetto JSON trace (of GPU `gpu` only, when
@@ -76,6 +78,15 @@ def probe_parser(doc: str, copies: int, presets: str | None = None,
     if tokens is not None:
         parser.add_argument("--tokens", type=int, default=tokens)
     return parser
+
+
+def preset_probe(doc: str, argv=None, copies: int = 4, presets: str = "llama-3.2-1b,llama-3.1-8b",
+                 tokens: int = 1024):
+    """A prefill probe's start: its arguments (probe_parser with --presets and --tokens), the file its JSON lines
+    go to (or None), a random_bf16() and the (name, config) of each preset."""
+    args = probe_parser(doc, copies, presets, tokens).parse_args(argv)
+    sink = open(args.out, "a") if args.out else None
+    return args, sink, random_bf16(), [(name, preset(name)) for name in args.presets.split(",")]
 
 
 def random_bf16(seed: int = 0) -> Callable[..., jax.Array]:

@@ -13,16 +13,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-from tilert_jax.config import preset
-from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
+from tilert_jax.profiling import emit, kernel_time, preset_probe
 
 
 def main(argv=None) -> int:
-    args = probe_parser(__doc__, copies=4, presets="llama-3.2-1b,llama-3.1-8b", tokens=1024).parse_args(argv)
-    sink = open(args.out, "a") if args.out else None
-    normal = random_bf16()
-    for name in args.presets.split(","):
-        c = preset(name)
+    args, sink, normal, presets = preset_probe(__doc__, argv)
+    for name, c in presets:
         n, kvh, d, t = c.num_heads, c.num_kv_heads, c.head_dim, args.tokens
         layers = [(normal((1, t, n, d), 1.0), normal((1, t, kvh, d), 1.0), normal((1, t, kvh, d), 1.0))
                   for _ in range(args.copies)]

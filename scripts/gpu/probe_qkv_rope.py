@@ -15,11 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tilert_jax.config import preset
 from tilert_jax.engine import sequence_compiler_options
 from tilert_jax.kernels.qkv_rope import qkv_rope, qkv_rope_reference
 from tilert_jax.models import dense
-from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
+from tilert_jax.profiling import emit, kernel_time, preset_probe
 from tilert_jax.rope import rope_tables
 
 NEW_TOKENS = 128
@@ -29,11 +28,8 @@ CONFIGS = [dict(block_t=bt, block_k=bk, q_heads=q_heads, num_warps=warps, num_st
 
 
 def main(argv=None) -> int:
-    args = probe_parser(__doc__, copies=4, presets="llama-3.2-1b,llama-3.1-8b", tokens=1024).parse_args(argv)
-    sink = open(args.out, "a") if args.out else None
-    normal = random_bf16()
-    for name in args.presets.split(","):
-        c = preset(name)
+    args, sink, normal, presets = preset_probe(__doc__, argv)
+    for name, c in presets:
         h, n, kvh, d, t = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, args.tokens
         x = normal((1, t, h), 1.0)
         layers = [(normal((n, d, h)), normal((kvh, d, h)), normal((kvh, d, h))) for _ in range(args.copies)]

@@ -13,11 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tilert_jax.config import preset
 from tilert_jax.engine import sequence_compiler_options
 from tilert_jax.kernels.swiglu_matmul import SwigluMatmulConfig, swiglu_matmul
 from tilert_jax.models import dense
-from tilert_jax.profiling import emit, kernel_time, probe_parser, random_bf16
+from tilert_jax.profiling import emit, kernel_time, preset_probe
 
 CONFIGS = [SwigluMatmulConfig(tile_m=tm, tile_n=tn, tile_k=tk, stages=s)
            for tm, tn, tk, s in ((128, 64, 64, 3), (128, 64, 64, 4), (128, 64, 128, 2), (64, 64, 64, 4),
@@ -29,11 +28,8 @@ def xla_swiglu(x, w_gate, w_up):  # as the dense MLP's XLA path: two products ro
 
 
 def main(argv=None) -> int:
-    args = probe_parser(__doc__, copies=4, presets="llama-3.2-1b,llama-3.1-8b", tokens=1024).parse_args(argv)
-    sink = open(args.out, "a") if args.out else None
-    normal = random_bf16()
-    for name in args.presets.split(","):
-        c = preset(name)
+    args, sink, normal, presets = preset_probe(__doc__, argv)
+    for name, c in presets:
         h, f, t = c.hidden_size, c.intermediate_size, args.tokens
         x = normal((t, h), 1.0)
         layers = [(normal((f, h)), normal((f, h))) for _ in range(args.copies)]
