@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from tilert_jax.engine import sequence_compiler_options
-from tilert_jax.kernels.swiglu_matmul import SwigluMatmulConfig, swiglu_matmul
+from tilert_jax.kernels.swiglu_matmul import swiglu_matmul
 from tilert_jax.models import dense
 from tilert_jax.profiling import emit, kernel_time, preset_probe
 
-CONFIGS = [SwigluMatmulConfig(tile_m=tm, tile_n=tn, tile_k=tk, stages=s)
+CONFIGS = [dict(tile_m=tm, tile_n=tn, tile_k=tk, stages=s)
            for tm, tn, tk, s in ((128, 64, 64, 3), (128, 64, 64, 4), (128, 64, 128, 2), (64, 64, 64, 4),
                                  (128, 128, 64, 2), (64, 128, 64, 3))]
 
@@ -50,9 +50,9 @@ def main(argv=None) -> int:
         expected = reference()
         emit({"preset": name, "tokens": t, "way": "xla", **timed(reference)}, sink)
         for cfg in CONFIGS:
-            row = {"preset": name, "tokens": t, "way": "kernel", **cfg.__dict__}
+            row = {"preset": name, "tokens": t, "way": "kernel", **cfg}
             try:
-                compiled = program(lambda *a: swiglu_matmul(*a, cfg))
+                compiled = program(lambda *a: swiglu_matmul(*a, **cfg))
                 got = compiled()
             except Exception as err:  # a tiling that does not compile is a result
                 emit({**row, "error": str(err)[:300]}, sink)
