@@ -61,7 +61,7 @@ import numpy as np
 from tilert_jax.config import PRESETS, preset
 from tilert_jax.sharding import make_mesh, param_shardings, shard_count
 from tilert_jax.sharding.collectives import overlap_enabled
-from tilert_jax.engine import CACHE_BUCKET, PREFILL_FIRST_LAYERS, PROMPT_BUCKET, Decoder, _round_up
+from tilert_jax.engine import CACHE_BUCKET, PREFILL_FIRST_LAYERS, PREFILL_GROWTH, PROMPT_BUCKET, Decoder, _round_up
 from tilert_jax.models import family
 from tilert_jax.models.dense import PALLAS_OPS_ENV, pallas_ops
 from tilert_jax.params import init_params, is_spec, param_bytes, path_name
@@ -362,7 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=0, help="timed generations (0: enough for 64 samples)")
     parser.add_argument("--ttft-repeats", type=int, default=5)
     parser.add_argument("--prefill-split", type=int, default=PREFILL_FIRST_LAYERS,
-                        help="the layers of the prefill's first program, each later one 4x as many (0: one program)")
+                        help=f"the layers of the prefill's first program, each later one {PREFILL_GROWTH}x as many "
+                        "(0: one program)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="parameter dtype (auto: bfloat16 on a GPU, float32 elsewhere: the CPU runtime lacks some "
                              "bf16 products)")

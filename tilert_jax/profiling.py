@@ -65,26 +65,24 @@ def emit(row: dict, sink=None) -> None:
         sink.write(line + "\n")
 
 
-def probe_parser(doc: str, copies: int, presets: str | None = None,
-                 tokens: int | None = None) -> argparse.ArgumentParser:
+def probe_parser(doc: str, copies: int) -> argparse.ArgumentParser:
     """The arguments every probe script takes: `--copies` distinct weights used in turn (more bytes than L2 holds, as
-    in a decode step) and `--out`, a file the JSON lines are appended to; with defaults given, also `--presets`
-    (comma-separated preset names) and `--tokens` (a prompt's length)."""
+    in a decode step) and `--out`, a file the JSON lines are appended to."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--copies", type=int, default=copies)
     parser.add_argument("--out")
-    if presets is not None:
-        parser.add_argument("--presets", default=presets)
-    if tokens is not None:
-        parser.add_argument("--tokens", type=int, default=tokens)
     return parser
 
 
 def preset_probe(doc: str, argv=None, copies: int = 4, presets: str = "llama-3.2-1b,llama-3.1-8b",
                  tokens: int = 1024):
-    """A prefill probe's start: its arguments (probe_parser with --presets and --tokens), the file its JSON lines
-    go to (or None), a random_bf16() and the (name, config) of each preset."""
-    args = probe_parser(doc, copies, presets, tokens).parse_args(argv)
+    """A prefill probe's start: its arguments (probe_parser's, `--presets`: comma-separated preset names, and
+    `--tokens`: a prompt's length), the file its JSON lines go to (or None), a random_bf16() and the (name, config)
+    of each preset."""
+    parser = probe_parser(doc, copies)
+    parser.add_argument("--presets", default=presets)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    args = parser.parse_args(argv)
     sink = open(args.out, "a") if args.out else None
     return args, sink, random_bf16(), [(name, preset(name)) for name in args.presets.split(",")]
 

@@ -15,9 +15,10 @@ XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand 
 over the mesh, to the next fused op.
 Prefill and the whole-sequence forward run their other products on cuBLAS (`sequence_compiler_options`); with
 impl="pallas" the Q/K/V projection, rope and cache write are one launch where it pays (kernels/qkv_rope.py, hidden
-<= 2048). The prefill's last layer computes the keys and values of every token but the rest for the last token only,
-through the decode's fused ops, and its LM head is the decode's Pallas norm + matrix-vector kernel
-(`_last_token_layer`). impl="xla" is the plain path.
+<= 2048), and so are the gate/up products with the SwiGLU (kernels/swiglu_matmul.py, Mosaic GPU). The prefill's
+last layer computes the keys and values of every token but the rest for the last token only, through the decode's
+fused ops, and its LM head is the decode's Pallas norm + matrix-vector kernel (`_last_token_layer`). impl="xla" is
+the plain path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from jax.sharding import PartitionSpec
 from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
 from tilert_jax.kernels import ops, tuning
-from tilert_jax.params import ParamSpec, param_bytes
+from tilert_jax.params import ParamSpec, layer_run, param_bytes
 from tilert_jax.rope import rope_tables
 from tilert_jax.sharding import collectives
 
@@ -244,7 +245,7 @@ def prefill(config: DenseConfig, params: DenseParams, inputs, cache: kv.KVCache,
     updated cache. The last layer computes the keys and values of every token but the rest for that token alone
     (`_last_token_layer`): no later layer reads its other rows."""
     positions = pos + jnp.arange(inputs.shape[1], dtype=jnp.int32)
-    body = dataclasses.replace(params, layers=params.layers[:-1])
+    body = layer_run(params, slice(0, -1))
     x, body_cache = _decoder(config, body, inputs, positions, kv.layer_run(cache, slice(0, -1)), pos, impl, tp_axis)
     x, parts, (k, v) = _last_token_layer(config, params.layers[-1], x, positions, (cache.k[-1], cache.v[-1]), pos,
                                          last_index, impl, tp_axis)
