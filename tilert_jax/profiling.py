@@ -75,13 +75,15 @@ def probe_parser(doc: str, copies: int) -> argparse.ArgumentParser:
 
 
 def preset_probe(doc: str, argv=None, copies: int = 4, presets: str = "llama-3.2-1b,llama-3.1-8b",
-                 tokens: int = 1024):
-    """A prefill probe's start: its arguments (probe_parser's, `--presets`: comma-separated preset names, and
-    `--tokens`: a prompt's length), the file its JSON lines go to (or None), a random_bf16() and the (name, config)
-    of each preset."""
+                 tokens: int = 1024, extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    """A probe's start: its arguments (probe_parser's, `--presets`: comma-separated preset names, `--tokens`: a
+    prompt's length, and whatever `extra_arguments(parser)` adds), the file its JSON lines go to (or None), a
+    random_bf16() and the (name, config) of each preset."""
     parser = probe_parser(doc, copies)
     parser.add_argument("--presets", default=presets)
     parser.add_argument("--tokens", type=int, default=tokens)
+    if extra_arguments:
+        extra_arguments(parser)
     args = parser.parse_args(argv)
     sink = open(args.out, "a") if args.out else None
     return args, sink, random_bf16(), [(name, preset(name)) for name in args.presets.split(",")]
