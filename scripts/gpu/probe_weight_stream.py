@@ -13,6 +13,7 @@ Variants, per preset, each timed over `--copies` layers of distinct weights in o
   mlp       both in one launch with a grid barrier between them
 and XLA's products at the same shapes (batch 1). The phase outputs are checked against jnp (the down phase reads a
 given mid, not the first phase's output: this probe measures the stream, not the layout a layer kernel needs).
+Then the decode step's MLP as it runs today against kernels/mlp_decode.py (`decode_mlp_ways`).
 
     python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 6] [--tk 64] [--splits 4] [--programs N]
 """
@@ -27,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from tilert_jax.kernels import ops, tuning
+from tilert_jax.kernels.mlp_decode import mlp_decode, mlp_decode_reference
 from tilert_jax.profiling import emit, kernel_time, preset_probe
 
 ROWS = 64  # weight rows per block (the wgmma's M)
@@ -107,7 +110,7 @@ def stream_mlp(x, w_gate, w_up, mid, w_down, *, phases=("gate_up", "down"), spli
                 plgpu.barrier_wait(act_bar)
 
                 @pl.loop(0, n1)
-                def _tile(a):
+                def _gate_up_tile(a):
                     def accumulate(acc_g, acc_u):
                         @pl.loop(0, s1)
                         def _step(ks):
@@ -140,7 +143,7 @@ def stream_mlp(x, w_gate, w_up, mid, w_down, *, phases=("gate_up", "down"), spli
 
             if run2:
                 @pl.loop(0, n2)
-                def _tile(b):
+                def _down_tile(b):
                     t = p + b * programs
                     split = lax.rem(t, splits)
                     plgpu.copy_gmem_to_smem(mid_gmem.at[:, pl.ds(pl.multiple_of(split * k_split, tk), k_split)],
@@ -240,11 +243,47 @@ def main(argv=None) -> int:
             timed = kernel_time(step, args.copies)
             emit({**row, **errs, **timed, "gbps": round(nbytes / timed["us"] / 1e3) if "us" in timed else None},
                  sink)
+        decode_mlp_ways(name, c, normal, args, sink)
     return 0
 
 
+def decode_mlp_ways(name, c, normal, args, sink):
+    """The decode step's MLP as it runs today (the Triton gate/up kernel with the norm and the pending partial sums in
+    its prologue, then the K-split down kernel) against kernels/mlp_decode.py, both from x and the output
+    projection's pending partial sums to the down product's partial sums."""
+    h, f = c.hidden_size, c.intermediate_size
+    o_split = tuning.matvec_config("o", 1, h, (h,)).split
+    x, nw = normal((1, h), 1.0), (1 + normal((h,), 0.1).astype(f32)).astype(jnp.bfloat16)
+    x_parts = normal((o_split, 1, h), 1.0).astype(f32)
+    layers = [(normal((f, h)), normal((f, h)), normal((h, f))) for _ in range(args.copies)]
+    cfg_gate_up = tuning.matvec_config("gate_up", 1, h, (f, f))
+    cfg_down = tuning.matvec_config("down", 1, f, (h,))
+
+    def triton(wg, wu, wd):
+        mid, x_new = ops.swiglu_matvec(x, nw, 1e-5, wg, wu, x_parts=x_parts, config=cfg_gate_up,
+                                       implementation="pallas")
+        return ops.matvec(mid, wd, config=cfg_down, implementation="pallas"), x_new
+
+    def fused(wg, wu, wd):
+        return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=args.splits, stages=args.stages)
+
+    expected = mlp_decode_reference(x, nw, 1e-5, *layers[0], x_parts=x_parts)[0][0]
+    for way, fn in (("decode_triton", triton), ("mlp_decode", fused)):
+        row = {"preset": name, "way": way, "o_split": o_split}
+        try:
+            compiled = jax.jit(lambda layers_: [fn(*w) for w in layers_]).lower(layers).compile(
+                {"xla_gpu_enable_command_buffer": ""})
+            got = jnp.sum(compiled(layers)[0][0], axis=0)
+        except Exception as err:  # a variant that does not compile is a result
+            emit({**row, "error": str(err)[:400]}, sink)
+            continue
+        row["rel_err"] = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
+        timed = kernel_time(lambda: compiled(layers), args.copies)
+        emit({**row, **timed, "gbps": round(3 * 2 * f * h / timed["us"] / 1e3) if "us" in timed else None}, sink)
+
+
 def _stream_arguments(parser):
-    parser.add_argument("--stages", type=int, default=6)
+    parser.add_argument("--stages", type=int, default=5)
     parser.add_argument("--tk", type=int, default=64)
     parser.add_argument("--splits", type=int, default=4, help="the down product's K splits")
     parser.add_argument("--programs", type=int, help="default: one per SM")

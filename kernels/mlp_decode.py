@@ -1,0 +1,247 @@
+"""A batch-1 decode MLP in one Mosaic GPU launch: the weights of both its products as one continuous TMA stream per
+SM, the two phases separated by a grid barrier that the stream does not wait for.
+
+    parts = silu(h @ W_gate^T) * (h @ W_up^T) @ W_down^T,   h = rms_norm(x + sum(x_parts))
+
+Each program (one per SM) owns a list of weight blocks: its gate/up row tiles (64 rows of both, all of K), then its
+down (64-row tile, K split) tiles. Its memory warpgroup issues the TMA copies of the whole list into `stages` shared
+buffers and waits only for a free buffer, so the down weights are in flight while the gate/up phase drains and the
+grid barrier waits. Its compute warpgroup multiplies each [64, tk] block by the activation with wgmma, the weights
+as the 64-row operand and the activation as the 8-column one (row 0 the token, rows 1-7 whatever the buffer holds:
+only column 0 of each product is kept, by a select, so what those rows hold never reaches a result).
+
+Measured on the H200 (docs/PERF.md, session 26, scripts/gpu/probe_weight_stream.py): the stream reaches 3.7 TB/s on
+llama-3.2-1b's gate/up and 4.2 TB/s on llama-3.1-8b's, and both products in one launch take 28.5 us (1B) and 85.6
+us (8B) against 31 and 89 us for the Triton kernels in two launches.
+
+The activation crosses between programs through HBM as a row of an [8, N] buffer (the kernel's scratch outputs),
+written and read by TMA: the prologue's normed input (every program computes it and writes the same row), and the
+gate/up phase's SwiGLU product (each tile its 64 columns). Tested on the GPU only (tests/test_mlp_decode.py): jax's
+Mosaic GPU interpreter (0.10) does not take the transposed wgmma operand the activation is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from tilert_jax.kernels.matvec import combine_reference
+from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
+
+ROWS = 64  # weight rows per block: the wgmma's M
+COLS = 8  # the activation buffer's rows: the wgmma's N (row 0 is the token)
+f32 = jnp.float32
+
+
+def supported(x: jax.Array) -> bool:
+    """Whether the kernel runs here: a Hopper GPU (wgmma), 16-bit floats, one token."""
+    device = jax.devices()[0]
+    return (device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
+            and x.dtype in (jnp.bfloat16, jnp.float16) and x.shape[0] == 1)
+
+
+def mlp_decode_reference(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, splits: int = 1):
+    """-> (float32 [splits, 1, H]: the MLP's output as K-split partial sums, x_new [1, H]: the combined stream)."""
+    xs = combine_reference(x, x_parts)
+    mid = swiglu_matvec_reference(xs, norm_weight, eps, w_gate, w_up)  # [1, F]
+    k = mid.shape[1] // splits
+    parts = jnp.stack([jnp.matmul(mid[:, i * k:(i + 1) * k], w_down[:, i * k:(i + 1) * k].T,
+                                  preferred_element_type=f32) for i in range(splits)])
+    return parts, xs
+
+
+def _swizzled(dtype):
+    swizzle = 128
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _token_column(acc):
+    """Column 0 of a [64, 8] float32 product, as a [64] vector (the other columns are selected away)."""
+    column = plgpu.broadcasted_iota(jnp.int32, acc.shape, 1, layout=plgpu.Layout.WGMMA)
+    return jnp.sum(jnp.where(column == 0, acc, 0.0), axis=1)
+
+
+def mlp_decode(
+    x: jax.Array,  # [1, H] bf16 or f16
+    norm_weight: jax.Array,  # [H]
+    eps: float,
+    w_gate: jax.Array,  # [F, H]
+    w_up: jax.Array,  # [F, H]
+    w_down: jax.Array,  # [H, F]
+    *,
+    x_parts: jax.Array | None = None,  # [S, 1, H] float32 partial sums pending on x
+    splits: int = 4,  # the down product's K splits (its output's partial sums)
+    tk: int = 64,  # weight block width (K per block; a multiple of 64)
+    stages: int = 5,  # weight blocks in flight per SM (two [64, tk] blocks each)
+    programs: int | None = None,  # default: one per SM
+):
+    """mlp_decode_reference in one launch on a Hopper GPU (see `supported`)."""
+    (batch, hidden), ffn = x.shape, w_gate.shape[0]
+    if batch != 1:
+        raise ValueError(f"mlp_decode takes one token, got x {x.shape}")
+    if w_up.shape != (ffn, hidden) or w_gate.shape != (ffn, hidden) or w_down.shape != (hidden, ffn):
+        raise ValueError(f"MLP weights {w_gate.shape}/{w_up.shape}/{w_down.shape} do not fit x {x.shape}")
+    k_split = ffn // splits
+    if ffn % ROWS or hidden % ROWS or hidden % tk or ffn % splits or k_split % (2 * tk):
+        raise ValueError(f"mlp_decode: hidden {hidden} and intermediate {ffn} do not divide into {ROWS}-row tiles, "
+                         f"{tk}-wide blocks and {splits} K splits")
+    n_parts = 0 if x_parts is None else x_parts.shape[0]
+    programs = programs or jax.devices()[0].core_count
+    dtype = x.dtype
+    t1, s1 = ffn // ROWS, hidden // tk  # gate/up tiles, blocks per tile (a gate and an up block per step)
+    t2, s2 = hidden // ROWS * splits, k_split // (2 * tk)  # down tiles, steps per tile (two blocks a step)
+    swizzled = _swizzled(dtype)
+
+    def body(*refs):
+        it = iter(refs)
+        x_gmem = next(it)  # [1, H]
+        parts_gmem = next(it) if n_parts else None  # [S, 1, H] float32
+        nw_gmem, wg_gmem, wu_gmem, wd_gmem = next(it), next(it), next(it), next(it)
+        out_gmem, xnew_gmem, h_gmem, mid_gmem = next(it), next(it), next(it), next(it)
+        h_smem, mid_smem, w_smem, row_smem, out_smem, full, free, act_bar = it
+
+        p = lax.axis_index("sm")
+        wg = lax.axis_index("wg")
+        n1 = (t1 - p + programs - 1) // programs  # this program's tiles: t = p, p + programs, ...
+        n2 = (t2 - p + programs - 1) // programs
+        steps1 = n1 * s1
+
+        @pl.when(wg == 1)  # the memory warpgroup: every weight block of both phases, in order
+        def _memory():
+            @pl.loop(0, steps1 + n2 * s2)
+            def _issue(i):
+                slot = lax.rem(i, stages)
+
+                @pl.when(i >= stages)
+                def _():
+                    plgpu.barrier_wait(free.at[slot])
+
+                @pl.when(i < steps1)
+                def _():
+                    rows = pl.ds(pl.multiple_of((p + i // s1 * programs) * ROWS, ROWS), ROWS)
+                    cols = pl.ds(pl.multiple_of(lax.rem(i, s1) * tk, tk), tk)
+                    plgpu.copy_gmem_to_smem(wg_gmem.at[rows, cols], w_smem.at[slot, 0], full.at[slot])
+                    plgpu.copy_gmem_to_smem(wu_gmem.at[rows, cols], w_smem.at[slot, 1], full.at[slot])
+
+                @pl.when(i >= steps1)
+                def _():
+                    j = i - steps1
+                    t = p + j // s2 * programs
+                    rows = pl.ds(pl.multiple_of(t // splits * ROWS, ROWS), ROWS)
+                    k0 = pl.multiple_of(lax.rem(t, splits) * k_split + lax.rem(j, s2) * 2 * tk, tk)
+                    for half in range(2):
+                        plgpu.copy_gmem_to_smem(wd_gmem.at[rows, pl.ds(k0 + half * tk, tk)], w_smem.at[slot, half],
+                                                full.at[slot])
+
+        @pl.when(wg == 0)  # the compute warpgroup
+        def _compute():
+            def send(value, staging, dst):  # a vector through shared memory to HBM (TMA)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                staging[...] = value
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging, dst)
+
+            def receive(src, dst):  # HBM -> shared memory (TMA), after this program's own stores
+                plgpu.wait_smem_to_gmem(0)
+                plgpu.copy_gmem_to_smem(src, dst, act_bar)
+                plgpu.barrier_wait(act_bar)
+
+            # The prologue: the combined stream and its RMSNorm, formed by every program.
+            xs = x_gmem[0].astype(f32)  # [H]
+            for s in range(n_parts):
+                xs = xs + parts_gmem[s, 0]
+            xs = xs.astype(dtype)
+            x32 = xs.astype(f32)
+            rinv = lax.rsqrt(jnp.sum(x32 * x32) / hidden + eps)
+            h = (nw_gmem[...].astype(f32) * (x32 * rinv).astype(dtype).astype(f32)).astype(dtype)
+            send(h, row_smem, h_gmem.at[0])
+
+            @pl.when(p == 0)
+            def _():
+                send(xs, row_smem, xnew_gmem.at[0])
+            receive(h_gmem, h_smem)
+
+            @pl.loop(0, n1)
+            def _gate_up_tile(a):
+                def accumulate(acc_g, acc_u):
+                    @pl.loop(0, s1)
+                    def _step(ks):
+                        slot = lax.rem(a * s1 + ks, stages)
+                        plgpu.barrier_wait(full.at[slot])
+                        hb = plgpu.transpose_ref(h_smem.at[:, pl.ds(pl.multiple_of(ks * tk, tk), tk)], (1, 0))
+                        plgpu.wgmma(acc_g, w_smem.at[slot, 0], hb)
+                        plgpu.wgmma(acc_u, w_smem.at[slot, 1], hb)
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(free.at[slot])
+
+                    g, u = acc_g[...], acc_u[...]
+                    mid = _token_column(g / (1.0 + jnp.exp(-g)) * u).astype(dtype)  # [64]
+                    rows = pl.ds(pl.multiple_of((p + a * programs) * ROWS, ROWS), ROWS)
+                    send(mid, row_smem.at[pl.ds(0, ROWS)], mid_gmem.at[0, rows])
+
+                pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32), plgpu.ACC((ROWS, COLS), f32))
+
+            # The grid barrier: every program's SwiGLU columns written before any down tile reads them.
+            plgpu.wait_smem_to_gmem(0)
+            arrived = pl.get_global(plgpu.SemaphoreType.REGULAR(()))
+            plgpu.semaphore_signal(arrived, 1, memory_scope="gpu")
+            plgpu.semaphore_wait(arrived, programs, decrement=False, memory_scope="gpu")
+            left = pl.get_global(plgpu.SemaphoreType.REGULAR(()))
+            plgpu.semaphore_signal(left, 1, memory_scope="gpu")
+
+            @pl.when(p == 0)  # after every program has passed the barrier, both counters back to zero
+            def _():
+                plgpu.semaphore_wait(left, programs, memory_scope="gpu")
+                plgpu.semaphore_signal(arrived, -programs, memory_scope="gpu")
+
+            @pl.loop(0, n2)
+            def _down_tile(b):
+                t = p + b * programs
+                split = lax.rem(t, splits)
+                receive(mid_gmem.at[:, pl.ds(pl.multiple_of(split * k_split, tk), k_split)], mid_smem)
+
+                def accumulate(acc):
+                    @pl.loop(0, s2)
+                    def _step(ks):
+                        slot = lax.rem(steps1 + b * s2 + ks, stages)
+                        plgpu.barrier_wait(full.at[slot])
+                        for half in range(2):
+                            k0 = pl.multiple_of((2 * ks + half) * tk, tk)
+                            plgpu.wgmma(acc, w_smem.at[slot, half],
+                                        plgpu.transpose_ref(mid_smem.at[:, pl.ds(k0, tk)], (1, 0)))
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(free.at[slot])
+
+                    rows = pl.ds(pl.multiple_of(t // splits * ROWS, ROWS), ROWS)
+                    send(_token_column(acc[...]), out_smem, out_gmem.at[split, 0, rows])
+
+                pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32))
+            plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((splits, 1, hidden), f32),  # the MLP's output, K-split partial sums
+                  jax.ShapeDtypeStruct((1, hidden), dtype),  # x_new
+                  jax.ShapeDtypeStruct((COLS, hidden), dtype),  # row 0: the normed input h (scratch)
+                  jax.ShapeDtypeStruct((COLS, ffn), dtype)),  # row 0: the SwiGLU product (scratch)
+        scratch_types=(plgpu.SMEM((COLS, hidden), dtype, transforms=swizzled),  # h
+                       plgpu.SMEM((COLS, k_split), dtype, transforms=swizzled),  # the SwiGLU product's K split
+                       plgpu.SMEM((stages, 2, ROWS, tk), dtype, transforms=swizzled),  # the weight stream
+                       plgpu.SMEM((hidden,), dtype),  # a vector on its way to HBM
+                       plgpu.SMEM((ROWS,), f32),  # an output tile on its way to HBM
+                       plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # a stage's blocks arrived
+                       plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # a stage's blocks were used
+                       plgpu.Barrier(num_arrivals=1)),  # an activation arrived
+        grid=(programs,),
+        grid_names=("sm",),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name="mlp_decode",
+    )
+    inputs = [x] + ([x_parts.astype(f32)] if n_parts else []) + [norm_weight, w_gate, w_up, w_down]
+    parts, x_new, _, _ = call(*inputs)
+    return parts, x_new
