@@ -61,7 +61,7 @@ def test_not_supported_off_a_hopper_gpu():
                                                              (2048, 8192, 8, 4), (4096, 14336, 2, 4)])
 def test_gpu_kernel_matches_reference(hidden, intermediate, parts, splits):
     x, x_parts, nw, wg, wu, wd = inputs(hidden, intermediate, parts, jnp.bfloat16, seed=3)
-    run = jax.jit(lambda *a: mlp_decode(*a[:2], 1e-5, *a[2:], x_parts=a[-1], splits=splits))
+    run = jax.jit(lambda *a: mlp_decode(*a[:2], 1e-5, *a[2:5], x_parts=a[5], splits=splits))
     for _ in range(2):  # a second launch finds the grid barrier's counters back at zero
         out, x_new = run(x, nw, wg, wu, wd, x_parts)
     ref, ref_x = mlp_decode_reference(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=splits)

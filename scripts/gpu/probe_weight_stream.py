@@ -265,11 +265,13 @@ def decode_mlp_ways(name, c, normal, args, sink):
         return ops.matvec(mid, wd, config=cfg_down, implementation="pallas"), x_new
 
     def fused(wg, wu, wd):
-        return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=args.splits, stages=args.stages)
+        return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=args.splits, tk=args.tk,
+                          stages=args.stages)
 
     expected = mlp_decode_reference(x, nw, 1e-5, *layers[0], x_parts=x_parts)[0][0]
-    for way, fn in (("decode_triton", triton), ("mlp_decode", fused)):
-        row = {"preset": name, "way": way, "o_split": o_split}
+    for way, fn in (("decode_triton", triton), ("mlp_decode", fused))[0 if args.triton else 1:]:
+        row = {"preset": name, "way": way, "o_split": o_split, "splits": args.splits, "tk": args.tk,
+               "stages": args.stages}
         try:
             compiled = jax.jit(lambda layers_: [fn(*w) for w in layers_]).lower(layers).compile(
                 {"xla_gpu_enable_command_buffer": ""})
@@ -287,6 +289,7 @@ def _stream_arguments(parser):
     parser.add_argument("--tk", type=int, default=64)
     parser.add_argument("--splits", type=int, default=4, help="the down product's K splits")
     parser.add_argument("--programs", type=int, help="default: one per SM")
+    parser.add_argument("--triton", type=int, default=1, help="0: leave out the Triton decode MLP")
 
 
 if __name__ == "__main__":
