@@ -53,6 +53,25 @@ def mlp_decode_reference(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=N
     return parts, xs
 
 
+def _shared_bytes(hidden: int, ffn: int, splits: int, tk: int, stages: int) -> int:
+    """Shared memory the kernel asks for (bf16): h, the SwiGLU product's K split, the weight stream, the staging."""
+    return 2 * (COLS * hidden + COLS * ffn // splits + stages * 2 * ROWS * tk + hidden) + 4 * ROWS
+
+
+SHARED_LIMIT = 200 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
+
+
+def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 5) -> int | None:
+    """The fewest K splits of the down product, 4 or more (llama-3.2-1b's 32 row tiles x 4 fill the SMs), whose
+    SwiGLU slice fits shared memory beside the rest (llama-3.1-8b: 8); None where no tiling fits."""
+    if hidden % ROWS or hidden % tk or ffn % ROWS:
+        return None
+    for splits in (4, 8, 16):
+        if ffn % (splits * 2 * tk) == 0 and _shared_bytes(hidden, ffn, splits, tk, stages) <= SHARED_LIMIT:
+            return splits
+    return None
+
+
 def _swizzled(dtype):
     swizzle = 128
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
@@ -88,6 +107,9 @@ def mlp_decode(
     if ffn % ROWS or hidden % ROWS or hidden % tk or ffn % splits or k_split % (2 * tk):
         raise ValueError(f"mlp_decode: hidden {hidden} and intermediate {ffn} do not divide into {ROWS}-row tiles, "
                          f"{tk}-wide blocks and {splits} K splits")
+    if _shared_bytes(hidden, ffn, splits, tk, stages) > SHARED_LIMIT:
+        raise ValueError(f"mlp_decode: hidden {hidden}, intermediate {ffn}, {splits} splits and {stages} stages of "
+                         f"{tk} need more than {SHARED_LIMIT} bytes of shared memory (more splits or fewer stages)")
     n_parts = 0 if x_parts is None else x_parts.shape[0]
     programs = programs or jax.devices()[0].core_count
     dtype = x.dtype

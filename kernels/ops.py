@@ -13,6 +13,7 @@ from tilert_jax.kernels import decode_attention as _da
 from tilert_jax.kernels import matvec as _mv
 from tilert_jax.kernels import matvec_residual as _mr
 from tilert_jax.kernels import mlp_block as _mb
+from tilert_jax.kernels import mlp_decode as _md
 from tilert_jax.kernels import norm_matvec as _nm
 from tilert_jax.kernels import qkv_rope as _qr
 from tilert_jax.kernels import swiglu_matmul as _sm
@@ -82,8 +83,12 @@ def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=Non
 
 def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, configs=None, implementation="xla"):
     """The dense MLP on rms_norm(x [+ x_parts]) -> (float32 partial sums [S, B, H] of its output, x_new [B, H]);
-    "pallas" runs it as one phased launch (configs: the (gate/up, down) tile configs)."""
+    "pallas" runs it as one launch: at one token on a Hopper GPU the Mosaic GPU weight stream (mlp_decode.py),
+    elsewhere the phased Triton kernel (configs: its (gate/up, down) tile configs)."""
     _check(implementation)
+    splits = _md.down_splits(x.shape[1], w_gate.shape[0])
+    if implementation == "pallas" and splits and _md.supported(x):
+        return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, splits=splits)
     if implementation == "pallas":
         gate_up, down = configs or (None, None)
         return _mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up, down=down)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tilert_jax.kernels.mlp_block import mlp_block_reference
-from tilert_jax.kernels.mlp_decode import mlp_decode, mlp_decode_reference, supported
+from tilert_jax.kernels.mlp_decode import down_splits, mlp_decode, mlp_decode_reference, supported
 
 
 def inputs(hidden, intermediate, parts, dtype, seed=0):
@@ -47,6 +47,18 @@ def test_shapes_are_checked():
         mlp_decode(x, nw, 1e-5, wg, wu, wd[:, :256])
     with pytest.raises(ValueError, match="do not divide"):
         mlp_decode(x, nw, 1e-5, wg, wu, wd, splits=3)
+
+
+def test_down_splits_fit_shared_memory():
+    assert down_splits(2048, 8192) == 4  # llama-3.2-1b
+    assert down_splits(4096, 14336) == 8  # llama-3.1-8b: 4 splits' SwiGLU slice would not fit beside h
+    assert down_splits(5120, 13824) is None  # no split of 13824 in 128-wide steps fits: the Triton kernel runs
+    assert down_splits(2000, 8192) is None
+    s = jax.ShapeDtypeStruct
+    shapes = (s((1, 4096), jnp.bfloat16), s((4096,), jnp.bfloat16), s((14336, 4096), jnp.bfloat16),
+              s((14336, 4096), jnp.bfloat16), s((4096, 14336), jnp.bfloat16))
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.eval_shape(lambda x, nw, wg, wu, wd: mlp_decode(x, nw, 1e-5, wg, wu, wd, splits=4), *shapes)
 
 
 def test_not_supported_off_a_hopper_gpu():
