@@ -10,9 +10,11 @@ grid barrier waits. Its compute warpgroup multiplies each [64, tk] block by the 
 as the 64-row operand and the activation as the 8-column one (row 0 the token, rows 1-7 whatever the buffer holds:
 only column 0 of each product is kept, by a select, so what those rows hold never reaches a result).
 
-Measured on the H200 (docs/PERF.md, session 26, scripts/gpu/probe_weight_stream.py): the stream reaches 3.7 TB/s on
-llama-3.2-1b's gate/up and 4.2 TB/s on llama-3.1-8b's, and both products in one launch take 28.5 us (1B) and 85.6
-us (8B) against 31 and 89 us for the Triton kernels in two launches.
+Measured on the H200 (docs/PERF.md, session 26; scripts/gpu/probe_weight_stream.py): the stream alone reads the
+gate/up weights at 3.7 to 3.8 TB/s (llama-3.2-1b) and 4.1 to 4.2 TB/s (llama-3.1-8b), faster than the Triton
+kernel, and one launch of both phases takes what the phases take alone (the barrier is hidden). With its prologue
+(the norm, h through HBM) the kernel is level with the Triton kernels' busy time (1B 31.0 us both) or behind it (8B
+90.9 against 88.6), so it stays opt-in (op `mlp`) until that prologue leaves the critical path.
 
 The activation crosses between programs through HBM as a row of an [8, N] buffer (the kernel's scratch outputs),
 written and read by TMA: the prologue's normed input (every program computes it and writes the same row), and the

@@ -9,7 +9,9 @@ With impl="pallas", a decode step (one token per row, batch <= 16) is written as
 (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
 projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is a Pallas
 kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200); op "mlp" instead runs
-the gate/up and down projections as one phased launch (kernels/mlp_block.py; opt-in, measured slower). Under
+the gate/up and down projections as one launch (opt-in): at one token on a Hopper GPU the Mosaic GPU weight stream
+(kernels/mlp_decode.py, level with the two launches so far), elsewhere the phased Triton kernel (kernels/mlp_block.py,
+measured slower). Under
 shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
 XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand their float32 partial sums, reduced
 over the mesh, to the next fused op.
