@@ -63,15 +63,21 @@ def _shared_bytes(hidden: int, ffn: int, splits: int, tk: int, stages: int) -> i
 SHARED_LIMIT = 200 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
 
 
+def _tiling_problem(hidden: int, ffn: int, splits: int, tk: int, stages: int) -> str | None:
+    """Why the kernel cannot take these shapes with this tiling, or None when it can."""
+    if hidden % ROWS or hidden % tk or ffn % ROWS or ffn % (splits * 2 * tk):
+        return (f"mlp_decode: hidden {hidden} and intermediate {ffn} do not divide into {ROWS}-row tiles, "
+                f"{tk}-wide blocks and {splits} K splits")
+    if _shared_bytes(hidden, ffn, splits, tk, stages) > SHARED_LIMIT:
+        return (f"mlp_decode: hidden {hidden}, intermediate {ffn}, {splits} splits and {stages} stages of {tk} need "
+                f"more than {SHARED_LIMIT} bytes of shared memory (more splits or fewer stages)")
+    return None
+
+
 def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 5) -> int | None:
     """The fewest K splits of the down product, 4 or more (llama-3.2-1b's 32 row tiles x 4 fill the SMs), whose
     SwiGLU slice fits shared memory beside the rest (llama-3.1-8b: 8); None where no tiling fits."""
-    if hidden % ROWS or hidden % tk or ffn % ROWS:
-        return None
-    for splits in (4, 8, 16):
-        if ffn % (splits * 2 * tk) == 0 and _shared_bytes(hidden, ffn, splits, tk, stages) <= SHARED_LIMIT:
-            return splits
-    return None
+    return next((splits for splits in (4, 8, 16) if _tiling_problem(hidden, ffn, splits, tk, stages) is None), None)
 
 
 def _swizzled(dtype):
@@ -105,13 +111,10 @@ def mlp_decode(
         raise ValueError(f"mlp_decode takes one token, got x {x.shape}")
     if w_up.shape != (ffn, hidden) or w_gate.shape != (ffn, hidden) or w_down.shape != (hidden, ffn):
         raise ValueError(f"MLP weights {w_gate.shape}/{w_up.shape}/{w_down.shape} do not fit x {x.shape}")
+    problem = _tiling_problem(hidden, ffn, splits, tk, stages)
+    if problem:
+        raise ValueError(problem)
     k_split = ffn // splits
-    if ffn % ROWS or hidden % ROWS or hidden % tk or ffn % splits or k_split % (2 * tk):
-        raise ValueError(f"mlp_decode: hidden {hidden} and intermediate {ffn} do not divide into {ROWS}-row tiles, "
-                         f"{tk}-wide blocks and {splits} K splits")
-    if _shared_bytes(hidden, ffn, splits, tk, stages) > SHARED_LIMIT:
-        raise ValueError(f"mlp_decode: hidden {hidden}, intermediate {ffn}, {splits} splits and {stages} stages of "
-                         f"{tk} need more than {SHARED_LIMIT} bytes of shared memory (more splits or fewer stages)")
     n_parts = 0 if x_parts is None else x_parts.shape[0]
     programs = programs or jax.devices()[0].core_count
     dtype = x.dtype

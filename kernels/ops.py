@@ -86,10 +86,10 @@ def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, config
     "pallas" runs it as one launch: at one token on a Hopper GPU the Mosaic GPU weight stream (mlp_decode.py),
     elsewhere the phased Triton kernel (configs: its (gate/up, down) tile configs)."""
     _check(implementation)
-    splits = _md.down_splits(x.shape[1], w_gate.shape[0])
-    if implementation == "pallas" and splits and _md.supported(x):
-        return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, splits=splits)
     if implementation == "pallas":
+        splits = _md.down_splits(x.shape[1], w_gate.shape[0])
+        if splits and _md.supported(x):
+            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, splits=splits)
         gate_up, down = configs or (None, None)
         return _mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up, down=down)
     return _mb.mlp_block_reference(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts)
