@@ -35,6 +35,8 @@ from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
 
 ROWS = 64  # weight rows per block: the wgmma's M
 COLS = 8  # the activation buffer's rows: the wgmma's N (row 0 is the token)
+SWIZZLE = 128  # bytes: shared buffers as [8, 64] tiles of 128-byte rows (16-bit elements), swizzled
+TILE_COLS = SWIZZLE // 2
 f32 = jnp.float32
 
 
@@ -80,9 +82,8 @@ def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 5) -> int | N
     return next((splits for splits in (4, 8, 16) if _tiling_problem(hidden, ffn, splits, tk, stages) is None), None)
 
 
-def _swizzled(dtype):
-    swizzle = 128
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+def _swizzled():
+    return plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE)
 
 
 def _token_column(acc):
@@ -119,21 +120,23 @@ def mlp_decode(
     programs = programs or jax.devices()[0].core_count
     dtype = x.dtype
     t1, s1 = ffn // ROWS, hidden // tk  # gate/up tiles, blocks per tile (a gate and an up block per step)
-    t2, s2 = hidden // ROWS * splits, k_split // (2 * tk)  # down tiles, steps per tile (two blocks a step)
-    swizzled = _swizzled(dtype)
+    row_tiles = hidden // ROWS
+    t2, s2 = row_tiles * splits, k_split // (2 * tk)  # down tiles (split-major), steps per tile (two blocks a step)
+    swizzled = _swizzled()
 
     def body(*refs):
         it = iter(refs)
         x_gmem = next(it)  # [1, H]
         parts_gmem = next(it) if n_parts else None  # [S, 1, H] float32
         nw_gmem, wg_gmem, wu_gmem, wd_gmem = next(it), next(it), next(it), next(it)
-        out_gmem, xnew_gmem, h_gmem, mid_gmem = next(it), next(it), next(it), next(it)
+        out_gmem, xnew_gmem, mid_gmem = next(it), next(it), next(it)
         h_smem, mid_smem, w_smem, row_smem, out_smem, full, free, act_bar = it
 
         p = lax.axis_index("sm")
         wg = lax.axis_index("wg")
-        n1 = (t1 - p + programs - 1) // programs  # this program's tiles: t = p, p + programs, ...
-        n2 = (t2 - p + programs - 1) // programs
+        n1 = (t1 - p + programs - 1) // programs  # this program's gate/up tiles: t = p, p + programs, ...
+        first2 = p * t2 // programs  # and its down tiles: a contiguous run, so mostly of one K split
+        n2 = (p + 1) * t2 // programs - first2
         steps1 = n1 * s1
 
         @pl.when(wg == 1)  # the memory warpgroup: every weight block of both phases, in order
@@ -156,9 +159,9 @@ def mlp_decode(
                 @pl.when(i >= steps1)
                 def _():
                     j = i - steps1
-                    t = p + j // s2 * programs
-                    rows = pl.ds(pl.multiple_of(t // splits * ROWS, ROWS), ROWS)
-                    k0 = pl.multiple_of(lax.rem(t, splits) * k_split + lax.rem(j, s2) * 2 * tk, tk)
+                    t = first2 + j // s2
+                    rows = pl.ds(pl.multiple_of(lax.rem(t, row_tiles) * ROWS, ROWS), ROWS)
+                    k0 = pl.multiple_of(t // row_tiles * k_split + lax.rem(j, s2) * 2 * tk, tk)
                     for half in range(2):
                         plgpu.copy_gmem_to_smem(wd_gmem.at[rows, pl.ds(k0 + half * tk, tk)], w_smem.at[slot, half],
                                                 full.at[slot])
@@ -184,12 +187,14 @@ def mlp_decode(
             x32 = xs.astype(f32)
             rinv = lax.rsqrt(jnp.sum(x32 * x32) / hidden + eps)
             h = (nw_gmem[...].astype(f32) * (x32 * rinv).astype(dtype).astype(f32)).astype(dtype)
-            send(h, row_smem, h_gmem.at[0])
+            # Row 0 of the swizzled [8, H] buffer, written through its physical [1, H/64, 8, 64] tiles (a 128-byte
+            # swizzle leaves a tile's row 0 in place).
+            h_smem.ref[0, :, 0, :] = h.reshape(hidden // TILE_COLS, TILE_COLS)
+            plgpu.commit_smem()
 
             @pl.when(p == 0)
             def _():
                 send(xs, row_smem, xnew_gmem.at[0])
-            receive(h_gmem, h_smem)
 
             @pl.loop(0, n1)
             def _gate_up_tile(a):
@@ -226,9 +231,12 @@ def mlp_decode(
 
             @pl.loop(0, n2)
             def _down_tile(b):
-                t = p + b * programs
-                split = lax.rem(t, splits)
-                receive(mid_gmem.at[:, pl.ds(pl.multiple_of(split * k_split, tk), k_split)], mid_smem)
+                t = first2 + b
+                split = t // row_tiles
+
+                @pl.when(jnp.logical_or(b == 0, lax.rem(t, row_tiles) == 0))  # a new K split
+                def _():
+                    receive(mid_gmem.at[:, pl.ds(pl.multiple_of(split * k_split, tk), k_split)], mid_smem)
 
                 def accumulate(acc):
                     @pl.loop(0, s2)
@@ -242,7 +250,7 @@ def mlp_decode(
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(free.at[slot])
 
-                    rows = pl.ds(pl.multiple_of(t // splits * ROWS, ROWS), ROWS)
+                    rows = pl.ds(pl.multiple_of(lax.rem(t, row_tiles) * ROWS, ROWS), ROWS)
                     send(_token_column(acc[...]), out_smem, out_gmem.at[split, 0, rows])
 
                 pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32))
@@ -252,7 +260,6 @@ def mlp_decode(
         body,
         out_type=(jax.ShapeDtypeStruct((splits, 1, hidden), f32),  # the MLP's output, K-split partial sums
                   jax.ShapeDtypeStruct((1, hidden), dtype),  # x_new
-                  jax.ShapeDtypeStruct((COLS, hidden), dtype),  # row 0: the normed input h (scratch)
                   jax.ShapeDtypeStruct((COLS, ffn), dtype)),  # row 0: the SwiGLU product (scratch)
         scratch_types=(plgpu.SMEM((COLS, hidden), dtype, transforms=swizzled),  # h
                        plgpu.SMEM((COLS, k_split), dtype, transforms=swizzled),  # the SwiGLU product's K split
@@ -270,5 +277,5 @@ def mlp_decode(
         kernel_name="mlp_decode",
     )
     inputs = [x] + ([x_parts.astype(f32)] if n_parts else []) + [norm_weight, w_gate, w_up, w_down]
-    parts, x_new, _, _ = call(*inputs)
+    parts, x_new, _ = call(*inputs)
     return parts, x_new
