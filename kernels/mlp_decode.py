@@ -86,6 +86,22 @@ def _swizzled():
     return plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE)
 
 
+def _aliased(width: int, dtype):
+    """An [8, width] activation buffer twice over the same shared memory: as the swizzled wgmma operand, and as its
+    physical [width/64, 8, 64] tiles, whose [:, 0, :] is row 0 (a 128-byte swizzle leaves each tile's row 0 in
+    place). A register vector cannot be stored into a swizzled buffer's row directly (jax 0.10 and 0.11 find no
+    layout for it), but it can go into the tiles' rows."""
+    return plgpu.RefUnion(plgpu.SMEM((COLS, width), dtype, transforms=_swizzled()),
+                          plgpu.SMEM((width // TILE_COLS, COLS, TILE_COLS), dtype))
+
+
+def _check_aliased(swizzled_ref, tiles_ref):
+    """The two views of an _aliased buffer start at the same byte (a RefUnion promises no layout of its members)."""
+    offsets = {ref.transforms[0].offset for ref in (swizzled_ref, tiles_ref)}
+    if len(offsets) != 1:
+        raise NotImplementedError(f"mlp_decode: this jax lays out a RefUnion's members at offsets {offsets}")
+
+
 def _token_column(acc):
     """Column 0 of a [64, 8] float32 product, as a [64] vector (the other columns are selected away)."""
     column = plgpu.broadcasted_iota(jnp.int32, acc.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -130,7 +146,8 @@ def mlp_decode(
         parts_gmem = next(it) if n_parts else None  # [S, 1, H] float32
         nw_gmem, wg_gmem, wu_gmem, wd_gmem = next(it), next(it), next(it), next(it)
         out_gmem, xnew_gmem, mid_gmem = next(it), next(it), next(it)
-        h_smem, mid_smem, w_smem, row_smem, out_smem, full, free, act_bar = it
+        (h_smem, h_rows), mid_smem, w_smem, row_smem, out_smem, full, free, act_bar = it
+        _check_aliased(h_smem, h_rows)
 
         p = lax.axis_index("sm")
         wg = lax.axis_index("wg")
@@ -187,9 +204,7 @@ def mlp_decode(
             x32 = xs.astype(f32)
             rinv = lax.rsqrt(jnp.sum(x32 * x32) / hidden + eps)
             h = (nw_gmem[...].astype(f32) * (x32 * rinv).astype(dtype).astype(f32)).astype(dtype)
-            # Row 0 of the swizzled [8, H] buffer, written through its physical [1, H/64, 8, 64] tiles (a 128-byte
-            # swizzle leaves a tile's row 0 in place).
-            h_smem.ref[0, :, 0, :] = h.reshape(hidden // TILE_COLS, TILE_COLS)
+            h_rows[:, 0, :] = h.reshape(hidden // TILE_COLS, TILE_COLS)  # row 0 of h_smem's tiles (see _aliased)
             plgpu.commit_smem()
 
             @pl.when(p == 0)
@@ -261,7 +276,7 @@ def mlp_decode(
         out_type=(jax.ShapeDtypeStruct((splits, 1, hidden), f32),  # the MLP's output, K-split partial sums
                   jax.ShapeDtypeStruct((1, hidden), dtype),  # x_new
                   jax.ShapeDtypeStruct((COLS, ffn), dtype)),  # row 0: the SwiGLU product (scratch)
-        scratch_types=(plgpu.SMEM((COLS, hidden), dtype, transforms=swizzled),  # h
+        scratch_types=(_aliased(hidden, dtype),  # h
                        plgpu.SMEM((COLS, k_split), dtype, transforms=swizzled),  # the SwiGLU product's K split
                        plgpu.SMEM((stages, 2, ROWS, tk), dtype, transforms=swizzled),  # the weight stream
                        plgpu.SMEM((hidden,), dtype),  # a vector on its way to HBM

@@ -69,11 +69,13 @@ def test_not_supported_off_a_hopper_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hidden,intermediate,parts,splits", [(256, 1024, 0, 2), (512, 2048, 2, 4),
-                                                             (2048, 8192, 8, 4), (4096, 14336, 2, 4)])
-def test_gpu_kernel_matches_reference(hidden, intermediate, parts, splits):
+@pytest.mark.parametrize("hidden,intermediate,parts,splits,programs", [
+    (256, 1024, 0, 2, None), (512, 2048, 2, 4, None),
+    (512, 2048, 2, 4, 3),  # three programs: several tiles each, their down tiles' runs crossing K splits
+    (2048, 8192, 8, 4, None), (4096, 14336, 2, 8, None)])  # llama-3.2-1b, llama-3.1-8b
+def test_gpu_kernel_matches_reference(hidden, intermediate, parts, splits, programs):
     x, x_parts, nw, wg, wu, wd = inputs(hidden, intermediate, parts, jnp.bfloat16, seed=3)
-    run = jax.jit(lambda *a: mlp_decode(*a[:2], 1e-5, *a[2:5], x_parts=a[5], splits=splits))
+    run = jax.jit(lambda *a: mlp_decode(*a[:2], 1e-5, *a[2:5], x_parts=a[5], splits=splits, programs=programs))
     for _ in range(2):  # a second launch finds the grid barrier's counters back at zero
         out, x_new = run(x, nw, wg, wu, wd, x_parts)
     ref, ref_x = mlp_decode_reference(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=splits)

@@ -3,7 +3,7 @@ kernels as they run today (the gate/up kernel with the norm and the pending part
 K-split down kernel), and kernels/mlp_decode.py (both products' weights as one TMA stream per SM across a grid
 barrier, Mosaic GPU).
 
-    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 5] [--tk 64] [--splits 4] [--triton 1]
+    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 5] [--tk 64] [--splits S] [--triton 1]
 
 Prints one JSON line per (preset, way): the kernels' busy time per layer over `--copies` layers of distinct weights
 in one program (command buffers off, so the gaps between launches are not in it), the bytes' rate, and each way's
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tilert_jax.kernels import ops, tuning
-from tilert_jax.kernels.mlp_decode import mlp_decode, mlp_decode_reference
+from tilert_jax.kernels.mlp_decode import down_splits, mlp_decode, mlp_decode_reference
 from tilert_jax.profiling import emit, kernel_time, preset_probe
 
 f32 = jnp.float32
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
         layers = [(normal((f, h)), normal((f, h)), normal((h, f))) for _ in range(args.copies)]
         cfg_gate_up = tuning.matvec_config("gate_up", 1, h, (f, f))
         cfg_down = tuning.matvec_config("down", 1, f, (h,))
+        splits = args.splits or down_splits(h, f)
 
         def xla(wg, wu, wd):
             return ops.mlp_block(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, implementation="xla")
@@ -43,13 +44,13 @@ def main(argv=None) -> int:
             return ops.matvec(mid, wd, config=cfg_down, implementation="pallas"), x_new
 
         def fused(wg, wu, wd):
-            return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=args.splits, tk=args.tk,
+            return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=splits, tk=args.tk,
                               stages=args.stages)
 
         expected = mlp_decode_reference(x, nw, 1e-5, *layers[0], x_parts=x_parts)[0][0]
         ways = (("xla", xla), ("decode_triton", triton)) if args.triton else ()
         for way, fn in ways + (("mlp_decode", fused),):
-            row = {"preset": name, "way": way, "o_split": o_split, "splits": args.splits, "tk": args.tk,
+            row = {"preset": name, "way": way, "o_split": o_split, "splits": splits, "tk": args.tk,
                    "stages": args.stages}
             try:
                 compiled = jax.jit(lambda layers_, fn=fn: [fn(*w) for w in layers_]).lower(layers).compile(
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
 def _stream_arguments(parser):
     parser.add_argument("--stages", type=int, default=5)
     parser.add_argument("--tk", type=int, default=64)
-    parser.add_argument("--splits", type=int, default=4, help="the down product's K splits")
+    parser.add_argument("--splits", type=int, help="the down product's K splits (default: down_splits' choice)")
     parser.add_argument("--triton", type=int, default=1, help="0: only the Mosaic GPU kernel")
 
 
