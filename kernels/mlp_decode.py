@@ -24,12 +24,17 @@ Mosaic GPU interpreter (0.10) does not take the transposed wgmma operand the act
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
 
+from tilert_jax.kernels.common import check_counters, zero_counters
 from tilert_jax.kernels.matvec import combine_reference
 from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
 
@@ -58,8 +63,9 @@ def mlp_decode_reference(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=N
 
 
 def _shared_bytes(hidden: int, ffn: int, splits: int, tk: int, stages: int) -> int:
-    """Shared memory the kernel asks for (bf16): h, the SwiGLU product's K split, the weight stream, the staging."""
-    return 2 * (COLS * hidden + COLS * ffn // splits + stages * 2 * ROWS * tk + hidden) + 4 * ROWS
+    """Shared memory the kernel asks for (bf16): h or the SwiGLU product's K split (one buffer, see _activations),
+    the weight stream, the staging of a SwiGLU tile and of an output tile."""
+    return 2 * (COLS * max(hidden, ffn // splits) + stages * 2 * ROWS * tk + ROWS) + 4 * ROWS
 
 
 SHARED_LIMIT = 200 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
@@ -76,30 +82,59 @@ def _tiling_problem(hidden: int, ffn: int, splits: int, tk: int, stages: int) ->
     return None
 
 
+DOWN_TILES = 128  # down tiles (64 rows x one K split) enough to give nearly every SM of an H200 (132) one
+
+
 def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 5) -> int | None:
-    """The fewest K splits of the down product, 4 or more (llama-3.2-1b's 32 row tiles x 4 fill the SMs), whose
-    SwiGLU slice fits shared memory beside the rest (llama-3.1-8b: 8); None where no tiling fits."""
-    return next((splits for splits in (4, 8, 16) if _tiling_problem(hidden, ffn, splits, tk, stages) is None), None)
+    """The fewest K splits of the down product that make DOWN_TILES tiles and fit shared memory: llama-3.2-1b 4,
+    llama-3.1-8b 2 (each split is a partial sum the next layer's input prologue adds); None where none does."""
+    return next((splits for splits in (1, 2, 4, 8, 16) if hidden // ROWS * splits >= DOWN_TILES
+                 and _tiling_problem(hidden, ffn, splits, tk, stages) is None), None)
 
 
 def _swizzled():
     return plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE)
 
 
-def _aliased(width: int, dtype):
-    """An [8, width] activation buffer twice over the same shared memory: as the swizzled wgmma operand, and as its
-    physical [width/64, 8, 64] tiles, whose [:, 0, :] is row 0 (a 128-byte swizzle leaves each tile's row 0 in
-    place). A register vector cannot be stored into a swizzled buffer's row directly (jax 0.10 and 0.11 find no
-    layout for it), but it can go into the tiles' rows."""
-    return plgpu.RefUnion(plgpu.SMEM((COLS, width), dtype, transforms=_swizzled()),
-                          plgpu.SMEM((width // TILE_COLS, COLS, TILE_COLS), dtype))
+def _activations(hidden: int, k_split: int, dtype):
+    """The wgmma's activation operands, one shared buffer over their disjoint lifetimes: h as the swizzled [8, H]
+    operand of the gate/up phase and as its physical [H/64, 8, 64] tiles, whose [:, 0, :] is row 0 (a 128-byte
+    swizzle leaves each tile's row 0 in place: a register vector cannot be stored into a swizzled buffer's row
+    directly, jax 0.10 and 0.11 find no layout for it, but it can go into the tiles' rows); then the SwiGLU
+    product's K split as the [8, F/splits] operand of the down phase."""
+    return plgpu.RefUnion(plgpu.SMEM((COLS, hidden), dtype, transforms=_swizzled()),
+                          plgpu.SMEM((hidden // TILE_COLS, COLS, TILE_COLS), dtype),
+                          plgpu.SMEM((COLS, k_split), dtype, transforms=_swizzled()))
 
 
-def _check_aliased(swizzled_ref, tiles_ref):
-    """The two views of an _aliased buffer start at the same byte (a RefUnion promises no layout of its members)."""
-    offsets = {ref.transforms[0].offset for ref in (swizzled_ref, tiles_ref)}
+def _check_aliased(*refs):
+    """The views of one _activations buffer start at the same byte (a RefUnion promises no layout of its members)."""
+    offsets = {ref.transforms[0].offset for ref in refs}
     if len(offsets) != 1:
         raise NotImplementedError(f"mlp_decode: this jax lays out a RefUnion's members at offsets {offsets}")
+
+
+COUNTERS = 2  # the grid barrier's: programs arrived, programs left
+ARRIVED, LEFT = range(COUNTERS)
+
+
+def _signal(counters, index: int, value: int):
+    """Adds value to counters[index] (int32 in HBM) from one thread, releasing this warpgroup's writes at GPU scope."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def _(ctx, ref):
+        mgpu.utils.warpgroup_barrier()
+        mgpu.utils.SemaphoreRef(_counter_ptr(ref, index)).signal(value, memory_scope="gpu")
+
+
+def _wait(counters, index: int, value: int, *, decrement: bool):
+    """Waits until counters[index] reaches value (then subtracts it when decrement), acquiring at GPU scope."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def _(ctx, ref):
+        mgpu.utils.SemaphoreRef(_counter_ptr(ref, index)).wait(value, decrement=decrement, memory_scope="gpu")
+
+
+def _counter_ptr(ref, index: int):
+    return mgpu.utils.getelementptr(mgpu.utils.memref_ptr(ref), [index], ir.IntegerType.get_signless(32))
 
 
 def _token_column(acc):
@@ -121,8 +156,10 @@ def mlp_decode(
     tk: int = 64,  # weight block width (K per block; a multiple of 64)
     stages: int = 5,  # weight blocks in flight per SM (two [64, tk] blocks each)
     programs: int | None = None,  # default: one per SM
+    counters: jax.Array | None = None,  # int32 [>= 2] zeros: the grid barrier's (None: fresh)
 ):
-    """mlp_decode_reference in one launch on a Hopper GPU (see `supported`)."""
+    """mlp_decode_reference in one launch on a Hopper GPU (see `supported`) -> (parts, x_new, counters: zero again,
+    for the next layer's launch: passed from launch to launch, they need no memset in between)."""
     (batch, hidden), ffn = x.shape, w_gate.shape[0]
     if batch != 1:
         raise ValueError(f"mlp_decode takes one token, got x {x.shape}")
@@ -144,10 +181,10 @@ def mlp_decode(
         it = iter(refs)
         x_gmem = next(it)  # [1, H]
         parts_gmem = next(it) if n_parts else None  # [S, 1, H] float32
-        nw_gmem, wg_gmem, wu_gmem, wd_gmem = next(it), next(it), next(it), next(it)
+        nw_gmem, wg_gmem, wu_gmem, wd_gmem, counters = next(it), next(it), next(it), next(it), next(it)
         out_gmem, xnew_gmem, mid_gmem = next(it), next(it), next(it)
-        (h_smem, h_rows), mid_smem, w_smem, row_smem, out_smem, full, free, act_bar = it
-        _check_aliased(h_smem, h_rows)
+        (h_smem, h_rows, mid_smem), w_smem, row_smem, out_smem, full, free, act_bar = it
+        _check_aliased(h_smem, h_rows, mid_smem)
 
         p = lax.axis_index("sm")
         wg = lax.axis_index("wg")
@@ -209,7 +246,7 @@ def mlp_decode(
 
             @pl.when(p == 0)
             def _():
-                send(xs, row_smem, xnew_gmem.at[0])
+                xnew_gmem[0] = xs
 
             @pl.loop(0, n1)
             def _gate_up_tile(a):
@@ -227,22 +264,20 @@ def mlp_decode(
                     g, u = acc_g[...], acc_u[...]
                     mid = _token_column(g / (1.0 + jnp.exp(-g)) * u).astype(dtype)  # [64]
                     rows = pl.ds(pl.multiple_of((p + a * programs) * ROWS, ROWS), ROWS)
-                    send(mid, row_smem.at[pl.ds(0, ROWS)], mid_gmem.at[0, rows])
+                    send(mid, row_smem, mid_gmem.at[0, rows])
 
                 pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32), plgpu.ACC((ROWS, COLS), f32))
 
             # The grid barrier: every program's SwiGLU columns written before any down tile reads them.
             plgpu.wait_smem_to_gmem(0)
-            arrived = pl.get_global(plgpu.SemaphoreType.REGULAR(()))
-            plgpu.semaphore_signal(arrived, 1, memory_scope="gpu")
-            plgpu.semaphore_wait(arrived, programs, decrement=False, memory_scope="gpu")
-            left = pl.get_global(plgpu.SemaphoreType.REGULAR(()))
-            plgpu.semaphore_signal(left, 1, memory_scope="gpu")
+            _signal(counters, ARRIVED, 1)
+            _wait(counters, ARRIVED, programs, decrement=False)
+            _signal(counters, LEFT, 1)
 
             @pl.when(p == 0)  # after every program has passed the barrier, both counters back to zero
             def _():
-                plgpu.semaphore_wait(left, programs, memory_scope="gpu")
-                plgpu.semaphore_signal(arrived, -programs, memory_scope="gpu")
+                _wait(counters, LEFT, programs, decrement=True)
+                _signal(counters, ARRIVED, -programs)
 
             @pl.loop(0, n2)
             def _down_tile(b):
@@ -271,26 +306,26 @@ def mlp_decode(
                 pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32))
             plgpu.wait_smem_to_gmem(0)
 
-    call = plgpu.kernel(
-        body,
+    scratch = (_activations(hidden, k_split, dtype),
+               plgpu.SMEM((stages, 2, ROWS, tk), dtype, transforms=_swizzled()),  # the weight stream
+               plgpu.SMEM((ROWS,), dtype),  # a SwiGLU tile on its way to HBM
+               plgpu.SMEM((ROWS,), f32),  # an output tile on its way to HBM
+               plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # a stage's blocks arrived
+               plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # a stage's blocks were used
+               plgpu.Barrier(num_arrivals=1))  # an activation arrived
+    # pl.kernel, not plgpu.kernel: it takes the counters as a Ref, aliased in and out of the launch.
+    call = pl.kernel(
+        lambda *refs: pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg"),
         out_type=(jax.ShapeDtypeStruct((splits, 1, hidden), f32),  # the MLP's output, K-split partial sums
                   jax.ShapeDtypeStruct((1, hidden), dtype),  # x_new
                   jax.ShapeDtypeStruct((COLS, ffn), dtype)),  # row 0: the SwiGLU product (scratch)
-        scratch_types=(_aliased(hidden, dtype),  # h
-                       plgpu.SMEM((COLS, k_split), dtype, transforms=swizzled),  # the SwiGLU product's K split
-                       plgpu.SMEM((stages, 2, ROWS, tk), dtype, transforms=swizzled),  # the weight stream
-                       plgpu.SMEM((hidden,), dtype),  # a vector on its way to HBM
-                       plgpu.SMEM((ROWS,), f32),  # an output tile on its way to HBM
-                       plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # a stage's blocks arrived
-                       plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # a stage's blocks were used
-                       plgpu.Barrier(num_arrivals=1)),  # an activation arrived
-        grid=(programs,),
-        grid_names=("sm",),
-        num_threads=2,
-        thread_name="wg",
+        mesh=plgpu.Mesh(grid=(programs,), grid_names=("sm",), num_threads=2, thread_name="wg"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="mlp_decode",
+        name="mlp_decode",
     )
-    inputs = [x] + ([x_parts.astype(f32)] if n_parts else []) + [norm_weight, w_gate, w_up, w_down]
-    parts, x_new, _ = call(*inputs)
-    return parts, x_new
+    counters = zero_counters(COUNTERS) if counters is None else counters
+    check_counters(counters, COUNTERS, "mlp_decode")
+    counters = jax.new_ref(counters)
+    parts, x_new, _ = call(x, *([x_parts.astype(f32)] if n_parts else []), norm_weight, w_gate, w_up, w_down,
+                           counters)
+    return parts, x_new, counters[...]

@@ -81,18 +81,22 @@ def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=Non
     return _sw.swiglu_matvec_reference(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts)
 
 
-def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, configs=None, implementation="xla"):
-    """The dense MLP on rms_norm(x [+ x_parts]) -> (float32 partial sums [S, B, H] of its output, x_new [B, H]);
-    "pallas" runs it as one launch: at one token on a Hopper GPU the Mosaic GPU weight stream (mlp_decode.py),
-    elsewhere the phased Triton kernel (configs: its (gate/up, down) tile configs)."""
+def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, configs=None, counters=None,
+              implementation="xla"):
+    """The dense MLP on rms_norm(x [+ x_parts]) -> (float32 partial sums [S, B, H] of its output, x_new [B, H],
+    counters); "pallas" runs it as one launch: at one token on a Hopper GPU the Mosaic GPU weight stream
+    (mlp_decode.py, its grid barrier's counters: pass them to the next layer's call), elsewhere the phased Triton
+    kernel (configs: its (gate/up, down) tile configs; the counters returned as given, as on the XLA path)."""
     _check(implementation)
     if implementation == "pallas":
         splits = _md.down_splits(x.shape[1], w_gate.shape[0])
         if splits and _md.supported(x):
-            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, splits=splits)
+            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, splits=splits,
+                                  counters=counters)
         gate_up, down = configs or (None, None)
-        return _mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up, down=down)
-    return _mb.mlp_block_reference(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts)
+        return (*_mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up,
+                               down=down), counters)
+    return (*_mb.mlp_block_reference(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts), counters)
 
 
 def matvec_residual(x, w, residual, *, config=None, implementation="xla"):

@@ -13,6 +13,8 @@ gate/up and down phases without the norm prologue) with this script at commit 41
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,17 +37,24 @@ def main(argv=None) -> int:
         cfg_down = tuning.matvec_config("down", 1, f, (h,))
         splits = args.splits or down_splits(h, f)
 
-        def xla(wg, wu, wd):
-            return ops.mlp_block(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, implementation="xla")
+        def xla(wg, wu, wd, counters):
+            return ops.mlp_block(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, counters=counters, implementation="xla")
 
-        def triton(wg, wu, wd):
+        def triton(wg, wu, wd, counters):
             mid, x_new = ops.swiglu_matvec(x, nw, 1e-5, wg, wu, x_parts=x_parts, config=cfg_gate_up,
                                            implementation="pallas")
-            return ops.matvec(mid, wd, config=cfg_down, implementation="pallas"), x_new
+            return ops.matvec(mid, wd, config=cfg_down, implementation="pallas"), x_new, counters
 
-        def fused(wg, wu, wd):
+        def fused(wg, wu, wd, counters):  # the grid barrier's counters passed from layer to layer, as in the step
             return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=splits, tk=args.tk,
-                              stages=args.stages)
+                              stages=args.stages, counters=counters)
+
+        def layer_by_layer(layers_, fn):
+            outs, counters = [], None
+            for w in layers_:
+                parts, x_new, counters = fn(*w, counters)
+                outs.append((parts, x_new))
+            return outs
 
         expected = mlp_decode_reference(x, nw, 1e-5, *layers[0], x_parts=x_parts)[0][0]
         ways = (("xla", xla), ("decode_triton", triton)) if args.triton else ()
@@ -53,7 +62,7 @@ def main(argv=None) -> int:
             row = {"preset": name, "way": way, "o_split": o_split, "splits": splits, "tk": args.tk,
                    "stages": args.stages}
             try:
-                compiled = jax.jit(lambda layers_, fn=fn: [fn(*w) for w in layers_]).lower(layers).compile(
+                compiled = jax.jit(functools.partial(layer_by_layer, fn=fn)).lower(layers).compile(
                     {"xla_gpu_enable_command_buffer": ""})
                 got = jnp.sum(compiled(layers)[0][0], axis=0)
             except Exception as err:  # a variant that does not compile is a result

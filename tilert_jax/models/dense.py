@@ -270,7 +270,7 @@ def _last_token_layer(config: DenseConfig, layer: Layer, x, positions, cache_kv,
     out = ops.attention(pick(q, 1), keys, values, pick(positions, 0), k_pos, scale=config.head_dim ** -0.5,
                         sliding_window=config.sliding_window, implementation=impl)  # [B, 1, heads, head_dim]
     tail_impl = impl if batch <= MAX_FUSED_BATCH else "xla"
-    x, parts = _output_and_mlp(config, layer, out.reshape(batch, -1), pick(x, 1)[:, 0], None, tail_impl, tp_axis)
+    x, parts, _ = _output_and_mlp(config, layer, out.reshape(batch, -1), pick(x, 1)[:, 0], None, tail_impl, tp_axis)
     return x, parts, (keys, values)
 
 
@@ -336,24 +336,24 @@ def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
     return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
 
 
-def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_axis):
+def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_axis, counters=None):
     """One token row per sequence after its attention (attn [B, heads * head_dim], x [B, hidden] with float32 partial
-    sums `parts` pending on it or None): x + attn @ wo^T, then x + MLP(RMSNorm(x)), as fused decode ops -> the new x
-    and the partial sums pending on it (or None)."""
+    sums `parts` pending on it or None): x + attn @ wo^T, then x + MLP(RMSNorm(x)), as fused decode ops -> the new x,
+    the partial sums pending on it (or None) and the one-launch MLP's counters (ops.mlp_block; as given without it)."""
     batch, h = x.shape
     a, mlp, eps = layer.attn, layer.mlp, config.rms_norm_eps
     x, parts = _project_residual("o", attn, a.wo.reshape(h, attn.shape[1]), x, a.bo, impl, tp_axis)
     if impl == "pallas" and "mlp" in pallas_ops(batch):  # gate/up and down as one phased launch
         configs = tuning.mlp_block_configs(batch, h, mlp.w_gate.shape[0])
-        parts, x = ops.mlp_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, x_parts=parts,
-                                 configs=configs, implementation=impl)
-        return x, parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None]
+        parts, x, counters = ops.mlp_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, x_parts=parts,
+                                           configs=configs, counters=counters, implementation=impl)
+        return x, parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None], counters
     config_gate_up = tuning.matvec_config("gate_up", batch, h, (mlp.w_gate.shape[0],) * 2)
     mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, x_parts=parts,
                                            config=config_gate_up, implementation=_op_impl("gate_up", impl, batch)),
                          parts)
     x = x if x_new is None else x_new
-    return _project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis)
+    return *_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis), counters
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
@@ -371,6 +371,7 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
     new_k, new_v = [], []
     arrivals = None  # the attention kernel's split counters, one array through every layer
+    mlp_counters = None  # and the one-launch MLP's grid barrier's
     for i, layer in enumerate(params.layers):
         a = layer.attn
         weights = (a.wq.reshape(n * d, h), a.wk.reshape(kvh * d, h), a.wv.reshape(kvh * d, h))
@@ -386,7 +387,8 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
             implementation=_op_impl("attention", impl, batch))
         new_k.append(k)
         new_v.append(v)
-        x, parts = _output_and_mlp(config, layer, attn.reshape(batch, n * d), x, parts, impl, tp_axis)
+        x, parts, mlp_counters = _output_and_mlp(config, layer, attn.reshape(batch, n * d), x, parts, impl, tp_axis,
+                                                 mlp_counters)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
