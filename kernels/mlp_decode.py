@@ -175,7 +175,6 @@ def mlp_decode(
     t1, s1 = ffn // ROWS, hidden // tk  # gate/up tiles, blocks per tile (a gate and an up block per step)
     row_tiles = hidden // ROWS
     t2, s2 = row_tiles * splits, k_split // (2 * tk)  # down tiles (split-major), steps per tile (two blocks a step)
-    swizzled = _swizzled()
 
     def body(*refs):
         it = iter(refs)
