@@ -121,16 +121,18 @@ ARRIVED, LEFT = range(COUNTERS)
 def _signal(counters, index: int, value: int):
     """Adds value to counters[index] (int32 in HBM) from one thread, releasing this warpgroup's writes at GPU scope."""
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-    def _(ctx, ref):
+    def signal(ctx, ref):
         mgpu.utils.warpgroup_barrier()
         mgpu.utils.SemaphoreRef(_counter_ptr(ref, index)).signal(value, memory_scope="gpu")
+    signal(counters)
 
 
 def _wait(counters, index: int, value: int, *, decrement: bool):
     """Waits until counters[index] reaches value (then subtracts it when decrement), acquiring at GPU scope."""
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-    def _(ctx, ref):
+    def wait(ctx, ref):
         mgpu.utils.SemaphoreRef(_counter_ptr(ref, index)).wait(value, decrement=decrement, memory_scope="gpu")
+    wait(counters)
 
 
 def _counter_ptr(ref, index: int):
