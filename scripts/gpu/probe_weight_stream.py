@@ -3,7 +3,7 @@ kernels as they run today (the gate/up kernel with the norm and the pending part
 K-split down kernel), and kernels/mlp_decode.py (both products' weights as one TMA stream per SM across a grid
 barrier, Mosaic GPU).
 
-    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 5] [--tk 64] [--splits S] [--triton 1]
+    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 5] [--tk 64] [--splits S] [--programs P] [--triton 1]
 
 Prints one JSON line per (preset, way): the kernels' busy time per layer over `--copies` layers of distinct weights
 in one program (command buffers off, so the gaps between launches are not in it), the bytes' rate, and each way's
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
         def fused(wg, wu, wd, counters):  # the grid barrier's counters passed from layer to layer, as in the step
             return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=splits, tk=args.tk,
-                              stages=args.stages, counters=counters)
+                              stages=args.stages, programs=args.programs, counters=counters)
 
         def layer_by_layer(layers_, fn):
             outs, counters = [], None
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         ways = (("xla", xla), ("decode_triton", triton)) if args.triton else ()
         for way, fn in ways + (("mlp_decode", fused),):
             row = {"preset": name, "way": way, "o_split": o_split, "splits": splits, "tk": args.tk,
-                   "stages": args.stages}
+                   "stages": args.stages, "programs": args.programs}
             try:
                 compiled = jax.jit(functools.partial(layer_by_layer, fn=fn)).lower(layers).compile(
                     {"xla_gpu_enable_command_buffer": ""})
@@ -79,6 +79,7 @@ def _stream_arguments(parser):
     parser.add_argument("--stages", type=int, default=5)
     parser.add_argument("--tk", type=int, default=64)
     parser.add_argument("--splits", type=int, help="the down product's K splits (default: down_splits' choice)")
+    parser.add_argument("--programs", type=int, help="the kernel's programs (default: one per SM)")
     parser.add_argument("--triton", type=int, default=1, help="0: only the Mosaic GPU kernel")
 
 
