@@ -81,6 +81,11 @@ def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=Non
     return _sw.swiglu_matvec_reference(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts)
 
 
+def mlp_decode_supported(x, ffn: int) -> bool:
+    """Whether ops.mlp_block runs the Mosaic GPU weight stream (mlp_decode.py) here for x [1, H] and intermediate ffn."""
+    return _md.supported(x) and _md.down_splits(x.shape[1], ffn) is not None
+
+
 def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, configs=None, counters=None,
               implementation="xla"):
     """The dense MLP on rms_norm(x [+ x_parts]) -> (float32 partial sums [S, B, H] of its output, x_new [B, H],
@@ -89,10 +94,9 @@ def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, config
     kernel (configs: its (gate/up, down) tile configs; the counters returned as given, as on the XLA path)."""
     _check(implementation)
     if implementation == "pallas":
-        splits = _md.down_splits(x.shape[1], w_gate.shape[0])
-        if splits and _md.supported(x):
-            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, splits=splits,
-                                  counters=counters)
+        if mlp_decode_supported(x, w_gate.shape[0]):
+            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts,
+                                  splits=_md.down_splits(x.shape[1], w_gate.shape[0]), counters=counters)
         gate_up, down = configs or (None, None)
         return (*_mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up,
                                down=down), counters)

@@ -9,9 +9,9 @@ With impl="pallas", a decode step (one token per row, batch <= 16) is written as
 (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
 projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is a Pallas
 kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200); op "mlp" instead runs
-the gate/up and down projections as one launch (opt-in): at one token on a Hopper GPU the Mosaic GPU weight stream
-(kernels/mlp_decode.py, level with the two launches so far), elsewhere the phased Triton kernel (kernels/mlp_block.py,
-measured slower). Under
+the gate/up and down projections as one launch (`_mlp_in_one_launch`): at one token on a Hopper GPU the Mosaic GPU
+weight stream (kernels/mlp_decode.py; by default at the shapes where it measured faster, llama-3.2-1b), elsewhere the
+phased Triton kernel (kernels/mlp_block.py, measured slower, opt-in). Under
 shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
 XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand their float32 partial sums, reduced
 over the mesh, to the next fused op.
@@ -290,8 +290,9 @@ PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `p
 # The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
 # and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products: llama-3.1-8b batch 8
-# 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP stay opt-in. The
-# prefill's qkv_rope and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25).
+# 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP stay opt-in; the
+# one-launch MLP runs by default where it measured faster (`_mlp_in_one_launch`, session 27). The prefill's qkv_rope
+# and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25).
 DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope", "swiglu_matmul")
 BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope", "swiglu_matmul")
 
@@ -336,6 +337,14 @@ def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
     return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
 
 
+def _mlp_in_one_launch(x, ffn: int) -> bool:
+    """Whether the fused decode runs its MLP as one launch (ops.mlp_block): where $TILERT_PALLAS_OPS names op "mlp",
+    else where the Mosaic GPU kernel runs and measured faster (tuning.ONE_LAUNCH_MLP)."""
+    if os.environ.get(PALLAS_OPS_ENV):
+        return "mlp" in pallas_ops(x.shape[0])
+    return (x.shape[1], ffn) in tuning.ONE_LAUNCH_MLP and ops.mlp_decode_supported(x, ffn)
+
+
 def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_axis, counters=None):
     """One token row per sequence after its attention (attn [B, heads * head_dim], x [B, hidden] with float32 partial
     sums `parts` pending on it or None): x + attn @ wo^T, then x + MLP(RMSNorm(x)), as fused decode ops -> the new x,
@@ -343,7 +352,7 @@ def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_
     batch, h = x.shape
     a, mlp, eps = layer.attn, layer.mlp, config.rms_norm_eps
     x, parts = _project_residual("o", attn, a.wo.reshape(h, attn.shape[1]), x, a.bo, impl, tp_axis)
-    if impl == "pallas" and "mlp" in pallas_ops(batch):  # gate/up and down as one phased launch
+    if impl == "pallas" and _mlp_in_one_launch(x, mlp.w_gate.shape[0]):
         configs = tuning.mlp_block_configs(batch, h, mlp.w_gate.shape[0])
         parts, x, counters = ops.mlp_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, x_parts=parts,
                                            configs=configs, counters=counters, implementation=impl)
