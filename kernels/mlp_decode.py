@@ -10,16 +10,19 @@ grid barrier waits. Its compute warpgroup multiplies each [64, tk] block by the 
 as the 64-row operand and the activation as the 8-column one (row 0 the token, rows 1-7 whatever the buffer holds:
 only column 0 of each product is kept, by a select, so what those rows hold never reaches a result).
 
-Measured on the H200 (docs/PERF.md, session 26; scripts/gpu/probe_weight_stream.py): the stream alone reads the
-gate/up weights at 3.7 to 3.8 TB/s (llama-3.2-1b) and 4.1 to 4.2 TB/s (llama-3.1-8b), faster than the Triton
-kernel, and one launch of both phases takes what the phases take alone (the barrier is hidden). With its prologue
-(the norm, h through HBM) the kernel is level with the Triton kernels' busy time (1B 31.0 us both) or behind it (8B
-90.9 against 88.6), so it stays opt-in (op `mlp`) until that prologue leaves the critical path.
+Measured on the H200 (docs/PERF.md, sessions 26 and 27; scripts/gpu/probe_weight_stream.py): the stream alone reads
+the gate/up weights at 3.7 to 3.8 TB/s (llama-3.2-1b) and 4.1 to 4.2 TB/s (llama-3.1-8b), faster than the Triton
+kernel, and one launch of both phases takes what the phases take alone (the barrier is hidden). The whole kernel
+takes 29.0 to 29.3 us a layer at llama-3.2-1b against 31.0 to 31.3 for the Triton kernels (0.878 to 0.884 ms a
+token against 0.899, so it is that shape's default: tuning.ONE_LAUNCH_MLP), and 86.9 to 87.4 at llama-3.1-8b
+against 88.2 to 89.0 (level end to end: its 224 gate/up tiles take two rounds of the SMs).
 
-The activation crosses between programs through HBM as a row of an [8, N] buffer (the kernel's scratch outputs),
-written and read by TMA: the prologue's normed input (every program computes it and writes the same row), and the
-gate/up phase's SwiGLU product (each tile its 64 columns). Tested on the GPU only (tests/test_mlp_decode.py): jax's
-Mosaic GPU interpreter (0.10) does not take the transposed wgmma operand the activation is.
+The normed input h goes straight into the swizzled wgmma operand's row 0 through an aliased view of its tiles
+(`_activations`). The gate/up phase's SwiGLU product crosses between programs through HBM, as a row of an [8, F]
+buffer (the kernel's scratch output) written and read by TMA, into the same shared buffer. The grid barrier counts
+on an int32 array that the caller passes from launch to launch (`counters`: the kernel leaves it zero), so no
+launch needs a memset. Tested on the GPU only (tests/test_mlp_decode.py): jax's Mosaic GPU interpreter (0.10) does
+not take the transposed wgmma operand the activation is.
 """
 
 from __future__ import annotations
@@ -256,7 +259,7 @@ def mlp_decode(
                     def _step(ks):
                         slot = lax.rem(a * s1 + ks, stages)
                         plgpu.barrier_wait(full.at[slot])
-                        hb = plgpu.transpose_ref(h_smem.at[:, pl.ds(pl.multiple_of(ks * tk, tk), tk)], (1, 0))
+                        hb = h_smem.at[:, pl.ds(pl.multiple_of(ks * tk, tk), tk)].transpose((1, 0))
                         plgpu.wgmma(acc_g, w_smem.at[slot, 0], hb)
                         plgpu.wgmma(acc_u, w_smem.at[slot, 1], hb)
                         plgpu.wgmma_wait(0)
@@ -297,7 +300,7 @@ def mlp_decode(
                         for half in range(2):
                             k0 = pl.multiple_of((2 * ks + half) * tk, tk)
                             plgpu.wgmma(acc, w_smem.at[slot, half],
-                                        plgpu.transpose_ref(mid_smem.at[:, pl.ds(k0, tk)], (1, 0)))
+                                        mid_smem.at[:, pl.ds(k0, tk)].transpose((1, 0)))
                         plgpu.wgmma_wait(0)
                         plgpu.barrier_arrive(free.at[slot])
 

@@ -94,8 +94,8 @@ def _kernel(x_gmem, gate_gmem, up_gmem, out_gmem, *, tile_m: int, tile_n: int, t
 
             def step(_, x_smem, gate_smem, up_smem, accs):
                 gate_acc, up_acc = accs
-                plgpu.wgmma(gate_acc, x_smem, plgpu.transpose_ref(gate_smem.at[wg_columns], (1, 0)))
-                plgpu.wgmma(up_acc, x_smem, plgpu.transpose_ref(up_smem.at[wg_columns], (1, 0)))
+                plgpu.wgmma(gate_acc, x_smem, gate_smem.at[wg_columns].transpose((1, 0)))
+                plgpu.wgmma(up_acc, x_smem, up_smem.at[wg_columns].transpose((1, 0)))
                 plgpu.wgmma_wait(0)
                 return accs
 
