@@ -82,7 +82,8 @@ def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=Non
 
 
 def mlp_decode_supported(x, ffn: int) -> bool:
-    """Whether ops.mlp_block runs the Mosaic GPU weight stream (mlp_decode.py) here for x [1, H] and intermediate ffn."""
+    """Whether ops.mlp_block runs the Mosaic GPU weight stream (mlp_decode.py) here, for x [1, H] and this
+    intermediate size."""
     return _md.supported(x) and _md.down_splits(x.shape[1], ffn) is not None
 
 

@@ -89,7 +89,7 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
 
 
 # (hidden, intermediate) where the one-launch decode MLP (kernels/mlp_decode.py) measured faster end to end than
-# gate/up then down at one token (docs/PERF.md, session 27): llama-3.2-1b 0.886 to 0.890 ms against 0.900 to 0.909.
+# gate/up then down at one token (docs/PERF.md, session 27): llama-3.2-1b 0.878 to 0.890 ms against 0.899 to 0.909.
 # llama-3.1-8b (4096, 14336) measured level (4.220 against 4.200 ms): its 224 gate/up tiles take two rounds of the
 # 132 SMs, and the kernel streams at 4.0 TB/s already.
 ONE_LAUNCH_MLP = frozenset({(2048, 8192)})

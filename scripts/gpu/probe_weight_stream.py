@@ -3,7 +3,8 @@ kernels as they run today (the gate/up kernel with the norm and the pending part
 K-split down kernel), and kernels/mlp_decode.py (both products' weights as one TMA stream per SM across a grid
 barrier, Mosaic GPU).
 
-    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 5] [--tk 64] [--splits S] [--programs P] [--triton 1]
+    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 5] [--tk 64] [--splits S] [--programs P]
+        [--triton 1]
 
 Prints one JSON line per (preset, way): the kernels' busy time per layer over `--copies` layers of distinct weights
 in one program (command buffers off, so the gaps between launches are not in it), the bytes' rate, and each way's
