@@ -1,10 +1,10 @@
 """What the Pallas kernels share: where they run (compiled on a GPU, interpreted elsewhere) and the Triton-lowering
 compiler parameters.
 
-Every kernel here but one is written for Pallas' Triton lowering (selected by passing `triton.CompilerParams`); the
+Every kernel here but two is written for Pallas' Triton lowering (selected by passing `triton.CompilerParams`); the
 reason is recorded beside each kernel. On a machine without a GPU the same kernel body runs in Pallas interpret mode,
-which is how the CPU tests check it against its jnp reference. The exception, swiglu_matmul.py, is a Mosaic GPU
-kernel tested on the GPU (its docstring says why).
+which is how the CPU tests check it against its jnp reference. The exceptions, swiglu_matmul.py and mlp_decode.py,
+are Mosaic GPU kernels tested on the GPU (their docstrings say why).
 """
 
 from __future__ import annotations

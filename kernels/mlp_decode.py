@@ -157,7 +157,7 @@ def mlp_decode(
     w_down: jax.Array,  # [H, F]
     *,
     x_parts: jax.Array | None = None,  # [S, 1, H] float32 partial sums pending on x
-    splits: int = 4,  # the down product's K splits (its output's partial sums)
+    splits: int | None = None,  # the down product's K splits (its output's partial sums; None: down_splits')
     tk: int = 64,  # weight block width (K per block; a multiple of 64)
     stages: int = 5,  # weight blocks in flight per SM (two [64, tk] blocks each)
     programs: int | None = None,  # default: one per SM
@@ -170,6 +170,9 @@ def mlp_decode(
         raise ValueError(f"mlp_decode takes one token, got x {x.shape}")
     if w_up.shape != (ffn, hidden) or w_gate.shape != (ffn, hidden) or w_down.shape != (hidden, ffn):
         raise ValueError(f"MLP weights {w_gate.shape}/{w_up.shape}/{w_down.shape} do not fit x {x.shape}")
+    splits = splits or down_splits(hidden, ffn, tk, stages)
+    if splits is None:
+        raise ValueError(f"mlp_decode: no K split of the down product fits hidden {hidden}, intermediate {ffn}")
     problem = _tiling_problem(hidden, ffn, splits, tk, stages)
     if problem:
         raise ValueError(problem)

@@ -96,8 +96,7 @@ def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, config
     _check(implementation)
     if implementation == "pallas":
         if mlp_decode_supported(x, w_gate.shape[0]):
-            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts,
-                                  splits=_md.down_splits(x.shape[1], w_gate.shape[0]), counters=counters)
+            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, counters=counters)
         gate_up, down = configs or (None, None)
         return (*_mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up,
                                down=down), counters)
