@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from tilert_jax.kernels import decode_attention as _da
+from tilert_jax.kernels import layer_decode as _ld
 from tilert_jax.kernels import matvec as _mv
 from tilert_jax.kernels import matvec_residual as _mr
 from tilert_jax.kernels import mlp_block as _mb
-from tilert_jax.kernels import mlp_decode as _md
 from tilert_jax.kernels import norm_matvec as _nm
 from tilert_jax.kernels import qkv_rope as _qr
 from tilert_jax.kernels import swiglu_matmul as _sm
@@ -81,26 +81,38 @@ def swiglu_matvec(x, norm_weight, eps, w_gate, w_up, *, x_parts=None, config=Non
     return _sw.swiglu_matvec_reference(x, norm_weight, eps, w_gate, w_up, x_parts=x_parts)
 
 
-def mlp_decode_supported(x, ffn: int) -> bool:
-    """Whether ops.mlp_block runs the Mosaic GPU weight stream (mlp_decode.py) here, for x [1, H] and this
-    intermediate size."""
-    return _md.supported(x) and _md.down_splits(x.shape[1], ffn) is not None
+def layer_decode_supported(x, ffn: int) -> bool:
+    """Whether the Mosaic GPU weight stream (layer_decode.py) runs here, for x [1, H] and this intermediate size."""
+    return _ld.supported(x) and _ld.down_splits(x.shape[1], ffn) is not None
 
 
 def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, configs=None, counters=None,
               implementation="xla"):
     """The dense MLP on rms_norm(x [+ x_parts]) -> (float32 partial sums [S, B, H] of its output, x_new [B, H],
     counters); "pallas" runs it as one launch: at one token on a Hopper GPU the Mosaic GPU weight stream
-    (mlp_decode.py, its grid barrier's counters: pass them to the next layer's call), elsewhere the phased Triton
+    (layer_decode.py, its grid barriers' counters: pass them to the next layer's call), elsewhere the phased Triton
     kernel (configs: its (gate/up, down) tile configs; the counters returned as given, as on the XLA path)."""
     _check(implementation)
     if implementation == "pallas":
-        if mlp_decode_supported(x, w_gate.shape[0]):
-            return _md.mlp_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, counters=counters)
+        if layer_decode_supported(x, w_gate.shape[0]):
+            return _ld.layer_decode(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, counters=counters)
         gate_up, down = configs or (None, None)
         return (*_mb.mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts, gate_up=gate_up,
                                down=down), counters)
     return (*_mb.mlp_block_reference(x, norm_weight, eps, w_gate, w_up, w_down, x_parts=x_parts), counters)
+
+
+def layer_block(x, mlp_norm, eps, w_gate, w_up, w_down, *, attn, w_o, x_parts=None, next_norm=None, next_qkv=None,
+                counters=None, implementation="xla"):
+    """One token's layer after its attention: x + attn @ w_o^T, the MLP on its norm, and (given next_norm and
+    next_qkv = (W_q, W_k, W_v)) the next layer's Q/K/V projection -> (float32 partial sums: the Q/K/V projection's
+    [S, 1, N] with x_new complete, or the MLP's [S, 1, H] pending on x_new; x_new [1, H]; counters). "pallas" is the
+    Mosaic GPU weight stream (layer_decode.py: one launch; see layer_decode_supported)."""
+    _check(implementation)
+    run = _ld.layer_decode if implementation == "pallas" else _ld.layer_decode_reference
+    out = run(x, mlp_norm, eps, w_gate, w_up, w_down, x_parts=x_parts, attn=attn, w_o=w_o, next_norm=next_norm,
+              next_qkv=next_qkv, **({"counters": counters} if implementation == "pallas" else {}))
+    return out if implementation == "pallas" else (*out, counters)
 
 
 def matvec_residual(x, w, residual, *, config=None, implementation="xla"):

@@ -88,11 +88,12 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
     return heuristic_matvec(op, batch, k, ns)
 
 
-# (hidden, intermediate) where the one-launch decode MLP (kernels/mlp_decode.py) measured faster end to end than
-# gate/up then down at one token (docs/PERF.md, session 27): llama-3.2-1b 0.878 to 0.890 ms against 0.899 to 0.909.
-# llama-3.1-8b (4096, 14336) measured level (4.220 against 4.200 ms): its 224 gate/up tiles take two rounds of the
-# 132 SMs, and the kernel streams at 4.0 TB/s already.
-ONE_LAUNCH_MLP = frozenset({(2048, 8192)})
+# (hidden, intermediate) -> the fused-decode op that runs as one Mosaic GPU launch there (kernels/layer_decode.py),
+# where it measured faster end to end at one token (docs/PERF.md): "mlp", the gate/up and down products (session 27:
+# llama-3.2-1b 0.878 to 0.890 ms against 0.899 to 0.909 for two launches), or "layer", the output projection, the
+# MLP and the next layer's Q/K/V. llama-3.1-8b (4096, 14336) measured level with "mlp" (4.220 against 4.200 ms):
+# its 224 gate/up tiles take two rounds of the 132 SMs, and the kernel streams at 4.0 TB/s already.
+ONE_LAUNCH = {(2048, 8192): "mlp"}
 
 
 def mlp_block_configs(batch: int, hidden: int, ffn: int) -> tuple[MatvecConfig, MatvecConfig]:

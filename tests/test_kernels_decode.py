@@ -81,14 +81,15 @@ def test_prefill_lm_head_kernel_matches_xla(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ops", ["all", "qkv,attention,o,mlp,lm_head"])  # the layer's weights in one launch, or MLP's
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen3-8b"])
-def test_gpu_fused_decode_step(name, monkeypatch):
+def test_gpu_fused_decode_step(name, ops, monkeypatch):
     """bf16, real shapes (qwen3-8b cut to 4 layers): one decode step's logits through the fused kernels and through
     XLA, each against a float32 XLA reference on the same (bf16-valued) parameters. The fused path may be no
     further from it than twice the XLA path's own bf16 error plus 1e-2."""
     from tilert_jax.config import preset as named
 
-    monkeypatch.setenv("TILERT_PALLAS_OPS", "all")
+    monkeypatch.setenv("TILERT_PALLAS_OPS", ops)
     config = named(name)
     if config.num_layers > 16:
         config = dataclasses.replace(config, num_layers=4)

@@ -1,10 +1,13 @@
-"""A batch-1 decode MLP three ways, per layer on random bf16 weights: XLA's products, the decode step's Triton
-kernels as they run today (the gate/up kernel with the norm and the pending partial sums in its prologue, then the
-K-split down kernel), and kernels/mlp_decode.py (both products' weights as one TMA stream per SM across a grid
-barrier, Mosaic GPU).
+"""A batch-1 decode layer's weight products several ways, per layer on random bf16 weights.
 
-    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--stages 5] [--tk 64] [--splits S] [--programs P]
-        [--triton 1]
+--products mlp (the MLP alone): XLA's products, the decode step's Triton kernels (the gate/up kernel with the norm and
+the pending partial sums in its prologue, then the K-split down kernel), and kernels/layer_decode.py's weight stream
+(both products' weights as one TMA stream per SM across a grid barrier, Mosaic GPU).
+--products layer (the output projection, the MLP and the next layer's Q/K/V): the output projection and the Q/K/V
+projection as Triton kernels around the MLP's weight stream (three launches), and all of it as one weight stream.
+
+    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--products mlp|layer] [--stages S] [--tk 64]
+        [--splits S] [--programs P] [--triton 1]
 
 Prints one JSON line per (preset, way): the kernels' busy time per layer over `--copies` layers of distinct weights
 in one program (command buffers off, so the gaps between launches are not in it), the bytes' rate, and each way's
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tilert_jax.kernels import ops, tuning
-from tilert_jax.kernels.mlp_decode import down_splits, mlp_decode, mlp_decode_reference
+from tilert_jax.kernels.layer_decode import Splits, down_splits, layer_decode, layer_decode_reference
 from tilert_jax.profiling import emit, kernel_time, preset_probe
 
 f32 = jnp.float32
@@ -29,39 +32,63 @@ f32 = jnp.float32
 def main(argv=None) -> int:
     args, sink, normal, presets = preset_probe(__doc__, argv, extra_arguments=_stream_arguments)
     for name, c in presets:
-        h, f = c.hidden_size, c.intermediate_size
-        o_split = tuning.matvec_config("o", 1, h, (h,)).split  # the partial sums pending on x, as in the step
+        h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
+        nq, nk = c.num_attention_heads * d, c.num_key_value_heads * d
+        o_split = tuning.matvec_config("o", 1, nq, (h,)).split  # the partial sums pending on x, as in the step
         x, nw = normal((1, h), 1.0), (1 + normal((h,), 0.1).astype(f32)).astype(jnp.bfloat16)
-        x_parts = normal((o_split, 1, h), 1.0).astype(f32)
-        layers = [(normal((f, h)), normal((f, h)), normal((h, f))) for _ in range(args.copies)]
-        cfg_gate_up = tuning.matvec_config("gate_up", 1, h, (f, f))
-        cfg_down = tuning.matvec_config("down", 1, f, (h,))
-        splits = args.splits or down_splits(h, f)
+        x_parts, attn = normal((o_split, 1, h), 1.0).astype(f32), normal((1, nq), 1.0)
+        layers = [dict(w_gate=normal((f, h)), w_up=normal((f, h)), w_down=normal((h, f)), w_o=normal((h, nq)),
+                       next_qkv=(normal((nq, h)), normal((nk, h)), normal((nk, h)))) for _ in range(args.copies)]
+        cfg = {op: tuning.matvec_config(op, 1, k, ns) for op, k, ns in (
+            ("gate_up", h, (f, f)), ("down", f, (h,)), ("o", nq, (h,)), ("qkv", h, (nq, nk, nk)))}
+        stream = functools.partial(layer_decode, tk=args.tk, stages=args.stages, programs=args.programs)
+        splits = Splits(down=args.splits) if args.splits else None
+        layer = args.products == "layer"
 
-        def xla(wg, wu, wd, counters):
-            return ops.mlp_block(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, counters=counters, implementation="xla")
+        def xla(w, counters):
+            return ops.mlp_block(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], x_parts=x_parts,
+                                 counters=counters, implementation="xla")
 
-        def triton(wg, wu, wd, counters):
-            mid, x_new = ops.swiglu_matvec(x, nw, 1e-5, wg, wu, x_parts=x_parts, config=cfg_gate_up,
-                                           implementation="pallas")
-            return ops.matvec(mid, wd, config=cfg_down, implementation="pallas"), x_new, counters
+        def triton(w, counters):
+            mid, x_new = ops.swiglu_matvec(x, nw, 1e-5, w["w_gate"], w["w_up"], x_parts=x_parts,
+                                           config=cfg["gate_up"], implementation="pallas")
+            return ops.matvec(mid, w["w_down"], config=cfg["down"], implementation="pallas"), x_new, counters
 
-        def fused(wg, wu, wd, counters):  # the grid barrier's counters passed from layer to layer, as in the step
-            return mlp_decode(x, nw, 1e-5, wg, wu, wd, x_parts=x_parts, splits=splits, tk=args.tk,
-                              stages=args.stages, programs=args.programs, counters=counters)
+        def mlp_stream(w, counters):  # the grid barrier's counters passed from layer to layer, as in the step
+            return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], x_parts=x_parts, splits=splits,
+                          counters=counters)
+
+        def layer_ops(w, counters):  # the output projection and the Q/K/V projection as Triton kernels
+            o = ops.matvec(attn, w["w_o"], config=cfg["o"], implementation="pallas")
+            down, x1, counters = stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], x_parts=o,
+                                        counters=counters)
+            qkv, x2 = ops.norm_matvec(x1, nw, 1e-5, w["next_qkv"], x_parts=down, config=cfg["qkv"],
+                                      implementation="pallas")
+            return qkv[None], x2, counters
+
+        def layer_stream(w, counters):
+            return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], attn=attn, w_o=w["w_o"], next_norm=nw,
+                          next_qkv=w["next_qkv"], splits=splits, counters=counters)
 
         def layer_by_layer(layers_, fn):
             outs, counters = [], None
             for w in layers_:
-                parts, x_new, counters = fn(*w, counters)
+                parts, x_new, counters = fn(w, counters)
                 outs.append((parts, x_new))
             return outs
 
-        expected = mlp_decode_reference(x, nw, 1e-5, *layers[0], x_parts=x_parts)[0][0]
-        ways = (("xla", xla), ("decode_triton", triton)) if args.triton else ()
-        for way, fn in ways + (("mlp_decode", fused),):
-            row = {"preset": name, "way": way, "o_split": o_split, "splits": splits, "tk": args.tk,
-                   "stages": args.stages, "programs": args.programs}
+        w0 = layers[0]
+        extra = dict(attn=attn, w_o=w0["w_o"], next_norm=nw, next_qkv=w0["next_qkv"]) if layer else dict(
+            x_parts=x_parts)
+        expected = jnp.sum(layer_decode_reference(x, nw, 1e-5, w0["w_gate"], w0["w_up"], w0["w_down"], **extra)[0],
+                           axis=0)
+        baselines = [("layer_ops", layer_ops)] if layer else [("xla", xla), ("decode_triton", triton)]
+        ways = (baselines if args.triton else []) + [("layer_stream", layer_stream) if layer else ("mlp_stream",
+                                                                                                 mlp_stream)]
+        weight_bytes = 2 * (3 * f * h + (h * nq + (nq + 2 * nk) * h if layer else 0))
+        for way, fn in ways:
+            row = {"preset": name, "way": way, "o_split": o_split, "splits": args.splits or down_splits(h, f),
+                   "tk": args.tk, "stages": args.stages, "programs": args.programs}
             try:
                 compiled = jax.jit(functools.partial(layer_by_layer, fn=fn)).lower(layers).compile(
                     {"xla_gpu_enable_command_buffer": ""})
@@ -71,13 +98,13 @@ def main(argv=None) -> int:
                 continue
             row["rel_err"] = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
             timed = kernel_time(lambda: compiled(layers), args.copies)
-            emit({**row, **timed, "gbps": round(3 * 2 * f * h / timed["us"] / 1e3) if "us" in timed else None},
-                 sink)
+            emit({**row, **timed, "gbps": round(weight_bytes / timed["us"] / 1e3) if "us" in timed else None}, sink)
     return 0
 
 
 def _stream_arguments(parser):
-    parser.add_argument("--stages", type=int, default=5)
+    parser.add_argument("--products", choices=("mlp", "layer"), default="layer")
+    parser.add_argument("--stages", type=int, help="weight blocks in flight (default: layer_decode's choice)")
     parser.add_argument("--tk", type=int, default=64)
     parser.add_argument("--splits", type=int, help="the down product's K splits (default: down_splits' choice)")
     parser.add_argument("--programs", type=int, help="the kernel's programs (default: one per SM)")

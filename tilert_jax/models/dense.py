@@ -9,7 +9,7 @@ With impl="pallas", a decode step (one token per row, batch <= 16) is written as
 (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
 projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is a Pallas
 kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200); op "mlp" instead runs
-the gate/up and down projections as one launch (`_mlp_in_one_launch`): at one token on a Hopper GPU the Mosaic GPU
+the gate/up and down projections as one launch (`_one_launch`): at one token on a Hopper GPU the Mosaic GPU
 weight stream (kernels/mlp_decode.py; by default at the shapes where it measured faster, llama-3.2-1b), elsewhere the
 phased Triton kernel (kernels/mlp_block.py, measured slower, opt-in). Under
 shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
@@ -270,7 +270,8 @@ def _last_token_layer(config: DenseConfig, layer: Layer, x, positions, cache_kv,
     out = ops.attention(pick(q, 1), keys, values, pick(positions, 0), k_pos, scale=config.head_dim ** -0.5,
                         sliding_window=config.sliding_window, implementation=impl)  # [B, 1, heads, head_dim]
     tail_impl = impl if batch <= MAX_FUSED_BATCH else "xla"
-    x, parts, _ = _output_and_mlp(config, layer, out.reshape(batch, -1), pick(x, 1)[:, 0], None, tail_impl, tp_axis)
+    x, parts, _, _ = _output_and_mlp(config, layer, out.reshape(batch, -1), pick(x, 1)[:, 0], None, tail_impl,
+                                     tp_axis)
     return x, parts, (keys, values)
 
 
@@ -283,9 +284,10 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
             and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
-# mlp: gate_up + down in one launch; qkv_rope: the prefill's Q/K/V projection with rope and the cache write;
-# swiglu_matmul: the prefill's gate/up products with the SwiGLU in their epilogue
-FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "qkv_rope", "swiglu_matmul")
+# mlp: gate_up + down in one launch; layer: o, gate_up, down and the next layer's qkv in one launch; qkv_rope: the
+# prefill's Q/K/V projection with rope and the cache write; swiglu_matmul: the prefill's gate/up products with the
+# SwiGLU in their epilogue
+FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "layer", "qkv_rope", "swiglu_matmul")
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `pallas_ops`)
 # The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
@@ -337,32 +339,49 @@ def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
     return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
 
 
-def _mlp_in_one_launch(x, ffn: int) -> bool:
-    """Whether the fused decode runs its MLP as one launch (ops.mlp_block): where $TILERT_PALLAS_OPS names op "mlp",
-    else where the Mosaic GPU kernel runs and measured faster (tuning.ONE_LAUNCH_MLP)."""
+def _one_launch(op: str, x, ffn: int) -> bool:
+    """Whether the fused decode runs op "mlp" (the MLP) or "layer" (the output projection, the MLP and the next
+    layer's Q/K/V) as one launch: where $TILERT_PALLAS_OPS names the op, else where the Mosaic GPU weight stream
+    (kernels/layer_decode.py) runs and measured faster (tuning.ONE_LAUNCH). Where the stream does not run, the MLP
+    named by $TILERT_PALLAS_OPS is the phased Triton kernel; the layer has no other launch."""
+    runs = ops.layer_decode_supported(x, ffn)
     if os.environ.get(PALLAS_OPS_ENV):
-        return "mlp" in pallas_ops(x.shape[0])
-    return (x.shape[1], ffn) in tuning.ONE_LAUNCH_MLP and ops.mlp_decode_supported(x, ffn)
+        return op in pallas_ops(x.shape[0]) and (runs or op == "mlp")
+    return tuning.ONE_LAUNCH.get((x.shape[1], ffn)) == op and runs
 
 
-def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_axis, counters=None):
+def _qkv_weights(layer: Layer, hidden: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The layer's (W_q, W_k, W_v) as [out, hidden] matrices (free reshapes)."""
+    return tuple(w.reshape(-1, hidden) for w in (layer.attn.wq, layer.attn.wk, layer.attn.wv))
+
+
+def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_axis, counters=None,
+                    next_layer: Layer | None = None):
     """One token row per sequence after its attention (attn [B, heads * head_dim], x [B, hidden] with float32 partial
     sums `parts` pending on it or None): x + attn @ wo^T, then x + MLP(RMSNorm(x)), as fused decode ops -> the new x,
-    the partial sums pending on it (or None) and the one-launch MLP's counters (ops.mlp_block; as given without it)."""
+    the partial sums pending on it (or None), the next layer's Q/K/V projection when this launch made it (float32
+    partial sums [S, B, N], or None: the caller projects) and the weight stream's counters (as given without it)."""
     batch, h = x.shape
     a, mlp, eps = layer.attn, layer.mlp, config.rms_norm_eps
+    if impl == "pallas" and tp_axis is None and a.bo is None and _one_launch("layer", x, mlp.w_gate.shape[0]):
+        following = {} if next_layer is None else dict(next_norm=next_layer.attn_norm,
+                                                        next_qkv=_qkv_weights(next_layer, h))
+        out, x, counters = ops.layer_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, attn=attn,
+                                           w_o=a.wo.reshape(h, attn.shape[1]), x_parts=parts, counters=counters,
+                                           implementation=impl, **following)
+        return (x, None, out, counters) if next_layer is not None else (x, out, None, counters)
     x, parts = _project_residual("o", attn, a.wo.reshape(h, attn.shape[1]), x, a.bo, impl, tp_axis)
-    if impl == "pallas" and _mlp_in_one_launch(x, mlp.w_gate.shape[0]):
+    if impl == "pallas" and _one_launch("mlp", x, mlp.w_gate.shape[0]):
         configs = tuning.mlp_block_configs(batch, h, mlp.w_gate.shape[0])
         parts, x, counters = ops.mlp_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, x_parts=parts,
                                            configs=configs, counters=counters, implementation=impl)
-        return x, parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None], counters
+        return x, parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None], None, counters
     config_gate_up = tuning.matvec_config("gate_up", batch, h, (mlp.w_gate.shape[0],) * 2)
     mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, x_parts=parts,
                                            config=config_gate_up, implementation=_op_impl("gate_up", impl, batch)),
                          parts)
     x = x if x_new is None else x_new
-    return *_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis), counters
+    return *_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis), None, counters
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
@@ -380,13 +399,14 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     qkv_cfg = tuning.matvec_config("qkv", batch, h, (n * d, kvh * d, kvh * d))
     new_k, new_v = [], []
     arrivals = None  # the attention kernel's split counters, one array through every layer
-    mlp_counters = None  # and the one-launch MLP's grid barrier's
+    counters = None  # and the weight stream's grid barriers'
+    qkv = None  # the next layer's Q/K/V projection, when the previous layer's launch made it
     for i, layer in enumerate(params.layers):
         a = layer.attn
-        weights = (a.wq.reshape(n * d, h), a.wk.reshape(kvh * d, h), a.wv.reshape(kvh * d, h))
-        qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=qkv_cfg,
-                                             implementation=_op_impl("qkv", impl, batch)), parts)
-        x = x if x_new is None else x_new
+        if qkv is None:
+            qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, _qkv_weights(layer, h), x_parts=parts,
+                                                 config=qkv_cfg, implementation=_op_impl("qkv", impl, batch)), parts)
+            x = x if x_new is None else x_new
         qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
         bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
         qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
@@ -396,8 +416,9 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
             implementation=_op_impl("attention", impl, batch))
         new_k.append(k)
         new_v.append(v)
-        x, parts, mlp_counters = _output_and_mlp(config, layer, attn.reshape(batch, n * d), x, parts, impl, tp_axis,
-                                                 mlp_counters)
+        next_layer = params.layers[i + 1] if i + 1 < len(params.layers) else None
+        x, parts, qkv, counters = _output_and_mlp(config, layer, attn.reshape(batch, n * d), x, parts, impl,
+                                                  tp_axis, counters, next_layer)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
 
 

@@ -1,0 +1,468 @@
+"""A batch-1 decode layer's weight products in one Mosaic GPU launch: the weights of every product as one continuous
+TMA stream per SM, the products separated by grid barriers that the stream does not wait for.
+
+    x1 = x + sum(x_parts) + attn @ W_o^T                  the output projection (when attn and w_o are given)
+    m = silu(h @ W_gate^T) * (h @ W_up^T),                h = rms_norm(x1, mlp_norm)
+    x2 = x1 + m @ W_down^T
+    qkv = rms_norm(x2, next_norm) @ [W_q; W_k; W_v]^T     the next layer's Q/K/V (when next_norm, next_qkv are given)
+
+Every product but gate/up is split along K into 64-row tiles x K splits (`Splits`), each tile's result a float32
+partial sum: the output projection's are added by the gate/up prologue, the down product's by the Q/K/V prologue (or
+returned, pending on x_new, to the next launch), the Q/K/V projection's by the attention kernel
+(kernels/decode_attention.py). Each program (one per SM) owns a contiguous run of every product's tiles. Its memory
+warpgroup issues the TMA copies of all its weight blocks, product after product, into `stages` shared buffers and
+waits only for a free buffer, so the next product's weights are in flight while a product drains and the grid
+barrier waits. Its compute warpgroup multiplies each [64, tk] block by the activation with wgmma, the weights as the
+64-row operand and the activation as the 8-column one (row 0 the token, rows 1-7 whatever the buffer holds: only
+column 0 of each product is kept, by a select, so what those rows hold never reaches a result).
+
+The activations reach the wgmma operand's row 0 without HBM: attn and h are written from registers through an
+aliased view of the operand's tiles (`_activations`). The SwiGLU product crosses between programs through HBM, as a
+row of an [8, F] buffer (the kernel's scratch output) written and read by TMA, and so do the partial sums. The grid
+barriers count on an int32 array that the caller passes from launch to launch (`counters`: the kernel leaves it
+zero), so no launch needs a memset.
+
+Measured on the H200 (docs/PERF.md, sessions 26 and 27; scripts/gpu/probe_weight_stream.py): as the MLP alone, the
+stream reads the gate/up weights at 3.7 to 3.8 TB/s (llama-3.2-1b) and 4.1 to 4.2 TB/s (llama-3.1-8b), faster than
+the Triton kernels, and both products take 29.0 to 29.3 us a layer at llama-3.2-1b against 31.0 to 31.3 for the
+Triton kernels (0.878 to 0.884 ms a token against 0.899, so it is that shape's default: tuning.ONE_LAUNCH_MLP), and
+86.9 to 87.4 at llama-3.1-8b against 88.2 to 89.0 (level end to end: its 224 gate/up tiles take two rounds of the
+SMs). Tested on the GPU only (tests/test_layer_decode.py): jax's Mosaic GPU interpreter (0.10) does not take the
+transposed wgmma operand the activation is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+
+from tilert_jax.kernels.common import check_counters, zero_counters
+from tilert_jax.kernels.matvec import combine_reference
+from tilert_jax.kernels.rms_norm import rms_norm_reference
+from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
+
+ROWS = 64  # weight rows per block: the wgmma's M
+COLS = 8  # the activation buffer's rows: the wgmma's N (row 0 is the token)
+SWIZZLE = 128  # bytes: shared buffers as [8, 64] tiles of 128-byte rows (16-bit elements), swizzled
+TILE_COLS = SWIZZLE // 2
+SMS = 132  # an H200's multiprocessors: the programs the split rule plans for where no device says otherwise
+f32 = jnp.float32
+
+
+class Splits(NamedTuple):
+    """The K splits of the split products: each is that many float32 partial sums."""
+    o: int = 1
+    down: int = 1
+    qkv: int = 1
+
+
+def supported(x: jax.Array) -> bool:
+    """Whether the kernel runs here: a Hopper GPU (wgmma), 16-bit floats, one token."""
+    device = jax.devices()[0]
+    return (device.platform == "gpu" and getattr(device, "compute_capability", "").startswith("9.")
+            and x.dtype in (jnp.bfloat16, jnp.float16) and x.shape[0] == 1)
+
+
+def _split_product(inp, w, splits: int):
+    """inp [1, K] @ w[N, K]^T as `splits` float32 partial sums over K blocks -> [splits, 1, N]."""
+    k = inp.shape[1] // splits
+    return jnp.stack([jnp.matmul(inp[:, i * k:(i + 1) * k], w[:, i * k:(i + 1) * k].T, preferred_element_type=f32)
+                      for i in range(splits)])
+
+
+def layer_decode_reference(x, mlp_norm, eps, w_gate, w_up, w_down, *, x_parts=None, attn=None, w_o=None,
+                           next_norm=None, next_qkv=None, splits: Splits = Splits()):
+    """-> (parts, x_new): the down product's float32 partial sums [splits.down, 1, H] pending on x_new = x1 [1, H];
+    with the next layer's Q/K/V, that projection's [splits.qkv, 1, N_q + N_k + N_v] and x_new = x2 (no sums
+    pending on it)."""
+    if attn is not None:
+        o = _split_product(attn, w_o, splits.o)
+        x_parts = o if x_parts is None else jnp.concatenate([x_parts, o])
+    x1 = combine_reference(x, x_parts)
+    down = _split_product(swiglu_matvec_reference(x1, mlp_norm, eps, w_gate, w_up), w_down, splits.down)
+    if next_qkv is None:
+        return down, x1
+    x2 = combine_reference(x1, down)
+    return _split_product(rms_norm_reference(x2, next_norm, eps), jnp.concatenate(next_qkv), splits.qkv), x2
+
+
+def _shared_bytes(operand_cols: int, tk: int, stages: int) -> int:
+    """Shared memory the kernel asks for (bf16): the activation operand (see _activations), the weight stream, the
+    staging of a SwiGLU tile and of an output tile."""
+    return 2 * (COLS * operand_cols + stages * 2 * ROWS * tk + ROWS) + 4 * ROWS
+
+
+SHARED_LIMIT = 200 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
+MAX_STAGES = 8  # weight blocks in flight per SM by default (two [64, tk] blocks each), where they fit
+
+
+def _share(row_tiles: int, splits: int, programs: int) -> float:
+    """The largest share of a split product's weight one program streams (its tiles are spread evenly)."""
+    return -(-row_tiles * splits // programs) / splits
+
+
+def product_splits(row_tiles: int, k: int, tk: int = 64, programs: int = SMS, fits=lambda splits: True) -> int | None:
+    """The K split of a product of `row_tiles` 64-row tiles that gives one program the smallest largest share of its
+    weight (ties: the fewest partial sums) among those that divide K into 2 * tk-wide steps and fit; None: none.
+    llama-3.2-1b: o 4 (128 tiles), down 4, Q/K/V 8 (384 tiles: 3 or fewer of 32 KB a program)."""
+    candidates = [s for s in (1, 2, 4, 8, 16) if k % (s * 2 * tk) == 0 and fits(s)]
+    return min(candidates, key=lambda s: (_share(row_tiles, s, programs), s), default=None)
+
+
+def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 5, programs: int = SMS) -> int | None:
+    """The down product's K split (product_splits) where the SwiGLU product's K split fits shared memory: llama-3.2-1b
+    4, llama-3.1-8b 2 (its 112 KB slice in h's place); None where none does."""
+    fits = lambda s: _shared_bytes(max(hidden, ffn // s), tk, stages) <= SHARED_LIMIT  # noqa: E731
+    return product_splits(hidden // ROWS, ffn, tk, programs, fits)
+
+
+def _swizzled():
+    return plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE)
+
+
+def _activations(widths: tuple[int, ...], k_split: int, dtype):
+    """The wgmma's activation operands, one shared buffer over their disjoint lifetimes: for each row operand (attn,
+    h) the swizzled [8, W] operand and its physical [W/64, 8, 64] tiles, whose [:, 0, :] is row 0 (a 128-byte swizzle
+    leaves each tile's row 0 in place: a register vector cannot be stored into a swizzled buffer's row directly,
+    jax 0.10 and 0.11 find no layout for it, but it can go into the tiles' rows); then the SwiGLU product's K split
+    as the [8, F/splits] operand of the down product."""
+    members = []
+    for width in widths:
+        members += [plgpu.SMEM((COLS, width), dtype, transforms=_swizzled()),
+                    plgpu.SMEM((width // TILE_COLS, COLS, TILE_COLS), dtype)]
+    return plgpu.RefUnion(*members, plgpu.SMEM((COLS, k_split), dtype, transforms=_swizzled()))
+
+
+def _check_aliased(*refs):
+    """The views of one _activations buffer start at the same byte (a RefUnion promises no layout of its members)."""
+    offsets = {ref.transforms[0].offset for ref in refs}
+    if len(offsets) != 1:
+        raise NotImplementedError(f"layer_decode: this jax lays out a RefUnion's members at offsets {offsets}")
+
+
+COUNTERS = 2  # the grid barriers': programs arrived (at every barrier, summed), programs left
+ARRIVED, LEFT = range(COUNTERS)
+
+
+def _signal(counters, index: int, value: int):
+    """Adds value to counters[index] (int32 in HBM) from one thread, releasing this warpgroup's writes at GPU scope."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def signal(ctx, ref):
+        mgpu.utils.warpgroup_barrier()
+        mgpu.utils.SemaphoreRef(_counter_ptr(ref, index)).signal(value, memory_scope="gpu")
+    signal(counters)
+
+
+def _wait(counters, index: int, value: int, *, decrement: bool):
+    """Waits until counters[index] reaches value (then subtracts it when decrement), acquiring at GPU scope."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+    def wait(ctx, ref):
+        mgpu.utils.SemaphoreRef(_counter_ptr(ref, index)).wait(value, decrement=decrement, memory_scope="gpu")
+    wait(counters)
+
+
+def _counter_ptr(ref, index: int):
+    return mgpu.utils.getelementptr(mgpu.utils.memref_ptr(ref), [index], ir.IntegerType.get_signless(32))
+
+
+def _token_column(acc):
+    """Column 0 of a [64, 8] float32 product, as a [64] vector (the other columns are selected away)."""
+    column = plgpu.broadcasted_iota(jnp.int32, acc.shape, 1, layout=plgpu.Layout.WGMMA)
+    return jnp.sum(jnp.where(column == 0, acc, 0.0), axis=1)
+
+
+class _Product(NamedTuple):
+    """One product's tiles in the stream: tile t is row tile t % row_tiles of K split t // row_tiles (gate/up: row
+    tile t, no split), `steps` pipeline steps of two [64, tk] blocks each; issue(t, step, slot) starts the step's
+    copies."""
+    tiles: int
+    row_tiles: int
+    steps: int
+    issue: object
+
+
+def _run(tiles: int, p, programs: int):
+    """Program p's contiguous run of `tiles` tiles -> (first, count)."""
+    first = p * tiles // programs
+    return first, (p + 1) * tiles // programs - first
+
+
+def layer_decode(
+    x: jax.Array,  # [1, H] bf16 or f16
+    mlp_norm: jax.Array,  # [H]
+    eps: float,
+    w_gate: jax.Array,  # [F, H]
+    w_up: jax.Array,  # [F, H]
+    w_down: jax.Array,  # [H, F]
+    *,
+    x_parts: jax.Array | None = None,  # [S, 1, H] float32 partial sums pending on x
+    attn: jax.Array | None = None,  # [1, A]: the attention's output, for the output projection
+    w_o: jax.Array | None = None,  # [H, A]
+    next_norm: jax.Array | None = None,  # [H]: the next layer's attention norm
+    next_qkv: tuple[jax.Array, ...] | None = None,  # its (W_q [Nq, H], W_k [Nk, H], W_v [Nv, H])
+    splits: Splits | None = None,  # None: product_splits' for each
+    tk: int = 64,  # weight block width (K per block; a multiple of 64)
+    stages: int | None = None,  # weight blocks in flight per SM (None: as many as fit, at most MAX_STAGES)
+    programs: int | None = None,  # default: one per SM
+    counters: jax.Array | None = None,  # int32 [>= 2] zeros: the grid barriers' (None: fresh)
+):
+    """layer_decode_reference in one launch on a Hopper GPU (see `supported`) -> (parts, x_new, counters: zero again,
+    for the next launch: passed from launch to launch, they need no memset in between)."""
+    (batch, hidden), ffn = x.shape, w_gate.shape[0]
+    if batch != 1:
+        raise ValueError(f"layer_decode takes one token, got x {x.shape}")
+    if w_up.shape != (ffn, hidden) or w_gate.shape != (ffn, hidden) or w_down.shape != (hidden, ffn):
+        raise ValueError(f"MLP weights {w_gate.shape}/{w_up.shape}/{w_down.shape} do not fit x {x.shape}")
+    if (attn is None) != (w_o is None) or (attn is not None and w_o.shape != (hidden, attn.shape[1])):
+        raise ValueError(f"layer_decode: the output projection needs attn [1, A] and w_o [H, A] with H {hidden}")
+    if (next_norm is None) != (next_qkv is None) or (next_qkv is not None and any(
+            w.ndim != 2 or w.shape[1] != hidden for w in next_qkv)):
+        raise ValueError(f"layer_decode: the next Q/K/V needs next_norm and (W_q, W_k, W_v) [N, {hidden}]")
+    with_o, with_qkv = attn is not None, next_qkv is not None
+    attn_width = attn.shape[1] if with_o else hidden
+    programs = programs or getattr(jax.devices()[0], "core_count", SMS)
+    qkv_rows = [w.shape[0] for w in next_qkv] if with_qkv else []
+    if any(width % ROWS for width in [hidden, ffn, attn_width, *qkv_rows]) or hidden % tk:
+        raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, attention {attn_width} and Q/K/V "
+                         f"{qkv_rows} do not divide into {ROWS}-row tiles and {tk}-wide blocks")
+    if splits is None:
+        splits = Splits(o=product_splits(hidden // ROWS, attn_width, tk, programs) if with_o else 1,
+                        down=down_splits(hidden, ffn, tk, stages or 2, programs),
+                        qkv=product_splits(sum(qkv_rows) // ROWS, hidden, tk, programs) if with_qkv else 1)
+    for name, k, s in (("o", attn_width, splits.o), ("down", ffn, splits.down), ("qkv", hidden, splits.qkv)):
+        if not s or k % (s * 2 * tk):
+            raise ValueError(f"layer_decode: the {name} product's K {k} does not divide into {s} splits of "
+                             f"{2 * tk}-wide steps")
+    k_split = ffn // splits.down
+    operand_cols = max(hidden, attn_width, k_split)
+    if stages is None:
+        stages = max([s for s in range(2, MAX_STAGES + 1) if _shared_bytes(operand_cols, tk, s) <= SHARED_LIMIT],
+                     default=2)
+    if _shared_bytes(operand_cols, tk, stages) > SHARED_LIMIT:
+        raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, {splits.down} down splits and {stages} "
+                         f"stages of {tk} need more than {SHARED_LIMIT} bytes of shared memory (more splits or "
+                         f"fewer stages)")
+    n_parts = 0 if x_parts is None else x_parts.shape[0]
+    dtype = x.dtype
+    row_tiles = hidden // ROWS
+    qkv_bounds = [sum(qkv_rows[:i]) // ROWS for i in range(4)]  # row tiles where W_q, W_k, W_v start (and end)
+
+    def body(*refs):
+        it = iter(refs)
+        x_gmem = next(it)  # [1, H]
+        parts_gmem = next(it) if n_parts else None  # [S, 1, H] float32
+        attn_gmem, wo_gmem = (next(it), next(it)) if with_o else (None, None)
+        nw_gmem, wg_gmem, wu_gmem, wd_gmem = next(it), next(it), next(it), next(it)
+        next_nw_gmem, wqkv_gmem = (next(it), (next(it), next(it), next(it))) if with_qkv else (None, None)
+        counters = next(it)
+        out_gmem, xnew_gmem, mid_gmem = next(it), next(it), next(it)  # mid: row 0 the SwiGLU product
+        o_gmem = next(it) if with_o else None  # [splits.o, 1, H] float32: the output projection's partial sums
+        down_gmem = next(it) if with_qkv else out_gmem  # [splits.down, 1, H] float32
+        (*views, mid_smem), w_smem, row_smem, out_smem, full, free, act_bar = it
+        _check_aliased(*views, mid_smem)
+        (a_smem, a_rows), (h_smem, h_rows) = views[:2], views[-2:]  # attn's operand and h's (the same if A == H)
+
+        def copy_blocks(ref, rows, k0, slot, second=None):  # a step: [64, tk] blocks of ref (and of `second`)
+            rows = pl.ds(pl.multiple_of(rows * ROWS, ROWS), ROWS)
+            for half in range(2):
+                src = ref if second is None or half == 0 else second
+                cols = pl.ds(pl.multiple_of(k0 + (half * tk if second is None else 0), tk), tk)
+                plgpu.copy_gmem_to_smem(src.at[rows, cols], w_smem.at[slot, half], full.at[slot])
+
+        def split_issue(ref, k_split):
+            def issue(t, step, slot):
+                copy_blocks(ref, lax.rem(t, row_tiles), t // row_tiles * k_split + step * 2 * tk, slot)
+            return issue
+
+        def qkv_issue(t, step, slot):
+            r, k0 = lax.rem(t, qkv_bounds[3]), t // qkv_bounds[3] * (hidden // splits.qkv) + step * 2 * tk
+            for ref, lo, hi in zip(wqkv_gmem, qkv_bounds, qkv_bounds[1:]):
+                pl.when(jnp.logical_and(r >= lo, r < hi))(lambda ref=ref, lo=lo: copy_blocks(ref, r - lo, k0, slot))
+
+        products = {"gate_up": _Product(ffn // ROWS, ffn // ROWS, hidden // tk,
+                                        lambda t, step, slot: copy_blocks(wg_gmem, t, step * tk, slot, wu_gmem)),
+                    "down": _Product(row_tiles * splits.down, row_tiles, k_split // (2 * tk),
+                                     split_issue(wd_gmem, k_split))}
+        if with_o:
+            products = {"o": _Product(row_tiles * splits.o, row_tiles, attn_width // (splits.o * 2 * tk),
+                                      split_issue(wo_gmem, attn_width // splits.o)), **products}
+        if with_qkv:
+            products["qkv"] = _Product(qkv_bounds[3] * splits.qkv, qkv_bounds[3], hidden // (splits.qkv * 2 * tk),
+                                       qkv_issue)
+        p = lax.axis_index("sm")
+        runs = {name: _run(product.tiles, p, programs) for name, product in products.items()}
+        step0, total = {}, 0  # this program's first pipeline step of each product
+        for name, product in products.items():
+            step0[name] = total
+            total = total + runs[name][1] * product.steps
+
+        @pl.when(lax.axis_index("wg") == 1)  # the memory warpgroup: every weight block of every product, in order
+        def _memory():
+            for name, product in products.items():
+                first, count = runs[name]
+
+                @pl.loop(0, count * product.steps)
+                def _issue(j):
+                    i = step0[name] + j
+                    slot = lax.rem(i, stages)
+
+                    @pl.when(i >= stages)
+                    def _():
+                        plgpu.barrier_wait(free.at[slot])
+
+                    product.issue(first + j // product.steps, lax.rem(j, product.steps), slot)
+
+        @pl.when(lax.axis_index("wg") == 0)  # the compute warpgroup
+        def _compute():
+            def send(value, staging, dst):  # a vector through shared memory to HBM (TMA)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                staging[...] = value
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(staging, dst)
+
+            def receive(src, dst):  # HBM -> shared memory (TMA), after this program's own stores
+                plgpu.wait_smem_to_gmem(0)
+                plgpu.copy_gmem_to_smem(src, dst, act_bar)
+                plgpu.barrier_wait(act_bar)
+
+            def consume(name, b, ks, products_of_step):  # step ks of tile b: [(acc, operand) for each block]
+                slot = lax.rem(step0[name] + b * products[name].steps + ks, stages)
+                plgpu.barrier_wait(full.at[slot])
+                for half, (acc, operand) in enumerate(products_of_step):
+                    plgpu.wgmma(acc, w_smem.at[slot, half], operand.transpose((1, 0)))
+                plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(free.at[slot])
+
+            def split_product(name, operand, out, on_split=None):  # tiles of 64 rows x one K split -> partial sums
+                """operand(split, k0): the activation's [8, tk] block at k0 of the split (a view of shared memory);
+                on_split(split): run before a tile of a K split other than the last tile's."""
+                (first, count), product = runs[name], products[name]
+
+                @pl.loop(0, count)
+                def _tile(b):
+                    t = first + b
+                    split, r = t // product.row_tiles, lax.rem(t, product.row_tiles)
+                    if on_split:
+                        pl.when(jnp.logical_or(b == 0, r == 0))(lambda: on_split(split))
+
+                    def accumulate(acc):
+                        @pl.loop(0, product.steps)
+                        def _step(ks):
+                            consume(name, b, ks, [(acc, operand(split, pl.multiple_of((2 * ks + half) * tk, tk)))
+                                                  for half in range(2)])
+
+                        rows = pl.ds(pl.multiple_of(r * ROWS, ROWS), ROWS)
+                        send(_token_column(acc[...]), out_smem, out.at[split, 0, rows])
+
+                    pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32))
+
+            def whole(ref, k_split):  # an operand that holds every K split: split `split`'s block at k0
+                return lambda split, k0: ref.at[:, pl.ds(pl.multiple_of(split * k_split + k0, tk), tk)]
+
+            barriers = 0
+
+            def grid_barrier():  # every program's stores of the product before it visible to every program
+                nonlocal barriers
+                barriers += 1
+                plgpu.wait_smem_to_gmem(0)
+                _signal(counters, ARRIVED, 1)
+                _wait(counters, ARRIVED, barriers * programs, decrement=False)
+
+            def write_row(rows_view, vector):  # a [W] vector into row 0 of an operand, through its tiles
+                rows_view[:, 0, :] = vector.reshape(rows_view.shape[0], TILE_COLS)
+                plgpu.commit_smem()
+
+            def stream(x_in, parts_refs):  # x + its partial sums, rounded to x's dtype
+                xs = x_in.astype(f32)
+                for ref in parts_refs:
+                    for s in range(ref.shape[0]):
+                        xs = xs + ref[s, 0]
+                return xs.astype(dtype)
+
+            def normed(xs, weight):  # rms_norm_reference, in registers
+                x32 = xs.astype(f32)
+                rinv = lax.rsqrt(jnp.sum(x32 * x32) / hidden + eps)
+                return (weight[...].astype(f32) * (x32 * rinv).astype(dtype).astype(f32)).astype(dtype)
+
+            if with_o:
+                write_row(a_rows, attn_gmem[0])
+                split_product("o", whole(a_smem, attn_width // splits.o), o_gmem)
+                grid_barrier()
+            x1 = stream(x_gmem[0], ([parts_gmem] if n_parts else []) + ([o_gmem] if with_o else []))
+            write_row(h_rows, normed(x1, nw_gmem))
+
+            first, count = runs["gate_up"]
+
+            @pl.loop(0, count)
+            def _gate_up_tile(b):
+                def accumulate(acc_g, acc_u):
+                    @pl.loop(0, products["gate_up"].steps)
+                    def _step(ks):
+                        hb = h_smem.at[:, pl.ds(pl.multiple_of(ks * tk, tk), tk)]
+                        consume("gate_up", b, ks, [(acc_g, hb), (acc_u, hb)])
+
+                    g, u = acc_g[...], acc_u[...]
+                    mid = _token_column(g / (1.0 + jnp.exp(-g)) * u).astype(dtype)  # [64]
+                    send(mid, row_smem, mid_gmem.at[0, pl.ds(pl.multiple_of((first + b) * ROWS, ROWS), ROWS)])
+
+                pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32), plgpu.ACC((ROWS, COLS), f32))
+
+            grid_barrier()  # every SwiGLU column written before any down tile reads it
+            split_product("down", lambda split, k0: mid_smem.at[:, pl.ds(k0, tk)], down_gmem,
+                          on_split=lambda split: receive(
+                              mid_gmem.at[:, pl.ds(pl.multiple_of(split * k_split, tk), k_split)], mid_smem))
+            x_new = x1
+            if with_qkv:
+                grid_barrier()
+                x_new = stream(x1, [down_gmem])
+                write_row(h_rows, normed(x_new, next_nw_gmem))
+                split_product("qkv", whole(h_smem, hidden // splits.qkv), out_gmem)
+
+            @pl.when(p == 0)
+            def _():
+                xnew_gmem[0] = x_new
+
+            _signal(counters, LEFT, 1)
+
+            @pl.when(p == 0)  # after every program has passed every barrier, both counters back to zero
+            def _():
+                _wait(counters, LEFT, programs, decrement=True)
+                _signal(counters, ARRIVED, -barriers * programs)
+            plgpu.wait_smem_to_gmem(0)
+
+    widths = (attn_width, hidden) if with_o and attn_width != hidden else (hidden,)
+    scratch = (_activations(widths, k_split, dtype),
+               plgpu.SMEM((stages, 2, ROWS, tk), dtype, transforms=_swizzled()),  # the weight stream
+               plgpu.SMEM((ROWS,), dtype),  # a SwiGLU tile on its way to HBM
+               plgpu.SMEM((ROWS,), f32),  # an output tile on its way to HBM
+               plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # a stage's blocks arrived
+               plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # a stage's blocks were used
+               plgpu.Barrier(num_arrivals=1))  # an activation arrived
+    out_parts = (splits.qkv, 1, sum(qkv_rows)) if with_qkv else (splits.down, 1, hidden)
+    out_type = (jax.ShapeDtypeStruct(out_parts, f32), jax.ShapeDtypeStruct((1, hidden), dtype),
+                jax.ShapeDtypeStruct((COLS, ffn), dtype))
+    out_type += ((jax.ShapeDtypeStruct((splits.o, 1, hidden), f32),) if with_o else ())
+    out_type += ((jax.ShapeDtypeStruct((splits.down, 1, hidden), f32),) if with_qkv else ())
+    # pl.kernel, not plgpu.kernel: it takes the counters as a Ref, aliased in and out of the launch.
+    call = pl.kernel(
+        lambda *refs: pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg"),
+        out_type=out_type,
+        mesh=plgpu.Mesh(grid=(programs,), grid_names=("sm",), num_threads=2, thread_name="wg"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        name="layer_decode",
+    )
+    counters = zero_counters(COUNTERS) if counters is None else counters
+    check_counters(counters, COUNTERS, "layer_decode")
+    counters = jax.new_ref(counters)
+    args = [x, *([x_parts.astype(f32)] if n_parts else []), *([attn, w_o] if with_o else []),
+            mlp_norm, w_gate, w_up, w_down, *([next_norm, *next_qkv] if with_qkv else []), counters]
+    parts, x_new, *_ = call(*args)
+    return parts, x_new, counters[...]

@@ -1,0 +1,144 @@
+"""A batch-1 decode layer's weight products in one Mosaic GPU launch (kernels/layer_decode.py): the kernel against
+its jnp reference on a Hopper GPU (`gpu` marker: jax's Mosaic GPU interpreter does not take the kernel's transposed
+wgmma operand), the reference against the model's formula, the split rule and the shape checks.
+
+Tolerance (max |out - ref| / max |ref|): 1e-2 in bf16. Both sum in float32; the kernel adds the contraction in
+64-wide blocks in another order, so its roundings of h, of the SwiGLU product and of the stream to bf16 (a relative
+step of 2^-8) can land on the other side of the reference's.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tilert_jax.kernels.layer_decode import (Splits, down_splits, layer_decode, layer_decode_reference,
+                                             product_splits, supported)
+from tilert_jax.kernels.mlp_block import mlp_block_reference
+from tilert_jax.kernels.rms_norm import rms_norm_reference
+
+
+def inputs(hidden, intermediate, parts, dtype, seed=0, attn_width=None, qkv_rows=None):
+    """(x, mlp_norm, w_gate, w_up, w_down), and keyword arguments: x_parts, attn with w_o and next_norm with
+    next_qkv where asked for."""
+    keys = iter(jax.random.split(jax.random.key(seed), 12))
+
+    def normal(shape, scale=1.0):
+        return (jax.random.normal(next(keys), shape, jnp.float32) * scale).astype(dtype)
+
+    norm = lambda: (1 + 0.1 * jax.random.normal(next(keys), (hidden,), jnp.float32)).astype(dtype)  # noqa: E731
+    args = (normal((1, hidden)), norm(), normal((intermediate, hidden), hidden ** -0.5),
+            normal((intermediate, hidden), hidden ** -0.5), normal((hidden, intermediate), intermediate ** -0.5))
+    kwargs = {"x_parts": jax.random.normal(next(keys), (parts, 1, hidden), jnp.float32)} if parts else {}
+    if attn_width:
+        kwargs.update(attn=normal((1, attn_width)), w_o=normal((hidden, attn_width), attn_width ** -0.5))
+    if qkv_rows:
+        kwargs.update(next_norm=norm(), next_qkv=tuple(normal((rows, hidden), hidden ** -0.5) for rows in qkv_rows))
+    return args, kwargs
+
+
+@pytest.mark.parametrize("parts", [0, 3])
+def test_mlp_reference_is_the_mlp_float32(parts):
+    """float32: the K-split partial sums add up to the phased MLP's reference (itself checked against the model's
+    formula in test_mlp_block.py), and the combined stream is the same (1e-5)."""
+    args, kwargs = inputs(64, 256, parts, jnp.float32, seed=1)
+    out, x_new = layer_decode_reference(*args[:2], 1e-5, *args[2:], **kwargs, splits=Splits(down=4))
+    ref, ref_x = mlp_block_reference(*args[:2], 1e-5, *args[2:], **kwargs)
+    assert out.shape == (4, 1, 64)
+    np.testing.assert_allclose(jnp.sum(out, axis=0), ref[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_new, ref_x, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_reference_is_the_layer_float32():
+    """float32 (1e-5): with the output projection and the next Q/K/V, the reference is x1 = x + parts + attn @ W_o^T,
+    x2 = x1 + MLP(x1), then rms_norm(x2) @ [W_q; W_k; W_v]^T, its partial sums over K splits adding up to it."""
+    (x, nw, wg, wu, wd), kwargs = inputs(64, 256, 2, jnp.float32, seed=2, attn_width=128, qkv_rows=(128, 64, 64))
+    out, x_new = layer_decode_reference(x, nw, 1e-5, wg, wu, wd, **kwargs, splits=Splits(o=2, down=4, qkv=2))
+    x1 = x + jnp.sum(kwargs["x_parts"], axis=0) + kwargs["attn"] @ kwargs["w_o"].T
+    h = rms_norm_reference(x1, nw, 1e-5)
+    x2 = x1 + (jax.nn.silu(h @ wg.T) * (h @ wu.T)) @ wd.T
+    qkv = rms_norm_reference(x2, kwargs["next_norm"], 1e-5) @ jnp.concatenate(kwargs["next_qkv"]).T
+    assert out.shape == (2, 1, 256)
+    np.testing.assert_allclose(jnp.sum(out, axis=0), qkv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_new, x2, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_are_checked():
+    (x, nw, wg, wu, wd), kwargs = inputs(128, 512, 0, jnp.bfloat16, attn_width=128, qkv_rows=(128, 64, 64))
+    with pytest.raises(ValueError, match="one token"):
+        layer_decode(jnp.concatenate([x, x]), nw, 1e-5, wg, wu, wd)
+    with pytest.raises(ValueError, match="do not fit"):
+        layer_decode(x, nw, 1e-5, wg, wu, wd[:, :256])
+    with pytest.raises(ValueError, match="does not divide"):
+        layer_decode(x, nw, 1e-5, wg, wu, wd, splits=Splits(down=3))
+    with pytest.raises(ValueError, match="output projection needs"):
+        layer_decode(x, nw, 1e-5, wg, wu, wd, attn=kwargs["attn"])
+    with pytest.raises(ValueError, match="next Q/K/V needs"):
+        layer_decode(x, nw, 1e-5, wg, wu, wd, next_norm=nw, next_qkv=(kwargs["w_o"].T[:, :64],))
+    with pytest.raises(ValueError, match="64-row tiles"):
+        layer_decode(x, nw, 1e-5, wg, wu, wd, next_norm=nw, next_qkv=(wg[:96],))
+
+
+def test_splits_even_out_the_programs_and_fit_shared_memory():
+    assert down_splits(2048, 8192) == 4  # llama-3.2-1b: 32 row tiles x 4
+    assert down_splits(4096, 14336) == 2  # llama-3.1-8b: 64 row tiles x 2, the SwiGLU slice (112 KB) in h's place
+    assert down_splits(4096, 14000) is None  # no split of 14000 in 128-wide steps: the Triton kernel runs
+    assert product_splits(32, 2048) == 4  # llama-3.2-1b's output projection: 128 tiles of 64 KB
+    assert product_splits(48, 2048) == 8  # and its Q/K/V: 384 tiles, at most 3 of 32 KB a program (4: 2 of 64 KB)
+    assert product_splits(48, 2048, programs=48) == 1
+    s = jax.ShapeDtypeStruct
+    shapes = (s((1, 4096), jnp.bfloat16), s((4096,), jnp.bfloat16), s((14336, 4096), jnp.bfloat16),
+              s((14336, 4096), jnp.bfloat16), s((4096, 14336), jnp.bfloat16))
+    with pytest.raises(ValueError, match="shared memory"):  # the whole SwiGLU product, 224 KB
+        jax.eval_shape(lambda x, nw, wg, wu, wd: layer_decode(x, nw, 1e-5, wg, wu, wd, splits=Splits(down=1)),
+                       *shapes)
+
+
+def test_not_supported_off_a_hopper_gpu():
+    x = jnp.zeros((1, 64), jnp.bfloat16)
+    assert supported(x) == (jax.default_backend() == "gpu" and
+                            jax.devices()[0].compute_capability.startswith("9."))
+    assert not supported(jnp.zeros((2, 64), jnp.bfloat16))
+
+
+def _check_kernel(args, kwargs, splits, programs=None):
+    run = jax.jit(lambda args, kwargs: layer_decode(*args[:2], 1e-5, *args[2:], **kwargs, splits=splits,
+                                                    programs=programs))
+    for _ in range(2):  # a second launch finds the grid barriers' counters back at zero
+        out, x_new, counters = run(args, kwargs)
+        np.testing.assert_array_equal(counters, np.zeros(2, np.int32))
+    ref, ref_x = layer_decode_reference(*args[:2], 1e-5, *args[2:], **kwargs, splits=splits)
+    got_x, expected_x = np.asarray(x_new, np.float32), np.asarray(ref_x, np.float32)
+    if "next_qkv" in kwargs:  # x2 adds the down product's sums, rounded once more: within one bf16 step
+        assert np.max(np.abs(got_x - expected_x)) <= 2 ** -7 * np.max(np.abs(expected_x))
+    else:
+        np.testing.assert_array_equal(got_x, expected_x)
+    got, expected = np.asarray(out), np.asarray(ref)
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) <= 1e-2 * np.max(np.abs(expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,intermediate,parts,splits,programs", [
+    (256, 1024, 0, 2, None), (512, 2048, 2, 4, None),
+    (512, 2048, 2, 4, 3),  # three programs: several tiles each, their down tiles' runs crossing K splits
+    (2048, 8192, 8, 4, None), (4096, 14336, 2, 2, None)])  # llama-3.2-1b, llama-3.1-8b
+def test_gpu_mlp_matches_reference(hidden, intermediate, parts, splits, programs):
+    args, kwargs = inputs(hidden, intermediate, parts, jnp.bfloat16, seed=3)
+    _check_kernel(args, kwargs, Splits(down=splits), programs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,intermediate,attn_width,qkv_rows,parts,splits,programs", [
+    (2048, 8192, 2048, (2048, 512, 512), 0, None, None),  # llama-3.2-1b
+    (4096, 14336, 4096, (4096, 1024, 1024), 0, None, None),  # llama-3.1-8b
+    (512, 2048, 1024, (1024, 256, 256), 2, Splits(o=2, down=4, qkv=2), 3),  # attn wider than x, 3 programs
+    (512, 2048, 512, None, 0, Splits(o=4, down=2), None)])  # the last layer's: no next Q/K/V
+def test_gpu_layer_matches_reference(hidden, intermediate, attn_width, qkv_rows, parts, splits, programs):
+    args, kwargs = inputs(hidden, intermediate, parts, jnp.bfloat16, seed=4, attn_width=attn_width,
+                          qkv_rows=qkv_rows)
+    if splits is None:  # the kernel's own choice, which the reference needs to know
+        splits = Splits(o=product_splits(hidden // 64, attn_width, programs=jax.devices()[0].core_count),
+                        down=down_splits(hidden, intermediate, programs=jax.devices()[0].core_count),
+                        qkv=product_splits(sum(qkv_rows) // 64, hidden, programs=jax.devices()[0].core_count))
+    _check_kernel(args, kwargs, splits, programs)
