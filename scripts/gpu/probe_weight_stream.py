@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args, sink, normal, presets = preset_probe(__doc__, argv, extra_arguments=_stream_arguments)
     for name, c in presets:
         h, f, d = c.hidden_size, c.intermediate_size, c.head_dim
-        nq, nk = c.num_attention_heads * d, c.num_key_value_heads * d
+        nq, nk = c.num_heads * d, c.num_kv_heads * d
         o_split = tuning.matvec_config("o", 1, nq, (h,)).split  # the partial sums pending on x, as in the step
         x, nw = normal((1, h), 1.0), (1 + normal((h,), 0.1).astype(f32)).astype(jnp.bfloat16)
         x_parts, attn = normal((o_split, 1, h), 1.0).astype(f32), normal((1, nq), 1.0)
