@@ -100,8 +100,8 @@ def _shared_bytes(operand_cols: int, tk: int, stages: int) -> int:
     return 2 * (COLS * operand_cols + stages * 2 * ROWS * tk + ROWS) + 4 * ROWS
 
 
-SHARED_LIMIT = 200 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
-MAX_STAGES = 8  # weight blocks in flight per SM by default (two [64, tk] blocks each), where they fit
+SHARED_LIMIT = 220 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
+MAX_STAGES = 11  # weight blocks in flight per SM by default (two [64, tk] blocks each), where they fit
 
 
 def _share(row_tiles: int, splits: int, programs: int) -> float:
@@ -392,11 +392,12 @@ def layer_decode(
                 rinv = lax.rsqrt(jnp.sum(x32 * x32) / hidden + eps)
                 return (weight[...].astype(f32) * (x32 * rinv).astype(dtype).astype(f32)).astype(dtype)
 
+            x_in = x_gmem[0]  # [H], loaded while the output projection runs
             if with_o:
                 write_row(a_rows, attn_gmem[0])
                 split_product("o", whole(a_smem, attn_width // splits.o), o_gmem)
                 grid_barrier()
-            x1 = stream(x_gmem[0], ([parts_gmem] if n_parts else []) + ([o_gmem] if with_o else []))
+            x1 = stream(x_in, ([parts_gmem] if n_parts else []) + ([o_gmem] if with_o else []))
             write_row(h_rows, normed(x1, nw_gmem))
 
             first, count = runs["gate_up"]

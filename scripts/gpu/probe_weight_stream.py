@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                                         counters=counters)
             qkv, x2 = ops.norm_matvec(x1, nw, 1e-5, w["next_qkv"], x_parts=down, config=cfg["qkv"],
                                       implementation="pallas")
-            return qkv[None], x2, counters
+            return qkv if qkv.ndim == 3 else qkv[None], x2, counters  # partial sums where the config splits K
 
         def layer_stream(w, counters):
             return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], attn=attn, w_o=w["w_o"], next_norm=nw,
