@@ -101,6 +101,7 @@ def _shared_bytes(operand_cols: int, tk: int, stages: int) -> int:
 
 
 SHARED_LIMIT = 220 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
+PROFILED_REGIONS = 16  # a warpgroup's named regions in a launch (the compute warpgroup's: at most 11)
 MAX_STAGES = 11  # weight blocks in flight per SM by default (two [64, tk] blocks each), where they fit
 
 
@@ -213,6 +214,7 @@ def layer_decode(
     stages: int | None = None,  # weight blocks in flight per SM (None: as many as fit, at most MAX_STAGES)
     programs: int | None = None,  # default: one per SM
     counters: jax.Array | None = None,  # int32 [>= 2] zeros: the grid barriers' (None: fresh)
+    profile_dir: str | None = None,  # where Mosaic GPU's profiler writes each launch's trace of the named regions
 ):
     """layer_decode_reference in one launch on a Hopper GPU (see `supported`) -> (parts, x_new, counters: zero again,
     for the next launch: passed from launch to launch, they need no memset in between)."""
@@ -309,6 +311,7 @@ def layer_decode(
             for name, product in products.items():
                 first, count = runs[name]
 
+                @jax.named_scope(f"issue_{name}")  # profiled regions (see profile_dir)
                 @pl.loop(0, count * product.steps)
                 def _issue(j):
                     i = step0[name] + j
@@ -346,6 +349,7 @@ def layer_decode(
                 on_split(split): run before a tile of a K split other than the last tile's."""
                 (first, count), product = runs[name], products[name]
 
+                @jax.named_scope(name)
                 @pl.loop(0, count)
                 def _tile(b):
                     t = first + b
@@ -372,14 +376,16 @@ def layer_decode(
             def grid_barrier():  # every program's stores of the product before it visible to every program
                 nonlocal barriers
                 barriers += 1
-                plgpu.wait_smem_to_gmem(0)
-                _signal(counters, ARRIVED, 1)
-                _wait(counters, ARRIVED, barriers * programs, decrement=False)
+                with jax.named_scope(f"barrier_{barriers}"):
+                    plgpu.wait_smem_to_gmem(0)
+                    _signal(counters, ARRIVED, 1)
+                    _wait(counters, ARRIVED, barriers * programs, decrement=False)
 
             def write_row(rows_view, vector):  # a [W] vector into row 0 of an operand, through its tiles
                 rows_view[:, 0, :] = vector.reshape(rows_view.shape[0], TILE_COLS)
                 plgpu.commit_smem()
 
+            @jax.named_scope("stream")
             def stream(x_in, parts_refs):  # x + its partial sums, rounded to x's dtype
                 xs = x_in.astype(f32)
                 for ref in parts_refs:
@@ -387,6 +393,7 @@ def layer_decode(
                         xs = xs + ref[s, 0]
                 return xs.astype(dtype)
 
+            @jax.named_scope("norm")
             def normed(xs, weight):  # rms_norm_reference, in registers
                 x32 = xs.astype(f32)
                 rinv = lax.rsqrt(jnp.sum(x32 * x32) / hidden + eps)
@@ -402,6 +409,7 @@ def layer_decode(
 
             first, count = runs["gate_up"]
 
+            @jax.named_scope("gate_up")
             @pl.loop(0, count)
             def _gate_up_tile(b):
                 def accumulate(acc_g, acc_u):
@@ -457,7 +465,9 @@ def layer_decode(
         lambda *refs: pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg"),
         out_type=out_type,
         mesh=plgpu.Mesh(grid=(programs,), grid_names=("sm",), num_threads=2, thread_name="wg"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                             profile_space=PROFILED_REGIONS if profile_dir else 0,
+                                             profile_dir=profile_dir or ""),
         name="layer_decode",
     )
     counters = zero_counters(COUNTERS) if counters is None else counters

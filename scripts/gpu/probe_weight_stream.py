@@ -5,9 +5,10 @@ the pending partial sums in its prologue, then the K-split down kernel), and ker
 (both products' weights as one TMA stream per SM across a grid barrier, Mosaic GPU).
 --products layer (the output projection, the MLP and the next layer's Q/K/V): the output projection and the Q/K/V
 projection as Triton kernels around the MLP's weight stream (three launches), and all of it as one weight stream.
+--products o+mlp, mlp+qkv: the weight stream with one of the two.
 
-    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--products mlp|layer] [--stages S] [--tk 64]
-        [--splits S] [--programs P] [--triton 1]
+    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--products mlp|o+mlp|mlp+qkv|layer]
+        [--stages S] [--tk 64] [--splits S] [--programs P] [--triton 1] [--profile-dir DIR]
 
 Prints one JSON line per (preset, way): the kernels' busy time per layer over `--copies` layers of distinct weights
 in one program (command buffers off, so the gaps between launches are not in it), the bytes' rate, and each way's
@@ -17,10 +18,14 @@ gate/up and down phases without the norm prologue) with this script at commit 41
 
 from __future__ import annotations
 
+import collections
 import functools
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tilert_jax.kernels import ops, tuning
 from tilert_jax.kernels.layer_decode import Splits, down_splits, layer_decode, layer_decode_reference
@@ -43,7 +48,11 @@ def main(argv=None) -> int:
             ("gate_up", h, (f, f)), ("down", f, (h,)), ("o", nq, (h,)), ("qkv", h, (nq, nk, nk)))}
         stream = functools.partial(layer_decode, tk=args.tk, stages=args.stages, programs=args.programs)
         splits = Splits(down=args.splits) if args.splits else None
-        layer = args.products == "layer"
+        with_o, with_qkv = args.products in ("layer", "o+mlp"), args.products in ("layer", "mlp+qkv")
+
+        def stream_kwargs(w):  # the products the stream takes besides the MLP's
+            return ({"attn": attn, "w_o": w["w_o"]} if with_o else {"x_parts": x_parts}) | (
+                {"next_norm": nw, "next_qkv": w["next_qkv"]} if with_qkv else {})
 
         def xla(w, counters):
             return ops.mlp_block(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], x_parts=x_parts,
@@ -54,8 +63,8 @@ def main(argv=None) -> int:
                                            config=cfg["gate_up"], implementation="pallas")
             return ops.matvec(mid, w["w_down"], config=cfg["down"], implementation="pallas"), x_new, counters
 
-        def mlp_stream(w, counters):  # the grid barrier's counters passed from layer to layer, as in the step
-            return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], x_parts=x_parts, splits=splits,
+        def weight_stream(w, counters):  # the grid barriers' counters passed from layer to layer, as in the step
+            return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], **stream_kwargs(w), splits=splits,
                           counters=counters)
 
         def layer_ops(w, counters):  # the output projection and the Q/K/V projection as Triton kernels
@@ -66,10 +75,6 @@ def main(argv=None) -> int:
                                       implementation="pallas")
             return qkv if qkv.ndim == 3 else qkv[None], x2, counters  # partial sums where the config splits K
 
-        def layer_stream(w, counters):
-            return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], attn=attn, w_o=w["w_o"], next_norm=nw,
-                          next_qkv=w["next_qkv"], splits=splits, counters=counters)
-
         def layer_by_layer(layers_, fn):
             outs, counters = [], None
             for w in layers_:
@@ -78,14 +83,12 @@ def main(argv=None) -> int:
             return outs
 
         w0 = layers[0]
-        extra = dict(attn=attn, w_o=w0["w_o"], next_norm=nw, next_qkv=w0["next_qkv"]) if layer else dict(
-            x_parts=x_parts)
-        expected = jnp.sum(layer_decode_reference(x, nw, 1e-5, w0["w_gate"], w0["w_up"], w0["w_down"], **extra)[0],
-                           axis=0)
-        baselines = [("layer_ops", layer_ops)] if layer else [("xla", xla), ("decode_triton", triton)]
-        ways = (baselines if args.triton else []) + [("layer_stream", layer_stream) if layer else ("mlp_stream",
-                                                                                                 mlp_stream)]
-        weight_bytes = 2 * (3 * f * h + (h * nq + (nq + 2 * nk) * h if layer else 0))
+        expected = jnp.sum(layer_decode_reference(x, nw, 1e-5, w0["w_gate"], w0["w_up"], w0["w_down"],
+                                                  **stream_kwargs(w0))[0], axis=0)
+        baselines = {"layer": [("layer_ops", layer_ops)], "mlp": [("xla", xla), ("decode_triton", triton)]}
+        ways = (baselines.get(args.products, []) if args.triton else []) + [(args.products + "_stream",
+                                                                             weight_stream)]
+        weight_bytes = 2 * (3 * f * h + with_o * h * nq + with_qkv * (nq + 2 * nk) * h)
         for way, fn in ways:
             row = {"preset": name, "way": way, "o_split": o_split, "splits": args.splits or down_splits(h, f),
                    "tk": args.tk, "stages": args.stages, "programs": args.programs}
@@ -99,16 +102,45 @@ def main(argv=None) -> int:
             row["rel_err"] = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
             timed = kernel_time(lambda: compiled(layers), args.copies)
             emit({**row, **timed, "gbps": round(weight_bytes / timed["us"] / 1e3) if "us" in timed else None}, sink)
+        if args.profile_dir:  # one more run of the stream, its launches traced by Mosaic GPU's profiler
+            stream = functools.partial(stream, profile_dir=args.profile_dir)
+            jax.block_until_ready(jax.jit(functools.partial(layer_by_layer, fn=weight_stream))(layers))
+            for region in _regions(args.profile_dir):
+                emit({"preset": name, "way": args.products + "_stream", **region}, sink)
     return 0
 
 
+def _regions(directory: str) -> list[dict]:
+    """The named regions of the traces Mosaic GPU's profiler wrote (a JSON file a launch): for each region, over
+    every (launch, program, warpgroup) that ran it, the median and largest of its duration and of its end, from the
+    program's first event, in thousands of SM clock cycles (about 0.5 us each at the H200's 1.98 GHz)."""
+    spans = collections.defaultdict(list)  # region -> [(duration, end)]
+    for path in sorted(Path(directory).glob("*-trace.json")):
+        by_thread = collections.defaultdict(list)
+        for event in json.loads(path.read_text())["traceEvents"]:
+            by_thread[event["tid"]].append(event)
+        for events in by_thread.values():
+            begun, t0 = {}, events[0]["ts"]
+            for event in events:
+                if event["ph"] == "B":
+                    begun[event["name"]] = event["ts"]
+                else:
+                    start = begun.pop(event["name"])
+                    spans[event["name"]].append((event["ts"] - start, event["ts"] - t0))
+    return [{"region": name, "n": len(values),
+             **{f"{what}_{stat}": round(float(fn([v[i] for v in values])), 2)
+                for i, what in enumerate(("kcycles", "end")) for stat, fn in (("p50", np.median), ("max", np.max))}}
+            for name, values in spans.items()]
+
+
 def _stream_arguments(parser):
-    parser.add_argument("--products", choices=("mlp", "layer"), default="layer")
+    parser.add_argument("--products", choices=("mlp", "o+mlp", "mlp+qkv", "layer"), default="layer")
     parser.add_argument("--stages", type=int, help="weight blocks in flight (default: layer_decode's choice)")
     parser.add_argument("--tk", type=int, default=64)
     parser.add_argument("--splits", type=int, help="the down product's K splits (default: down_splits' choice)")
     parser.add_argument("--programs", type=int, help="the kernel's programs (default: one per SM)")
     parser.add_argument("--triton", type=int, default=1, help="0: only the Mosaic GPU kernel")
+    parser.add_argument("--profile-dir", help="also trace the stream's named regions (Mosaic GPU's profiler) here")
 
 
 if __name__ == "__main__":
