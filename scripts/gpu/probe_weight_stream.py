@@ -103,6 +103,7 @@ def main(argv=None) -> int:
             timed = kernel_time(lambda: compiled(layers), args.copies)
             emit({**row, **timed, "gbps": round(weight_bytes / timed["us"] / 1e3) if "us" in timed else None}, sink)
         if args.profile_dir:  # one more run of the stream, its launches traced by Mosaic GPU's profiler
+            Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
             stream = functools.partial(stream, profile_dir=args.profile_dir)
             jax.block_until_ready(jax.jit(functools.partial(layer_by_layer, fn=weight_stream))(layers))
             for region in _regions(args.profile_dir):
@@ -140,7 +141,8 @@ def _stream_arguments(parser):
     parser.add_argument("--splits", type=int, help="the down product's K splits (default: down_splits' choice)")
     parser.add_argument("--programs", type=int, help="the kernel's programs (default: one per SM)")
     parser.add_argument("--triton", type=int, default=1, help="0: only the Mosaic GPU kernel")
-    parser.add_argument("--profile-dir", help="also trace the stream's named regions (Mosaic GPU's profiler) here")
+    parser.add_argument("--profile-dir", help="also trace the stream's named regions (Mosaic GPU's profiler) here; "
+                        "its callback needs JAX_PLATFORMS to list cpu")
 
 
 if __name__ == "__main__":
