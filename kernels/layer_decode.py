@@ -101,7 +101,7 @@ def _shared_bytes(operand_cols: int, tk: int, stages: int) -> int:
 
 
 SHARED_LIMIT = 220 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
-PROFILED_REGIONS = 16  # a warpgroup's named regions in a launch (the compute warpgroup's: at most 11)
+PROFILED_REGIONS = 128  # a warpgroup's named regions in a launch (a loop's body is a region in each step)
 MAX_STAGES = 11  # weight blocks in flight per SM by default (two [64, tk] blocks each), where they fit
 
 
@@ -311,9 +311,7 @@ def layer_decode(
             for name, product in products.items():
                 first, count = runs[name]
 
-                @jax.named_scope(f"issue_{name}")  # profiled regions (see profile_dir)
-                @pl.loop(0, count * product.steps)
-                def _issue(j):
+                def issue(j):
                     i = step0[name] + j
                     slot = lax.rem(i, stages)
 
@@ -322,6 +320,9 @@ def layer_decode(
                         plgpu.barrier_wait(free.at[slot])
 
                     product.issue(first + j // product.steps, lax.rem(j, product.steps), slot)
+
+                with jax.named_scope(f"issue_{name}"):  # a profiled region (see profile_dir)
+                    pl.loop(0, count * product.steps)(issue)
 
         @pl.when(lax.axis_index("wg") == 0)  # the compute warpgroup
         def _compute():
@@ -349,9 +350,7 @@ def layer_decode(
                 on_split(split): run before a tile of a K split other than the last tile's."""
                 (first, count), product = runs[name], products[name]
 
-                @jax.named_scope(name)
-                @pl.loop(0, count)
-                def _tile(b):
+                def tile(b):
                     t = first + b
                     split, r = t // product.row_tiles, lax.rem(t, product.row_tiles)
                     if on_split:
@@ -367,6 +366,9 @@ def layer_decode(
                         send(_token_column(acc[...]), out_smem, out.at[split, 0, rows])
 
                     pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32))
+
+                with jax.named_scope(name):
+                    pl.loop(0, count)(tile)
 
             def whole(ref, k_split):  # an operand that holds every K split: split `split`'s block at k0
                 return lambda split, k0: ref.at[:, pl.ds(pl.multiple_of(split * k_split + k0, tk), tk)]
@@ -409,9 +411,7 @@ def layer_decode(
 
             first, count = runs["gate_up"]
 
-            @jax.named_scope("gate_up")
-            @pl.loop(0, count)
-            def _gate_up_tile(b):
+            def gate_up_tile(b):
                 def accumulate(acc_g, acc_u):
                     @pl.loop(0, products["gate_up"].steps)
                     def _step(ks):
@@ -423,6 +423,9 @@ def layer_decode(
                     send(mid, row_smem, mid_gmem.at[0, pl.ds(pl.multiple_of((first + b) * ROWS, ROWS), ROWS)])
 
                 pl.run_scoped(accumulate, plgpu.ACC((ROWS, COLS), f32), plgpu.ACC((ROWS, COLS), f32))
+
+            with jax.named_scope("gate_up"):
+                pl.loop(0, count)(gate_up_tile)
 
             grid_barrier()  # every SwiGLU column written before any down tile reads it
             split_product("down", lambda split, k0: mid_smem.at[:, pl.ds(k0, tk)], down_gmem,

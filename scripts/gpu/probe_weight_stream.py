@@ -112,21 +112,23 @@ def main(argv=None) -> int:
 
 
 def _regions(directory: str) -> list[dict]:
-    """The named regions of the traces Mosaic GPU's profiler wrote (a JSON file a launch): for each region, over
-    every (launch, program, warpgroup) that ran it, the median and largest of its duration and of its end, from the
-    program's first event, in thousands of SM clock cycles (about 0.5 us each at the H200's 1.98 GHz)."""
+    """The named regions of the traces Mosaic GPU's profiler wrote (a JSON file a launch): for each region (its
+    outermost instance in each warpgroup: a loop's body repeats its region in every step), over every (launch,
+    program, warpgroup) that ran it, the median and largest of its duration and of its end, from the warpgroup's
+    first event, in thousands of SM clock cycles (about 0.5 us each at the H200's 1.98 GHz)."""
     spans = collections.defaultdict(list)  # region -> [(duration, end)]
     for path in sorted(Path(directory).glob("*-trace.json")):
         by_thread = collections.defaultdict(list)
         for event in json.loads(path.read_text())["traceEvents"]:
             by_thread[event["tid"]].append(event)
         for events in by_thread.values():
-            begun, t0 = {}, events[0]["ts"]
+            begun, t0 = collections.defaultdict(list), events[0]["ts"]
             for event in events:
                 if event["ph"] == "B":
-                    begun[event["name"]] = event["ts"]
-                else:
-                    start = begun.pop(event["name"])
+                    begun[event["name"]].append(event["ts"])
+                    continue
+                start = begun[event["name"]].pop()
+                if not begun[event["name"]]:
                     spans[event["name"]].append((event["ts"] - start, event["ts"] - t0))
     return [{"region": name, "n": len(values),
              **{f"{what}_{stat}": round(float(fn([v[i] for v in values])), 2)
