@@ -211,7 +211,8 @@ def layer_decode(
     next_qkv: tuple[jax.Array, ...] | None = None,  # its (W_q [Nq, H], W_k [Nk, H], W_v [Nv, H])
     splits: Splits | None = None,  # None: product_splits' for each
     tk: int = 64,  # weight block width (K per block; a multiple of 64)
-    stages: int | None = None,  # weight blocks in flight per SM (None: as many as fit, at most MAX_STAGES)
+    stages: int | None = None,  # weight blocks in shared memory per SM (None: as many as fit, at most MAX_STAGES)
+    in_flight: int | None = None,  # of which requested and not yet landed at most (None: all)
     programs: int | None = None,  # default: one per SM
     counters: jax.Array | None = None,  # int32 [>= 2] zeros: the grid barriers' (None: fresh)
     profile_dir: str | None = None,  # where Mosaic GPU's profiler writes each launch's trace of the named regions
@@ -248,6 +249,7 @@ def layer_decode(
     if stages is None:
         stages = max([s for s in range(2, MAX_STAGES + 1) if _shared_bytes(operand_cols, tk, s) <= SHARED_LIMIT],
                      default=2)
+    in_flight = min(in_flight or stages, stages)
     if _shared_bytes(operand_cols, tk, stages) > SHARED_LIMIT:
         raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, {splits.down} down splits and {stages} "
                          f"stages of {tk} need more than {SHARED_LIMIT} bytes of shared memory (more splits or "
@@ -318,6 +320,11 @@ def layer_decode(
                     @pl.when(i >= stages)
                     def _():
                         plgpu.barrier_wait(free.at[slot])
+
+                    if in_flight < stages:  # and for the copies of the step in_flight steps back to land
+                        @pl.when(i >= in_flight)
+                        def _():
+                            plgpu.barrier_wait(full.at[lax.rem(i - in_flight, stages)])
 
                     product.issue(first + j // product.steps, lax.rem(j, product.steps), slot)
 

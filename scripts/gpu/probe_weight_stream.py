@@ -8,7 +8,7 @@ projection as Triton kernels around the MLP's weight stream (three launches), an
 --products o+mlp, mlp+qkv: the weight stream with one of the two.
 
     python scripts/gpu/probe_weight_stream.py [--presets P,...] [--products mlp|o+mlp|mlp+qkv|layer]
-        [--stages S] [--tk 64] [--splits S] [--programs P] [--triton 1] [--profile-dir DIR]
+        [--stages S] [--in-flight N] [--tk 64] [--splits S] [--programs P] [--triton 1] [--profile-dir DIR]
 
 Prints one JSON line per (preset, way): the kernels' busy time per layer over `--copies` layers of distinct weights
 in one program (command buffers off, so the gaps between launches are not in it), the bytes' rate, and each way's
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
                        next_qkv=(normal((nq, h)), normal((nk, h)), normal((nk, h)))) for _ in range(args.copies)]
         cfg = {op: tuning.matvec_config(op, 1, k, ns) for op, k, ns in (
             ("gate_up", h, (f, f)), ("down", f, (h,)), ("o", nq, (h,)), ("qkv", h, (nq, nk, nk)))}
-        stream = functools.partial(layer_decode, tk=args.tk, stages=args.stages, programs=args.programs)
+        stream = functools.partial(layer_decode, tk=args.tk, stages=args.stages, in_flight=args.in_flight,
+                                   programs=args.programs)
         splits = Splits(down=args.splits) if args.splits else None
         with_o, with_qkv = args.products in ("layer", "o+mlp"), args.products in ("layer", "mlp+qkv")
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         weight_bytes = 2 * (3 * f * h + with_o * h * nq + with_qkv * (nq + 2 * nk) * h)
         for way, fn in ways:
             row = {"preset": name, "way": way, "o_split": o_split, "splits": args.splits or down_splits(h, f),
-                   "tk": args.tk, "stages": args.stages, "programs": args.programs}
+                   "tk": args.tk, "stages": args.stages, "in_flight": args.in_flight, "programs": args.programs}
             try:
                 compiled = jax.jit(functools.partial(layer_by_layer, fn=fn)).lower(layers).compile(
                     {"xla_gpu_enable_command_buffer": ""})
@@ -139,6 +140,7 @@ def _regions(directory: str) -> list[dict]:
 def _stream_arguments(parser):
     parser.add_argument("--products", choices=("mlp", "o+mlp", "mlp+qkv", "layer"), default="layer")
     parser.add_argument("--stages", type=int, help="weight blocks in flight (default: layer_decode's choice)")
+    parser.add_argument("--in-flight", type=int, help="weight blocks requested at once (default: all stages)")
     parser.add_argument("--tk", type=int, default=64)
     parser.add_argument("--splits", type=int, help="the down product's K splits (default: down_splits' choice)")
     parser.add_argument("--programs", type=int, help="the kernel's programs (default: one per SM)")
