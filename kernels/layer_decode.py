@@ -44,6 +44,7 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 
+from tilert_jax.kernels import tuning
 from tilert_jax.kernels.common import check_counters, zero_counters
 from tilert_jax.kernels.matvec import combine_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
@@ -212,7 +213,7 @@ def layer_decode(
     splits: Splits | None = None,  # None: product_splits' for each
     tk: int = 64,  # weight block width (K per block; a multiple of 64)
     stages: int | None = None,  # weight blocks in shared memory per SM (None: as many as fit, at most MAX_STAGES)
-    in_flight: int | None = None,  # of which requested and not yet landed at most (None: all)
+    in_flight: int | None = None,  # of which requested and not yet landed at most (None: tuning.stream_in_flight's)
     programs: int | None = None,  # default: one per SM
     counters: jax.Array | None = None,  # int32 [>= 2] zeros: the grid barriers' (None: fresh)
     profile_dir: str | None = None,  # where Mosaic GPU's profiler writes each launch's trace of the named regions
@@ -249,7 +250,7 @@ def layer_decode(
     if stages is None:
         stages = max([s for s in range(2, MAX_STAGES + 1) if _shared_bytes(operand_cols, tk, s) <= SHARED_LIMIT],
                      default=2)
-    in_flight = min(in_flight or stages, stages)
+    in_flight = min(in_flight or tuning.stream_in_flight(hidden, ffn) or stages, stages)
     if _shared_bytes(operand_cols, tk, stages) > SHARED_LIMIT:
         raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, {splits.down} down splits and {stages} "
                          f"stages of {tk} need more than {SHARED_LIMIT} bytes of shared memory (more splits or "

@@ -91,9 +91,21 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
 # (hidden, intermediate) -> the fused-decode op that runs as one Mosaic GPU launch there (kernels/layer_decode.py),
 # where it measured faster end to end at one token (docs/PERF.md): "mlp", the gate/up and down products (session 27:
 # llama-3.2-1b 0.878 to 0.890 ms against 0.899 to 0.909 for two launches), or "layer", the output projection, the
-# MLP and the next layer's Q/K/V. llama-3.1-8b (4096, 14336) measured level with "mlp" (4.220 against 4.200 ms):
-# its 224 gate/up tiles take two rounds of the 132 SMs, and the kernel streams at 4.0 TB/s already.
-ONE_LAUNCH = {(2048, 8192): "mlp"}
+# MLP and the next layer's Q/K/V (session 28). llama-3.1-8b (4096, 14336) measured level with "mlp" (4.220 against
+# 4.200 ms): its 224 gate/up tiles take two rounds of the 132 SMs, and the kernel streams at 4.0 TB/s already.
+ONE_LAUNCH = {(2048, 8192): "layer"}
+
+# (hidden, intermediate) -> the weight blocks the stream requests at once (layer_decode's in_flight), where capping
+# them measured faster than requesting every stage (session 28, scripts/gpu/probe_weight_stream.py): llama-3.2-1b's
+# layer 36.0 to 36.3 us with 3 of 11 against 38.7 (2: 38.4, 5: 38.2), its MLP 27.7 to 27.9 with 3 or 4 against 29.2.
+# The grid barriers' stores and counters wait behind every request in flight. llama-3.1-8b (5 stages) measured
+# slower with any cap (layer 110.9 us uncapped, 112.7 with 4).
+STREAM_IN_FLIGHT = {(2048, 8192): 3}
+
+
+def stream_in_flight(hidden: int, ffn: int) -> int | None:
+    """layer_decode's in_flight at this shape (None: every stage)."""
+    return STREAM_IN_FLIGHT.get((hidden, ffn))
 
 
 def mlp_block_configs(batch: int, hidden: int, ffn: int) -> tuple[MatvecConfig, MatvecConfig]:

@@ -140,7 +140,7 @@ def _regions(directory: str) -> list[dict]:
 def _stream_arguments(parser):
     parser.add_argument("--products", choices=("mlp", "o+mlp", "mlp+qkv", "layer"), default="layer")
     parser.add_argument("--stages", type=int, help="weight blocks in flight (default: layer_decode's choice)")
-    parser.add_argument("--in-flight", type=int, help="weight blocks requested at once (default: all stages)")
+    parser.add_argument("--in-flight", type=int, help="weight blocks requested at once (default: the tuned cap)")
     parser.add_argument("--tk", type=int, default=64)
     parser.add_argument("--splits", type=int, help="the down product's K splits (default: down_splits' choice)")
     parser.add_argument("--programs", type=int, help="the kernel's programs (default: one per SM)")
