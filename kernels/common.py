@@ -3,7 +3,7 @@ compiler parameters.
 
 Every kernel here but two is written for Pallas' Triton lowering (selected by passing `triton.CompilerParams`); the
 reason is recorded beside each kernel. On a machine without a GPU the same kernel body runs in Pallas interpret mode,
-which is how the CPU tests check it against its jnp reference. The exceptions, swiglu_matmul.py and mlp_decode.py,
+which is how the CPU tests check it against its jnp reference. The exceptions, swiglu_matmul.py and layer_decode.py,
 are Mosaic GPU kernels tested on the GPU (their docstrings say why).
 """
 

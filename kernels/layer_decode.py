@@ -22,13 +22,17 @@ row of an [8, F] buffer (the kernel's scratch output) written and read by TMA, a
 barriers count on an int32 array that the caller passes from launch to launch (`counters`: the kernel leaves it
 zero), so no launch needs a memset.
 
-Measured on the H200 (docs/PERF.md, sessions 26 and 27; scripts/gpu/probe_weight_stream.py): as the MLP alone, the
-stream reads the gate/up weights at 3.7 to 3.8 TB/s (llama-3.2-1b) and 4.1 to 4.2 TB/s (llama-3.1-8b), faster than
-the Triton kernels, and both products take 29.0 to 29.3 us a layer at llama-3.2-1b against 31.0 to 31.3 for the
-Triton kernels (0.878 to 0.884 ms a token against 0.899, so it is that shape's default: tuning.ONE_LAUNCH_MLP), and
-86.9 to 87.4 at llama-3.1-8b against 88.2 to 89.0 (level end to end: its 224 gate/up tiles take two rounds of the
-SMs). Tested on the GPU only (tests/test_layer_decode.py): jax's Mosaic GPU interpreter (0.10) does not take the
-transposed wgmma operand the activation is.
+The memory warpgroup keeps at most `in_flight` steps requested and not landed (tuning.stream_in_flight), though
+`stages` buffers hold them: every request in flight queues ahead of the grid barriers' stores and counters, and at
+llama-3.2-1b a barrier released 4 us after its last arrival with all 11 stages requested (the regions Mosaic GPU's
+profiler records, `profile_dir`; docs/PERF.md, session 28).
+
+Measured on the H200 (docs/PERF.md, sessions 26 to 28; scripts/gpu/probe_weight_stream.py): the whole layer's
+weights (the output projection, the MLP, the next Q/K/V) take 36.0 to 36.3 us a layer at llama-3.2-1b (3.4 TB/s;
+40.5 for the three launches it replaces) and 110.9 at llama-3.1-8b; a decode step 0.822 to 0.835 ms and 3.993 to
+4.001 ms against 0.865 (the MLP alone in one launch) and 4.163 (two launches), so it is both shapes' default
+(tuning.ONE_LAUNCH). Tested on the GPU only (tests/test_layer_decode.py): jax's Mosaic GPU interpreter (0.10) does
+not take the transposed wgmma operand the activation is.
 """
 
 from __future__ import annotations
@@ -345,13 +349,25 @@ def layer_decode(
                 plgpu.copy_gmem_to_smem(src, dst, act_bar)
                 plgpu.barrier_wait(act_bar)
 
+            def step_slot(name, b, ks):  # the buffer of step ks of tile b
+                return lax.rem(step0[name] + b * products[name].steps + ks, stages)
+
             def consume(name, b, ks, products_of_step):  # step ks of tile b: [(acc, operand) for each block]
-                slot = lax.rem(step0[name] + b * products[name].steps + ks, stages)
+                """Starts the step's products and releases the step before's buffer once its products are done (the
+                last step's, `finish`): a step's products run while the next step's blocks are awaited."""
+                slot = step_slot(name, b, ks)
                 plgpu.barrier_wait(full.at[slot])
                 for half, (acc, operand) in enumerate(products_of_step):
                     plgpu.wgmma(acc, w_smem.at[slot, half], operand.transpose((1, 0)))
+                plgpu.wgmma_wait(len(products_of_step))
+
+                @pl.when(ks > 0)
+                def _():
+                    plgpu.barrier_arrive(free.at[step_slot(name, b, ks - 1)])
+
+            def finish(name, b):  # after tile b's last step: its products done, its last buffer released
                 plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(free.at[slot])
+                plgpu.barrier_arrive(free.at[step_slot(name, b, products[name].steps - 1)])
 
             def split_product(name, operand, out, on_split=None):  # tiles of 64 rows x one K split -> partial sums
                 """operand(split, k0): the activation's [8, tk] block at k0 of the split (a view of shared memory);
@@ -370,6 +386,7 @@ def layer_decode(
                             consume(name, b, ks, [(acc, operand(split, pl.multiple_of((2 * ks + half) * tk, tk)))
                                                   for half in range(2)])
 
+                        finish(name, b)
                         rows = pl.ds(pl.multiple_of(r * ROWS, ROWS), ROWS)
                         send(_token_column(acc[...]), out_smem, out.at[split, 0, rows])
 
@@ -426,6 +443,7 @@ def layer_decode(
                         hb = h_smem.at[:, pl.ds(pl.multiple_of(ks * tk, tk), tk)]
                         consume("gate_up", b, ks, [(acc_g, hb), (acc_u, hb)])
 
+                    finish("gate_up", b)
                     g, u = acc_g[...], acc_u[...]
                     mid = _token_column(g / (1.0 + jnp.exp(-g)) * u).astype(dtype)  # [64]
                     send(mid, row_smem, mid_gmem.at[0, pl.ds(pl.multiple_of((first + b) * ROWS, ROWS), ROWS)])

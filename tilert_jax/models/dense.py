@@ -8,10 +8,12 @@ kernels stream them fastest that way (kernels/matvec.py), and cuBLAS takes them 
 With impl="pallas", a decode step (one token per row, batch <= 16) is written as five fused ops per layer
 (`_decode_fused`): RMSNorm + Q/K/V projection; attention with q/k norm, rope and the in-place cache write; output
 projection + residual; RMSNorm + gate/up + SiLU; down projection + residual (and RMSNorm + LM head). Each is a Pallas
-kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200); op "mlp" instead runs
-the gate/up and down projections as one launch (`_one_launch`): at one token on a Hopper GPU the Mosaic GPU
-weight stream (kernels/mlp_decode.py; by default at the shapes where it measured faster, llama-3.2-1b), elsewhere the
-phased Triton kernel (kernels/mlp_block.py, measured slower, opt-in). Under
+kernel or its XLA reference (`pallas_ops`: by default the ones measured faster on the H200). At one token on a Hopper
+GPU op "layer" runs the output projection, the MLP and the next layer's RMSNorm + Q/K/V projection as one launch, a
+Mosaic GPU weight stream (kernels/layer_decode.py; by default where it measured faster, tuning.ONE_LAUNCH:
+llama-3.2-1b and llama-3.1-8b), so a layer is two launches, attention and the rest; op "mlp" runs the gate/up and
+down projections as one launch (the same kernel, elsewhere the phased Triton kernel kernels/mlp_block.py, opt-in).
+Under
 shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
 XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand their float32 partial sums, reduced
 over the mesh, to the next fused op.
@@ -293,8 +295,8 @@ PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `p
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
 # and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products: llama-3.1-8b batch 8
 # 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP stay opt-in; the
-# one-launch MLP runs by default where it measured faster (`_mlp_in_one_launch`, session 27). The prefill's qkv_rope
-# and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25).
+# one-launch layer (or MLP) runs by default where it measured faster (`_one_launch`, sessions 27 and 28). The
+# prefill's qkv_rope and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25).
 DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope", "swiglu_matmul")
 BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope", "swiglu_matmul")
 
