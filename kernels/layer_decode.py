@@ -29,10 +29,11 @@ profiler records, `profile_dir`; docs/PERF.md, session 28).
 
 Measured on the H200 (docs/PERF.md, sessions 26 to 28; scripts/gpu/probe_weight_stream.py): the whole layer's
 weights (the output projection, the MLP, the next Q/K/V) take 36.0 to 36.3 us a layer at llama-3.2-1b (3.4 TB/s;
-40.5 for the three launches it replaces) and 110.9 at llama-3.1-8b; a decode step 0.822 to 0.835 ms and 3.993 to
-4.001 ms against 0.865 (the MLP alone in one launch) and 4.163 (two launches), so it is both shapes' default
-(tuning.ONE_LAUNCH). Tested on the GPU only (tests/test_layer_decode.py): jax's Mosaic GPU interpreter (0.10) does
-not take the transposed wgmma operand the activation is.
+40.5 for the three launches it replaces), 111.3 at llama-3.1-8b (114.8) and 100.4 at qwen3-8b (104.2); a decode
+step 0.822 to 0.835 ms, 3.993 to 4.001 ms and 4.242 ms against 0.865 (the MLP alone in one launch), 4.163 and 4.481
+(the Triton kernels), so it is those shapes' default (tuning.ONE_LAUNCH). Tested on the GPU only
+(tests/test_layer_decode.py): jax's Mosaic GPU interpreter (0.10) does not take the transposed wgmma operand the
+activation is.
 """
 
 from __future__ import annotations

@@ -91,9 +91,10 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
 # (hidden, intermediate) -> the fused-decode op that runs as one Mosaic GPU launch there (kernels/layer_decode.py),
 # where it measured faster end to end at one token (docs/PERF.md): "mlp", the gate/up and down products (session 27:
 # llama-3.2-1b 0.878 to 0.890 ms against 0.899 to 0.909 for two launches), or "layer", the output projection, the
-# MLP and the next layer's Q/K/V (session 28: llama-3.2-1b 0.822 to 0.827 ms against 0.865 with "mlp", llama-3.1-8b
-# 3.993 ms against 4.163 with two launches; "mlp" alone had measured level there, 4.220 against 4.200 ms).
-ONE_LAUNCH = {(2048, 8192): "layer", (4096, 14336): "layer"}
+# MLP and the next layer's Q/K/V (session 28: llama-3.2-1b 0.822 to 0.835 ms against 0.865 with "mlp", llama-3.1-8b
+# 3.993 to 4.001 ms against 4.163 with two launches, where "mlp" alone had measured level, 4.220 against 4.200 ms;
+# qwen3-8b 4.242 against 4.481).
+ONE_LAUNCH = {(2048, 8192): "layer", (4096, 14336): "layer", (4096, 12288): "layer"}
 
 # (hidden, intermediate) -> the weight blocks the stream requests at once (layer_decode's in_flight), where capping
 # them measured faster than requesting every stage (session 28, scripts/gpu/probe_weight_stream.py): llama-3.2-1b's
