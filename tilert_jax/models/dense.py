@@ -13,8 +13,7 @@ GPU op "layer" runs the output projection, the MLP and the next layer's RMSNorm 
 Mosaic GPU weight stream (kernels/layer_decode.py; by default where it measured faster, tuning.ONE_LAUNCH:
 llama-3.2-1b, llama-3.1-8b and qwen3-8b), so a layer is two launches, attention and the rest; op "mlp" runs the
 gate/up and down projections as one launch (the same kernel, elsewhere the phased Triton kernel kernels/mlp_block.py,
-opt-in).
-Under
+opt-in). Under
 shard_map the same ops run on the heads and MLP columns this device holds (llama-3.1-8b at tp=4: 2.66 ms against
 XLA's 3.02, docs/PERF.md session 18); the output and down projections then hand their float32 partial sums, reduced
 over the mesh, to the next fused op.
