@@ -39,6 +39,7 @@ activation is.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -193,7 +194,7 @@ class _Product(NamedTuple):
     tiles: int
     row_tiles: int
     steps: int
-    issue: object
+    issue: Callable[..., None]
 
 
 def _run(tiles: int, p, programs: int):
