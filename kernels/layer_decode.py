@@ -125,9 +125,10 @@ def product_splits(row_tiles: int, k: int, tk: int = 64, programs: int = SMS, fi
     return min(candidates, key=lambda s: (_share(row_tiles, s, programs), s), default=None)
 
 
-def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 5, programs: int = SMS) -> int | None:
-    """The down product's K split (product_splits) where the SwiGLU product's K split fits shared memory: llama-3.2-1b
-    4, llama-3.1-8b 2 (its 112 KB slice in h's place); None where none does."""
+def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 2, programs: int = SMS) -> int | None:
+    """The down product's K split (product_splits) where the SwiGLU product's K split fits shared memory beside
+    `stages` weight buffers (by default the fewest the kernel runs with): llama-3.2-1b 4, llama-3.1-8b 2 (its 112 KB
+    slice in h's place); None where none does."""
     fits = lambda s: _shared_bytes(max(hidden, ffn // s), tk, stages) <= SHARED_LIMIT  # noqa: E731
     return product_splits(hidden // ROWS, ffn, tk, programs, fits)
 
@@ -245,7 +246,7 @@ def layer_decode(
                          f"{qkv_rows} do not divide into {ROWS}-row tiles and {tk}-wide blocks")
     if splits is None:
         splits = Splits(o=product_splits(hidden // ROWS, attn_width, tk, programs) if with_o else 1,
-                        down=down_splits(hidden, ffn, tk, stages or 2, programs),
+                        down=down_splits(hidden, ffn, tk, stages or 2, programs),  # then as many stages as fit
                         qkv=product_splits(sum(qkv_rows) // ROWS, hidden, tk, programs) if with_qkv else 1)
     for name, k, s in (("o", attn_width, splits.o), ("down", ffn, splits.down), ("qkv", hidden, splits.qkv)):
         if not s or k % (s * 2 * tk):

@@ -109,10 +109,11 @@ def layer_block(x, mlp_norm, eps, w_gate, w_up, w_down, *, attn, w_o, x_parts=No
     [S, 1, N] with x_new complete, or the MLP's [S, 1, H] pending on x_new; x_new [1, H]; counters). "pallas" is the
     Mosaic GPU weight stream (layer_decode.py: one launch; see layer_decode_supported)."""
     _check(implementation)
-    run = _ld.layer_decode if implementation == "pallas" else _ld.layer_decode_reference
-    out = run(x, mlp_norm, eps, w_gate, w_up, w_down, x_parts=x_parts, attn=attn, w_o=w_o, next_norm=next_norm,
-              next_qkv=next_qkv, **({"counters": counters} if implementation == "pallas" else {}))
-    return out if implementation == "pallas" else (*out, counters)
+    args = (x, mlp_norm, eps, w_gate, w_up, w_down)
+    products = dict(x_parts=x_parts, attn=attn, w_o=w_o, next_norm=next_norm, next_qkv=next_qkv)
+    if implementation == "pallas":
+        return _ld.layer_decode(*args, **products, counters=counters)
+    return (*_ld.layer_decode_reference(*args, **products), counters)
 
 
 def matvec_residual(x, w, residual, *, config=None, implementation="xla"):

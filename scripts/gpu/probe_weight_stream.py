@@ -64,9 +64,9 @@ def main(argv=None) -> int:
                                            config=cfg["gate_up"], implementation="pallas")
             return ops.matvec(mid, w["w_down"], config=cfg["down"], implementation="pallas"), x_new, counters
 
-        def weight_stream(w, counters):  # the grid barriers' counters passed from layer to layer, as in the step
+        def weight_stream(w, counters, **options):  # the grid barriers' counters passed on, as in the step
             return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], **stream_kwargs(w), splits=splits,
-                          counters=counters)
+                          counters=counters, **options)
 
         def layer_ops(w, counters):  # the output projection and the Q/K/V projection as Triton kernels
             o = ops.matvec(attn, w["w_o"], config=cfg["o"], implementation="pallas")
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
             emit({**row, **timed, "gbps": round(weight_bytes / timed["us"] / 1e3) if "us" in timed else None}, sink)
         if args.profile_dir:  # one more run of the stream, its launches traced by Mosaic GPU's profiler
             Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-            stream = functools.partial(stream, profile_dir=args.profile_dir)
-            jax.block_until_ready(jax.jit(functools.partial(layer_by_layer, fn=weight_stream))(layers))
+            traced = functools.partial(weight_stream, profile_dir=args.profile_dir)
+            jax.block_until_ready(jax.jit(functools.partial(layer_by_layer, fn=traced))(layers))
             for region in _regions(args.profile_dir):
                 emit({"preset": name, "way": args.products + "_stream", **region}, sink)
     return 0
