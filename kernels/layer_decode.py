@@ -5,11 +5,14 @@ TMA stream per SM, the products separated by grid barriers that the stream does 
     m = silu(h @ W_gate^T) * (h @ W_up^T),                h = rms_norm(x1, mlp_norm)
     x2 = x1 + m @ W_down^T
     qkv = rms_norm(x2, next_norm) @ [W_q; W_k; W_v]^T     the next layer's Q/K/V (when next_norm, next_qkv are given)
+    attention(qkv, the next layer's KV cache)             its attention (when next_attention is given)
 
 Every product but gate/up is split along K into 64-row tiles x K splits (`Splits`), each tile's result a float32
 partial sum: the output projection's are added by the gate/up prologue, the down product's by the Q/K/V prologue (or
 returned, pending on x_new, to the next launch), the Q/K/V projection's by the attention kernel
-(kernels/decode_attention.py). Each program (one per SM) owns a contiguous run of every product's tiles. Its memory
+(kernels/decode_attention.py) or by this launch's last phase, the next layer's attention
+(kernels/stream_attention.py: its splits are `attn` to the next launch, which merges them in the output
+projection's prologue). Each program (one per SM) owns a contiguous run of every product's tiles. Its memory
 warpgroup issues the TMA copies of all its weight blocks, product after product, into `stages` shared buffers and
 waits only for a free buffer, so the next product's weights are in flight while a product drains and the grid
 barrier waits. Its compute warpgroup multiplies each [64, tk] block by the activation with wgmma, the weights as the
@@ -50,8 +53,10 @@ from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 
+from tilert_jax.kernels import stream_attention as sa
 from tilert_jax.kernels import tuning
 from tilert_jax.kernels.common import check_counters, zero_counters
+from tilert_jax.kernels.decode_attention import decode_attention_reference
 from tilert_jax.kernels.matvec import combine_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.kernels.swiglu_matvec import swiglu_matvec_reference
@@ -78,6 +83,11 @@ def supported(x: jax.Array) -> bool:
             and x.dtype in (jnp.bfloat16, jnp.float16) and x.shape[0] == 1)
 
 
+def default_programs() -> int:
+    """The kernel's programs by default: one per multiprocessor."""
+    return getattr(jax.devices()[0], "core_count", SMS)
+
+
 def _split_product(inp, w, splits: int):
     """inp [1, K] @ w[N, K]^T as `splits` float32 partial sums over K blocks -> [splits, 1, N]."""
     k = inp.shape[1] // splits
@@ -86,10 +96,14 @@ def _split_product(inp, w, splits: int):
 
 
 def layer_decode_reference(x, mlp_norm, eps, w_gate, w_up, w_down, *, x_parts=None, attn=None, w_o=None,
-                           next_norm=None, next_qkv=None, splits: Splits = Splits()):
+                           next_norm=None, next_qkv=None, next_attention: sa.Attention | None = None,
+                           splits: Splits = Splits()):
     """-> (parts, x_new): the down product's float32 partial sums [splits.down, 1, H] pending on x_new = x1 [1, H];
     with the next layer's Q/K/V, that projection's [splits.qkv, 1, N_q + N_k + N_v] and x_new = x2 (no sums
-    pending on it)."""
+    pending on it). attn may be the previous launch's sa.Partials. With next_attention, the next layer's attention
+    on that Q/K/V follows: (parts, x_new, its output [1, n * d], k_cache, v_cache)."""
+    if isinstance(attn, sa.Partials):
+        attn = sa.merge_reference(attn, w_o.shape[1] // (attn.out.shape[1] * attn.out.shape[3]), x.dtype)
     if attn is not None:
         o = _split_product(attn, w_o, splits.o)
         x_parts = o if x_parts is None else jnp.concatenate([x_parts, o])
@@ -98,13 +112,21 @@ def layer_decode_reference(x, mlp_norm, eps, w_gate, w_up, w_down, *, x_parts=No
     if next_qkv is None:
         return down, x1
     x2 = combine_reference(x1, down)
-    return _split_product(rms_norm_reference(x2, next_norm, eps), jnp.concatenate(next_qkv), splits.qkv), x2
+    qkv = _split_product(rms_norm_reference(x2, next_norm, eps), jnp.concatenate(next_qkv), splits.qkv)
+    if next_attention is None:
+        return qkv, x2
+    att = next_attention
+    _, kvh, _, d = att.k_cache.shape
+    out, k_cache, v_cache = decode_attention_reference(
+        qkv.reshape(qkv.shape[0], 1, -1, d), att.k_cache, att.v_cache, att.pos, att.cos, att.sin,
+        num_heads=att.num_heads, num_kv_heads=kvh, scale=att.scale)
+    return qkv, x2, out.reshape(1, att.num_heads * d), k_cache, v_cache
 
 
-def _shared_bytes(operand_cols: int, tk: int, stages: int) -> int:
-    """Shared memory the kernel asks for (bf16): the activation operand (see _activations), the weight stream, the
-    staging of a SwiGLU tile and of an output tile."""
-    return 2 * (COLS * operand_cols + stages * 2 * ROWS * tk + ROWS) + 4 * ROWS
+def _shared_bytes(operand_cols: int, tk: int, stages: int, attention_bytes: int = 0) -> int:
+    """Shared memory the kernel asks for (bf16): the activation operands or the attention's buffers (see
+    _activations), the weight stream, the staging of a SwiGLU tile and of an output tile."""
+    return max(2 * COLS * operand_cols, attention_bytes) + 2 * (stages * 2 * ROWS * tk + ROWS) + 4 * ROWS
 
 
 SHARED_LIMIT = 220 * 1024  # of the H200's 227 KB a block may take, leaving room for the barriers
@@ -137,7 +159,7 @@ def _swizzled():
     return plgpu.TilingTransform((8, TILE_COLS)), plgpu.SwizzleTransform(SWIZZLE)
 
 
-def _activations(widths: tuple[int, ...], k_split: int, dtype):
+def _activations(widths: tuple[int, ...], k_split: int, dtype, others=()):
     """The wgmma's activation operands, one shared buffer over their disjoint lifetimes: for each row operand (attn,
     h) the swizzled [8, W] operand and its physical [W/64, 8, 64] tiles, whose [:, 0, :] is row 0 (a 128-byte swizzle
     leaves each tile's row 0 in place: a register vector cannot be stored into a swizzled buffer's row directly,
@@ -147,7 +169,7 @@ def _activations(widths: tuple[int, ...], k_split: int, dtype):
     for width in widths:
         members += [plgpu.SMEM((COLS, width), dtype, transforms=_swizzled()),
                     plgpu.SMEM((width // TILE_COLS, COLS, TILE_COLS), dtype)]
-    return plgpu.RefUnion(*members, plgpu.SMEM((COLS, k_split), dtype, transforms=_swizzled()))
+    return plgpu.RefUnion(*members, plgpu.SMEM((COLS, k_split), dtype, transforms=_swizzled()), *others)
 
 
 def _check_aliased(*refs):
@@ -213,10 +235,11 @@ def layer_decode(
     w_down: jax.Array,  # [H, F]
     *,
     x_parts: jax.Array | None = None,  # [S, 1, H] float32 partial sums pending on x
-    attn: jax.Array | None = None,  # [1, A]: the attention's output, for the output projection
+    attn: jax.Array | sa.Partials | None = None,  # [1, A]: the attention's output (or its splits), for the o product
     w_o: jax.Array | None = None,  # [H, A]
     next_norm: jax.Array | None = None,  # [H]: the next layer's attention norm
     next_qkv: tuple[jax.Array, ...] | None = None,  # its (W_q [Nq, H], W_k [Nk, H], W_v [Nv, H])
+    next_attention: sa.Attention | None = None,  # and its attention on that Q/K/V (kernels/stream_attention.py)
     splits: Splits | None = None,  # None: product_splits' for each
     tk: int = 64,  # weight block width (K per block; a multiple of 64)
     stages: int | None = None,  # weight blocks in shared memory per SM (None: as many as fit, at most MAX_STAGES)
@@ -226,8 +249,24 @@ def layer_decode(
     profile_dir: str | None = None,  # where Mosaic GPU's profiler writes each launch's trace of the named regions
 ):
     """layer_decode_reference in one launch on a Hopper GPU (see `supported`) -> (parts, x_new, counters: zero again,
-    for the next launch: passed from launch to launch, they need no memset in between)."""
+    for the next launch: passed from launch to launch, they need no memset in between); with next_attention, then its
+    sa.Partials (the next launch's attn) and the updated k_cache and v_cache."""
     (batch, hidden), ffn = x.shape, w_gate.shape[0]
+    programs = programs or default_programs()
+    merging, attn_in = isinstance(attn, sa.Partials), attn
+    if merging:  # the output projection's operand merged from the attention's splits
+        _, merge_kvh, _, merge_d = attn.out.shape
+        attn_width = w_o.shape[1] if w_o is not None else 0
+        merge_groups = attn_width // (merge_kvh * merge_d)
+        attn = jax.ShapeDtypeStruct((1, attn_width), x.dtype)
+    with_attention = next_attention is not None
+    if with_attention:
+        att = next_attention
+        if next_qkv is None or not sa.supported(att, programs):
+            raise ValueError("layer_decode: the next attention needs the next Q/K/V, one token, head_dim 64 or 128, 2 "
+                             f"to 8 query heads per KV head and a cache of at most {sa.MAX_WINDOW} rows a program; "
+                             f"got {att.k_cache.shape} with {att.num_heads} heads")
+        _, kv_heads, max_len, head_dim = att.k_cache.shape
     if batch != 1:
         raise ValueError(f"layer_decode takes one token, got x {x.shape}")
     if w_up.shape != (ffn, hidden) or w_gate.shape != (ffn, hidden) or w_down.shape != (hidden, ffn):
@@ -239,26 +278,31 @@ def layer_decode(
         raise ValueError(f"layer_decode: the next Q/K/V needs next_norm and (W_q, W_k, W_v) [N, {hidden}]")
     with_o, with_qkv = attn is not None, next_qkv is not None
     attn_width = attn.shape[1] if with_o else hidden
-    programs = programs or getattr(jax.devices()[0], "core_count", SMS)
     qkv_rows = [w.shape[0] for w in next_qkv] if with_qkv else []
     if any(width % ROWS for width in [hidden, ffn, attn_width, *qkv_rows]) or hidden % tk:
         raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, attention {attn_width} and Q/K/V "
                          f"{qkv_rows} do not divide into {ROWS}-row tiles and {tk}-wide blocks")
+    # merging the attention's splits, the output projection's K splits span whole KV heads (`sa.merge`)
+    o_fits = (lambda s: (attn_width // s) % (merge_groups * merge_d) == 0) if merging else (lambda s: True)
     if splits is None:
-        splits = Splits(o=product_splits(hidden // ROWS, attn_width, tk, programs) if with_o else 1,
+        splits = Splits(o=product_splits(hidden // ROWS, attn_width, tk, programs, o_fits) if with_o else 1,
                         down=down_splits(hidden, ffn, tk, stages or 2, programs),  # then as many stages as fit
                         qkv=product_splits(sum(qkv_rows) // ROWS, hidden, tk, programs) if with_qkv else 1)
     for name, k, s in (("o", attn_width, splits.o), ("down", ffn, splits.down), ("qkv", hidden, splits.qkv)):
         if not s or k % (s * 2 * tk):
             raise ValueError(f"layer_decode: the {name} product's K {k} does not divide into {s} splits of "
                              f"{2 * tk}-wide steps")
+    if not o_fits(splits.o):
+        raise ValueError(f"layer_decode: merging the attention, the output projection's {splits.o} K splits must "
+                         f"each span whole KV heads of {merge_groups * merge_d} columns")
     k_split = ffn // splits.down
     operand_cols = max(hidden, attn_width, k_split)
+    attention_bytes = sa.shared_bytes(head_dim, sa.window(max_len, kv_heads, programs)[1]) if with_attention else 0
+    shared = functools.partial(_shared_bytes, operand_cols, tk, attention_bytes=attention_bytes)
     if stages is None:
-        stages = max([s for s in range(2, MAX_STAGES + 1) if _shared_bytes(operand_cols, tk, s) <= SHARED_LIMIT],
-                     default=2)
+        stages = max([s for s in range(2, MAX_STAGES + 1) if shared(s) <= SHARED_LIMIT], default=2)
     in_flight = min(in_flight or tuning.stream_in_flight(hidden, ffn) or stages, stages)
-    if _shared_bytes(operand_cols, tk, stages) > SHARED_LIMIT:
+    if shared(stages) > SHARED_LIMIT:
         raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, {splits.down} down splits and {stages} "
                          f"stages of {tk} need more than {SHARED_LIMIT} bytes of shared memory (more splits or "
                          f"fewer stages)")
@@ -267,19 +311,26 @@ def layer_decode(
     row_tiles = hidden // ROWS
     qkv_bounds = [sum(qkv_rows[:i]) // ROWS for i in range(4)]  # row tiles where W_q, W_k, W_v start (and end)
 
+    widths = (attn_width, hidden) if with_o and attn_width != hidden else (hidden,)
+
     def body(*refs):
         it = iter(refs)
         x_gmem = next(it)  # [1, H]
         parts_gmem = next(it) if n_parts else None  # [S, 1, H] float32
-        attn_gmem, wo_gmem = (next(it), next(it)) if with_o else (None, None)
+        attn_gmem = (next(it), next(it)) if merging else next(it) if with_o else None  # Partials or [1, A]
+        wo_gmem = next(it) if with_o else None
         nw_gmem, wg_gmem, wu_gmem, wd_gmem = next(it), next(it), next(it), next(it)
         next_nw_gmem, wqkv_gmem = (next(it), (next(it), next(it), next(it))) if with_qkv else (None, None)
+        attention_in = (next(it), next(it)) if with_attention else ()  # R, pos
         counters = next(it)
+        caches = (next(it), next(it)) if with_attention else ()  # [kvh * max_len, d] each
         out_gmem, xnew_gmem, mid_gmem = next(it), next(it), next(it)  # mid: row 0 the SwiGLU product
         o_gmem = next(it) if with_o else None  # [splits.o, 1, H] float32: the output projection's partial sums
         down_gmem = next(it) if with_qkv else out_gmem  # [splits.down, 1, H] float32
-        (*views, mid_smem), w_smem, row_smem, out_smem, full, free, act_bar = it
-        _check_aliased(*views, mid_smem)
+        partials = (next(it), next(it)) if with_attention else ()  # the next attention's (sa.Partials)
+        union, w_smem, row_smem, out_smem, full, free, act_bar, *attention_bars = it
+        views, mid_smem, attention_smem = union[:2 * len(widths)], union[2 * len(widths)], union[2 * len(widths) + 1:]
+        _check_aliased(*views, mid_smem, *attention_smem[:2])
         (a_smem, a_rows), (h_smem, h_rows) = views[:2], views[-2:]  # attn's operand and h's (the same if A == H)
 
         def copy_blocks(ref, rows, k0, slot, second=None):  # a step: [64, tk] blocks of ref (and of `second`)
@@ -430,9 +481,20 @@ def layer_decode(
                 return (weight[...].astype(f32) * (x32 * rinv).astype(dtype).astype(f32)).astype(dtype)
 
             x_in = x_gmem[0]  # [H], loaded while the output projection runs
-            if with_o:
+            o_split = attn_width // splits.o
+            if merging:
+                @jax.named_scope("merge")
+                def merge_split(split):  # the attention's output for this K split of the output projection
+                    heads = o_split // (merge_d * merge_groups)  # KV heads a split spans
+                    a_rows[pl.ds(split * (o_split // TILE_COLS), o_split // TILE_COLS), 0, :] = sa.merge(
+                        *attn_gmem, split * heads, heads, merge_groups, dtype)
+                    plgpu.commit_smem()
+
+                split_product("o", whole(a_smem, o_split), o_gmem, on_split=merge_split)
+                grid_barrier()
+            elif with_o:
                 write_row(a_rows, attn_gmem[0])
-                split_product("o", whole(a_smem, attn_width // splits.o), o_gmem)
+                split_product("o", whole(a_smem, o_split), o_gmem)
                 grid_barrier()
             x1 = stream(x_in, ([parts_gmem] if n_parts else []) + ([o_gmem] if with_o else []))
             write_row(h_rows, normed(x1, nw_gmem))
@@ -466,6 +528,12 @@ def layer_decode(
                 x_new = stream(x1, [down_gmem])
                 write_row(h_rows, normed(x_new, next_nw_gmem))
                 split_product("qkv", whole(h_smem, hidden // splits.qkv), out_gmem)
+            if with_attention:  # the Q/K/V sums complete after the barrier: the next layer's attention
+                with jax.named_scope("attention"):
+                    sums = out_gmem.reshape(splits.qkv, sum(qkv_rows) // head_dim, head_dim)
+                    sa.attend(p, (sums, *attention_in, *caches, *partials), attention_smem, attention_bars,
+                              grid_barrier, num_heads=att.num_heads, kv_heads=kv_heads, max_len=max_len, d=head_dim,
+                              n_parts=splits.qkv, scale=att.scale, programs=programs, dtype=dtype)
 
             @pl.when(p == 0)
             def _():
@@ -479,19 +547,23 @@ def layer_decode(
                 _signal(counters, ARRIVED, -barriers * programs)
             plgpu.wait_smem_to_gmem(0)
 
-    widths = (attn_width, hidden) if with_o and attn_width != hidden else (hidden,)
-    scratch = (_activations(widths, k_split, dtype),
+    # the attention's buffers share the activations' (dead by then); the first two of them alias (see sa.scratch)
+    attention_smem = sa.scratch(head_dim, sa.window(max_len, kv_heads, programs)[1], dtype) if with_attention else ()
+    scratch = (_activations(widths, k_split, dtype, attention_smem),
                plgpu.SMEM((stages, 2, ROWS, tk), dtype, transforms=_swizzled()),  # the weight stream
                plgpu.SMEM((ROWS,), dtype),  # a SwiGLU tile on its way to HBM
                plgpu.SMEM((ROWS,), f32),  # an output tile on its way to HBM
                plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # a stage's blocks arrived
                plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # a stage's blocks were used
-               plgpu.Barrier(num_arrivals=1))  # an activation arrived
+               plgpu.Barrier(num_arrivals=1),  # an activation arrived
+               *((plgpu.Barrier(num_arrivals=1), plgpu.Barrier(num_arrivals=2))
+                 if with_attention else ()))  # the attention's R and K/V windows arrived
     out_parts = (splits.qkv, 1, sum(qkv_rows)) if with_qkv else (splits.down, 1, hidden)
     out_type = (jax.ShapeDtypeStruct(out_parts, f32), jax.ShapeDtypeStruct((1, hidden), dtype),
                 jax.ShapeDtypeStruct((COLS, ffn), dtype))
     out_type += ((jax.ShapeDtypeStruct((splits.o, 1, hidden), f32),) if with_o else ())
     out_type += ((jax.ShapeDtypeStruct((splits.down, 1, hidden), f32),) if with_qkv else ())
+    out_type += sa.workspace_types(att, programs) if with_attention else ()
     # pl.kernel, not plgpu.kernel: it takes the counters as a Ref, aliased in and out of the launch.
     call = pl.kernel(
         lambda *refs: pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg"),
@@ -505,7 +577,16 @@ def layer_decode(
     counters = zero_counters(COUNTERS) if counters is None else counters
     check_counters(counters, COUNTERS, "layer_decode")
     counters = jax.new_ref(counters)
-    args = [x, *([x_parts.astype(f32)] if n_parts else []), *([attn, w_o] if with_o else []),
-            mlp_norm, w_gate, w_up, w_down, *([next_norm, *next_qkv] if with_qkv else []), counters]
-    parts, x_new, *_ = call(*args)
+    attention_args, caches = [], []
+    if with_attention:
+        attention_args = [sa.rope_matrix(att.cos, att.sin), jnp.reshape(att.pos, (1,)).astype(jnp.int32)]
+        caches = [jax.new_ref(c.reshape(-1, head_dim)) for c in (att.k_cache, att.v_cache)]
+    attn_args = list(attn_in) if merging else [attn] if with_o else []
+    args = [x, *([x_parts.astype(f32)] if n_parts else []), *attn_args, *([w_o] if with_o else []), mlp_norm, w_gate,
+            w_up, w_down, *([next_norm, *next_qkv] if with_qkv else []), *attention_args, counters, *caches]
+    parts, x_new, *rest = call(*args)
+    if with_attention:
+        shape = att.k_cache.shape
+        return (parts, x_new, counters[...], sa.Partials(*rest[-2:]), caches[0][...].reshape(shape),
+                caches[1][...].reshape(shape))
     return parts, x_new, counters[...]

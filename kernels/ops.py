@@ -16,6 +16,7 @@ from tilert_jax.kernels import matvec_residual as _mr
 from tilert_jax.kernels import mlp_block as _mb
 from tilert_jax.kernels import norm_matvec as _nm
 from tilert_jax.kernels import qkv_rope as _qr
+from tilert_jax.kernels import stream_attention as _sa
 from tilert_jax.kernels import swiglu_matmul as _sm
 from tilert_jax.kernels import swiglu_matvec as _sw
 from tilert_jax.kernels.attention import attention_reference, self_attention_fused, self_attention_reference
@@ -86,6 +87,14 @@ def layer_decode_supported(x, ffn: int) -> bool:
     return _ld.supported(x) and _ld.down_splits(x.shape[1], ffn) is not None
 
 
+StreamAttention = _sa.Attention  # a layer_block's next_attention
+
+
+def stream_attention_supported(x, ffn: int, attention: StreamAttention) -> bool:
+    """Whether layer_block's "pallas" launch takes this next_attention (see stream_attention.supported)."""
+    return layer_decode_supported(x, ffn) and _sa.supported(attention, _ld.default_programs())
+
+
 def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, configs=None, counters=None,
               implementation="xla"):
     """The dense MLP on rms_norm(x [+ x_parts]) -> (float32 partial sums [S, B, H] of its output, x_new [B, H],
@@ -103,17 +112,21 @@ def mlp_block(x, norm_weight, eps, w_gate, w_up, w_down, *, x_parts=None, config
 
 
 def layer_block(x, mlp_norm, eps, w_gate, w_up, w_down, *, attn, w_o, x_parts=None, next_norm=None, next_qkv=None,
-                counters=None, implementation="xla"):
+                next_attention=None, counters=None, implementation="xla"):
     """One token's layer after its attention: x + attn @ w_o^T, the MLP on its norm, and (given next_norm and
     next_qkv = (W_q, W_k, W_v)) the next layer's Q/K/V projection -> (float32 partial sums: the Q/K/V projection's
-    [S, 1, N] with x_new complete, or the MLP's [S, 1, H] pending on x_new; x_new [1, H]; counters). "pallas" is the
+    [S, 1, N] with x_new complete, or the MLP's [S, 1, H] pending on x_new; x_new [1, H]; counters), then with
+    next_attention (stream_attention.Attention) the next layer's attention (its output: stream_attention.Partials
+    from "pallas", [1, n * d] from "xla"; either is the next call's attn) and its k_cache and v_cache. "pallas" is the
     Mosaic GPU weight stream (layer_decode.py: one launch; see layer_decode_supported)."""
     _check(implementation)
     args = (x, mlp_norm, eps, w_gate, w_up, w_down)
-    products = dict(x_parts=x_parts, attn=attn, w_o=w_o, next_norm=next_norm, next_qkv=next_qkv)
+    products = dict(x_parts=x_parts, attn=attn, w_o=w_o, next_norm=next_norm, next_qkv=next_qkv,
+                    next_attention=next_attention)
     if implementation == "pallas":
         return _ld.layer_decode(*args, **products, counters=counters)
-    return (*_ld.layer_decode_reference(*args, **products), counters)
+    parts, x_new, *attention = _ld.layer_decode_reference(*args, **products)
+    return parts, x_new, counters, *attention
 
 
 def matvec_residual(x, w, residual, *, config=None, implementation="xla"):

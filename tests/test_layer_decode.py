@@ -12,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tilert_jax.kernels import stream_attention as sa
 from tilert_jax.kernels.layer_decode import (Splits, down_splits, layer_decode, layer_decode_reference,
                                              product_splits, supported)
 from tilert_jax.kernels.mlp_block import mlp_block_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
+from tilert_jax.rope import apply_rope
 
 
 def inputs(hidden, intermediate, parts, dtype, seed=0, attn_width=None, qkv_rows=None):
@@ -142,3 +144,91 @@ def test_gpu_layer_matches_reference(hidden, intermediate, attn_width, qkv_rows,
                         down=down_splits(hidden, intermediate, programs=jax.devices()[0].core_count),
                         qkv=product_splits(sum(qkv_rows) // 64, hidden, programs=jax.devices()[0].core_count))
     _check_kernel(args, kwargs, splits, programs)
+
+
+def attention_inputs(num_heads, kv_heads, head_dim, max_len, pos, seed=5, dtype=jnp.bfloat16):
+    """An sa.Attention on random caches, with llama's rope tables at pos."""
+    keys = iter(jax.random.split(jax.random.key(seed), 2))
+    cache = lambda: jax.random.normal(next(keys), (1, kv_heads, max_len, head_dim), jnp.float32).astype(dtype)  # noqa
+    angle = pos * 10000.0 ** (-jnp.arange(0, head_dim, 2) / head_dim)
+    angle = jnp.concatenate([angle, angle])
+    return sa.Attention(cache(), cache(), jnp.int32(pos), jnp.cos(angle).astype(dtype), jnp.sin(angle).astype(dtype),
+                        num_heads, head_dim ** -0.5)
+
+
+def test_rope_matrix_is_rope_float32():
+    """x @ R^T is apply_rope(x) (1e-6 in float32)."""
+    att = attention_inputs(4, 2, 64, 8, 37, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (1, 1, 3, 64), jnp.float32)
+    expected = apply_rope(x, att.cos[None, None], att.sin[None, None])
+    np.testing.assert_allclose(x @ sa.rope_matrix(att.cos, att.sin).T, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_reference_is_attention_float32():
+    """Splits of the cache as attend leaves them (each normalised, with its base-2 log-sum-exp, query head j in row 8 j,
+    the others garbage, an empty split at -inf) merge to attention over the whole cache (1e-5)."""
+    groups, kvh, d, length, splits = 4, 2, 64, 24, 4
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (kvh, groups, d), jnp.float32)
+    k, v = (jax.random.normal(key, (kvh, length, d), jnp.float32) for key in keys[1:])
+    s = jnp.einsum("hgd,htd->hgt", q, k) / 8.0
+    expected = jnp.einsum("hgt,htd->hgd", jax.nn.softmax(s, axis=-1), v).reshape(1, -1)
+    bounds = [(0, 10), (10, 11), (11, 24), (24, 24)]
+    out = jnp.full((splits, kvh, 64, d), jnp.nan, jnp.float32)
+    lse = jnp.full((splits, kvh, 64, d), jnp.nan, jnp.float32)
+    for a, (lo, hi) in enumerate(bounds):
+        if hi > lo:
+            part = s[:, :, lo:hi]
+            o = jnp.einsum("hgt,htd->hgd", jax.nn.softmax(part, axis=-1), v[:, lo:hi])
+            row_lse = jax.scipy.special.logsumexp(part, axis=-1)[..., None] * jnp.ones(d) / jnp.log(2.0)
+        else:
+            o, row_lse = jnp.zeros((kvh, groups, d)), jnp.full((kvh, groups, d), -jnp.inf)
+        out = out.at[a, :, 0:8 * groups:8].set(o)
+        lse = lse.at[a, :, 0:8 * groups:8].set(row_lse)
+    got = sa.merge_reference(sa.Partials(out, lse), groups, jnp.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_window():
+    """Splits of 64-row windows, as few as cover the cache with at most programs // kv_heads of them."""
+    assert sa.window(1152, 8, 132) == (9, 128)
+    assert sa.window(512, 8, 132) == (8, 64)
+    assert sa.window(4096, 8, 132) == (16, 256)
+    att = attention_inputs(32, 8, 64, 1152, 5)
+    assert sa.supported(att, 132) and not sa.supported(attention_inputs(32, 8, 64, 4096, 5), 132)
+    assert not sa.supported(attention_inputs(32, 32, 64, 1152, 5), 132)  # one query head per KV head
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden,intermediate,heads,kv_heads,head_dim,max_len,pos", [
+    (2048, 8192, 32, 8, 64, 1152, 1100),  # llama-3.2-1b
+    (2048, 8192, 32, 8, 64, 1152, 5),  # a short context: one window with work, the new token in it
+    (4096, 14336, 32, 8, 128, 1152, 1100)])  # llama-3.1-8b
+def test_gpu_layer_with_next_attention_matches_reference(hidden, intermediate, heads, kv_heads, head_dim, max_len,
+                                                         pos):
+    """Two launches in a row: the first ends with the next layer's attention (its splits merged as the reference's
+    attention output, both caches with the new token's row), the second merges those splits in its output
+    projection (its Q/K/V sums and x_new as the reference's on the merged attention): 1e-2 of the largest value."""
+    args, kwargs = inputs(hidden, intermediate, 0, jnp.bfloat16, seed=6, attn_width=heads * head_dim,
+                          qkv_rows=(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))
+    att = attention_inputs(heads, kv_heads, head_dim, max_len, pos)
+    programs = jax.devices()[0].core_count
+    splits = Splits(o=product_splits(hidden // 64, heads * head_dim, programs=programs),
+                    down=down_splits(hidden, intermediate, programs=programs),
+                    qkv=product_splits((heads + 2 * kv_heads) * head_dim // 64, hidden, programs=programs))
+    run = jax.jit(lambda args, kwargs, att: layer_decode(*args[:2], 1e-5, *args[2:], **kwargs, next_attention=att))
+    out, x_new, counters, partials, k_cache, v_cache = run(args, kwargs, att)
+    ref, ref_x, ref_attn, ref_k, ref_v = layer_decode_reference(*args[:2], 1e-5, *args[2:], **kwargs,
+                                                                next_attention=att, splits=splits)
+    merged = sa.merge_reference(partials, heads // kv_heads, jnp.bfloat16)
+    second = jax.jit(lambda args, kwargs: layer_decode(*args[:2], 1e-5, *args[2:], **kwargs))
+    kwargs["attn"] = partials
+    out2, x2, counters2 = second(args, kwargs)
+    ref2, ref2_x = layer_decode_reference(*args[:2], 1e-5, *args[2:], **kwargs, splits=splits)
+    for counter in (counters, counters2):
+        np.testing.assert_array_equal(counter, np.zeros(2, np.int32))
+    for got, expected in ((out, ref), (x_new, ref_x), (merged, ref_attn), (k_cache, ref_k), (v_cache, ref_v),
+                          (out2, ref2), (x2, ref2_x)):
+        got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
+        assert got.shape == expected.shape
+        assert np.max(np.abs(got - expected)) <= 1e-2 * np.max(np.abs(expected))

@@ -6,8 +6,11 @@ the pending partial sums in its prologue, then the K-split down kernel), and ker
 --products layer (the output projection, the MLP and the next layer's Q/K/V): the output projection and the Q/K/V
 projection as Triton kernels around the MLP's weight stream (three launches), and all of it as one weight stream.
 --products o+mlp, mlp+qkv: the weight stream with one of the two.
+--products attention+layer: the layer's stream ending with the next layer's attention (kernels/stream_attention.py:
+a cache of prompt 1024 + 128 at position 1100), the next launch merging its splits, against the Triton decode
+attention launched between the layers' streams.
 
-    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--products mlp|o+mlp|mlp+qkv|layer]
+    python scripts/gpu/probe_weight_stream.py [--presets P,...] [--products mlp|o+mlp|mlp+qkv|layer|attention+layer]
         [--stages S] [--in-flight N] [--tk 64] [--splits S] [--programs P] [--triton 1] [--profile-dir DIR]
 
 Prints one JSON line per (preset, way): the kernels' busy time per layer over `--copies` layers of distinct weights
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tilert_jax.kernels import ops, tuning
+from tilert_jax.kernels import stream_attention as sa
 from tilert_jax.kernels.layer_decode import Splits, down_splits, layer_decode, layer_decode_reference
 from tilert_jax.profiling import emit, kernel_time, preset_probe
 
@@ -49,7 +53,18 @@ def main(argv=None) -> int:
         stream = functools.partial(layer_decode, tk=args.tk, stages=args.stages, in_flight=args.in_flight,
                                    programs=args.programs)
         splits = Splits(down=args.splits) if args.splits else None
-        with_o, with_qkv = args.products in ("layer", "o+mlp"), args.products in ("layer", "mlp+qkv")
+        with_attention = args.products == "attention+layer"
+        with_o = args.products in ("layer", "o+mlp", "attention+layer")
+        with_qkv = args.products in ("layer", "mlp+qkv", "attention+layer")
+        kvh = c.num_kv_heads
+        angle = 1100 * 10000.0 ** (-jnp.arange(0, d, 2) / d)
+        cos, sin = (jnp.tile(fn(angle), 2).astype(jnp.bfloat16) for fn in (jnp.cos, jnp.sin))
+        qkv_parts = normal((8, 1, nq + 2 * nk), 1.0).astype(f32)
+        for w in layers:
+            w["caches"] = (normal((1, kvh, 1152, d), 1.0), normal((1, kvh, 1152, d), 1.0))
+
+        def attention(w):
+            return sa.Attention(*w["caches"], jnp.int32(1100), cos, sin, c.num_heads, d ** -0.5)
 
         def stream_kwargs(w):  # the products the stream takes besides the MLP's
             return ({"attn": attn, "w_o": w["w_o"]} if with_o else {"x_parts": x_parts}) | (
@@ -65,8 +80,22 @@ def main(argv=None) -> int:
             return ops.matvec(mid, w["w_down"], config=cfg["down"], implementation="pallas"), x_new, counters
 
         def weight_stream(w, counters, **options):  # the grid barriers' counters passed on, as in the step
+            if with_attention:  # the previous launch's attention splits merged, the next layer's attention taken
+                counters, partials = counters or (None, None)
+                kwargs = stream_kwargs(w) | ({"attn": partials} if partials is not None else {})
+                parts, x_new, counters, partials, *_ = stream(
+                    x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], **kwargs, next_attention=attention(w),
+                    splits=splits, counters=counters, **options)
+                return parts, x_new, (counters, partials)
             return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], **stream_kwargs(w), splits=splits,
                           counters=counters, **options)
+
+        def attention_then_stream(w, counters):  # the Triton decode attention, then the layer's stream
+            out, *_ = ops.decode_attention(qkv_parts.reshape(8, 1, -1, d), *w["caches"], jnp.int32(1100), cos, sin,
+                                           num_heads=c.num_heads, num_kv_heads=kvh, scale=d ** -0.5,
+                                           config=tuning.attention_config(1, kvh, 1152, d), implementation="pallas")
+            return stream(x, nw, 1e-5, w["w_gate"], w["w_up"], w["w_down"], attn=out.reshape(1, nq), w_o=w["w_o"],
+                          next_norm=nw, next_qkv=w["next_qkv"], counters=counters)
 
         def layer_ops(w, counters):  # the output projection and the Q/K/V projection as Triton kernels
             o = ops.matvec(attn, w["w_o"], config=cfg["o"], implementation="pallas")
@@ -86,7 +115,8 @@ def main(argv=None) -> int:
         w0 = layers[0]
         expected = jnp.sum(layer_decode_reference(x, nw, 1e-5, w0["w_gate"], w0["w_up"], w0["w_down"],
                                                   **stream_kwargs(w0))[0], axis=0)
-        baselines = {"layer": [("layer_ops", layer_ops)], "mlp": [("xla", xla), ("decode_triton", triton)]}
+        baselines = {"layer": [("layer_ops", layer_ops)], "mlp": [("xla", xla), ("decode_triton", triton)],
+                     "attention+layer": [("attention_then_stream", attention_then_stream)]}
         ways = (baselines.get(args.products, []) if args.triton else []) + [(args.products + "_stream",
                                                                              weight_stream)]
         weight_bytes = 2 * (3 * f * h + with_o * h * nq + with_qkv * (nq + 2 * nk) * h)
@@ -138,7 +168,7 @@ def _regions(directory: str) -> list[dict]:
 
 
 def _stream_arguments(parser):
-    parser.add_argument("--products", choices=("mlp", "o+mlp", "mlp+qkv", "layer"), default="layer")
+    parser.add_argument("--products", choices=("mlp", "o+mlp", "mlp+qkv", "layer", "attention+layer"), default="layer")
     parser.add_argument("--stages", type=int, help="weight blocks in flight (default: layer_decode's choice)")
     parser.add_argument("--in-flight", type=int, help="weight blocks requested at once (default: the tuned cap)")
     parser.add_argument("--tk", type=int, default=64)

@@ -272,8 +272,8 @@ def _last_token_layer(config: DenseConfig, layer: Layer, x, positions, cache_kv,
     out = ops.attention(pick(q, 1), keys, values, pick(positions, 0), k_pos, scale=config.head_dim ** -0.5,
                         sliding_window=config.sliding_window, implementation=impl)  # [B, 1, heads, head_dim]
     tail_impl = impl if batch <= MAX_FUSED_BATCH else "xla"
-    x, parts, _, _ = _output_and_mlp(config, layer, out.reshape(batch, -1), pick(x, 1)[:, 0], None, tail_impl,
-                                     tp_axis)
+    x, parts, *_ = _output_and_mlp(config, layer, out.reshape(batch, -1), pick(x, 1)[:, 0], None, tail_impl,
+                                   tp_axis)
     return x, parts, (keys, values)
 
 
@@ -286,10 +286,11 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
             and cache.k[0].shape[1] == kv_heads and params.embed.dtype == cache.k[0].dtype)
 
 
-# mlp: gate_up + down in one launch; layer: o, gate_up, down and the next layer's qkv in one launch; qkv_rope: the
-# prefill's Q/K/V projection with rope and the cache write; swiglu_matmul: the prefill's gate/up products with the
-# SwiGLU in their epilogue
-FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "layer", "qkv_rope", "swiglu_matmul")
+# mlp: gate_up + down in one launch; layer: o, gate_up, down and the next layer's qkv in one launch;
+# stream_attention: the layer launch ending with the next layer's attention; qkv_rope: the prefill's Q/K/V projection
+# with rope and the cache write; swiglu_matmul: the prefill's gate/up products with the SwiGLU in their epilogue
+FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "layer", "stream_attention", "qkv_rope",
+             "swiglu_matmul")
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `pallas_ops`)
 # The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
@@ -352,38 +353,54 @@ def _one_launch(op: str, x, ffn: int) -> bool:
     return tuning.ONE_LAUNCH.get((x.shape[1], ffn)) == op and runs
 
 
+def _stream_attention(config: DenseConfig, x, ffn: int, attention) -> bool:
+    """Whether the layer launch ends with the next layer's attention (kernels/stream_attention.py): where
+    $TILERT_PALLAS_OPS names "stream_attention" (opt-in: llama-3.2-1b measured level with the Triton attention's
+    launch, session 29), the layer's op runs, and the attention has no bias, q/k norm or window and fits the kernel."""
+    return (os.environ.get(PALLAS_OPS_ENV) is not None and "stream_attention" in pallas_ops(x.shape[0])
+            and not (config.qkv_bias or config.qk_norm or config.sliding_window is not None)
+            and _one_launch("layer", x, ffn) and ops.stream_attention_supported(x, ffn, attention))
+
+
 def _qkv_weights(layer: Layer, hidden: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The layer's (W_q, W_k, W_v) as [out, hidden] matrices (free reshapes)."""
     return tuple(w.reshape(-1, hidden) for w in (layer.attn.wq, layer.attn.wk, layer.attn.wv))
 
 
 def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_axis, counters=None,
-                    next_layer: Layer | None = None):
-    """One token row per sequence after its attention (attn [B, heads * head_dim], x [B, hidden] with float32 partial
-    sums `parts` pending on it or None): x + attn @ wo^T, then x + MLP(RMSNorm(x)), as fused decode ops -> the new x,
-    the partial sums pending on it (or None), the next layer's Q/K/V projection when this launch made it (float32
-    partial sums [S, B, N], or None: the caller projects) and the weight stream's counters (as given without it)."""
+                    next_layer: Layer | None = None, next_attention=None):
+    """One token row per sequence after its attention (attn [B, heads * head_dim], or the splits the previous launch
+    left; x [B, hidden] with float32 partial sums `parts` pending on it or None): x + attn @ wo^T, then
+    x + MLP(RMSNorm(x)), as fused decode ops -> the new x, the partial sums pending on it (or None), the next layer's
+    Q/K/V projection when this launch made it (float32 partial sums [S, B, N], or None: the caller projects), the
+    weight stream's counters (as given without it) and, given next_attention (ops.StreamAttention: the caller checked
+    `_stream_attention`), the next layer's (attn, k_cache, v_cache) (else None)."""
     batch, h = x.shape
     a, mlp, eps = layer.attn, layer.mlp, config.rms_norm_eps
+    w_o = a.wo.reshape(h, -1)
     if impl == "pallas" and tp_axis is None and a.bo is None and _one_launch("layer", x, mlp.w_gate.shape[0]):
         following = {} if next_layer is None else dict(next_norm=next_layer.attn_norm,
-                                                        next_qkv=_qkv_weights(next_layer, h))
-        out, x, counters = ops.layer_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, attn=attn,
-                                           w_o=a.wo.reshape(h, attn.shape[1]), x_parts=parts, counters=counters,
-                                           implementation=impl, **following)
-        return (x, None, out, counters) if next_layer is not None else (x, out, None, counters)
-    x, parts = _project_residual("o", attn, a.wo.reshape(h, attn.shape[1]), x, a.bo, impl, tp_axis)
+                                                        next_qkv=_qkv_weights(next_layer, h),
+                                                        next_attention=next_attention)
+        out, x, counters, *attention = ops.layer_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down,
+                                                       attn=attn, w_o=w_o, x_parts=parts, counters=counters,
+                                                       implementation=impl, **following)
+        if next_layer is None:
+            return x, out, None, counters, None
+        return x, None, out, counters, tuple(attention) or None
+    x, parts = _project_residual("o", attn, w_o, x, a.bo, impl, tp_axis)
     if impl == "pallas" and _one_launch("mlp", x, mlp.w_gate.shape[0]):
         configs = tuning.mlp_block_configs(batch, h, mlp.w_gate.shape[0])
         parts, x, counters = ops.mlp_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, x_parts=parts,
                                            configs=configs, counters=counters, implementation=impl)
-        return x, parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None], None, counters
+        parts = parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None]
+        return x, parts, None, counters, None
     config_gate_up = tuning.matvec_config("gate_up", batch, h, (mlp.w_gate.shape[0],) * 2)
     mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, x_parts=parts,
                                            config=config_gate_up, implementation=_op_impl("gate_up", impl, batch)),
                          parts)
     x = x if x_new is None else x_new
-    return *_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis), None, counters
+    return *_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis), None, counters, None
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
@@ -403,24 +420,34 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
     arrivals = None  # the attention kernel's split counters, one array through every layer
     counters = None  # and the weight stream's grid barriers'
     qkv = None  # the next layer's Q/K/V projection, when the previous layer's launch made it
+    taken = None  # and its attention (attn, k_cache, v_cache), when that launch also took it
     for i, layer in enumerate(params.layers):
         a = layer.attn
-        if qkv is None:
-            qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, _qkv_weights(layer, h), x_parts=parts,
-                                                 config=qkv_cfg, implementation=_op_impl("qkv", impl, batch)), parts)
-            x = x if x_new is None else x_new
-        qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
-        bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
-        qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
-        attn, k, v, arrivals = ops.decode_attention(
-            qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, eps=eps,
-            bias=bias, qk_norm=qk_norm, sliding_window=config.sliding_window, config=attn_cfg, arrivals=arrivals,
-            implementation=_op_impl("attention", impl, batch))
+        if taken is not None:  # the previous launch took this layer's attention
+            attn, k, v = taken
+        else:
+            if qkv is None:
+                qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, _qkv_weights(layer, h), x_parts=parts,
+                                                     config=qkv_cfg, implementation=_op_impl("qkv", impl, batch)),
+                                     parts)
+                x = x if x_new is None else x_new
+            qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
+            bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
+            qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
+            attn, k, v, arrivals = ops.decode_attention(
+                qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, eps=eps,
+                bias=bias, qk_norm=qk_norm, sliding_window=config.sliding_window, config=attn_cfg, arrivals=arrivals,
+                implementation=_op_impl("attention", impl, batch))
+            attn = attn.reshape(batch, n * d)
         new_k.append(k)
         new_v.append(v)
         next_layer = params.layers[i + 1] if i + 1 < len(params.layers) else None
-        x, parts, qkv, counters = _output_and_mlp(config, layer, attn.reshape(batch, n * d), x, parts, impl,
-                                                  tp_axis, counters, next_layer)
+        following = None  # the next layer's attention, where this layer's launch takes it
+        if impl == "pallas" and tp_axis is None and next_layer is not None:
+            following = ops.StreamAttention(cache.k[i + 1], cache.v[i + 1], pos, cos, sin, n, d ** -0.5)
+            following = following if _stream_attention(config, x, layer.mlp.w_gate.shape[0], following) else None
+        x, parts, qkv, counters, taken = _output_and_mlp(config, layer, attn, x, parts, impl, tp_axis, counters,
+                                                         next_layer, following)
     return x, parts, kv.KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
