@@ -81,6 +81,21 @@ def test_shapes_are_checked():
         layer_decode(x, nw, 1e-5, wg, wu, wd, next_norm=nw, next_qkv=(wg[:96],))
 
 
+def test_attention_shapes_are_checked():
+    """The next attention needs the next Q/K/V and a cache its windows cover; merged splits need output-projection
+    K splits of whole KV heads."""
+    (x, nw, wg, wu, wd), kwargs = inputs(128, 512, 0, jnp.bfloat16, attn_width=512, qkv_rows=(512, 128, 128))
+    att = attention_inputs(8, 2, 64, 1024, 5)
+    with pytest.raises(ValueError, match="next attention needs"):
+        layer_decode(x, nw, 1e-5, wg, wu, wd, attn=kwargs["attn"], w_o=kwargs["w_o"], next_attention=att)
+    with pytest.raises(ValueError, match="next attention needs"):  # 64 windows of 256 rows: more than one load each
+        layer_decode(x, nw, 1e-5, wg, wu, wd, **kwargs, next_attention=attention_inputs(8, 2, 64, 16384, 5))
+    splits, _ = sa.window(1024, 2, 132)
+    partials = sa.Partials(*(jnp.zeros((splits, 2, 64, 64), jnp.float32),) * 2)
+    with pytest.raises(ValueError, match="whole KV heads"):  # 4 splits of 128 columns; a KV head's are 256
+        layer_decode(x, nw, 1e-5, wg, wu, wd, attn=partials, w_o=kwargs["w_o"], splits=Splits(o=4, down=2))
+
+
 def test_splits_even_out_the_programs_and_fit_shared_memory():
     assert down_splits(2048, 8192) == 4  # llama-3.2-1b: 32 row tiles x 4
     assert down_splits(4096, 14336) == 2  # llama-3.1-8b: 64 row tiles x 2, the SwiGLU slice (112 KB) in h's place
