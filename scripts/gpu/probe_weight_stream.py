@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         angle = 1100 * 10000.0 ** (-jnp.arange(0, d, 2) / d)
         cos, sin = (jnp.tile(fn(angle), 2).astype(jnp.bfloat16) for fn in (jnp.cos, jnp.sin))
         qkv_parts = normal((8, 1, nq + 2 * nk), 1.0).astype(f32)
-        for w in layers:
+        for w in layers if with_attention else []:
             w["caches"] = (normal((1, kvh, 1152, d), 1.0), normal((1, kvh, 1152, d), 1.0))
 
         def attention(w):
