@@ -33,7 +33,7 @@ regions, in thousands of SM cycles: the barrier 2.7, the sums 1.5, rope 0.2, sco
 the results' stores 1.9, and the next launch's merge 4.0 under its weight stream. At llama-3.1-8b the buffers
 (146 KB) take the stream's stages: 233 us against 125. Taken as the first phase instead (the weights of the output
 projection streaming during it), the attention's loads queued behind the weight stream's and the stream stalled on
-full buffers: 46.8 us against 46.3 (git branch wip/attention-head).
+full buffers: 46.8 us against 46.3 (the local git branch wip/attention-head).
 """
 
 from __future__ import annotations
