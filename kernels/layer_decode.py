@@ -255,10 +255,7 @@ def layer_decode(
     programs = programs or default_programs()
     merging, attn_in = isinstance(attn, sa.Partials), attn
     if merging:  # the output projection's operand merged from the attention's splits
-        _, merge_kvh, _, merge_d = attn.out.shape
-        attn_width = w_o.shape[1] if w_o is not None else 0
-        merge_groups = attn_width // (merge_kvh * merge_d)
-        attn = jax.ShapeDtypeStruct((1, attn_width), x.dtype)
+        attn = jax.ShapeDtypeStruct((1, 0 if w_o is None else w_o.shape[1]), x.dtype)
     with_attention = next_attention is not None
     if with_attention:
         att = next_attention
@@ -283,7 +280,8 @@ def layer_decode(
         raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, attention {attn_width} and Q/K/V "
                          f"{qkv_rows} do not divide into {ROWS}-row tiles and {tk}-wide blocks")
     # merging the attention's splits, the output projection's K splits span whole KV heads (`sa.merge`)
-    o_fits = (lambda s: (attn_width // s) % (merge_groups * merge_d) == 0) if merging else (lambda s: True)
+    kv_cols = attn_width // attn_in.out.shape[1] if merging else 1  # the output projection's columns a KV head has
+    o_fits = lambda s: (attn_width // s) % kv_cols == 0  # noqa: E731
     if splits is None:
         splits = Splits(o=product_splits(hidden // ROWS, attn_width, tk, programs, o_fits) if with_o else 1,
                         down=down_splits(hidden, ffn, tk, stages or 2, programs),  # then as many stages as fit
@@ -294,10 +292,11 @@ def layer_decode(
                              f"{2 * tk}-wide steps")
     if not o_fits(splits.o):
         raise ValueError(f"layer_decode: merging the attention, the output projection's {splits.o} K splits must "
-                         f"each span whole KV heads of {merge_groups * merge_d} columns")
+                         f"each span whole KV heads of {kv_cols} columns")
     k_split = ffn // splits.down
     operand_cols = max(hidden, attn_width, k_split)
-    attention_bytes = sa.shared_bytes(head_dim, sa.window(max_len, kv_heads, programs)[1]) if with_attention else 0
+    window = sa.window(max_len, kv_heads, programs)[1] if with_attention else 0  # cache rows a program reads
+    attention_bytes = sa.shared_bytes(head_dim, window) if with_attention else 0
     shared = functools.partial(_shared_bytes, operand_cols, tk, attention_bytes=attention_bytes)
     if stages is None:
         stages = max([s for s in range(2, MAX_STAGES + 1) if shared(s) <= SHARED_LIMIT], default=2)
@@ -485,9 +484,9 @@ def layer_decode(
             if merging:
                 @jax.named_scope("merge")
                 def merge_split(split):  # the attention's output for this K split of the output projection
-                    heads = o_split // (merge_d * merge_groups)  # KV heads a split spans
+                    heads = o_split // kv_cols  # KV heads a split spans
                     a_rows[pl.ds(split * (o_split // TILE_COLS), o_split // TILE_COLS), 0, :] = sa.merge(
-                        *attn_gmem, split * heads, heads, merge_groups, dtype)
+                        *attn_gmem, split * heads, heads, kv_cols // attn_in.out.shape[3], dtype)
                     plgpu.commit_smem()
 
                 split_product("o", whole(a_smem, o_split), o_gmem, on_split=merge_split)
@@ -548,7 +547,7 @@ def layer_decode(
             plgpu.wait_smem_to_gmem(0)
 
     # the attention's buffers share the activations' (dead by then); the first two of them alias (see sa.scratch)
-    attention_smem = sa.scratch(head_dim, sa.window(max_len, kv_heads, programs)[1], dtype) if with_attention else ()
+    attention_smem = sa.scratch(head_dim, window, dtype) if with_attention else ()
     scratch = (_activations(widths, k_split, dtype, attention_smem),
                plgpu.SMEM((stages, 2, ROWS, tk), dtype, transforms=_swizzled()),  # the weight stream
                plgpu.SMEM((ROWS,), dtype),  # a SwiGLU tile on its way to HBM

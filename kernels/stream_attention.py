@@ -195,7 +195,7 @@ def _attend(parts, pos, buffers, barriers, outs, caches, load_window, *, h, t0, 
 
     def rope_product(half):
         def product(acc):
-            plgpu.wgmma(acc, operand.at[pl.ds(half * ROWS, ROWS)], plgpu.transpose_ref(r_smem, (1, 0)))
+            plgpu.wgmma(acc, operand.at[pl.ds(half * ROWS, ROWS)], r_smem.transpose((1, 0)))
             return acc[...]
         return pl.run_scoped(product, plgpu.ACC((ROWS, d), f32)).astype(dtype)
 
@@ -224,7 +224,7 @@ def _attend(parts, pos, buffers, barriers, outs, caches, load_window, *, h, t0, 
             plgpu.barrier_wait(kv_bar)  # both windows (two arrivals)
 
         def scores(acc):
-            plgpu.wgmma(acc, qk, plgpu.transpose_ref(k_win, (1, 0)))
+            plgpu.wgmma(acc, qk, k_win.transpose((1, 0)))
             return acc[...]
 
         with jax.named_scope("att_scores"):  # in base 2: exp2 is one instruction, exp a call

@@ -57,11 +57,12 @@ def main(argv=None) -> int:
         with_o = args.products in ("layer", "o+mlp", "attention+layer")
         with_qkv = args.products in ("layer", "mlp+qkv", "attention+layer")
         kvh = c.num_kv_heads
-        angle = 1100 * 10000.0 ** (-jnp.arange(0, d, 2) / d)
-        cos, sin = (jnp.tile(fn(angle), 2).astype(jnp.bfloat16) for fn in (jnp.cos, jnp.sin))
-        qkv_parts = normal((8, 1, nq + 2 * nk), 1.0).astype(f32)
-        for w in layers if with_attention else []:
-            w["caches"] = (normal((1, kvh, 1152, d), 1.0), normal((1, kvh, 1152, d), 1.0))
+        if with_attention:  # the next layer's: a cache at position 1100, its Q/K/V sums (the Triton kernel's input)
+            angle = 1100 * 10000.0 ** (-jnp.arange(0, d, 2) / d)
+            cos, sin = (jnp.tile(fn(angle), 2).astype(jnp.bfloat16) for fn in (jnp.cos, jnp.sin))
+            qkv_parts = normal((8, 1, nq + 2 * nk), 1.0).astype(f32)
+            for w in layers:
+                w["caches"] = (normal((1, kvh, 1152, d), 1.0), normal((1, kvh, 1152, d), 1.0))
 
         def attention(w):
             return sa.Attention(*w["caches"], jnp.int32(1100), cos, sin, c.num_heads, d ** -0.5)
