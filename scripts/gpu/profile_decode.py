@@ -2,6 +2,7 @@
 
     python scripts/gpu/profile_decode.py --preset deepseek-v2-lite --impl pallas [--layers 4] [--out DIR]
     python scripts/gpu/profile_decode.py --preset llama-3.2-1b --phase prefill   # the prompt's prefill instead
+    python scripts/gpu/profile_decode.py --preset llama-3.1-8b --batch 8   # eight requests a step
     python scripts/gpu/profile_decode.py --preset deepseek-v3.2-exp --layers 4 --tp 8   # GPU 0 of a mesh
     python scripts/gpu/profile_decode.py --preset deepseek-v3.2-exp --layers 4 --slice-of 8   # its share, one GPU
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=0)
     parser.add_argument("--dense-layers", type=int, default=-1)
     parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1, help="requests decoded together")
     parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--chunks", type=int, default=2, help="decode chunks (or prefills) traced")
     parser.add_argument("--phase", choices=("decode", "prefill"), default="decode")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     sampling = SamplingParams()
     padded = _round_up(args.prompt_len, PROMPT_BUCKET)
     max_len = _round_up(args.prompt_len + (args.chunks + 2) * args.chunk, CACHE_BUCKET)
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (1, padded)), jnp.int32)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, padded)), jnp.int32)
     key, last = jax.random.key(0), jnp.int32(args.prompt_len - 1)
     prefill, _ = dec.compiled("prefill", sampling, max_len, params, tokens, last, key)
     _, token, cache = prefill(params, tokens, last, key)
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     steps = args.chunks * (1 if args.phase == "prefill" else args.chunk)
     kernels = trace_gpu_kernels(run, steps, args.top, out, gpu=None if mesh is None else 0)
     summary = {"preset": args.preset, "impl": args.impl, "phase": args.phase, "num_layers": config.num_layers,
-               "tp": args.tp, "ep": args.ep, "slice_of": args.slice_of,
+               "batch": args.batch, "tp": args.tp, "ep": args.ep, "slice_of": args.slice_of,
                "wall_us_per_step_traced": 1e6 * state["wall"] / steps, **kernels}
     hlo = "\n".join(p.as_text() for p in prefill.programs) if args.phase == "prefill" else decode.as_text()
     (out / f"{args.phase}_hlo.txt").write_text(hlo)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     for k in summary["kernels"]:
         k["op"] = ops.get(k["name"], "")
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
-    print(f"{args.preset} {args.phase} impl={args.impl} layers={config.num_layers} tp={args.tp} ep={args.ep}: "
+    print(f"{args.preset} {args.phase} impl={args.impl} layers={config.num_layers} batch={args.batch} tp={args.tp} ep={args.ep}: "
           f"span {summary['span_us_per_step']:.1f} us/step, "
           f"busy {summary['busy_us_per_step']:.1f}, gaps {summary['gap_us_per_step']:.1f}, "
           f"{summary['kernels_per_step']:.0f} kernels/step (trace {summary['trace']})")
