@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec
 from tilert_jax import cache as kv
 from tilert_jax.config import DenseConfig
 from tilert_jax.kernels import ops, tuning
+from tilert_jax.kernels import stream_norm as sn
 from tilert_jax.params import ParamSpec, layer_run, param_bytes
 from tilert_jax.rope import rope_tables
 from tilert_jax.sharding import collectives
@@ -207,10 +208,15 @@ def _decoder(config: DenseConfig, params: DenseParams, inputs, positions, cache,
 def lm_head(config: DenseConfig, params: DenseParams, x, impl: str = "xla", tp_axis=None) -> jax.Array:
     """x: the residual stream [..., hidden] -> final RMSNorm -> float32 logits [..., vocab] (gathered from the
     vocabulary shards under shard_map)."""
+    return _logits(config, params, ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl),
+                   tp_axis)
+
+
+def _logits(config: DenseConfig, params: DenseParams, h, tp_axis) -> jax.Array:
+    """The normed stream h [..., hidden] -> float32 logits [..., vocab] (XLA's product, gathered)."""
     w = params.embed if params.lm_head is None else params.lm_head  # [vocab, hidden]
-    h = ops.rms_norm(x, params.final_norm, config.rms_norm_eps, implementation=impl)
-    logits = jnp.matmul(h, w.T, preferred_element_type=jnp.float32)
-    return collectives.gather_vocab(logits, tp_axis, config.vocab_size)
+    return collectives.gather_vocab(jnp.matmul(h, w.T, preferred_element_type=jnp.float32), tp_axis,
+                                    config.vocab_size)
 
 
 def sequence_compiler_options(impl: str) -> dict:
@@ -467,7 +473,11 @@ def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCa
     """tokens: int[B] at position pos -> float32 logits [B, vocab] and the updated cache."""
     if impl == "pallas" and _fused_decode_supported(config, params, tokens, cache):
         x, parts, cache = _decode_fused(config, params, tokens, cache, pos, impl, tp_axis)
-        return _fused_lm_head(config, params, x, parts, _op_impl("lm_head", impl, tokens.shape[0]), tp_axis), cache
+        head_impl = _op_impl("lm_head", impl, tokens.shape[0])
+        if head_impl == "xla" and parts is not None:  # the pending sums and the norm in one launch, not XLA's three
+            _, h = sn.stream_norm(sn.Stream(x, (parts,), params.final_norm, config.rms_norm_eps))
+            return _logits(config, params, h, tp_axis), cache
+        return _fused_lm_head(config, params, x, parts, head_impl, tp_axis), cache
     positions = pos + jnp.zeros((1,), jnp.int32)
     x, cache = _decoder(config, params, tokens[:, None], positions, cache, pos, impl, tp_axis)
     return lm_head(config, params, x[:, 0], impl, tp_axis), cache
