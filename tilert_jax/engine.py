@@ -1,8 +1,8 @@
 """The user-facing model: load a checkpoint, compute logits, generate with an on-device decode loop.
 
 Decoding runs `chunk` tokens per dispatch (a scan of decode step + sampling, the cache donated and updated in place,
-unrolled: UNROLLED_STEPS); the host enqueues the next chunk before it reads the current one, so the device never waits
-for the host.
+unrolled on a GPU: UNROLLED_STEPS); the host enqueues the next chunk before it reads the current one, so the device
+never waits for the host.
 """
 
 from __future__ import annotations
@@ -33,11 +33,16 @@ CACHE_BUCKET = 256
 # 4.7). Whole-sequence programs compile without it (and with the family's own options, `sequence_compiler_options`);
 # decode keeps it (there the copy fuses into the product).
 SEQUENCE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
-# Decode steps a chunk's scan runs as straight-line code: a 16-token chunk as one program without a while loop took
-# llama-3.2-1b from 0.841 to 0.830 ms a token and llama-3.1-8b from 4.105 to 4.086 (4 steps a loop iteration measured
-# level); llama-3.1-8b compiled in 72 s against 56, the former the first compile on its machine (docs/PERF.md,
-# session 30).
+# Decode steps a chunk's scan runs as straight-line code on a GPU: a 16-token chunk as one program without a while
+# loop took llama-3.2-1b from 0.841 to 0.830 ms a token and llama-3.1-8b from 4.105 to 4.086 (the gaps between
+# kernels 18.7 -> 2.1 us a step; 4 steps a loop iteration measured level); llama-3.1-8b compiled in 72 s against 56,
+# the former the first compile on its machine (docs/PERF.md, session 30). Elsewhere the loop stays: nothing to gain,
+# and the CPU tests compiled 1.6x longer unrolled.
 UNROLLED_STEPS = 16
+
+
+def _unrolled_steps(chunk: int) -> int:
+    return min(chunk, UNROLLED_STEPS) if jax.default_backend() == "gpu" else 1
 
 
 def sequence_compiler_options(functions, impl: str) -> dict:
@@ -194,7 +199,7 @@ class Decoder:
                 return (cache, nxt, pos + 1), nxt
 
             (cache, token, pos), tokens = jax.lax.scan(step, (cache, token, pos), None, length=chunk,
-                                                       unroll=min(chunk, UNROLLED_STEPS))
+                                                       unroll=_unrolled_steps(chunk))
             return tokens.T, cache, token, pos
 
         return jax.jit(decode, donate_argnums=(1,))

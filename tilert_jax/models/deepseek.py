@@ -17,11 +17,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from tilert_jax import cache as kv
 from tilert_jax import config as config_lib
 from tilert_jax.kernels import index_scores, mla_decode, ops
 from tilert_jax.models import mla, moe
 from tilert_jax.models.deepseek_linear import Linear, linear, linear_spec, linears, swiglu, weight
-from tilert_jax.params import ParamSpec, param_bytes
+from tilert_jax.params import ParamSpec, layer_run, param_bytes
 from tilert_jax.rope import RopeConfig, apply_rope, apply_rope_interleaved, rope_tables, yarn_mscale
 from tilert_jax.sharding import collectives
 
@@ -417,27 +418,42 @@ def _rope(config: DeepseekConfig, x, cos, sin):
     return apply_rope_interleaved(x, cos, sin) if config.rope_interleave else apply_rope(x, cos, sin)
 
 
-def _indexer_qk(config: DeepseekConfig, p: Indexer, x, q_resid, cos, sin, impl: str = "xla"):
-    """The indexer's queries [B, T, Hi, Di], keys [B, T, Di] (rope on the first rope_dim channels, half-split) and
-    per-head weights [B, T, Hi] float32."""
+def _indexer_queries(config: DeepseekConfig, p: Indexer, x, q_resid, cos, sin, impl: str = "xla"):
+    """The indexer's queries [B, T, Hi, Di] (rope on the first rope_dim channels, half-split) and per-head weights
+    [B, T, Hi] float32 of the query rows: x [B, T, hidden], q_resid the normed q_a of the same rows."""
     b, t, _ = x.shape
-    blk, dr = config.fp8_block, config.qk_rope_head_dim
-    q = linear(q_resid, p.wq_b, blk, impl).reshape(b, t, config.index_n_heads, config.index_head_dim)
-    k = mla.layer_norm(linear(x, p.wk, blk, impl), p.k_norm, p.k_norm_bias, INDEX_NORM_EPS)[:, :, None, :]
+    dr = config.qk_rope_head_dim
+    q = linear(q_resid, p.wq_b, config.fp8_block, impl).reshape(b, t, config.index_n_heads, config.index_head_dim)
     q = jnp.concatenate([apply_rope(q[..., :dr], cos, sin), q[..., dr:]], axis=-1)
-    k = jnp.concatenate([apply_rope(k[..., :dr], cos, sin), k[..., dr:]], axis=-1)[:, :, 0]
     head_weights = jnp.matmul(x.astype(jnp.float32), p.weights_proj.astype(jnp.float32))
-    return q, k, head_weights * config.index_n_heads ** -0.5
+    return q, head_weights * config.index_n_heads ** -0.5
 
 
-def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cache, pos, impl):
+def _indexer_keys(config: DeepseekConfig, p: Indexer, x, cos, sin, impl: str = "xla"):
+    """The indexer's keys [B, T, Di] of the rows x [B, T, hidden]: LayerNorm, then the queries' rope."""
+    dr = config.qk_rope_head_dim
+    k = mla.layer_norm(linear(x, p.wk, config.fp8_block, impl), p.k_norm, p.k_norm_bias, INDEX_NORM_EPS)[:, :, None]
+    return jnp.concatenate([apply_rope(k[..., :dr], cos, sin), k[..., dr:]], axis=-1)[:, :, 0]
+
+
+def _row(a, index, axis: int = 1):
+    """Row `index` (traced) of a along axis, kept as a length-1 axis."""
+    return jax.lax.dynamic_index_in_dim(a, index, axis=axis, keepdims=True)
+
+
+def _attention(config: DeepseekConfig, p: MLA, x, positions, kv_cache, index_cache, pos, impl, last_index=None):
     """x: [B, T, hidden] (normed); positions [T]. Returns the output [B, T, hidden] before o_proj's bias (under
-    shard_map a partial sum over the heads this device holds) and the layer's caches."""
-    b, t, _ = x.shape
-    # The query's first projection and kv_a read the same x: one launch for both with impl="pallas".
-    q, compressed = linears(x, [(query_first(p),), (p.kv_a,)], config.fp8_block, impl)
-    out, kv_cache, index_cache = attend(config, p, x, q, compressed, positions, kv_cache, index_cache, pos, impl)
-    y = linear(out.reshape(b, t, -1), Linear(w=p.o.w, scale=p.o.scale), config.fp8_block, impl)
+    shard_map a partial sum over the heads this device holds) and the layer's caches. With last_index (a prefill's
+    last layer) only row last_index's output [B, 1, hidden]; every row's cache entries are still written."""
+    b = x.shape[0]
+    if last_index is None:  # the query's first projection and kv_a read the same x: one launch with impl="pallas"
+        q, compressed = linears(x, [(query_first(p),), (p.kv_a,)], config.fp8_block, impl)
+    else:
+        q = linear(_row(x, last_index), query_first(p), config.fp8_block, impl)
+        compressed = linear(x, p.kv_a, config.fp8_block, impl)
+    out, kv_cache, index_cache = attend(config, p, x, q, compressed, positions, kv_cache, index_cache, pos, impl,
+                                        last_index)
+    y = linear(out.reshape(b, q.shape[1], -1), Linear(w=p.o.w, scale=p.o.scale), config.fp8_block, impl)
     return y, kv_cache, index_cache
 
 
@@ -480,45 +496,52 @@ def attend_decode_kernel(config: DeepseekConfig, p: MLA, q, compressed, kv_cache
                                  eps=LATENT_NORM_EPS, counters=counters)
 
 
-def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache, index_cache, pos, impl):
+def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache, index_cache, pos, impl,
+           q_index=None):
     """Multi-head latent attention from the projections of the normed x [B, T, hidden] (x itself is read by the
     sparse-attention indexer only): q = query_first(p)(x) [B, T, *], compressed = kv_a(x) [B, T, r + dr]. Returns the
-    heads' outputs [B, T, H, dv] (o_proj not applied) and the layer's caches."""
-    b, t = q.shape[:2]
+    heads' outputs [B, T, H, dv] (o_proj not applied) and the layer's caches. With q_index (traced; a cache given),
+    q holds row q_index's query alone [B, 1, *] and so does the output; every row's cache entries are written."""
+    b, t = compressed.shape[:2]
+    tq = q.shape[1]
     r = config.kv_lora_rank
     dn, dr, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
     n = _heads(config, p)
     blk = config.fp8_block
     q, q_resid = query(config, p, q, impl)
+    q_positions, x_q = (positions, x) if q_index is None else (_row(positions, q_index, 0), _row(x, q_index))
     # V2 rotates in float32 (complex arithmetic); V3 in the activation dtype. Identical in float32.
     rope_dtype = jnp.float32 if config.model_type == "deepseek_v2" else q.dtype
-    cos, sin = rope_tables(config.rope, positions[None, :], rope_dtype)  # [1, T, dr]
-    if p.indexer is not None:
-        icos, isin = (cos, sin) if rope_dtype == q.dtype else rope_tables(config.rope, positions[None, :], q.dtype)
+
+    def tables(rows, dtype):  # the rope's cos, sin [1, len(rows), dr]
+        return rope_tables(config.rope, rows[None, :], dtype)
+
     new_index, top = index_cache, None
     if kv_cache is not None and p.indexer is not None and kv_cache.shape[1] > config.index_topk:
-        iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
+        iq, hw = _indexer_queries(config, p.indexer, x_q, q_resid, *tables(q_positions, q.dtype), impl)
+        ik = _indexer_keys(config, p.indexer, x, *tables(positions, q.dtype), impl)
         new_index = jax.lax.dynamic_update_slice(index_cache, ik.astype(index_cache.dtype), (0, pos, 0))
-        if impl == "pallas" and t == 1 and index_scores.supported(kv_cache.shape[1], config.index_head_dim):
-            scores = index_scores.index_scores(iq[:, 0], new_index, hw[:, 0], positions[0])[:, None]  # [B, 1, S]
+        if impl == "pallas" and tq == 1 and index_scores.supported(kv_cache.shape[1], config.index_head_dim):
+            scores = index_scores.index_scores(iq[:, 0], new_index, hw[:, 0], q_positions[0])[:, None]  # [B, 1, S]
         else:
-            visible = positions[None, :, None] >= jnp.arange(kv_cache.shape[1], dtype=jnp.int32)[None, None, :]
+            visible = q_positions[None, :, None] >= jnp.arange(kv_cache.shape[1], dtype=jnp.int32)[None, None, :]
             scores = mla.index_scores(iq, new_index, hw, visible)
-        top = mla.select_top(scores, config.index_topk)  # [B, T, K]
+        top = mla.select_top(scores, config.index_topk)  # [B, Tq, K]
     if (kv_cache is not None and impl == "pallas" and t == 1 and top is None and decode_kernel_fits(config, p)):
         out, new_kv, _ = attend_decode_kernel(config, p, jnp.swapaxes(q, 0, 1), jnp.swapaxes(compressed, 0, 1),
                                               kv_cache, pos)
         return out[:, None], new_kv, new_index  # [B, 1, H, dv]
 
-    q = q.reshape(b, t, n, dn + dr)
+    q = q.reshape(b, tq, n, dn + dr)
     q_nope, q_pe = q[..., :dn], q[..., dn:]  # compressed: [B, T, r + dr]
     latent = ops.rms_norm(compressed[..., :r], p.kv_a_norm, LATENT_NORM_EPS, implementation=impl)
-    q_pe = _rope(config, q_pe, cos, sin)
-    k_pe = _rope(config, compressed[..., None, r:], cos, sin)[:, :, 0]  # [B, T, dr]
+    q_pe = _rope(config, q_pe, *tables(q_positions, rope_dtype))
+    k_pe = _rope(config, compressed[..., None, r:], *tables(positions, rope_dtype))[:, :, 0]  # [B, T, dr]
     if kv_cache is None:  # whole sequence, expanded per-head keys and values
         visible = positions[None, :, None] >= positions[None, None, :]  # [1, T, T]
         if p.indexer is not None and t > config.index_topk:
-            iq, ik, hw = _indexer_qk(config, p.indexer, x, q_resid, icos, isin, impl)
+            iq, hw = _indexer_queries(config, p.indexer, x, q_resid, *tables(positions, q.dtype), impl)
+            ik = _indexer_keys(config, p.indexer, x, *tables(positions, q.dtype), impl)
             top = mla.select_top(mla.index_scores(iq, ik, hw, visible), config.index_topk)
             visible = visible & mla.selection_mask(top, t)
         kv = linear(latent, p.kv_b, blk).reshape(b, t, n, dn + dv)
@@ -530,14 +553,15 @@ def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache
     entry = jnp.concatenate([latent, k_pe], axis=-1).astype(kv_cache.dtype)  # [B, T, r + dr]
     new_kv = jax.lax.dynamic_update_slice(kv_cache, entry, (0, pos, 0))
     length = new_kv.shape[1]
-    visible = positions[None, :, None] >= jnp.arange(length, dtype=jnp.int32)[None, None, :]  # [1, T, S]
+    visible = q_positions[None, :, None] >= jnp.arange(length, dtype=jnp.int32)[None, None, :]  # [1, Tq, S]
     w_kv = weight(p.kv_b, blk, q.dtype).reshape(r, n, dn + dv)
     q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_kv[..., :dn])
-    q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, T, H, r + dr]
+    q_cat = jnp.concatenate([q_lat, q_pe], axis=-1).astype(new_kv.dtype)  # [B, Tq, H, r + dr]
     if top is None:
         o_lat = mla.attend_latent(q_cat, new_kv, visible, config.attn_scale, r)
-    elif t == 1:  # decode: read only the selected tokens
-        o_lat = mla.attend_latent_selected(q_cat, new_kv, top, top <= positions[None, :, None], config.attn_scale, r)
+    elif tq == 1:  # one query (decode, a prefill's last token): read only the selected tokens
+        o_lat = mla.attend_latent_selected(q_cat, new_kv, top, top <= q_positions[None, :, None], config.attn_scale,
+                                           r)
     else:
         o_lat = mla.attend_latent(q_cat, new_kv, visible & mla.selection_mask(top, length), config.attn_scale, r)
     out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(q.dtype), w_kv[..., dn:])
@@ -590,9 +614,14 @@ def _moe(config: DeepseekConfig, p: MoE, x, impl: str = "xla", tp_axis=None, ep_
 
 
 def _layer(config: DeepseekConfig, layer: Layer, x, positions, kv_cache, index_cache, pos, impl, tp_axis=None,
-           ep_axis=None):
+           ep_axis=None, last_index=None):
+    """x [B, T, hidden] -> the stream after the layer and its caches; with last_index (a prefill's last layer) the
+    stream of row last_index alone [B, 1, hidden], every row's cache entries written."""
     h = ops.rms_norm(x, layer.attn_norm, config.rms_norm_eps, implementation=impl)
-    attn, kv_cache, index_cache = _attention(config, layer.attn, h, positions, kv_cache, index_cache, pos, impl)
+    attn, kv_cache, index_cache = _attention(config, layer.attn, h, positions, kv_cache, index_cache, pos, impl,
+                                             last_index)
+    if last_index is not None:
+        x = _row(x, last_index)
     attn = collectives.psum(attn, tp_axis)
     x = x + (attn if layer.attn.o.b is None else attn + layer.attn.o.b.astype(attn.dtype))
     h = ops.rms_norm(x, layer.mlp_norm, config.rms_norm_eps, implementation=impl)
@@ -693,10 +722,17 @@ def prefill_layers(config: DeepseekConfig, params: DeepseekParams, inputs, cache
 def prefill(config: DeepseekConfig, params: DeepseekParams, inputs, cache: MLACache, pos, last_index,
             impl: str = "xla", tp_axis=None, ep_axis=None):
     """`prefill_layers`, then the float32 logits [B, vocab] of the token at index `last_index`; returns them and the
-    updated cache."""
-    x, cache = prefill_layers(config, params, inputs, cache, pos, impl, tp_axis, ep_axis)
-    last = final_norm(config, params, jax.lax.dynamic_index_in_dim(x, last_index, axis=1, keepdims=False), impl)
-    return lm_head(params, last, tp_axis, config.vocab_size), cache
+    updated cache. The last layer writes every token's latent cache (and index keys) but computes the rest, MLA's
+    query side and attention, the output projection and the MLP or MoE, for that token alone: no later layer reads
+    the other rows."""
+    positions = pos + jnp.arange(inputs.shape[1], dtype=jnp.int32)
+    x, body_cache = _decoder(config, layer_run(params, slice(0, -1)), inputs, positions,
+                             kv.layer_run(cache, slice(0, -1)), pos, impl, tp_axis, ep_axis)
+    index_k = cache.index_k[-1] if cache.index_k else None
+    x, kv_last, index_last = _layer(config, params.layers[-1], x, positions, cache.kv[-1], index_k, pos, impl,
+                                    tp_axis, ep_axis, last_index)
+    cache = kv.join_layers(body_cache, MLACache(kv=(kv_last,), index_k=(index_last,) if cache.index_k else ()))
+    return lm_head(params, final_norm(config, params, x[:, 0], impl), tp_axis, config.vocab_size), cache
 
 
 def decode_step(config: DeepseekConfig, params: DeepseekParams, tokens, cache: MLACache, pos, impl: str = "xla",
