@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     for k in summary["kernels"]:
         k["op"] = ops.get(k["name"], "")
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
-    print(f"{args.preset} {args.phase} impl={args.impl} layers={config.num_layers} batch={args.batch} tp={args.tp} ep={args.ep}: "
-          f"span {summary['span_us_per_step']:.1f} us/step, "
+    print(f"{args.preset} {args.phase} impl={args.impl} layers={config.num_layers} batch={args.batch} tp={args.tp} "
+          f"ep={args.ep}: span {summary['span_us_per_step']:.1f} us/step, "
           f"busy {summary['busy_us_per_step']:.1f}, gaps {summary['gap_us_per_step']:.1f}, "
           f"{summary['kernels_per_step']:.0f} kernels/step (trace {summary['trace']})")
     for k in summary["kernels"]:
