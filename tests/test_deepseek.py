@@ -141,6 +141,25 @@ def test_cached_decode_matches_transformers(ds_loaded, case):
     np.testing.assert_array_equal(ref[7:].argmax(-1), np.stack(steps).argmax(-1))
 
 
+@pytest.mark.parametrize("case", [("v2_lite", "bfloat16", True, False, True), ("v32", "bfloat16", True, False, False)],
+                         ids=["v2_lite", "v32"])
+def test_prefill_last_layer_takes_one_token(ds_loaded, case):
+    """The prefill's last layer runs its query side, attention, o and MoE for the token at last_index alone (here
+    not the last row: right padding): the logits are the whole-sequence forward's at that token, and every row's
+    latent cache entry and V3.2 index key are what the all-rows layers write (prefill_layers)."""
+    _, ours = ds_loaded(case)
+    config, params = ours.config, ours.params
+    tokens = jnp.asarray(PROMPT[:, :20], jnp.int32)
+    cache = deepseek.init_cache(config, 2, 32, params.embed.dtype)
+    logits, got = jax.jit(deepseek.prefill, static_argnums=0)(config, params, tokens, cache, 0, 15)
+    _, want = jax.jit(deepseek.prefill_layers, static_argnums=0)(config, params, tokens, cache, 0)
+    ref = np.asarray(deepseek.forward(config, params, tokens))[:, 15]
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert len(got.kv) == len(want.kv) == config.num_layers and len(got.index_k) == len(want.index_k)
+    for a, b in zip(got.kv + got.index_k, want.kv + want.index_k):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
+
+
 def test_cache_stores_only_the_latent_and_rope_key():
     for name, width in (("deepseek-v2-lite", 512 + 64), ("deepseek-v3", 512 + 64),
                         ("deepseek-v3.2-exp", 512 + 64 + 128)):
