@@ -1,8 +1,8 @@
 """The user-facing model: load a checkpoint, compute logits, generate with an on-device decode loop.
 
 Decoding runs `chunk` tokens per dispatch (a scan of decode step + sampling, the cache donated and updated in place,
-unrolled on a GPU: UNROLLED_STEPS); the host enqueues the next chunk before it reads the current one, so the device
-never waits for the host.
+unrolled on a GPU: UNROLLED_LAYER_STEPS); the host enqueues the next chunk before it reads the current one, so the
+device never waits for the host.
 """
 
 from __future__ import annotations
@@ -33,16 +33,20 @@ CACHE_BUCKET = 256
 # 4.7). Whole-sequence programs compile without it (and with the family's own options, `sequence_compiler_options`);
 # decode keeps it (there the copy fuses into the product).
 SEQUENCE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
-# Decode steps a chunk's scan runs as straight-line code on a GPU: a 16-token chunk as one program without a while
-# loop took llama-3.2-1b from 0.841 to 0.830 ms a token and llama-3.1-8b from 4.105 to 4.086 (the gaps between
-# kernels 18.7 -> 2.1 us a step; 4 steps a loop iteration measured level); llama-3.1-8b compiled in 72 s against 56,
-# the former the first compile on its machine (docs/PERF.md, session 30). Elsewhere the loop stays: nothing to gain,
-# and the CPU tests compiled 1.6x longer unrolled.
-UNROLLED_STEPS = 16
+# A chunk's decode steps run as straight-line code on a GPU while they hold at most UNROLLED_LAYER_STEPS layers
+# (qwen3-8b's 36 x 16; not the 61-layer DeepSeek V3): a 16-token chunk as one program without a while loop took
+# llama-3.2-1b from 0.841 to 0.830 ms a token and llama-3.1-8b from 4.105 to 4.086 (the gaps between kernels 18.7 ->
+# 2.1 us a step; 4 steps a loop iteration measured level), llama-3.1-8b compiling in 72 s against 56, the former the
+# first compile on its machine (docs/PERF.md, session 30). Deeper models keep the loop: the ~19 us a step saved is a
+# small share of their step, and the compile time grows with the program. So does the CPU, where there is nothing to
+# gain (the tests compiled 1.6x longer unrolled).
+UNROLLED_LAYER_STEPS = 576
 
 
-def _unrolled_steps(chunk: int) -> int:
-    return min(chunk, UNROLLED_STEPS) if jax.default_backend() == "gpu" else 1
+def _unrolled_steps(chunk: int, num_layers: int) -> int:
+    """The steps of a chunk's scan that one loop iteration runs (the whole chunk: no loop)."""
+    fits = jax.default_backend() == "gpu" and chunk * num_layers <= UNROLLED_LAYER_STEPS
+    return chunk if fits else 1
 
 
 def sequence_compiler_options(functions, impl: str) -> dict:
@@ -199,7 +203,7 @@ class Decoder:
                 return (cache, nxt, pos + 1), nxt
 
             (cache, token, pos), tokens = jax.lax.scan(step, (cache, token, pos), None, length=chunk,
-                                                       unroll=_unrolled_steps(chunk))
+                                                       unroll=_unrolled_steps(chunk, config.num_layers))
             return tokens.T, cache, token, pos
 
         return jax.jit(decode, donate_argnums=(1,))
