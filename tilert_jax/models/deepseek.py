@@ -540,8 +540,9 @@ def attend(config: DeepseekConfig, p: MLA, x, q, compressed, positions, kv_cache
     if kv_cache is None:  # whole sequence, expanded per-head keys and values
         visible = positions[None, :, None] >= positions[None, None, :]  # [1, T, T]
         if p.indexer is not None and t > config.index_topk:
-            iq, hw = _indexer_queries(config, p.indexer, x, q_resid, *tables(positions, q.dtype), impl)
-            ik = _indexer_keys(config, p.indexer, x, *tables(positions, q.dtype), impl)
+            cos, sin = tables(positions, q.dtype)
+            iq, hw = _indexer_queries(config, p.indexer, x, q_resid, cos, sin, impl)
+            ik = _indexer_keys(config, p.indexer, x, cos, sin, impl)
             top = mla.select_top(mla.index_scores(iq, ik, hw, visible), config.index_topk)
             visible = visible & mla.selection_mask(top, t)
         kv = linear(latent, p.kv_b, blk).reshape(b, t, n, dn + dv)

@@ -363,7 +363,7 @@ def _stream_attention(config: DenseConfig, x, ffn: int, attention) -> bool:
     """Whether the layer launch ends with the next layer's attention (kernels/stream_attention.py): where
     $TILERT_PALLAS_OPS names "stream_attention" (opt-in: llama-3.2-1b measured level with the Triton attention's
     launch, session 29), the layer's op runs, and the attention has no bias, q/k norm or window and fits the kernel."""
-    return (os.environ.get(PALLAS_OPS_ENV) is not None and "stream_attention" in pallas_ops(x.shape[0])
+    return ("stream_attention" in pallas_ops(x.shape[0])  # never in the default sets: named or "all"
             and not (config.qkv_bias or config.qk_norm or config.sliding_window is not None)
             and _one_launch("layer", x, ffn) and ops.stream_attention_supported(x, ffn, attention))
 
