@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from tilert_jax import cache as kv
+from tilert_jax.kernels import stream_attention as sa
 from tilert_jax.kernels.attention import attention_reference
 from tilert_jax.kernels.common import (NEG, NT, ROWS, arrive_last, check_counters, dot, interpret_default, is_pow2,
                                        load_rows, next_pow2, online_softmax_step, row_mask, store_rows,
@@ -113,7 +114,7 @@ def _merge_splits(acc_ws, ml_ws, b, h, held, groups: int, rows: int, head_dim: i
 
 
 def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, num_kv_heads, head_dim, rows,
-            scale, eps, window, dtype, interpret):
+            scale, eps, window, partials, dtype, interpret):
     groups = num_heads // num_kv_heads
     half = head_dim // 2
     it = iter(refs)
@@ -122,11 +123,16 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
     qn_ref, kn_ref = (next(it), next(it)) if qk_norm else (None, None)  # [d], [d]
     cos_ref, sin_ref = next(it), next(it)  # [d], [d]
     pos_ref = next(it)  # [1] int32
-    if splits > 1:
+    merging = splits > 1 and not partials  # the last split to arrive merges
+    if merging:
         next(it)  # the arrival counters [>= B * kvh] (aliased to `arrived`)
     kc_ref, vc_ref = next(it), next(it)  # [B, kvh, max_len, d] (aliased to the two cache outputs)
-    o_ref = next(it)  # [B, n, d]
-    if splits > 1:  # the workspace: float32 acc [B, kvh, P, rows, d] and (m, l) [B, kvh, P, rows, 2]; the counters
+    if partials:  # each split's normalised output and base-2 log-sum-exp [P, kvh, rows, 8 d] float32: a row's first
+        # d columns are row 8 j of sa.Partials' [P, kvh, 8 rows, d] (the same bytes: a strided store without strides)
+        out_ws, lse_ws = next(it), next(it)
+    else:
+        o_ref = next(it)  # [B, n, d]
+    if merging:  # the workspace: float32 acc [B, kvh, P, rows, d] and (m, l) [B, kvh, P, rows, 2]; the counters
         acc_ws, ml_ws, arrived = next(it), next(it), next(it)
     kc_out, vc_out = next(it), next(it)  # [B, kvh, max_len, d]
 
@@ -210,6 +216,13 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
         plt.store(kc_out.at[b, h, pl.ds(pos, 1), pl.ds(half, half)], k_hi.astype(kc_out.dtype))
         plt.store(vc_out.at[b, h, pl.ds(pos, 1), pl.ds(0, head_dim)], v_new.astype(vc_out.dtype))
 
+    if partials:  # query head j in row 8 j (sa.Partials); a split that held no token leaves weight 0 to the merge
+        held = l > 0
+        lse = jnp.where(held, (m + jnp.log(jnp.where(held, l, 1.0))) * sa.LOG2E, NEG)  # [rows, 1]
+        out = jnp.where(held, acc / jnp.where(held, l, 1.0), 0.0)
+        for ref, value in ((out_ws, out), (lse_ws, jnp.broadcast_to(lse, out.shape))):
+            store_rows(ref.at[p, h, pl.ds(0, rows), pl.ds(0, head_dim)], value, groups)
+        return
     out = o_ref.at[b, pl.ds(h * groups, rows), pl.ds(0, head_dim)]
     if splits == 1:
         store_rows(out, (acc / l).astype(dtype), groups)
@@ -242,10 +255,14 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     arrivals: jax.Array | None = None,  # int32 [>= B * kvh] arrival counters, zero (None: fresh), returned zero
+    partials: bool = False,  # leave the splits to the next launch's merge (batch 1)
     interpret: bool | None = None,
 ):
     """-> out [B, n, d], k_cache, v_cache, arrivals (the counters after this launch, for the next layer's launch; as
-    given with one split). See decode_attention_reference for the meaning of the rest."""
+    given with one split or with partials). With partials, out is the splits' sa.Partials, for
+    kernels/layer_decode.py's output projection to merge: the merge leaves this launch (2 us of 7.2 at llama-3.2-1b)
+    for the next one's prologue, where the weight stream runs under it. See decode_attention_reference for the
+    meaning of the rest."""
     batch, kvh, max_len, head_dim = k_cache.shape
     n_parts = qkv.shape[0] if qkv.ndim == 4 else 0
     nh = num_heads + 2 * num_kv_heads
@@ -259,6 +276,8 @@ def decode_attention(
         raise ValueError(f"cos/sin must be [{head_dim}], got {cos.shape}")
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
+    if partials and batch != 1:
+        raise ValueError(f"partials are one sequence's, got a batch of {batch}")
     dtype = k_cache.dtype
     rows = max(ROWS, next_pow2(num_heads // num_kv_heads))
     interpret = interpret_default() if interpret is None else interpret
@@ -268,9 +287,13 @@ def decode_attention(
     if qk_norm is not None:
         inputs += [qk_norm[0], qk_norm[1]]
     inputs += [cos, sin, jnp.reshape(pos, (1,)).astype(jnp.int32)]
-    out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
+    if partials:
+        out_shape = [jax.ShapeDtypeStruct((splits, kvh, rows, 8 * head_dim), f32)] * 2
+    else:
+        out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
     aliases = {}
-    if splits > 1:
+    merging = splits > 1 and not partials
+    if merging:
         arrivals = zero_counters(batch * kvh) if arrivals is None else arrivals
         check_counters(arrivals, batch * kvh, "decode_attention")
         aliases[len(inputs)] = 3
@@ -284,7 +307,8 @@ def decode_attention(
     kernel = lambda *refs: _kernel(  # noqa: E731
         *refs, batch=batch, n_parts=n_parts, has_bias=bias is not None, qk_norm=qk_norm is not None,
         splits=splits, block=block, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rows=rows,
-        scale=float(scale), eps=float(eps), window=sliding_window, dtype=dtype, interpret=interpret)
+        scale=float(scale), eps=float(eps), window=sliding_window, partials=partials, dtype=dtype,
+        interpret=interpret)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -294,6 +318,8 @@ def decode_attention(
         interpret=interpret,
         name="decode_attention",
     )(*inputs)
+    if partials:
+        return sa.Partials(*(t.reshape(splits, kvh, 8 * rows, head_dim) for t in outs[:2])), outs[2], outs[3], arrivals
     if splits == 1:
         return outs[0], outs[1], outs[2], arrivals
     return outs[0], outs[-2], outs[-1], outs[3]

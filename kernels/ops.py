@@ -138,16 +138,19 @@ def matvec_residual(x, w, residual, *, config=None, implementation="xla"):
 
 
 def decode_attention(qkv, k_cache, v_cache, pos, cos, sin, *, num_heads, num_kv_heads, scale, eps=1e-6, bias=None,
-                     qk_norm=None, sliding_window=None, config=None, arrivals=None, implementation="xla"):
+                     qk_norm=None, sliding_window=None, config=None, arrivals=None, partials=False,
+                     implementation="xla"):
     """One decode step of attention with rope, q/k norm and the cache write -> out [B, n, d], k_cache, v_cache and
-    the split kernel's arrival counters (pass them to the next layer's call; the XLA path returns them as given)."""
+    the split kernel's arrival counters (pass them to the next layer's call; the XLA path returns them as given).
+    With partials (batch 1), out is stream_attention.Partials for layer_block's attn: the splits, merged there."""
     _check(implementation)
     kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, scale=scale, eps=eps, bias=bias, qk_norm=qk_norm,
                   sliding_window=sliding_window)
     if implementation == "pallas":
         return _da.decode_attention(qkv, k_cache, v_cache, pos, cos, sin, **kwargs, **(config or {}),
-                                    arrivals=arrivals)
-    return (*_da.decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, **kwargs), arrivals)
+                                    arrivals=arrivals, partials=partials)
+    out, k_cache, v_cache = _da.decode_attention_reference(qkv, k_cache, v_cache, pos, cos, sin, **kwargs)
+    return (_sa.one_split(out, num_kv_heads) if partials else out), k_cache, v_cache, arrivals
 
 
 def qkv_rope(x, wq, wk, wv, cos, sin, caches=None, pos=0, *, eps=1e-6, bias=None, qk_norm=None, config=None,

@@ -73,17 +73,26 @@ class Attention:
 
 class Partials(NamedTuple):
     """The attention's splits, as `attend` leaves them: each split's normalised output and base-2 log-sum-exp rows
-    [A, kvh, 64, d] float32 (query head j of a KV head in row 8 j)."""
+    [A, kvh, R, d] float32 (query head j of a KV head in row 8 j; R = 64 here, 128 from kernels/decode_attention.py)."""
     out: jax.Array
     lse: jax.Array
 
 
 def merge_reference(partials: Partials, groups: int, dtype) -> jax.Array:
     """The splits combined -> the attention's output [1, kvh * groups * d] in dtype."""
-    splits, kvh, _, d = partials.out.shape
-    rows = lambda t: t.reshape(splits, kvh, ROWS // 8, 8, d)[:, :, :groups, 0]  # noqa: E731 [A, kvh, G, d]
+    splits, kvh, r, d = partials.out.shape
+    rows = lambda t: t.reshape(splits, kvh, r // 8, 8, d)[:, :, :groups, 0]  # noqa: E731 [A, kvh, G, d]
     weights = jnp.exp2(rows(partials.lse) - jnp.max(rows(partials.lse), axis=0))
     return (jnp.sum(weights * rows(partials.out), axis=0) / jnp.sum(weights, axis=0)).astype(dtype).reshape(1, -1)
+
+
+def one_split(out: jax.Array, kv_heads: int) -> Partials:
+    """An attention's output [1, n, d] as Partials of one split (its log-sum-exp 0)."""
+    _, n, d = out.shape
+    groups = n // kv_heads
+    rows = jnp.zeros((1, kv_heads, groups, 8, d), f32).at[:, :, :, 0].set(out.reshape(1, kv_heads, groups, d))
+    rows = rows.reshape(1, kv_heads, 8 * groups, d)
+    return Partials(rows, jnp.zeros_like(rows))
 
 
 def rope_matrix(cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -252,7 +261,7 @@ def merge(ws_o, ws_lse, kv0, kv_heads: int, groups: int, dtype) -> jax.Array:
     d = ws_o.shape[-1]
 
     def rows(ref, a):  # [kv_heads, groups, d]: the query heads' rows
-        return ref.at[a, pl.ds(kv0, kv_heads)].reshape(kv_heads, ROWS // 8, 8, d)[:, pl.ds(0, groups), 0, :]
+        return ref.at[a, pl.ds(kv0, kv_heads)].reshape(kv_heads, ref.shape[2] // 8, 8, d)[:, pl.ds(0, groups), 0, :]
 
     splits = ws_o.shape[0]
     lse = [rows(ws_lse, a) for a in range(splits)]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tilert_jax.kernels import ops
+from tilert_jax.kernels import stream_attention as sa
 from tilert_jax.kernels.decode_attention import decode_attention, decode_attention_reference
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -39,7 +40,7 @@ def make(batch, n, kvh, d, max_len, parts=0, seed=None):
 
 
 def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, qk_norm=False, bias=False,
-          again=False, interpret=None):
+          again=False, partials=False, interpret=None):
     qkv, kc, vc, cos, sin, key = make(batch, n, kvh, d, max_len, parts)
     kw = dict(num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, eps=1e-6, sliding_window=window)
     k1, k2, k3 = jax.random.split(key, 3)
@@ -50,8 +51,11 @@ def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, q
         kw["bias"] = tuple((0.1 * jax.random.normal(kk, (h, d), F32)).astype(BF16)
                            for kk, h in zip(jax.random.split(k3, 3), (n, kvh, kvh)))
     run = functools.partial(decode_attention, qkv, kc, vc, jnp.int32(pos), cos, sin, splits=splits, block=block,
-                            interpret=interpret, **kw)
+                            partials=partials, interpret=interpret, **kw)
     out, k_new, v_new, after = run()
+    if partials:  # the splits, as the layer launch merges them
+        assert isinstance(out, sa.Partials) and out.out.shape[:2] == (splits, kvh)
+        out = sa.merge_reference(out, n // kvh, BF16).reshape(batch, n, d)
     if again:  # a second launch on the counters the first left (as the next layer's launch takes them)
         assert np.array_equal(run(arrivals=after)[0], out)
     up = lambda t: jax.tree.map(lambda a: a.astype(F32), t)  # noqa: E731
@@ -59,7 +63,7 @@ def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, q
     ref, rk, rv = decode_attention_reference(qkv.astype(F32), *up((kc, vc)), jnp.int32(pos), *up((cos, sin)), **kw32)
     assert out.shape == (batch, n, d) and out.dtype == BF16
     assert rel(out, ref) < 1e-2
-    if splits > 1:  # every split arrived, and the last set its counter back to zero
+    if splits > 1 and not partials:  # every split arrived, and the last set its counter back to zero
         np.testing.assert_array_equal(after, 0)
     others = np.arange(max_len) != pos
     np.testing.assert_array_equal(np.asarray(k_new)[:, :, others], np.asarray(kc)[:, :, others])
@@ -75,6 +79,9 @@ def check(batch, n, kvh, d, max_len, pos, splits, block, parts=0, window=None, q
     dict(batch=1, n=4, kvh=4, d=32, max_len=128, pos=90, splits=4, block=16, window=24, parts=2),
     dict(batch=2, n=4, kvh=2, d=32, max_len=64, pos=40, splits=4, block=16, again=True),  # reused counters
     dict(batch=1, n=12, kvh=4, d=32, max_len=64, pos=40, splits=8, block=16),  # splits 3 to 6 hold no work
+    dict(batch=1, n=12, kvh=4, d=32, max_len=64, pos=40, splits=8, block=16, partials=True),  # and left unmerged
+    dict(batch=1, n=16, kvh=2, d=32, max_len=128, pos=90, splits=1, block=16, partials=True, parts=2, qk_norm=True),
+    dict(batch=1, n=4, kvh=4, d=32, max_len=128, pos=90, splits=4, block=16, window=24, partials=True),
 ])
 def test_decode_attention(case):
     check(**case)
@@ -87,6 +94,21 @@ def test_decode_attention_checks_shapes():
     qkv, kc, vc, cos, sin, _ = make(1, 8, 2, 32, 64)
     with pytest.raises(ValueError, match="qkv must end"):
         decode_attention(qkv[:, 1:], kc, vc, jnp.int32(3), cos, sin, num_heads=8, num_kv_heads=2, scale=1.0)
+
+
+def test_decode_attention_partials_need_one_sequence():
+    qkv, kc, vc, cos, sin, _ = make(2, 8, 2, 32, 64)
+    with pytest.raises(ValueError, match="one sequence"):
+        decode_attention(qkv, kc, vc, jnp.int32(3), cos, sin, num_heads=8, num_kv_heads=2, scale=1.0, partials=True)
+
+
+def test_ops_decode_attention_xla_partials_merge_to_reference():
+    """The XLA path's partials (one split) merge back to its output exactly."""
+    qkv, kc, vc, cos, sin, _ = make(1, 6, 2, 32, 32, seed=1)
+    kw = dict(num_heads=6, num_kv_heads=2, scale=0.2)
+    out = ops.decode_attention(qkv, kc, vc, jnp.int32(5), cos, sin, **kw)[0]
+    split = ops.decode_attention(qkv, kc, vc, jnp.int32(5), cos, sin, **kw, partials=True)[0]
+    np.testing.assert_array_equal(sa.merge_reference(split, 3, BF16).reshape(out.shape), out)
 
 
 def test_ops_decode_attention_xla_is_reference():
@@ -108,6 +130,8 @@ def test_ops_decode_attention_xla_is_reference():
     dict(batch=1, n=32, kvh=8, d=128, max_len=1280, pos=1150, splits=32, block=32, parts=4),
     dict(batch=8, n=32, kvh=8, d=128, max_len=1280, pos=1030, splits=2, block=32, qk_norm=True),
     dict(batch=1, n=28, kvh=4, d=128, max_len=512, pos=300, splits=4, block=64, bias=True, window=100),
+    dict(batch=1, n=32, kvh=8, d=64, max_len=1152, pos=1100, splits=16, block=64, parts=4, partials=True),
+    dict(batch=1, n=32, kvh=8, d=128, max_len=1152, pos=1100, splits=16, block=32, parts=4, partials=True),
 ])
 def test_gpu_decode_attention(case):
     check(**case, interpret=False)

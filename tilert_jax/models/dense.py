@@ -295,8 +295,9 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 # mlp: gate_up + down in one launch; layer: o, gate_up, down and the next layer's qkv in one launch;
 # stream_attention: the layer launch ending with the next layer's attention; qkv_rope: the prefill's Q/K/V projection
 # with rope and the cache write; swiglu_matmul: the prefill's gate/up products with the SwiGLU in their epilogue
+# attention_splits: the decode attention leaves its splits to the layer launch, which merges them
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "layer", "stream_attention", "qkv_rope",
-             "swiglu_matmul")
+             "swiglu_matmul", "attention_splits")
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `pallas_ops`)
 # The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
@@ -366,6 +367,13 @@ def _stream_attention(config: DenseConfig, x, ffn: int, attention) -> bool:
     return ("stream_attention" in pallas_ops(x.shape[0])  # never in the default sets: named or "all"
             and not (config.qkv_bias or config.qk_norm or config.sliding_window is not None)
             and _one_launch("layer", x, ffn) and ops.stream_attention_supported(x, ffn, attention))
+
+
+def _attention_splits(layer: Layer, x, impl: str, tp_axis) -> bool:
+    """Whether the decode attention leaves its splits (ops.decode_attention's partials) for the layer launch that
+    follows it to merge in its output projection's prologue: where op "attention_splits" and that launch run."""
+    return (impl == "pallas" and tp_axis is None and layer.attn.bo is None and x.shape[0] == 1
+            and "attention_splits" in pallas_ops(1) and _one_launch("layer", x, layer.mlp.w_gate.shape[0]))
 
 
 def _qkv_weights(layer: Layer, hidden: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -440,11 +448,12 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
             qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
             bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
             qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
+            splits_out = _attention_splits(layer, x, impl, tp_axis)
             attn, k, v, arrivals = ops.decode_attention(
                 qkv, cache.k[i], cache.v[i], pos, cos, sin, num_heads=n, num_kv_heads=kvh, scale=d ** -0.5, eps=eps,
                 bias=bias, qk_norm=qk_norm, sliding_window=config.sliding_window, config=attn_cfg, arrivals=arrivals,
-                implementation=_op_impl("attention", impl, batch))
-            attn = attn.reshape(batch, n * d)
+                partials=splits_out, implementation=_op_impl("attention", impl, batch))
+            attn = attn if splits_out else attn.reshape(batch, n * d)
         new_k.append(k)
         new_v.append(v)
         next_layer = params.layers[i + 1] if i + 1 < len(params.layers) else None
