@@ -304,8 +304,9 @@ PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `p
 # and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products: llama-3.1-8b batch 8
 # 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP stay opt-in; the
 # one-launch layer (or MLP) runs by default where it measured faster (`_one_launch`, sessions 27 and 28). The
-# prefill's qkv_rope and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25).
-DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope", "swiglu_matmul")
+# prefill's qkv_rope and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25). The attention leaves
+# its splits to that layer launch (attention_splits: llama-3.2-1b 0.809 to 0.814 ms against 0.829 to 0.834, session 31).
+DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope", "swiglu_matmul", "attention_splits")
 BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope", "swiglu_matmul")
 
 
