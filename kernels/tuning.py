@@ -96,6 +96,12 @@ def matvec_config(op: str, batch: int, k: int, ns: tuple[int, ...]) -> MatvecCon
 # qwen3-8b 4.242 against 4.481).
 ONE_LAUNCH = {(2048, 8192): "layer", (4096, 14336): "layer", (4096, 12288): "layer"}
 
+# (hidden, intermediate) where the decode attention leaves its splits for the "layer" launch to merge in its output
+# projection's prologue (models/dense.py `_attention_splits`; session 31): llama-3.2-1b 0.809 and 0.814 ms against
+# 0.829 and 0.834. Not at llama-3.1-8b (4.233 against 4.101 ms): there a program of the output projection merges
+# whole KV heads of 128-wide rows from 16 splits, more than the attention's own merge costs.
+ATTENTION_SPLITS = {(2048, 8192)}
+
 # (hidden, intermediate) -> the weight blocks the stream requests at once (layer_decode's in_flight), where capping
 # them measured faster than requesting every stage (session 28, scripts/gpu/probe_weight_stream.py): llama-3.2-1b's
 # layer 36.0 to 36.3 us with 3 of 11 against 38.7 (2: 38.4, 5: 38.2), its MLP 27.7 to 27.9 with 3 or 4 against 29.2.

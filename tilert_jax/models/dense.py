@@ -304,9 +304,9 @@ PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `p
 # and down kernels (16-row tensor-core tiles, K split at most 2 ways) lose to XLA's products: llama-3.1-8b batch 8
 # 4.73 ms with attention + gate/up against 5.22 with Q/K/V added. The LM head and the phased MLP stay opt-in; the
 # one-launch layer (or MLP) runs by default where it measured faster (`_one_launch`, sessions 27 and 28). The
-# prefill's qkv_rope and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25). The attention leaves
-# its splits to that layer launch (attention_splits: llama-3.2-1b 0.809 to 0.814 ms against 0.829 to 0.834, session 31).
-DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope", "swiglu_matmul", "attention_splits")
+# prefill's qkv_rope and swiglu_matmul run where the tuning has a tiling (sessions 24 and 25), and the attention
+# leaves its splits to that layer launch where it measured faster (`_attention_splits`, session 31).
+DEFAULT_PALLAS_OPS = ("qkv", "attention", "o", "gate_up", "down", "qkv_rope", "swiglu_matmul")
 BATCHED_PALLAS_OPS = ("attention", "gate_up", "qkv_rope", "swiglu_matmul")
 
 
@@ -372,9 +372,13 @@ def _stream_attention(config: DenseConfig, x, ffn: int, attention) -> bool:
 
 def _attention_splits(layer: Layer, x, impl: str, tp_axis) -> bool:
     """Whether the decode attention leaves its splits (ops.decode_attention's partials) for the layer launch that
-    follows it to merge in its output projection's prologue: where op "attention_splits" and that launch run."""
-    return (impl == "pallas" and tp_axis is None and layer.attn.bo is None and x.shape[0] == 1
-            and "attention_splits" in pallas_ops(1) and _one_launch("layer", x, layer.mlp.w_gate.shape[0]))
+    follows it to merge in its output projection's prologue: where that launch runs and $TILERT_PALLAS_OPS names
+    "attention_splits", else where it measured faster (tuning.ATTENTION_SPLITS)."""
+    ffn = layer.mlp.w_gate.shape[0]
+    wanted = ("attention_splits" in pallas_ops(1) if os.environ.get(PALLAS_OPS_ENV)
+              else (x.shape[1], ffn) in tuning.ATTENTION_SPLITS)
+    return (wanted and impl == "pallas" and tp_axis is None and layer.attn.bo is None and x.shape[0] == 1
+            and _one_launch("layer", x, ffn))
 
 
 def _qkv_weights(layer: Layer, hidden: int) -> tuple[jax.Array, jax.Array, jax.Array]:
