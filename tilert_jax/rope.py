@@ -118,9 +118,8 @@ def _yarn_inv_freq(base_pow: np.ndarray, rope: RopeConfig) -> np.ndarray:
 
 def rope_tables(rope: RopeConfig, positions: jnp.ndarray, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin: dtype[..., rotary_dim] for integer positions [...], laid out as transformers' rotate_half expects."""
-    inv = jnp.asarray(rope.inv_freq())  # [rotary_dim // 2]
-    angles = positions.astype(jnp.float32)[..., None] * inv  # [..., rotary_dim // 2]
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., rotary_dim]
+    inv = jnp.asarray(np.tile(rope.inv_freq(), 2))  # [rotary_dim]: a pair's frequency on both halves
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [..., rotary_dim] (cos and sin: one fusion of it)
     scale = rope.attention_scaling()
     return (jnp.cos(angles) * scale).astype(dtype), (jnp.sin(angles) * scale).astype(dtype)
 
