@@ -11,7 +11,10 @@ accumulator and its running max and sum to a float32 workspace and counts its ar
 of a split-K reduction). That replaces the two XLA fusions that merged the splits after the launch: attention
 took 7.6 us per llama-3.2-1b layer against 5.2 + 3.2 before (docs/PERF.md, session 9). The last split sets its
 counter back to zero (kernels/common.py: `arrive_last`), so one zeroed array serves a whole decode step's layers in
-turn (`arrivals`).
+turn (`arrivals`). With `partials` the splits write their normalised outputs and log-sum-exps instead
+(stream_attention.Partials) and the layer launch that follows merges them in its output projection's prologue, under
+its weight stream: at llama-3.2-1b the launch takes 5.0 us against 7.2 and the step 0.809 to 0.814 ms against 0.829
+to 0.834 (session 31; at llama-3.1-8b that merge costs more than it saves, see tuning.ATTENTION_SPLITS).
 
 Rope without slicing registers: the rotate-half layout pairs channel c with c + d/2, so q and k are loaded as a
 low and a high half and the score is q_lo . k_lo + q_hi . k_hi (two 16-row tensor-core dots).
