@@ -82,7 +82,8 @@ def test_prefill_lm_head_kernel_matches_xla(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ops", ["all", "qkv,attention,o,mlp,lm_head"])  # the layer's weights in one launch, or MLP's
+@pytest.mark.parametrize("ops", ["all", "qkv,attention,o,mlp,lm_head", None])  # the layer's weights in one launch,
+# or the MLP's; None: the default set (at llama-3.2-1b the attention's 16 splits merged by the layer launch)
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen3-8b"])
 def test_gpu_fused_decode_step(name, ops, monkeypatch):
     """bf16, real shapes (qwen3-8b cut to 4 layers): one decode step's logits through the fused kernels and through
@@ -90,12 +91,15 @@ def test_gpu_fused_decode_step(name, ops, monkeypatch):
     further from it than twice the XLA path's own bf16 error plus 1e-2."""
     from tilert_jax.config import preset as named
 
-    monkeypatch.setenv("TILERT_PALLAS_OPS", ops)
+    if ops is None:
+        monkeypatch.delenv("TILERT_PALLAS_OPS", raising=False)
+    else:
+        monkeypatch.setenv("TILERT_PALLAS_OPS", ops)
     config = named(name)
     if config.num_layers > 16:
         config = dataclasses.replace(config, num_layers=4)
     params = init_params(dense.param_specs(config), jax.random.key(3), jnp.bfloat16)
-    cache = dense.init_cache(config, 1, 512, jnp.bfloat16)
+    cache = dense.init_cache(config, 1, 1280, jnp.bfloat16)  # the tuned attention's length (kernels/tuning.json)
     prompt = jax.random.randint(jax.random.key(4), (1, 300), 0, config.vocab_size)
     _, cache = jax.jit(lambda p, t, c: dense.prefill(config, p, t, c, jnp.int32(0), jnp.int32(299)))(params, prompt,
                                                                                                      cache)
