@@ -31,8 +31,10 @@ def _configs():
     return {"qwen3-tied": (qwen3, 2), "qwen2-bias": (qwen2, 1)}  # the plain llama path runs in test_bench.py
 
 
-# The MLP as one phased launch, or two; the LM head on XLA after the final norm's launch (kernels/stream_norm.py).
-@pytest.mark.parametrize("ops", ["all", "qkv,attention,o,gate_up,down,lm_head", "qkv,attention,o,gate_up,down"])
+# The MLP as one phased launch, or two; the LM head on XLA after the final norm's launch (kernels/stream_norm.py);
+# the products on XLA but gate/up, the norm before Q/K/V as a stream_norm launch (the batched default and op "norm").
+@pytest.mark.parametrize("ops", ["all", "qkv,attention,o,gate_up,down,lm_head", "qkv,attention,o,gate_up,down",
+                                 "attention,gate_up,norm"])
 @pytest.mark.parametrize("name", sorted(_configs()))
 def test_fused_decode_matches_xla(name, ops, monkeypatch):
     monkeypatch.setenv("TILERT_PALLAS_OPS", ops)

@@ -295,9 +295,10 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 # mlp: gate_up + down in one launch; layer: o, gate_up, down and the next layer's qkv in one launch;
 # stream_attention: the layer launch ending with the next layer's attention; qkv_rope: the prefill's Q/K/V projection
 # with rope and the cache write; swiglu_matmul: the prefill's gate/up products with the SwiGLU in their epilogue
-# attention_splits: the decode attention leaves its splits to the layer launch, which merges them
+# attention_splits: the decode attention leaves its splits to the layer launch, which merges them; norm: the norm
+# before an XLA Q/K/V projection as a stream_norm launch (opt-in: not yet measured, session 31)
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "layer", "stream_attention", "qkv_rope",
-             "swiglu_matmul", "attention_splits")
+             "swiglu_matmul", "attention_splits", "norm")
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `pallas_ops`)
 # The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
@@ -330,9 +331,10 @@ def _stream(result, parts):
     return result if parts is not None else (result, None)
 
 
-def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
-    """x + inp @ w^T (w [N, K]) -> the residual stream as (x, None), or (x, partial sums) when the config splits K or
-    the product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N])."""
+def _project_residual(op: str, inp, w, x, bias, impl, tp_axis, pending: bool = False):
+    """x + inp @ w^T (w [N, K]) -> the residual stream as (x, None), or (x, partial sums) when the config splits K,
+    the product's rows are sharded over `tp_axis` (then the sums are reduced over the mesh: float32 [1, B, N]) or
+    `pending` asks for its float32 sums [1, B, N] (its reader adds them)."""
     batch, k = inp.shape
     cfg = tuning.matvec_config(op, batch, k, (w.shape[0],))
     impl = _op_impl(op, impl, batch)
@@ -347,6 +349,8 @@ def _project_residual(op: str, inp, w, x, bias, impl, tp_axis):
         return x + (ops.matvec(inp, w, config=cfg, implementation=impl) + bias), None
     if cfg.split > 1:
         return x, ops.matvec(inp, w, config=cfg, implementation=impl)
+    if pending:
+        return x, ops.matvec(inp, w, out_dtype=jnp.float32, config=cfg, implementation=impl)[None]
     return ops.matvec_residual(inp, w, x, config=cfg, implementation=impl), None
 
 
@@ -379,6 +383,26 @@ def _attention_splits(layer: Layer, x, impl: str, tp_axis) -> bool:
               else (x.shape[1], ffn) in tuning.ATTENTION_SPLITS)
     return (wanted and impl == "pallas" and tp_axis is None and layer.attn.bo is None and x.shape[0] == 1
             and _one_launch("layer", x, ffn))
+
+
+def _norm_launch(impl: str, batch: int) -> bool:
+    """Whether the RMSNorm before an XLA Q/K/V projection is one stream_norm launch (op "norm"), adding the sums the
+    down product leaves pending, in place of XLA's residual add and two norm kernels (above batch 1, where the
+    Q/K/V, output and down products run on XLA)."""
+    return impl == "pallas" and "norm" in pallas_ops(batch) and _op_impl("qkv", impl, batch) == "xla"
+
+
+def _norm_qkv(config: DenseConfig, layer: Layer, x, parts, cfg, impl):
+    """The layer's RMSNorm and Q/K/V projection on the stream x [B, hidden] with float32 partial sums `parts`
+    pending (or None) -> (qkv [B, N] or its partial sums [S, B, N], the combined stream [B, hidden])."""
+    batch, h = x.shape
+    weights, eps = _qkv_weights(layer, h), config.rms_norm_eps
+    if _norm_launch(impl, batch):
+        x, normed = sn.stream_norm(sn.Stream(x, () if parts is None else (parts,), layer.attn_norm, eps))
+        return jnp.concatenate([ops.matvec(normed, w) for w in weights], axis=-1), x
+    qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=cfg,
+                                         implementation=_op_impl("qkv", impl, batch)), parts)
+    return qkv, (x if x_new is None else x_new)
 
 
 def _qkv_weights(layer: Layer, hidden: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -419,7 +443,8 @@ def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_
                                            config=config_gate_up, implementation=_op_impl("gate_up", impl, batch)),
                          parts)
     x = x if x_new is None else x_new
-    return *_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis), None, counters, None
+    return (*_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis, _norm_launch(impl, batch)), None,
+            counters, None)
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
@@ -446,10 +471,8 @@ def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KV
             attn, k, v = taken
         else:
             if qkv is None:
-                qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, _qkv_weights(layer, h), x_parts=parts,
-                                                     config=qkv_cfg, implementation=_op_impl("qkv", impl, batch)),
-                                     parts)
-                x = x if x_new is None else x_new
+                qkv, x = _norm_qkv(config, layer, x, parts, qkv_cfg, impl)
+                parts = None  # added into x
             qkv = qkv.reshape(qkv.shape[:-1] + (n + 2 * kvh, d))
             bias = (a.bq, a.bk, a.bv) if a.bq is not None else None
             qk_norm = (a.q_norm, a.k_norm) if config.qk_norm else None
