@@ -16,7 +16,7 @@ from tilert_jax.kernels.rms_norm import rms_norm_reference
 
 def swiglu_matvec_reference(
     x: jax.Array,  # [B, K]: the residual stream
-    norm_weight: jax.Array,  # [K]
+    norm_weight: jax.Array | None,  # [K] (None: x is normed already)
     eps: float,
     w_gate: jax.Array,  # [F, K]
     w_up: jax.Array,  # [F, K]
@@ -25,14 +25,14 @@ def swiglu_matvec_reference(
 ):
     """-> h [B, F] (and the combined stream x_new [B, K] when x_parts is given)."""
     xs = combine_reference(x, x_parts)
-    h = rms_norm_reference(xs, norm_weight, eps)
+    h = xs if norm_weight is None else rms_norm_reference(xs, norm_weight, eps)
     y = jax.nn.silu(h @ w_gate.T) * (h @ w_up.T)
     return (y, xs) if x_parts is not None else y
 
 
 def swiglu_matvec(
     x: jax.Array,  # [B, K]
-    norm_weight: jax.Array,  # [K]
+    norm_weight: jax.Array | None,  # [K] (None: x is normed already)
     eps: float,
     w_gate: jax.Array,  # [F, K]
     w_up: jax.Array,  # [F, K]

@@ -32,9 +32,9 @@ def _configs():
 
 
 # The MLP as one phased launch, or two; the LM head on XLA after the final norm's launch (kernels/stream_norm.py);
-# the products on XLA but gate/up, the norm before Q/K/V as a stream_norm launch (the batched default and op "norm").
+# the products on XLA but gate/up (the batched default) with the norms as stream_norm launches (qkv_norm, mlp_norm).
 @pytest.mark.parametrize("ops", ["all", "qkv,attention,o,gate_up,down,lm_head", "qkv,attention,o,gate_up,down",
-                                 "attention,gate_up,norm"])
+                                 "attention,gate_up,qkv_norm,mlp_norm"])
 @pytest.mark.parametrize("name", sorted(_configs()))
 def test_fused_decode_matches_xla(name, ops, monkeypatch):
     monkeypatch.setenv("TILERT_PALLAS_OPS", ops)

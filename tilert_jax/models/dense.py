@@ -28,6 +28,7 @@ the plain path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -295,10 +296,11 @@ def _fused_decode_supported(config: DenseConfig, params: DenseParams, tokens, ca
 # mlp: gate_up + down in one launch; layer: o, gate_up, down and the next layer's qkv in one launch;
 # stream_attention: the layer launch ending with the next layer's attention; qkv_rope: the prefill's Q/K/V projection
 # with rope and the cache write; swiglu_matmul: the prefill's gate/up products with the SwiGLU in their epilogue
-# attention_splits: the decode attention leaves its splits to the layer launch, which merges them; norm: the norm
-# before an XLA Q/K/V projection as a stream_norm launch (opt-in: not yet measured, session 31)
+# attention_splits: the decode attention leaves its splits to the layer launch, which merges them; qkv_norm and
+# mlp_norm: the norms before an XLA Q/K/V projection and before gate/up as stream_norm launches (`_norm_launch`;
+# opt-in: not yet measured, session 31)
 FUSED_OPS = ("qkv", "attention", "o", "gate_up", "down", "lm_head", "mlp", "layer", "stream_attention", "qkv_rope",
-             "swiglu_matmul", "attention_splits", "norm")
+             "swiglu_matmul", "attention_splits", "qkv_norm", "mlp_norm")
 PALLAS_OPS_ENV = "TILERT_PALLAS_OPS"  # names the ops that run in Pallas (see `pallas_ops`)
 # The ops that run in Pallas by default: the sets measured fastest end to end on the H200 with the [out, in] weights
 # (docs/PERF.md, session 8). Batch 1: llama-3.2-1b 0.914 ms, llama-3.1-8b 4.29 ms. Above batch 1 the Q/K/V, output
@@ -385,11 +387,13 @@ def _attention_splits(layer: Layer, x, impl: str, tp_axis) -> bool:
             and _one_launch("layer", x, ffn))
 
 
-def _norm_launch(impl: str, batch: int) -> bool:
-    """Whether the RMSNorm before an XLA Q/K/V projection is one stream_norm launch (op "norm"), adding the sums the
-    down product leaves pending, in place of XLA's residual add and two norm kernels (above batch 1, where the
-    Q/K/V, output and down products run on XLA)."""
-    return impl == "pallas" and "norm" in pallas_ops(batch) and _op_impl("qkv", impl, batch) == "xla"
+def _norm_launch(op: str, impl: str, batch: int) -> bool:
+    """Whether a layer's RMSNorm is one stream_norm launch that adds the sums the product before it leaves pending:
+    op "qkv_norm", the norm before an XLA Q/K/V projection after the down product; op "mlp_norm", the norm before the
+    gate/up product (which then takes the normed input) after the output projection. Each replaces XLA's residual
+    add and two norm kernels above batch 1, where the Q/K/V, output and down products run on XLA."""
+    wanted = impl == "pallas" and op in pallas_ops(batch)
+    return wanted and (op == "mlp_norm" or _op_impl("qkv", impl, batch) == "xla")
 
 
 def _norm_qkv(config: DenseConfig, layer: Layer, x, parts, cfg, impl):
@@ -397,7 +401,7 @@ def _norm_qkv(config: DenseConfig, layer: Layer, x, parts, cfg, impl):
     pending (or None) -> (qkv [B, N] or its partial sums [S, B, N], the combined stream [B, hidden])."""
     batch, h = x.shape
     weights, eps = _qkv_weights(layer, h), config.rms_norm_eps
-    if _norm_launch(impl, batch):
+    if _norm_launch("qkv_norm", impl, batch):
         x, normed = sn.stream_norm(sn.Stream(x, () if parts is None else (parts,), layer.attn_norm, eps))
         return jnp.concatenate([ops.matvec(normed, w) for w in weights], axis=-1), x
     qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=cfg,
@@ -431,7 +435,7 @@ def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_
         if next_layer is None:
             return x, out, None, counters, None
         return x, None, out, counters, tuple(attention) or None
-    x, parts = _project_residual("o", attn, w_o, x, a.bo, impl, tp_axis)
+    x, parts = _project_residual("o", attn, w_o, x, a.bo, impl, tp_axis, _norm_launch("mlp_norm", impl, batch))
     if impl == "pallas" and _one_launch("mlp", x, mlp.w_gate.shape[0]):
         configs = tuning.mlp_block_configs(batch, h, mlp.w_gate.shape[0])
         parts, x, counters = ops.mlp_block(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, mlp.w_down, x_parts=parts,
@@ -439,12 +443,16 @@ def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_
         parts = parts if tp_axis is None else collectives.psum(jnp.sum(parts, axis=0), tp_axis)[None]
         return x, parts, None, counters, None
     config_gate_up = tuning.matvec_config("gate_up", batch, h, (mlp.w_gate.shape[0],) * 2)
-    mid, x_new = _stream(ops.swiglu_matvec(x, layer.mlp_norm, eps, mlp.w_gate, mlp.w_up, x_parts=parts,
-                                           config=config_gate_up, implementation=_op_impl("gate_up", impl, batch)),
-                         parts)
-    x = x if x_new is None else x_new
-    return (*_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis, _norm_launch(impl, batch)), None,
-            counters, None)
+    gate_up = functools.partial(ops.swiglu_matvec, eps=eps, w_gate=mlp.w_gate, w_up=mlp.w_up, config=config_gate_up,
+                                implementation=_op_impl("gate_up", impl, batch))
+    if _norm_launch("mlp_norm", impl, batch):
+        x, normed = sn.stream_norm(sn.Stream(x, () if parts is None else (parts,), layer.mlp_norm, eps))
+        mid = gate_up(normed, None)
+    else:
+        mid, x_new = _stream(gate_up(x, layer.mlp_norm, x_parts=parts), parts)
+        x = x if x_new is None else x_new
+    pending = _norm_launch("qkv_norm", impl, batch)
+    return *_project_residual("down", mid, mlp.w_down, x, None, impl, tp_axis, pending), None, counters, None
 
 
 def _decode_fused(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCache, pos, impl, tp_axis):
