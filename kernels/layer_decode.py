@@ -139,12 +139,30 @@ def _share(row_tiles: int, splits: int, programs: int) -> float:
     return -(-row_tiles * splits // programs) / splits
 
 
-def product_splits(row_tiles: int, k: int, tk: int = 64, programs: int = SMS, fits=lambda splits: True) -> int | None:
+def product_splits(row_tiles: int, k: int, tk: int = 64, programs: int = SMS, fits=lambda splits: True,
+                   cost=lambda splits: 0) -> int | None:
     """The K split of a product of `row_tiles` 64-row tiles that gives one program the smallest largest share of its
-    weight (ties: the fewest partial sums) among those that divide K into 2 * tk-wide steps and fit; None: none.
-    llama-3.2-1b: o 4 (128 tiles), down 4, Q/K/V 8 (384 tiles: 3 or fewer of 32 KB a program)."""
+    weight (ties: the least `cost`, then the fewest partial sums) among those that divide K into 2 * tk-wide steps and
+    fit; None: none. llama-3.2-1b: o 4 (128 tiles), down 4, Q/K/V 8 (384 tiles: 3 or fewer of 32 KB a program)."""
     candidates = [s for s in (1, 2, 4, 8, 16) if k % (s * 2 * tk) == 0 and fits(s)]
-    return min(candidates, key=lambda s: (_share(row_tiles, s, programs), s), default=None)
+    return min(candidates, key=lambda s: (_share(row_tiles, s, programs), cost(s), s), default=None)
+
+
+def _spans_heads(attn_width: int, splits: int, kv_heads: int) -> bool:
+    return (attn_width // splits) % (attn_width // kv_heads) == 0
+
+
+def o_splits(hidden: int, attn_width: int, tk: int = 64, programs: int = SMS,
+             merged: tuple[int, int] | None = None) -> int | None:
+    """The output projection's K split (product_splits). Merging the attention's splits (merged: their number and the
+    KV heads), a split spans whole KV heads (`sa.merge`), and among equal weight shares the one whose programs read
+    the fewest bytes in the prologues wins: a program's share of the splits' outputs and log-sum-exps (8 bytes a
+    column a split), then the s pending sums (llama-3.1-8b: 4 splits, not 2, 192 against 288 KB; llama-3.2-1b 4)."""
+    if merged is None:
+        return product_splits(hidden // ROWS, attn_width, tk, programs)
+    parts, kv_heads = merged
+    return product_splits(hidden // ROWS, attn_width, tk, programs, lambda s: _spans_heads(attn_width, s, kv_heads),
+                          lambda s: 8 * attn_width * parts // s + 4 * hidden * s)
 
 
 def down_splits(hidden: int, ffn: int, tk: int = 64, stages: int = 2, programs: int = SMS) -> int | None:
@@ -279,20 +297,18 @@ def layer_decode(
     if any(width % ROWS for width in [hidden, ffn, attn_width, *qkv_rows]) or hidden % tk:
         raise ValueError(f"layer_decode: hidden {hidden}, intermediate {ffn}, attention {attn_width} and Q/K/V "
                          f"{qkv_rows} do not divide into {ROWS}-row tiles and {tk}-wide blocks")
-    # merging the attention's splits, the output projection's K splits span whole KV heads (`sa.merge`)
-    kv_cols = attn_width // attn_in.out.shape[1] if merging else 1  # the output projection's columns a KV head has
-    o_fits = lambda s: (attn_width // s) % kv_cols == 0  # noqa: E731
+    merged = attn_in.out.shape[:2] if merging else None  # (the attention's splits, KV heads)
     if splits is None:
-        splits = Splits(o=product_splits(hidden // ROWS, attn_width, tk, programs, o_fits) if with_o else 1,
+        splits = Splits(o=o_splits(hidden, attn_width, tk, programs, merged) if with_o else 1,
                         down=down_splits(hidden, ffn, tk, stages or 2, programs),  # then as many stages as fit
                         qkv=product_splits(sum(qkv_rows) // ROWS, hidden, tk, programs) if with_qkv else 1)
     for name, k, s in (("o", attn_width, splits.o), ("down", ffn, splits.down), ("qkv", hidden, splits.qkv)):
         if not s or k % (s * 2 * tk):
             raise ValueError(f"layer_decode: the {name} product's K {k} does not divide into {s} splits of "
                              f"{2 * tk}-wide steps")
-    if not o_fits(splits.o):
+    if merging and not _spans_heads(attn_width, splits.o, merged[1]):
         raise ValueError(f"layer_decode: merging the attention, the output projection's {splits.o} K splits must "
-                         f"each span whole KV heads of {kv_cols} columns")
+                         f"each span whole KV heads of {attn_width // merged[1]} columns")
     k_split = ffn // splits.down
     operand_cols = max(hidden, attn_width, k_split)
     window = sa.window(max_len, kv_heads, programs)[1] if with_attention else 0  # cache rows a program reads
@@ -484,6 +500,7 @@ def layer_decode(
             if merging:
                 @jax.named_scope("merge")
                 def merge_split(split):  # the attention's output for this K split of the output projection
+                    kv_cols = attn_width // merged[1]  # the output projection's columns a KV head has
                     heads = o_split // kv_cols  # KV heads a split spans
                     a_rows[pl.ds(split * (o_split // TILE_COLS), o_split // TILE_COLS), 0, :] = sa.merge(
                         *attn_gmem, split * heads, heads, kv_cols // attn_in.out.shape[3], dtype)

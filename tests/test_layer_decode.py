@@ -14,7 +14,7 @@ import pytest
 
 from tilert_jax.kernels import stream_attention as sa
 from tilert_jax.kernels.layer_decode import (Splits, down_splits, layer_decode, layer_decode_reference,
-                                             product_splits, supported)
+                                             o_splits, product_splits, supported)
 from tilert_jax.kernels.mlp_block import mlp_block_reference
 from tilert_jax.kernels.rms_norm import rms_norm_reference
 from tilert_jax.rope import apply_rope
@@ -103,6 +103,11 @@ def test_splits_even_out_the_programs_and_fit_shared_memory():
     assert product_splits(32, 2048) == 4  # llama-3.2-1b's output projection: 128 tiles of 64 KB
     assert product_splits(48, 2048) == 8  # and its Q/K/V: 384 tiles, at most 3 of 32 KB a program (4: 2 of 64 KB)
     assert product_splits(48, 2048, programs=48) == 1
+    # merging the attention's 16 splits of 8 KV heads: llama-3.1-8b's output projection takes 4 splits (2, 4 and 8
+    # give a program half a tile each; 4 reads the fewest merge and pending-sum bytes), llama-3.2-1b's stays at 4
+    assert o_splits(4096, 4096) == 2 and o_splits(4096, 4096, merged=(16, 8)) == 4
+    assert o_splits(2048, 2048) == 4 and o_splits(2048, 2048, merged=(16, 8)) == 4
+    assert o_splits(2048, 2048, merged=(16, 1)) == 1  # one KV head: no split spans whole heads but one
     s = jax.ShapeDtypeStruct
     shapes = (s((1, 4096), jnp.bfloat16), s((4096,), jnp.bfloat16), s((14336, 4096), jnp.bfloat16),
               s((14336, 4096), jnp.bfloat16), s((4096, 14336), jnp.bfloat16))
