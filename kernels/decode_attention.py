@@ -221,8 +221,9 @@ def _kernel(*refs, batch, n_parts, has_bias, qk_norm, splits, block, num_heads, 
 
     if partials:  # query head j in row 8 j (sa.Partials); a split that held no token leaves weight 0 to the merge
         held = l > 0
-        lse = jnp.where(held, (m + jnp.log(jnp.where(held, l, 1.0))) * sa.LOG2E, NEG)  # [rows, 1]
-        out = jnp.where(held, acc / jnp.where(held, l, 1.0), 0.0)
+        total = jnp.where(held, l, 1.0)  # [rows, 1]
+        lse = jnp.where(held, (m + jnp.log(total)) * sa.LOG2E, NEG)
+        out = jnp.where(held, acc / total, 0.0)
         for ref, value in ((out_ws, out), (lse_ws, jnp.broadcast_to(lse, out.shape))):
             store_rows(ref.at[p, h, pl.ds(0, rows), pl.ds(0, head_dim)], value, groups)
         return

@@ -396,13 +396,18 @@ def _norm_launch(op: str, impl: str, batch: int) -> bool:
     return wanted and (op == "mlp_norm" or _op_impl("qkv", impl, batch) == "xla")
 
 
+def _norm_stream(x, parts, weight, eps: float):
+    """One stream_norm launch: x [B, hidden] plus its float32 partial sums (or None) -> (their sum, its RMSNorm)."""
+    return sn.stream_norm(sn.Stream(x, () if parts is None else (parts,), weight, eps))
+
+
 def _norm_qkv(config: DenseConfig, layer: Layer, x, parts, cfg, impl):
     """The layer's RMSNorm and Q/K/V projection on the stream x [B, hidden] with float32 partial sums `parts`
     pending (or None) -> (qkv [B, N] or its partial sums [S, B, N], the combined stream [B, hidden])."""
     batch, h = x.shape
     weights, eps = _qkv_weights(layer, h), config.rms_norm_eps
     if _norm_launch("qkv_norm", impl, batch):
-        x, normed = sn.stream_norm(sn.Stream(x, () if parts is None else (parts,), layer.attn_norm, eps))
+        x, normed = _norm_stream(x, parts, layer.attn_norm, eps)
         return jnp.concatenate([ops.matvec(normed, w) for w in weights], axis=-1), x
     qkv, x_new = _stream(ops.norm_matvec(x, layer.attn_norm, eps, weights, x_parts=parts, config=cfg,
                                          implementation=_op_impl("qkv", impl, batch)), parts)
@@ -446,7 +451,7 @@ def _output_and_mlp(config: DenseConfig, layer: Layer, attn, x, parts, impl, tp_
     gate_up = functools.partial(ops.swiglu_matvec, eps=eps, w_gate=mlp.w_gate, w_up=mlp.w_up, config=config_gate_up,
                                 implementation=_op_impl("gate_up", impl, batch))
     if _norm_launch("mlp_norm", impl, batch):
-        x, normed = sn.stream_norm(sn.Stream(x, () if parts is None else (parts,), layer.mlp_norm, eps))
+        x, normed = _norm_stream(x, parts, layer.mlp_norm, eps)
         mid = gate_up(normed, None)
     else:
         mid, x_new = _stream(gate_up(x, layer.mlp_norm, x_parts=parts), parts)
@@ -520,7 +525,7 @@ def decode_step(config: DenseConfig, params: DenseParams, tokens, cache: kv.KVCa
         x, parts, cache = _decode_fused(config, params, tokens, cache, pos, impl, tp_axis)
         head_impl = _op_impl("lm_head", impl, tokens.shape[0])
         if head_impl == "xla" and parts is not None:  # the pending sums and the norm in one launch, not XLA's three
-            _, h = sn.stream_norm(sn.Stream(x, (parts,), params.final_norm, config.rms_norm_eps))
+            _, h = _norm_stream(x, parts, params.final_norm, config.rms_norm_eps)
             return _logits(config, params, h, tp_axis), cache
         return _fused_lm_head(config, params, x, parts, head_impl, tp_axis), cache
     positions = pos + jnp.zeros((1,), jnp.int32)
